@@ -1,0 +1,741 @@
+"""collect.py: make offline datasets the way the paper did (Section 5.1).
+
+An online MPO learning run (Abdolmaleki et al. 2018) on a Control Suite task that stores every
+transition it generates, early random-looking episodes and later good ones alike, for one or
+more seeds. The result is the dataset format of the README ("Datasets"): flat arrays with
+episodes back to back, `run_id` = the collecting seed, and a JSON `metadata` string.
+
+Crash safety: each finished episode is written at once, atomically, to
+`<output>.episodes/run<seed>_episode<n>.npz`, together with the learner's checkpoint. A
+crash or Ctrl-C loses at most the episode in progress; rerunning the same command resumes
+every seed where it stopped (learner, replay and random state), and new seeds or more
+episodes append to the dataset. The consolidated `<output>` is rewritten at the end.
+
+Differences from the paper: the default budget (60 episodes, one seed, one update every 8
+environment steps, batch 256) is tiny so it finishes in about 20 minutes on 2 CPU cores;
+the paper used 10,000 episodes and 5 seeds (`--episodes 10000 --seeds 0 1 2 3 4`). The
+online MPO duals use Acme's learning rate 1e-2 so the temperature adapts within a short run.
+"""
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+import zipfile
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    env: str = "hopper"
+    """`hopper`, `cheetah`, `walker`, `quadruped` (Control Suite hopper-hop, cheetah-run,
+    walker-walk, quadruped-run), any Control Suite `domain-task`, or a gymnasium id"""
+    output: Optional[str] = None
+    """dataset file to write; default `datasets/<env>.npz`"""
+    seeds: tuple[int, ...] = (0,)
+    """one online MPO run (a collecting run) per seed"""
+    episodes: int = 60
+    """episodes per seed (paper: 10,000)"""
+    steps_per_update: int = 8
+    """environment steps between gradient updates (paper-scale runs: 1)"""
+    warmup_steps: int = 2_000
+    """transitions in the replay before the first update"""
+    device: str = "auto"
+    """`auto` (CUDA when present), `cpu` or `cuda`"""
+
+    # Online MPO arguments
+    batch_size: int = 256
+    """transitions per gradient update"""
+    num_action_samples: int = 20
+    """M, action samples per state"""
+    replay_size: int = 2_000_000
+    """transitions kept in the online replay (Table 1)"""
+    discount: float = 0.99
+    """discount factor gamma"""
+    learning_rate: float = 2e-4
+    """Adam learning rate of the critic and the policy"""
+    dual_learning_rate: float = 1e-2
+    """Adam learning rate of the temperature and the trust-region multipliers"""
+    epsilon: float = 0.1
+    """KL bound of the E-step (Eq. 7-9)"""
+    epsilon_mean: float = 5e-3
+    """trust-region bound on the KL of the policy mean"""
+    epsilon_stddev: float = 1e-5
+    """trust-region bound on the KL of the policy covariance"""
+    initial_temperature: float = 3.0
+    """initial eta"""
+    initial_multiplier: float = 1.0
+    """initial alpha of the trust-region multipliers"""
+    target_update_period: int = 200
+    """gradient updates between hard copies to the target networks"""
+    max_grad_norm: float = 40.0
+    """gradient clipping (global norm per network)"""
+    policy_layers: tuple[int, ...] = (256, 256)
+    """hidden layers of the policy"""
+    critic_layers: tuple[int, ...] = (256, 256, 256)
+    """hidden layers of the Q function"""
+    shared_layers: int = 1
+    """first hidden layers shared by all tasks (one task here)"""
+
+
+# --- shared block: utilities ---
+class UserError(Exception):
+    """A problem with the user's input (arguments, files): reported in one sentence, exit 1."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available")
+    return torch.device(name)
+
+
+def main(train_fn: Callable, args) -> None:
+    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1."""
+    try:
+        train_fn(args)
+    except UserError as error:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+# --- end shared block ---
+
+
+# --- shared block: env ---
+CONTROL_SUITE_ALIASES = {
+    "hopper": "hopper-hop",
+    "cheetah": "cheetah-run",
+    "walker": "walker-walk",
+    "quadruped": "quadruped-run",
+}
+
+
+class ControlSuiteEnv(gym.Env):
+    """A Control Suite task as a Gymnasium env: flat float32 observation, actions clipped to the
+    bounds, episodes end by time limit (`truncated`, the discount stays 1)."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
+
+    def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; dm_control reads it at import
+        from dm_control import suite
+
+        self._load = lambda seed: suite.load(domain, task, task_kwargs={"random": seed})
+        self._env = self._load(None)
+        spec = self._env.action_spec()
+        self.action_space = gym.spaces.Box(
+            spec.minimum.astype(np.float32), spec.maximum.astype(np.float32), dtype=np.float32
+        )
+        size = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), dtype=np.float32)
+        self.render_mode = render_mode
+
+    def _flatten(self, observation) -> np.ndarray:
+        return np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._env = self._load(seed)
+        return self._flatten(self._env.reset().observation), {}
+
+    def step(self, action):
+        low, high = self.action_space.low, self.action_space.high
+        time_step = self._env.step(np.clip(action, low, high))
+        terminated = time_step.last() and time_step.discount == 0.0
+        truncated = time_step.last() and not terminated
+        reward = float(time_step.reward or 0.0)
+        return self._flatten(time_step.observation), reward, terminated, truncated, {}
+
+    def render(self):
+        return self._env.physics.render(height=240, width=320, camera_id=0)
+
+
+def make_env(env_id: str, render_mode: Optional[str] = None) -> gym.Env:
+    """`hopper`-style alias, Control Suite `domain-task`, or any gymnasium id (`module:EnvId`)."""
+    name = CONTROL_SUITE_ALIASES.get(env_id, env_id)
+    domain, _, task = name.partition("-")
+    if task:
+        os.environ.setdefault("MUJOCO_GL", "egl")
+        from dm_control import suite
+
+        if (domain, task) in suite.ALL_TASKS:
+            return ControlSuiteEnv(domain, task, render_mode)
+    try:
+        return gym.make(env_id, render_mode=render_mode)
+    except Exception as error:  # gymnasium raises many types for an unknown or broken id
+        raise UserError(
+            f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
+            f"domain-task such as cartpole-swingup, or a gymnasium id ({error})"
+        ) from None
+# --- end shared block ---
+
+
+# --- shared block: dataset ---
+REQUIRED_ARRAYS = ("observation", "action", "reward", "discount", "episode_id", "step")
+
+
+def default_dataset_path(env_id: str) -> Path:
+    return Path("datasets") / (env_id.replace(":", "_").replace("/", "_") + ".npz")
+
+
+def ensure_dataset(args) -> Path:
+    """The dataset to learn from; the default one is generated by collect.py when missing."""
+    if args.dataset is not None:
+        return Path(args.dataset)
+    path = default_dataset_path(args.env)
+    if not path.exists():
+        collect = Path(__file__).resolve().parent / "collect.py"
+        print(
+            f"No dataset at {path}: generating it with `python collect.py --env {args.env}` "
+            f"(default budget, about 20 minutes on 2 CPU cores); pass --dataset PATH to use "
+            f"your own data.",
+            flush=True,
+        )
+        command = [sys.executable, str(collect), "--env", args.env, "--output", str(path)]
+        if subprocess.run(command).returncode != 0 or not path.exists():
+            raise UserError(f"collect.py failed to generate {path}; see its output above")
+    return path
+
+
+def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
+    """Load and validate a dataset (format: README "Datasets"). Returns the arrays (memory-mapped
+    for a directory of .npy files), `metadata`, and `episode_last` (index of the last transition
+    of each transition's episode), which trajectory snippets need."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"dataset {path} does not exist")
+    try:
+        if path.is_dir():
+            arrays = {f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in path.glob("*.npy")}
+            meta_file = path / "metadata.json"
+            metadata = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        else:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+            metadata = json.loads(str(arrays.pop("metadata", "{}")))
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"dataset {path} cannot be read, it is corrupt, truncated or pickled ({reason})") from None
+
+    missing = [key for key in REQUIRED_ARRAYS if key not in arrays]
+    if missing:
+        raise UserError(f"dataset {path} lacks the arrays {missing}; see README 'Datasets'")
+    if arrays["reward"].ndim == 1:
+        arrays["reward"] = arrays["reward"][:, None]
+    size = len(arrays["observation"])
+    expected_ndim = {"observation": 2, "action": 2, "reward": 2, "discount": 1, "episode_id": 1,
+                     "step": 1, "next_observation": 2, "run_id": 1}
+    for key, ndim in expected_ndim.items():
+        if key in arrays and (arrays[key].ndim != ndim or len(arrays[key]) != size):
+            raise UserError(
+                f"dataset {path}: array {key!r} has shape {arrays[key].shape}, expected {ndim} "
+                f"dimension(s) and {size} rows like 'observation'"
+            )
+    if size == 0:
+        raise UserError(f"dataset {path} holds no transitions")
+    if "next_observation" in arrays and arrays["next_observation"].shape != arrays["observation"].shape:
+        raise UserError(f"dataset {path}: 'next_observation' and 'observation' differ in shape")
+    for key in ("observation", "action", "reward", "discount", "next_observation"):
+        if key in arrays and not np.isfinite(arrays[key]).all():
+            raise UserError(f"dataset {path}: array {key!r} contains NaN or infinite values")
+
+    # Episodes must be stored back to back, steps in order, for snippets (Eq. 4) to exist.
+    episode_id, step = np.asarray(arrays["episode_id"]), np.asarray(arrays["step"])
+    starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
+    same_episode = episode_id[1:] == episode_id[:-1]
+    if len(np.unique(episode_id)) != len(starts) or np.any(np.diff(step)[same_episode] != 1):
+        raise UserError(f"dataset {path}: episodes must be stored back to back with consecutive steps")
+
+    keep = np.ones(size, dtype=bool)
+    if "next_observation" not in arrays:  # derive s' from the next row; an episode's last row has none
+        keep[np.r_[starts[1:] - 1, size - 1]] = False
+        arrays["next_observation"] = np.asarray(arrays["observation"])[np.minimum(np.arange(size) + 1, size - 1)]
+    if episodes_per_run is not None:
+        run_of_start = np.asarray(arrays["run_id"])[starts] if "run_id" in arrays else np.zeros(len(starts), int)
+        rank = np.zeros(len(starts), dtype=np.int64)
+        for run in np.unique(run_of_start):
+            rank[run_of_start == run] = np.arange(np.sum(run_of_start == run))
+        keep &= np.repeat(rank < episodes_per_run, np.diff(np.r_[starts, size]))
+    if not keep.all():
+        arrays = {key: np.asarray(value)[keep] for key, value in arrays.items()}
+        episode_id = arrays["episode_id"]
+        starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
+        size = len(episode_id)
+    lengths = np.diff(np.r_[starts, size])
+    arrays["episode_last"] = np.repeat(starts + lengths - 1, lengths)
+    arrays["metadata"] = metadata
+    return arrays
+
+
+def select_tasks(data: dict, task: str) -> tuple[list[int], list[str]]:
+    """Reward columns to learn: every column for `all`, else the one named `task`."""
+    names = list(data["metadata"].get("tasks") or [f"task{i}" for i in range(data["reward"].shape[1])])
+    if len(names) != data["reward"].shape[1]:
+        raise UserError(f"dataset metadata names {len(names)} tasks but 'reward' has {data['reward'].shape[1]} columns")
+    if task == "all":
+        return list(range(len(names))), names
+    if task not in names:
+        raise UserError(f"task {task!r} is not in the dataset; its tasks are {names}")
+    return [names.index(task)], [task]
+
+
+def check_dataset_matches_env(data: dict, env: gym.Env, path: Path) -> None:
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    if data["observation"].shape[1] != obs_dim or data["action"].shape[1] != act_dim:
+        raise UserError(
+            f"dataset {path} has observation/action sizes {data['observation'].shape[1]}/"
+            f"{data['action'].shape[1]} but the env has {obs_dim}/{act_dim}; is it for another env?"
+        )
+
+
+def best_episode_returns(data: dict, columns: list[int]) -> list[float]:
+    """Best undiscounted episode return in the dataset, for each task column."""
+    starts = np.flatnonzero(np.r_[True, data["episode_id"][1:] != data["episode_id"][:-1]])
+    returns = np.add.reduceat(np.asarray(data["reward"][:, columns], dtype=np.float64), starts, axis=0)
+    return returns.max(axis=0).tolist()
+
+
+def sample_batch(data: dict, columns: list[int], batch_size: int, snippet_length: int,
+                 discount: float, rng: np.random.Generator) -> dict:
+    """Draw `batch_size` snippets (s_t, a_t, ..., s_{t+N}) for each task, independently per task.
+
+    Returns arrays [K, B, ...]: the first transition for TD learning (Eq. 1), and for Eq. 4 the
+    discounted reward sum of the snippet and the state and discount to bootstrap it with. A
+    snippet that reaches the end of its episode stops there and bootstraps from its last s'."""
+    num_tasks = len(columns)
+    index = rng.integers(0, len(data["observation"]), size=(num_tasks, batch_size))  # [K, B]
+    last = data["episode_last"][index][..., None]
+    positions = index[..., None] + np.arange(snippet_length)  # [K, B, N]
+    valid = positions <= last
+    positions = np.minimum(positions, last)
+    rewards = data["reward"][positions, np.asarray(columns)[:, None, None]]  # [K, B, N]
+    step_discount = np.where(valid, discount * data["discount"][positions], 1.0)
+    cumulative = np.cumprod(step_discount, axis=-1)
+    weights = np.concatenate([np.ones_like(cumulative[..., :1]), cumulative[..., :-1]], axis=-1) * valid
+    batch = {
+        "observation": data["observation"][index],
+        "action": data["action"][index],
+        "reward": rewards[..., 0],
+        "discount": data["discount"][index],
+        "next_observation": data["next_observation"][index],
+        "snippet_return": (weights * rewards).sum(-1),
+        "bootstrap_observation": data["next_observation"][positions[..., -1]],
+        "bootstrap_discount": cumulative[..., -1],
+    }
+    return {key: np.asarray(value, dtype=np.float32) for key, value in batch.items()}
+
+
+def to_torch(batch: dict, device: torch.device) -> dict:
+    return {key: torch.as_tensor(value, device=device) for key, value in batch.items()}
+# --- end shared block ---
+
+
+# --- shared block: checkpoint ---
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a crash leaves the previous checkpoint intact."""
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def rng_state(rng: np.random.Generator, generator: torch.Generator) -> dict:
+    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "sampling": generator.get_state()}
+
+
+def restore_rng_state(state: dict, rng: np.random.Generator, generator: torch.Generator) -> None:
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["sampling"])
+# --- end shared block ---
+
+
+# --- shared block: networks ---
+MIN_STD = 0.1  # Table 1: minimum variance 0.01
+
+
+class MultiHeadLinear(nn.Module):
+    """One linear layer per task head: x [K, N, in] -> [K, N, out], head k for slice k."""
+
+    def __init__(self, num_heads: int, in_features: int, out_features: int):
+        super().__init__()
+        layers = [nn.Linear(in_features, out_features) for _ in range(num_heads)]  # PyTorch default init
+        self.weight = nn.Parameter(torch.stack([layer.weight.T for layer in layers]))  # [K, in, out]
+        self.bias = nn.Parameter(torch.stack([layer.bias for layer in layers])[:, None])  # [K, 1, out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class MultiHeadMLP(nn.Module):
+    """ELU MLP with layer norm on the first layer (Table 1). The first `shared` hidden layers
+    form a torso shared by all tasks, the rest and the output layer are per task (Table 5).
+    Input and output are [K, N, features], one slice per task."""
+
+    def __init__(self, in_features: int, hidden: tuple, out_features: int, num_heads: int, shared: int):
+        super().__init__()
+        assert 1 <= shared <= len(hidden)
+        sizes = (in_features, *hidden)
+        torso = [nn.Linear(sizes[0], sizes[1]), nn.LayerNorm(sizes[1]), nn.ELU()]
+        for i in range(1, shared):
+            torso += [nn.Linear(sizes[i], sizes[i + 1]), nn.ELU()]
+        self.torso = nn.Sequential(*torso)
+        head = []
+        for i in range(shared, len(hidden)):
+            head += [MultiHeadLinear(num_heads, sizes[i], sizes[i + 1]), nn.ELU()]
+        self.head = nn.Sequential(*head, MultiHeadLinear(num_heads, sizes[-1], out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.torso(x))
+
+
+class GaussianPolicy(nn.Module):
+    """pi(a|s) = N(mu(s), diag(sigma(s)^2)), no tanh on the mean, sigma = softplus + MIN_STD."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple, num_heads: int, shared: int):
+        super().__init__()
+        self.net = MultiHeadMLP(obs_dim, hidden, 2 * act_dim, num_heads, shared)
+
+    def forward(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, pre_std = self.net(observation).chunk(2, dim=-1)
+        return mean, F.softplus(pre_std) + MIN_STD
+
+
+class Critic(nn.Module):
+    """Q(s, a) for each task head: observation [K, N, obs], action [K, N, act] -> [K, N]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple, num_heads: int, shared: int):
+        super().__init__()
+        self.net = MultiHeadMLP(obs_dim + act_dim, hidden, 1, num_heads, shared)
+
+    def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([observation, action], dim=-1)).squeeze(-1)
+
+
+def gaussian_log_prob(action: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(action; mean, diag(std^2)), summed over the action dimensions."""
+    return (-0.5 * ((action - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def sample_actions(mean: torch.Tensor, std: torch.Tensor, num_samples: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """M samples from N(mean, std^2): [K, B, act] -> [M, K, B, act]."""
+    noise = torch.randn((num_samples, *mean.shape), generator=generator, device=mean.device)
+    return mean + std * noise
+# --- end shared block ---
+
+
+# --- shared block: policy evaluation ---
+def q_values(critic: nn.Module, observation: torch.Tensor, actions: torch.Tensor,
+             low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Q(s, a_j) for M actions per state in one batched pass: [K, B, obs], [M, K, B, act] -> [M, K, B].
+    The env clips actions, so a sampled action is scored at clip(a, low, high)."""
+    num_samples, num_tasks, batch, act_dim = actions.shape
+    repeated = observation.unsqueeze(1).expand(-1, num_samples, -1, -1).reshape(num_tasks, num_samples * batch, -1)
+    flat_actions = actions.clamp(low, high).transpose(0, 1).reshape(num_tasks, num_samples * batch, act_dim)
+    return critic(repeated, flat_actions).reshape(num_tasks, num_samples, batch).transpose(0, 1)
+
+
+def critic_loss(q: torch.Tensor, reward: torch.Tensor, discount: torch.Tensor,
+                next_value: torch.Tensor, gamma: float) -> tuple[torch.Tensor, dict]:
+    # Eq. 1: squared TD(0) error with V(s') = mean_j Q_target(s', a_j), a_j ~ pi_target(.|s').
+    target = reward + gamma * discount * next_value
+    loss = (q - target).pow(2).mean()
+    return loss, {"losses/critic": loss.detach(), "charts/q": q.detach().mean()}
+# --- end shared block ---
+
+
+# --- shared block: mpo ---
+def temperature_dual_loss(q: torch.Tensor, temperature: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, dict]:
+    # Eq. 9 (with the -log M of the sample estimate), minimised over eta:
+    # g(eta) = eta * epsilon + eta * mean_s [logsumexp_j(Q(s, a_j) / eta) - log M],  q: [M, K, B].
+    log_mean_exp = torch.logsumexp(q / temperature, dim=0) - math.log(q.shape[0])
+    loss = temperature * epsilon + temperature * log_mean_exp.mean()
+    return loss, {"losses/temperature": loss.detach(), "charts/temperature": temperature.detach()}
+
+
+def e_step_weights(q: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    # Eq. 7: the non-parametric policy on the M samples, q(a_j|s) = softmax_j(Q(s, a_j) / eta).
+    return torch.softmax(q / temperature, dim=0)
+
+
+def gaussian_kl(mean_p, std_p, mean_q, std_q) -> torch.Tensor:
+    """KL(N(mean_p, std_p^2) || N(mean_q, std_q^2)), summed over action dimensions."""
+    return (torch.log(std_q / std_p) + (std_p**2 + (mean_p - mean_q) ** 2) / (2 * std_q**2) - 0.5).sum(-1)
+
+
+def decoupled_kl(target_mean, target_std, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(pi_target || pi) split into a mean part, N(mu, sigma_target), and a covariance part,
+    N(mu_target, sigma); both averaged over states."""
+    kl_mean = gaussian_kl(target_mean, target_std, mean, target_std).mean()
+    kl_std = gaussian_kl(target_mean, target_std, target_mean, std).mean()
+    return kl_mean, kl_std
+
+
+def weighted_mle_loss(actions, weights, mean, std, target_mean, target_std,
+                      multiplier_mean, multiplier_std, epsilon_mean, epsilon_std) -> tuple[torch.Tensor, dict]:
+    # Eq. 10: weighted maximum likelihood of the E-step samples under a trust region
+    # KL(pi_target || pi) < eps, decoupled into mean and covariance. actions [M, K, B, act].
+    log_prob_mean = gaussian_log_prob(actions, mean, target_std)  # [M, K, B]
+    log_prob_std = gaussian_log_prob(actions, target_mean, std)
+    likelihood = -(weights * (log_prob_mean + log_prob_std)).sum(0).mean()
+    kl_mean, kl_std = decoupled_kl(target_mean, target_std, mean, std)
+    policy_loss = likelihood + multiplier_mean.detach() * kl_mean + multiplier_std.detach() * kl_std
+    multiplier_loss = multiplier_mean * (epsilon_mean - kl_mean.detach()) + multiplier_std * (epsilon_std - kl_std.detach())
+    metrics = {"losses/policy": likelihood.detach(), "charts/kl_mean": kl_mean.detach(),
+               "charts/kl_std": kl_std.detach(), "charts/multiplier_mean": multiplier_mean.detach(),
+               "charts/multiplier_std": multiplier_std.detach()}
+    return policy_loss + multiplier_loss, metrics
+
+
+def project_duals(*duals: nn.Parameter, minimum: float = 1e-3) -> None:
+    """Keep temperature and multipliers positive after each Adam step: x = max(x, 0.001)."""
+    with torch.no_grad():
+        for dual in duals:
+            dual.clamp_(min=minimum)
+# --- end shared block ---
+
+
+class Agent(nn.Module):
+    """Online MPO: policy, critic, their targets, temperature and trust-region multipliers."""
+
+    def __init__(self, obs_dim: int, act_dim: int, args: Args):
+        super().__init__()
+        self.policy = GaussianPolicy(obs_dim, act_dim, args.policy_layers, 1, args.shared_layers)
+        self.critic = Critic(obs_dim, act_dim, args.critic_layers, 1, args.shared_layers)
+        self.target_policy = copy.deepcopy(self.policy).requires_grad_(False)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.temperature = nn.Parameter(torch.tensor(args.initial_temperature))
+        self.multiplier_mean = nn.Parameter(torch.tensor(args.initial_multiplier))
+        self.multiplier_std = nn.Parameter(torch.tensor(args.initial_multiplier))
+
+    def update_targets(self) -> None:
+        self.target_policy.load_state_dict(self.policy.state_dict())
+        self.target_critic.load_state_dict(self.critic.state_dict())
+
+    def duals(self) -> list[nn.Parameter]:
+        return [self.temperature, self.multiplier_mean, self.multiplier_std]
+
+
+class Replay:
+    """Ring buffer of the run's transitions; batches come out as [1, B, ...] (one task)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, capacity: int):
+        self.arrays = {
+            "observation": np.zeros((capacity, obs_dim), np.float32),
+            "action": np.zeros((capacity, act_dim), np.float32),
+            "reward": np.zeros(capacity, np.float32),
+            "discount": np.zeros(capacity, np.float32),
+            "next_observation": np.zeros((capacity, obs_dim), np.float32),
+        }
+        self.capacity, self.size, self.cursor = capacity, 0, 0
+
+    def add(self, episode: dict) -> None:
+        rows = (self.cursor + np.arange(len(episode["action"]))) % self.capacity
+        for key, array in self.arrays.items():
+            array[rows] = episode[key].reshape(len(rows), *array.shape[1:])
+        self.cursor = int(rows[-1] + 1) % self.capacity
+        self.size = min(self.size + len(rows), self.capacity)
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> dict:
+        index = rng.integers(0, self.size, size=(1, batch_size))
+        return {key: array[index] for key, array in self.arrays.items()}
+
+
+def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict, args: Args,
+           generator: torch.Generator, low: torch.Tensor, high: torch.Tensor) -> dict:
+    """One online MPO step: TD(0) critic (Eq. 1), E-step on samples of the target policy
+    (Eq. 7, 9), weighted maximum likelihood under the decoupled trust region (Eq. 10)."""
+    observation, batch_size = batch["observation"], batch["observation"].shape[1]
+    with torch.no_grad():
+        states = torch.cat([batch["next_observation"], observation], dim=1)  # [1, 2B, obs]
+        target_mean, target_std = agent.target_policy(states)
+        actions = sample_actions(target_mean, target_std, args.num_action_samples, generator)
+        q = q_values(agent.target_critic, states, actions, low, high)  # [M, 1, 2B]
+    loss, metrics = critic_loss(agent.critic(observation, batch["action"].clamp(low, high)),
+                                batch["reward"], batch["discount"], q[:, :, :batch_size].mean(0), args.discount)
+    e_step_q, e_step_actions = q[:, :, batch_size:], actions[:, :, batch_size:]
+    temperature_loss, info = temperature_dual_loss(e_step_q, agent.temperature, args.epsilon)
+    metrics.update(info)
+    weights = e_step_weights(e_step_q, agent.temperature.detach())
+    mean, std = agent.policy(observation)
+    policy_loss, info = weighted_mle_loss(e_step_actions, weights, mean, std, target_mean[:, batch_size:],
+                                          target_std[:, batch_size:], agent.multiplier_mean,
+                                          agent.multiplier_std, args.epsilon_mean, args.epsilon_stddev)
+    metrics.update(info)
+    loss = loss + temperature_loss + policy_loss
+    if not torch.isfinite(loss):
+        raise FloatingPointError("non-finite loss in online MPO")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for net in (agent.policy, agent.critic):
+        nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
+    optimizer.step()
+    project_duals(*agent.duals())
+    return metrics
+
+
+def write_atomically(path: Path, arrays: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        np.savez(handle, **arrays)
+    os.replace(temporary, path)
+
+
+def episode_files(parts: Path, seed: Optional[int] = None) -> list[Path]:
+    pattern = f"run{seed:03d}_episode*.npz" if seed is not None else "run*_episode*.npz"
+    return sorted(parts.glob(pattern))
+
+
+def run_episode(env: gym.Env, agent: Agent, seed: int, generator: torch.Generator, device: torch.device) -> dict:
+    """One episode with actions sampled from the current policy; the stored actions are the
+    unclipped samples (the env clips them)."""
+    observation, _ = env.reset(seed=seed)
+    rows = {key: [] for key in ("observation", "action", "reward", "discount", "next_observation")}
+    done = False
+    while not done:
+        with torch.no_grad():
+            obs = torch.as_tensor(observation, device=device).reshape(1, 1, -1)
+            action = sample_actions(*agent.policy(obs), 1, generator)[0, 0, 0].cpu().numpy()
+        next_observation, reward, terminated, truncated, _ = env.step(action)
+        for key, value in zip(rows, (observation, action, reward, 0.0 if terminated else 1.0, next_observation)):
+            rows[key].append(value)
+        observation, done = next_observation, terminated or truncated
+    episode = {key: np.asarray(value, dtype=np.float32) for key, value in rows.items()}
+    episode["reward"] = episode["reward"][:, None]  # [T, K=1]
+    episode["step"] = np.arange(len(episode["action"]), dtype=np.int64)
+    return episode
+
+
+def collect_seed(args: Args, seed: int, parts: Path, device: torch.device) -> None:
+    """One online MPO run; resumes from its last finished episode when its files exist."""
+    env = make_env(args.env)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    low = torch.as_tensor(env.action_space.low, device=device)
+    high = torch.as_tensor(env.action_space.high, device=device)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    agent = Agent(obs_dim, act_dim, args).to(device)
+    optimizer = torch.optim.Adam([
+        {"params": [*agent.policy.parameters(), *agent.critic.parameters()], "lr": args.learning_rate},
+        {"params": agent.duals(), "lr": args.dual_learning_rate}])
+    replay = Replay(obs_dim, act_dim, args.replay_size)
+    learner_file = parts / f"run{seed:03d}_learner.pt"
+    done_files = episode_files(parts, seed)
+    updates, env_steps = 0, 0
+    if done_files:
+        if not learner_file.exists():
+            raise UserError(f"{parts} has episodes of seed {seed} but no {learner_file.name}; "
+                            f"delete them or the directory to start this seed again")
+        state = torch.load(learner_file, map_location=device, weights_only=True)
+        agent.load_state_dict(state["agent"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng_state(state["rng"], rng, generator)
+        updates, env_steps = state["updates"], state["env_steps"]
+        done_files = done_files[: state["episodes"]]  # an episode written after the last checkpoint is redone
+        for file in done_files:
+            with np.load(file, allow_pickle=False) as episode:
+                replay.add({key: episode[key] for key in episode.files})
+    first = len(done_files)
+    progress = tqdm(range(first, args.episodes), initial=first, total=args.episodes,
+                    desc=f"collect {args.env} seed {seed}", disable=None, dynamic_ncols=True)
+    for index in progress:
+        episode = run_episode(env, agent, int(rng.integers(2**31)), generator, device)
+        replay.add(episode)
+        length = len(episode["action"])
+        # Updates owed for the steps of this episode (done between episodes: same count, simpler).
+        owed = (env_steps + length) // args.steps_per_update - env_steps // args.steps_per_update
+        env_steps += length
+        if replay.size >= args.warmup_steps:
+            for _ in range(owed):
+                batch = to_torch(replay.sample(args.batch_size, rng), device)
+                try:
+                    update(agent, optimizer, batch, args, generator, low, high)
+                except FloatingPointError as error:
+                    raise UserError(f"{error} (seed {seed}, episode {index}); episodes written so far are kept") from None
+                updates += 1
+                if updates % args.target_update_period == 0:
+                    agent.update_targets()
+        write_atomically(parts / f"run{seed:03d}_episode{index:06d}.npz", {**episode, "run_id": np.int64(seed)})
+        save_checkpoint(learner_file, {"agent": agent.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "rng": rng_state(rng, generator), "updates": updates,
+                                       "env_steps": env_steps, "episodes": index + 1})
+        progress.set_postfix(episode_return=f"{episode['reward'].sum():.1f}", updates=updates)
+
+
+def consolidate(parts: Path, output: Path, args: Args, task: str) -> dict:
+    """Concatenate every finished episode into the dataset file, written atomically."""
+    files = episode_files(parts)
+    if not files:
+        raise UserError(f"no finished episode in {parts}; nothing to write")
+    episodes = []
+    for file in files:
+        with np.load(file, allow_pickle=False) as archive:
+            episodes.append({key: archive[key] for key in archive.files})
+    lengths = [len(e["action"]) for e in episodes]
+    arrays = {key: np.concatenate([e[key] for e in episodes]) for key in
+              ("observation", "action", "reward", "discount", "next_observation", "step")}
+    arrays["episode_id"] = np.repeat(np.arange(len(episodes), dtype=np.int64), lengths)
+    arrays["run_id"] = np.repeat(np.array([int(e["run_id"]) for e in episodes], dtype=np.int64), lengths)
+    env = make_env(args.env)
+    metadata = {
+        "env": args.env,
+        "tasks": [task],
+        "observation_dim": int(arrays["observation"].shape[1]),
+        "action_dim": int(arrays["action"].shape[1]),
+        "action_low": env.action_space.low.tolist(),
+        "action_high": env.action_space.high.tolist(),
+        "transitions": int(sum(lengths)),
+        "collection": {"method": "online MPO, every transition stored (paper Section 5.1)",
+                       "seeds": sorted({int(e["run_id"]) for e in episodes}), "args": asdict(args)},
+        "episode_returns": {task: [float(e["reward"].sum()) for e in episodes]},
+    }
+    arrays["metadata"] = np.array(json.dumps(metadata))
+    write_atomically(output, arrays)
+    return metadata
+
+
+def train(args: Args) -> Path:
+    """Collect every seed, then write the consolidated dataset; returns its path."""
+    if args.episodes < 1 or args.steps_per_update < 1 or args.batch_size < 1:
+        raise UserError("--episodes, --steps-per-update and --batch-size must be positive")
+    device = pick_device(args.device)
+    make_env(args.env)  # validates --env before anything is written
+    output = Path(args.output) if args.output else default_dataset_path(args.env)
+    parts = output.with_suffix(".episodes")
+    try:
+        parts.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create {parts} ({error.strerror})") from None
+    task = CONTROL_SUITE_ALIASES.get(args.env, args.env)
+    start = time.time()
+    try:
+        for seed in args.seeds:
+            collect_seed(args, seed, parts, device)
+    except KeyboardInterrupt:
+        if episode_files(parts):
+            consolidate(parts, output, args, task)
+            print(f"\nInterrupted: finished episodes written to {output}; rerun the command to continue.")
+        raise SystemExit(130) from None
+    metadata = consolidate(parts, output, args, task)
+    returns = metadata["episode_returns"][task]
+    print(f"Wrote {output}: {len(returns)} episodes, {metadata['transitions']} transitions, returns first/last/best {returns[0]:.1f}/{returns[-1]:.1f}/{max(returns):.1f}, "
+          f"{time.time() - start:.0f} s.")
+    return output
+
+
+if __name__ == "__main__":
+    main(train, tyro.cli(Args))
