@@ -380,14 +380,22 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(temporary, path)
 
 
-def rng_state(rng: np.random.Generator, generator: torch.Generator) -> dict:
-    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "sampling": generator.get_state()}
+def checkpoint_state(modules: dict, rng: np.random.Generator, generator: torch.Generator, **extra) -> dict:
+    """State dicts only (loadable with weights_only=True): modules, optimisers, random states."""
+    rng_state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "sampling": generator.get_state()}
+    return {**{name: module.state_dict() for name, module in modules.items()}, "rng": rng_state, **extra}
 
 
-def restore_rng_state(state: dict, rng: np.random.Generator, generator: torch.Generator) -> None:
-    rng.bit_generator.state = state["numpy"]
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["sampling"])
+def load_checkpoint(path: Path, device: torch.device, modules: dict, rng: np.random.Generator,
+                    generator: torch.Generator) -> dict:
+    """Restore what checkpoint_state saved; returns the whole state for its extra entries."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+    rng.bit_generator.state = state["rng"]["numpy"]
+    torch.set_rng_state(state["rng"]["torch"])
+    generator.set_state(state["rng"]["sampling"])
+    return state
 # --- end shared block ---
 
 
@@ -455,14 +463,17 @@ def write_config(run_dir: Path, args, script: str, dataset: Path, extra: dict) -
 class MetricsLogger:
     """One row per evaluation in metrics.csv, the same scalars in TensorBoard (and W&B)."""
 
-    def __init__(self, run_dir: Path, args, config: dict):
+    def __init__(self, run_dir: Path, args, start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = run_dir / "metrics.csv"
         self.columns = None
-        if self.path.exists():
+        if self.path.exists():  # resuming: keep the rows up to the checkpoint's step
             with open(self.path) as handle:
-                self.columns = next(csv.reader(handle), None)
+                rows = list(csv.reader(handle))
+            self.columns = rows[0] if rows else None
+            with open(self.path, "w", newline="") as handle:
+                csv.writer(handle).writerows([row for row in rows if row and (row is rows[0] or int(row[0]) <= start_step)])
         self.writer = SummaryWriter(str(run_dir))
         self.wandb = None
         if args.track:
@@ -470,6 +481,7 @@ class MetricsLogger:
                 import wandb
             except ImportError:
                 raise UserError("--track needs Weights & Biases: pip install wandb") from None
+            config = json.loads((run_dir / "config.json").read_text())
             self.wandb = wandb.init(project=args.wandb_project, config=config, dir=str(run_dir),
                                     name=run_dir.name, resume="allow")
 
@@ -508,6 +520,42 @@ def write_summary(run_dir: Path, evaluations: list[dict], best_in_data: dict) ->
             summary["final/" + key.removeprefix("eval/")] = float(np.mean(tail))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+@dataclass
+class Setup:
+    """What every learning script needs before its first update."""
+
+    device: torch.device
+    env: gym.Env
+    run_dir: Path
+    data: dict
+    columns: list
+    tasks: list
+    spec: dict
+    low: torch.Tensor
+    high: torch.Tensor
+
+
+def prepare(args, script: str) -> Setup:
+    """Check the arguments, the env and the dataset, create (or reopen) the run directory."""
+    device = pick_device(args.device)
+    env = make_env(args.env)  # checks --env before anything is written
+    run_dir = make_run_dir(args, script)
+    if args.resume:
+        check_resume(run_dir, args, script)
+    dataset = ensure_dataset(args)
+    data = load_dataset(dataset, args.dataset_episodes)
+    check_dataset_matches_env(data, env, dataset)
+    columns, tasks = select_tasks(data, args.task)
+    low, high = env.action_space.low, env.action_space.high
+    spec = {"obs_dim": env.observation_space.shape[0], "act_dim": env.action_space.shape[0], "tasks": tasks,
+            "action_low": low.tolist(), "action_high": high.tolist(),
+            "best_episode_return_in_dataset": dict(zip(tasks, best_episode_returns(data, columns)))}
+    if not args.resume:
+        write_config(run_dir, args, script, dataset, {"spec": spec})
+    return Setup(device, env, run_dir, data, columns, tasks, spec,
+                 torch.as_tensor(low, device=device), torch.as_tensor(high, device=device))
 # --- end shared block ---
 
 
@@ -528,7 +576,29 @@ def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: in
     return returns
 
 
-def make_eval_env(args, run_dir: Path, name: str) -> gym.Env:
+def gaussian_mean_actor(net: nn.Module, num_tasks: int, device: torch.device) -> Callable:
+    """act(observation, task) = the mean of a Gaussian policy's head for that task."""
+
+    @torch.no_grad()
+    def act(observation: np.ndarray, task: int) -> np.ndarray:
+        obs = torch.as_tensor(observation, dtype=torch.float32, device=device).expand(num_tasks, 1, -1)
+        return net(obs)[0][task, 0].float().cpu().numpy()
+
+    return act
+
+
+def evaluate_actors(actors: dict, env: gym.Env, tasks: list, episodes: int, seed: int) -> dict:
+    """`eval/<name>` = mean return over tasks of each actor, and `eval/<name>/<task>` per task."""
+    results = {}
+    for name, act in actors.items():
+        per_task = [np.mean(evaluate(lambda o: act(o, k), env, episodes, seed)) for k in range(len(tasks))]
+        results[f"eval/{name}"] = float(np.mean(per_task))
+        if len(tasks) > 1:
+            results.update({f"eval/{name}/{task}": float(value) for task, value in zip(tasks, per_task)})
+    return results
+
+
+def make_eval_env(args, run_dir: Path) -> gym.Env:
     if not args.capture_video:
         return make_env(args.env)
     try:
@@ -536,9 +606,49 @@ def make_eval_env(args, run_dir: Path, name: str) -> gym.Env:
     except ImportError:
         raise UserError("--capture-video needs moviepy: pip install moviepy") from None
     env = make_env(args.env, render_mode="rgb_array")
-    return gym.wrappers.RecordVideo(env, str(run_dir / "videos" / name),
+    return gym.wrappers.RecordVideo(env, str(run_dir / "videos"),
                                     episode_trigger=lambda i: i % args.eval_episodes == 0,
                                     disable_logger=True)
+# --- end shared block ---
+
+
+# --- shared block: training loop ---
+def training_loop(args, run: Setup, script: str, modules: dict, rng: np.random.Generator,
+                  generator: torch.Generator, update_step: Callable[[dict, int], dict], actors: dict) -> dict:
+    """Algorithm 1's outer loop: sample a batch from the dataset, call `update_step(batch, step)`,
+    evaluate every actor and checkpoint now and then; resumable from checkpoint.pt."""
+    start = 0
+    if args.resume:
+        start = load_checkpoint(run.run_dir / "checkpoint.pt", run.device, modules, rng, generator)["step"]
+        print(f"Resuming {run.run_dir} from update {start}.", flush=True)
+    logger = MetricsLogger(run.run_dir, args, start)
+    eval_env = make_eval_env(args, run.run_dir)
+    sums, count, interval_start = {}, 0, time.time()
+    progress = tqdm(initial=start, total=args.total_steps, desc=script, disable=None)
+    for step in range(start + 1, args.total_steps + 1):
+        batch = sample_batch(run.data, run.columns, args.batch_size, args.snippet_length, args.discount, rng)
+        try:
+            metrics = update_step(to_torch(batch, run.device), step)
+        except FloatingPointError as error:
+            raise UserError(f"{error} at update {step}; stopped, {run.run_dir / 'checkpoint.pt'} "
+                            f"keeps the last good state") from None
+        sums = {key: sums.get(key, 0.0) + value for key, value in metrics.items()}
+        count += 1
+        progress.update()
+        if step % args.eval_every == 0 or step == args.total_steps:
+            row = {key: float(value) / count for key, value in sums.items()}
+            row["charts/updates_per_second"] = count / (time.time() - interval_start)
+            row.update(evaluate_actors(actors, eval_env, run.tasks, args.eval_episodes, args.seed + 100))
+            logger.log(step, row)
+            progress.set_postfix({k[5:]: f"{v:.1f}" for k, v in row.items() if k.startswith("eval/") and k.count("/") == 1})
+            sums, count, interval_start = {}, 0, time.time()
+        if step % args.checkpoint_every == 0 or step == args.total_steps:
+            save_checkpoint(run.run_dir / "checkpoint.pt", checkpoint_state(modules, rng, generator, step=step, spec=run.spec))
+    progress.close()
+    logger.close()
+    summary = write_summary(run.run_dir, logger.evaluations(), run.spec["best_episode_return_in_dataset"])
+    print(json.dumps(summary, indent=2))
+    return summary
 # --- end shared block ---
 
 
@@ -819,97 +929,30 @@ def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict, args: Ar
 
 def train(args: Args) -> dict:
     """Algorithm 1 on a fixed dataset; returns the summary written to summary.json."""
-    script = "abm_mpo"
     if args.prior == "none" and args.epsilon == 0:
-        raise UserError("--prior none with --epsilon 0 learns nothing: the prior is the policy when epsilon is 0")
-    if args.total_steps < 1 or args.batch_size < 1 or args.num_action_samples < 1 or args.snippet_length < 1:
+        raise UserError("--prior none with --epsilon 0 learns nothing: with epsilon 0 the prior is the policy")
+    if min(args.total_steps, args.batch_size, args.num_action_samples, args.snippet_length) < 1:
         raise UserError("--total-steps, --batch-size, --num-action-samples and --snippet-length must be positive")
-    device = pick_device(args.device)
-    env = make_env(args.env)  # validates --env before anything is written
-    run_dir = make_run_dir(args, script)
-    if args.resume:
-        check_resume(run_dir, args, script)
-    dataset_path = ensure_dataset(args)
-    data = load_dataset(dataset_path, args.dataset_episodes)
-    check_dataset_matches_env(data, env, dataset_path)
-    columns, tasks = select_tasks(data, args.task)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    low = torch.as_tensor(env.action_space.low, device=device)
-    high = torch.as_tensor(env.action_space.high, device=device)
-    spec = {"obs_dim": obs_dim, "act_dim": act_dim, "tasks": tasks,
-            "action_low": env.action_space.low.tolist(), "action_high": env.action_space.high.tolist()}
+    run = prepare(args, "abm_mpo")
 
     # Seeding in one place; all later randomness comes from these two generators.
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    agent = Agent(obs_dim, act_dim, len(tasks), args).to(device)
+    generator = torch.Generator(device=run.device).manual_seed(args.seed)
+    agent = Agent(run.spec["obs_dim"], run.spec["act_dim"], len(run.tasks), args).to(run.device)
     optimizer = make_optimizer(agent, args)
-    start = 0
-    if args.resume:
-        state = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=True)
-        agent.load_state_dict(state["agent"])
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng_state(state["rng"], rng, generator)
-        start = state["step"]
-        print(f"Resuming {run_dir} from update {start}.", flush=True)
-    else:
-        write_config(run_dir, args, script, dataset_path, {"spec": spec})
-    logger = MetricsLogger(run_dir, args, json.loads((run_dir / "config.json").read_text()))
-    best_in_data = dict(zip(tasks, best_episode_returns(data, columns)))
-    eval_env = make_eval_env(args, run_dir, "policy")
+    actors = {"return": gaussian_mean_actor(agent.evaluated_policy(), len(run.tasks), run.device)}
+    if agent.prior is not None and agent.policy is not None:
+        actors["prior_return"] = gaussian_mean_actor(agent.prior, len(run.tasks), run.device)
 
-    def actor(net: nn.Module, head: int) -> Callable:
-        @torch.no_grad()
-        def act(observation: np.ndarray) -> np.ndarray:
-            obs = torch.as_tensor(observation, dtype=torch.float32, device=device).expand(len(tasks), 1, -1)
-            return net(obs)[0][head, 0].cpu().numpy()  # the Gaussian's mean
-        return act
-
-    def run_evaluation() -> dict:
-        results = {}
-        actors = {"return": agent.evaluated_policy()}
-        if agent.prior is not None and agent.policy is not None:
-            actors["prior_return"] = agent.prior
-        for name, net in actors.items():
-            per_task = [np.mean(evaluate(actor(net, k), eval_env, args.eval_episodes, args.seed + 100))
-                        for k in range(len(tasks))]
-            results[f"eval/{name}"] = float(np.mean(per_task))
-            if len(tasks) > 1:
-                results.update({f"eval/{name}/{task}": float(r) for task, r in zip(tasks, per_task)})
-        return results
-
-    sums, count, start_time = {}, 0, time.time()
-    progress = tqdm(range(start, args.total_steps), initial=start, total=args.total_steps, desc=script,
-                    disable=None, dynamic_ncols=True)
-    for step in progress:
-        batch = to_torch(sample_batch(data, columns, args.batch_size, args.snippet_length, args.discount, rng), device)
-        try:
-            metrics = update(agent, optimizer, batch, args, generator, low, high)
-        except FloatingPointError as error:
-            logger.close()
-            raise UserError(f"{error} at update {step + 1}; stopped, {run_dir / 'checkpoint.pt'} keeps the last good state") from None
-        for key, value in metrics.items():
-            sums[key] = sums.get(key, 0.0) + value
-        count += 1
-        done = step + 1
-        if done % args.target_update_period == 0:
+    def update_step(batch: dict, step: int) -> dict:
+        metrics = update(agent, optimizer, batch, args, generator, run.low, run.high)
+        if step % args.target_update_period == 0:
             agent.update_targets()
-        if done % args.eval_every == 0 or done == args.total_steps:
-            row = {key: float(value) / count for key, value in sums.items()}
-            row.update(run_evaluation())
-            row["charts/wall_time"] = time.time() - start_time
-            row["charts/updates_per_second"] = count / max(row["charts/wall_time"], 1e-9)
-            logger.log(done, row)
-            progress.set_postfix({k.removeprefix("eval/"): f"{v:.1f}" for k, v in row.items() if k.count("/") == 1 and k.startswith("eval/")})
-            sums, count, start_time = {}, 0, time.time()
-        if done % args.checkpoint_every == 0 or done == args.total_steps:
-            save_checkpoint(run_dir / "checkpoint.pt", {"agent": agent.state_dict(), "optimizer": optimizer.state_dict(),
-                                                        "rng": rng_state(rng, generator), "step": done, "spec": spec})
-    logger.close()
-    summary = write_summary(run_dir, logger.evaluations(), best_in_data)
-    print(json.dumps(summary, indent=2))
-    return summary
+        return metrics
+
+    return training_loop(args, run, "abm_mpo", {"agent": agent, "optimizer": optimizer}, rng, generator,
+                         update_step, actors)
 
 
 if __name__ == "__main__":

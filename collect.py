@@ -351,14 +351,22 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(temporary, path)
 
 
-def rng_state(rng: np.random.Generator, generator: torch.Generator) -> dict:
-    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "sampling": generator.get_state()}
+def checkpoint_state(modules: dict, rng: np.random.Generator, generator: torch.Generator, **extra) -> dict:
+    """State dicts only (loadable with weights_only=True): modules, optimisers, random states."""
+    rng_state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "sampling": generator.get_state()}
+    return {**{name: module.state_dict() for name, module in modules.items()}, "rng": rng_state, **extra}
 
 
-def restore_rng_state(state: dict, rng: np.random.Generator, generator: torch.Generator) -> None:
-    rng.bit_generator.state = state["numpy"]
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["sampling"])
+def load_checkpoint(path: Path, device: torch.device, modules: dict, rng: np.random.Generator,
+                    generator: torch.Generator) -> dict:
+    """Restore what checkpoint_state saved; returns the whole state for its extra entries."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+    rng.bit_generator.state = state["rng"]["numpy"]
+    torch.set_rng_state(state["rng"]["torch"])
+    generator.set_state(state["rng"]["sampling"])
+    return state
 # --- end shared block ---
 
 
@@ -640,10 +648,7 @@ def collect_seed(args: Args, seed: int, parts: Path, device: torch.device) -> No
         if not learner_file.exists():
             raise UserError(f"{parts} has episodes of seed {seed} but no {learner_file.name}; "
                             f"delete them or the directory to start this seed again")
-        state = torch.load(learner_file, map_location=device, weights_only=True)
-        agent.load_state_dict(state["agent"])
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng_state(state["rng"], rng, generator)
+        state = load_checkpoint(learner_file, device, {"agent": agent, "optimizer": optimizer}, rng, generator)
         updates, env_steps = state["updates"], state["env_steps"]
         done_files = done_files[: state["episodes"]]  # an episode written after the last checkpoint is redone
         for file in done_files:
@@ -670,9 +675,8 @@ def collect_seed(args: Args, seed: int, parts: Path, device: torch.device) -> No
                 if updates % args.target_update_period == 0:
                     agent.update_targets()
         write_atomically(parts / f"run{seed:03d}_episode{index:06d}.npz", {**episode, "run_id": np.int64(seed)})
-        save_checkpoint(learner_file, {"agent": agent.state_dict(), "optimizer": optimizer.state_dict(),
-                                       "rng": rng_state(rng, generator), "updates": updates,
-                                       "env_steps": env_steps, "episodes": index + 1})
+        save_checkpoint(learner_file, checkpoint_state({"agent": agent, "optimizer": optimizer}, rng, generator,
+                                                       updates=updates, env_steps=env_steps, episodes=index + 1))
         progress.set_postfix(episode_return=f"{episode['reward'].sum():.1f}", updates=updates)
 
 
