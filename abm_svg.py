@@ -1,0 +1,922 @@
+"""ABM+SVG: offline RL with an advantage-weighted behaviour model prior and stochastic value gradient
+policy improvement.
+
+Paper: Siegel et al., "Keep doing what worked: behaviour modelling priors for offline
+reinforcement learning", ICLR 2020. This file implements Algorithm 1 with
+  - policy evaluation by TD(0) with V(s') averaged over M samples of pi_i (Eq. 1),
+  - the prior: behaviour model (Eq. 3, `--prior bm`) or advantage-weighted behaviour model with
+    unit-step weights on N-step snippet returns (Eq. 4, `--prior abm`),
+  - SVG policy improvement (Eq. 6, Appendix B.2): the Lagrangian of Eq. 2,
+        max_theta min_{eta > 0} E_s[ E_{a ~ pi_theta}[Q(s, a)] + eta (eps - KL(pi_theta(.|s) || prior(.|s))) ],
+    with the reparameterised gradient of Eq. 11, a_j = mu(s) + sigma(s) xi_j, xi_j ~ N(0, I),
+    j = 1..M, the KL in closed form for diagonal Gaussians, and eta moved by Adam on
+    eta (eps - KL) (Eq. 12), started at 1 and projected to eta >= 0.001 after each step,
+  - `--prior none`: plain offline SVG. The KL term then regularises towards pi_i, the target
+    policy (the last hard copy of pi_theta, every 200 updates): a trust-region SVG, the
+    counterpart of the previous-policy trust region of abm_mpo.py's `--prior none`. Without a KL
+    term the Q-gradient alone shrinks sigma to its minimum and chases the critic's extrapolation;
+    with pi_i the three Table 6 columns differ only in what the policy is pulled towards, under
+    the same eps and eta. There is no prior to evaluate: no `eval/prior_return`.
+
+Differences from the paper (all stated choices where the paper is silent):
+  - Q in Eq. 11 is the target critic Q_phi' (Algorithm 1's SVG line), a constant of the policy
+    loss, scoring clip(a, low, high) like everywhere in this project (the env clips actions).
+    The clip's gradient is zero outside the bounds: the exact gradient of E[Q(s, clip(a))], the
+    value the env realises. A sample beyond a bound adds no Q-gradient, so Q moves the mean past a
+    bound only while some of its samples still fall inside (a straight-through gradient would
+    push on without limit wherever Q still rises at the bound); beyond that only the KL term acts.
+  - The prior is a constant in the KL term: it learns from Eq. 3 / Eq. 4 only.
+  - The sums over the batch in Eq. 11 and Eq. 12 are means; theta and eta take one simultaneous
+    Adam step per batch (eta constant in the policy loss, the KL constant in the eta loss) rather
+    than alternating steps. One eta for all tasks, as abm_mpo.py's temperature.
+  - ABM snippets are clipped at the episode end (bootstrapping from the last next-state), and
+    the prior loss is the batch mean of weight * log-likelihood.
+  - Gradients are clipped at global norm 40 per network (Acme's default, as in abm_mpo.py).
+  - Minimum variance 0.01 (Table 2) is implemented as std = softplus(h) + 0.1.
+  - No `--epsilon 0` variant (the prior alone): use `abm_mpo.py --epsilon 0`.
+"""
+
+import copy
+import csv
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import zipfile
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    env: str = "hopper"
+    """`hopper`, `cheetah`, `walker`, `quadruped` (Control Suite hopper-hop, cheetah-run,
+    walker-walk, quadruped-run), any Control Suite `domain-task`, or a gymnasium id"""
+    task: str = "all"
+    """reward column(s) of the dataset to learn: one task name, or `all` for every column"""
+    dataset: Optional[str] = None
+    """dataset path (.npz or a directory of .npy files); default `datasets/<env>.npz`, generated
+    by collect.py when missing"""
+    dataset_episodes: Optional[int] = None
+    """keep only the first K episodes of each collecting run (the paper's low-data regime)"""
+    seed: int = 0
+    """seed of the network initialisation, batch sampling and action sampling"""
+    total_steps: int = 1_000_000
+    """number of gradient updates"""
+    eval_every: int = 10_000
+    """gradient updates between evaluations"""
+    eval_episodes: int = 10
+    """episodes per evaluation, for the policy and for the prior"""
+    checkpoint_every: int = 10_000
+    """gradient updates between checkpoints"""
+    run_dir: Optional[str] = None
+    """run directory; default `runs/<script>__<env>__<seed>__<time>`"""
+    resume: Optional[str] = None
+    """continue the run in this directory from its checkpoint.pt"""
+    device: str = "auto"
+    """`auto` (CUDA when present), `cpu` or `cuda`"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "behaviour-priors"
+    """Weights & Biases project name"""
+    capture_video: bool = False
+    """save a video of the first evaluation episode (needs `pip install moviepy`)"""
+
+    # Algorithm specific arguments (defaults: Table 2)
+    prior: Literal["abm", "bm", "none"] = "abm"
+    """prior the KL term pulls towards: advantage-weighted behaviour model (Eq. 4), behaviour
+    model (Eq. 3), or none (plain offline SVG, KL towards the target policy pi_i)"""
+    batch_size: int = 512
+    """transitions (trajectory snippets) per gradient update and task"""
+    num_action_samples: int = 20
+    """M, action samples per state for V(s) (Eq. 1) and the value gradient (Eq. 11)"""
+    snippet_length: int = 10
+    """N, length of the trajectory snippets whose return weights the ABM prior (Eq. 4)"""
+    discount: float = 0.99
+    """discount factor gamma"""
+    learning_rate: float = 2e-4
+    """Adam learning rate of the critic, policy and prior"""
+    dual_learning_rate: float = 2e-4
+    """Adam learning rate of the Lagrange multiplier eta (Eq. 12)"""
+    epsilon: float = 0.2
+    """bound on KL(pi || prior) in the policy improvement step (Eq. 2, Eq. 6)"""
+    initial_multiplier: float = 1.0
+    """initial eta, the Lagrange multiplier of the KL constraint (Eq. 6)"""
+    target_update_period: int = 200
+    """gradient updates between hard copies to the target networks"""
+    max_grad_norm: float = 40.0
+    """gradient clipping (global norm per network)"""
+    policy_layers: tuple[int, ...] = (256, 256)
+    """hidden layers of the policy and the prior"""
+    critic_layers: tuple[int, ...] = (256, 256, 256)
+    """hidden layers of the Q function"""
+    shared_layers: int = 1
+    """first hidden layers shared by all tasks; the rest are one head per task (Table 5)"""
+
+
+# --- shared block: utilities ---
+class UserError(Exception):
+    """A problem with the user's input (arguments, files): reported in one sentence, exit 1."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available")
+    return torch.device(name)
+
+
+def main(train_fn: Callable, args) -> None:
+    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1."""
+    try:
+        train_fn(args)
+    except UserError as error:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+# --- end shared block ---
+
+
+# --- shared block: env ---
+CONTROL_SUITE_ALIASES = {
+    "hopper": "hopper-hop",
+    "cheetah": "cheetah-run",
+    "walker": "walker-walk",
+    "quadruped": "quadruped-run",
+}
+
+
+class ControlSuiteEnv(gym.Env):
+    """A Control Suite task as a Gymnasium env: flat float32 observation, actions clipped to the
+    bounds, episodes end by time limit (`truncated`, the discount stays 1)."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
+
+    def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; dm_control reads it at import
+        from dm_control import suite
+
+        self._load = lambda seed: suite.load(domain, task, task_kwargs={"random": seed})
+        self._env = self._load(None)
+        spec = self._env.action_spec()
+        self.action_space = gym.spaces.Box(
+            spec.minimum.astype(np.float32), spec.maximum.astype(np.float32), dtype=np.float32
+        )
+        size = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), dtype=np.float32)
+        self.render_mode = render_mode
+
+    def _flatten(self, observation) -> np.ndarray:
+        return np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._env = self._load(seed)
+        return self._flatten(self._env.reset().observation), {}
+
+    def step(self, action):
+        low, high = self.action_space.low, self.action_space.high
+        time_step = self._env.step(np.clip(action, low, high))
+        terminated = time_step.last() and time_step.discount == 0.0
+        truncated = time_step.last() and not terminated
+        reward = float(time_step.reward or 0.0)
+        return self._flatten(time_step.observation), reward, terminated, truncated, {}
+
+    def render(self):
+        return self._env.physics.render(height=240, width=320, camera_id=0)
+
+
+def make_env(env_id: str, render_mode: Optional[str] = None) -> gym.Env:
+    """`hopper`-style alias, Control Suite `domain-task`, or any gymnasium id (`module:EnvId`)."""
+    name = CONTROL_SUITE_ALIASES.get(env_id, env_id)
+    domain, _, task = name.partition("-")
+    if task:
+        os.environ.setdefault("MUJOCO_GL", "egl")
+        from dm_control import suite
+
+        if (domain, task) in suite.ALL_TASKS:
+            return ControlSuiteEnv(domain, task, render_mode)
+    try:
+        return gym.make(env_id, render_mode=render_mode)
+    except Exception as error:  # gymnasium raises many types for an unknown or broken id
+        raise UserError(
+            f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
+            f"domain-task such as cartpole-swingup, or a gymnasium id ({error})"
+        ) from None
+# --- end shared block ---
+
+
+# --- shared block: dataset ---
+REQUIRED_ARRAYS = ("observation", "action", "reward", "discount", "episode_id", "step")
+
+
+def default_dataset_path(env_id: str) -> Path:
+    return Path("datasets") / (env_id.replace(":", "_").replace("/", "_") + ".npz")
+
+
+def ensure_dataset(args) -> Path:
+    """The dataset to learn from; the default one is generated by collect.py when missing."""
+    if args.dataset is not None:
+        return Path(args.dataset)
+    path = default_dataset_path(args.env)
+    if not path.exists():
+        collect = Path(__file__).resolve().parent / "collect.py"
+        print(
+            f"No dataset at {path}: generating it with `python collect.py --env {args.env}` "
+            f"(default budget, about 20 minutes on 2 CPU cores); pass --dataset PATH to use "
+            f"your own data.",
+            flush=True,
+        )
+        command = [sys.executable, str(collect), "--env", args.env, "--output", str(path)]
+        if subprocess.run(command).returncode != 0 or not path.exists():
+            raise UserError(f"collect.py failed to generate {path}; see its output above")
+    return path
+
+
+def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
+    """Load and validate a dataset (format: README "Datasets"). Returns the arrays (memory-mapped
+    for a directory of .npy files), `metadata`, and `episode_last` (index of the last transition
+    of each transition's episode), which trajectory snippets need."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"dataset {path} does not exist")
+    try:
+        if path.is_dir():
+            arrays = {f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in path.glob("*.npy")}
+            meta_file = path / "metadata.json"
+            metadata = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        else:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+            metadata = json.loads(str(arrays.pop("metadata", "{}")))
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"dataset {path} cannot be read, it is corrupt, truncated or pickled ({reason})") from None
+
+    missing = [key for key in REQUIRED_ARRAYS if key not in arrays]
+    if missing:
+        raise UserError(f"dataset {path} lacks the arrays {missing}; see README 'Datasets'")
+    if arrays["reward"].ndim == 1:
+        arrays["reward"] = arrays["reward"][:, None]
+    size = len(arrays["observation"])
+    expected_ndim = {"observation": 2, "action": 2, "reward": 2, "discount": 1, "episode_id": 1,
+                     "step": 1, "next_observation": 2, "run_id": 1}
+    for key, ndim in expected_ndim.items():
+        if key in arrays and (arrays[key].ndim != ndim or len(arrays[key]) != size):
+            raise UserError(
+                f"dataset {path}: array {key!r} has shape {arrays[key].shape}, expected {ndim} "
+                f"dimension(s) and {size} rows like 'observation'"
+            )
+    if size == 0:
+        raise UserError(f"dataset {path} holds no transitions")
+    if "next_observation" in arrays and arrays["next_observation"].shape != arrays["observation"].shape:
+        raise UserError(f"dataset {path}: 'next_observation' and 'observation' differ in shape")
+    for key in ("observation", "action", "reward", "discount", "next_observation"):
+        if key in arrays and not np.isfinite(arrays[key]).all():
+            raise UserError(f"dataset {path}: array {key!r} contains NaN or infinite values")
+
+    # Episodes must be stored back to back, steps in order, for snippets (Eq. 4) to exist.
+    episode_id, step = np.asarray(arrays["episode_id"]), np.asarray(arrays["step"])
+    starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
+    same_episode = episode_id[1:] == episode_id[:-1]
+    if len(np.unique(episode_id)) != len(starts) or np.any(np.diff(step)[same_episode] != 1):
+        raise UserError(f"dataset {path}: episodes must be stored back to back with consecutive steps")
+
+    keep = np.ones(size, dtype=bool)
+    if "next_observation" not in arrays:  # derive s' from the next row; an episode's last row has none
+        keep[np.r_[starts[1:] - 1, size - 1]] = False
+        arrays["next_observation"] = np.asarray(arrays["observation"])[np.minimum(np.arange(size) + 1, size - 1)]
+    if episodes_per_run is not None:
+        run_of_start = np.asarray(arrays["run_id"])[starts] if "run_id" in arrays else np.zeros(len(starts), int)
+        rank = np.zeros(len(starts), dtype=np.int64)
+        for run in np.unique(run_of_start):
+            rank[run_of_start == run] = np.arange(np.sum(run_of_start == run))
+        keep &= np.repeat(rank < episodes_per_run, np.diff(np.r_[starts, size]))
+    if not keep.all():
+        arrays = {key: np.asarray(value)[keep] for key, value in arrays.items()}
+        episode_id = arrays["episode_id"]
+        starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
+        size = len(episode_id)
+    lengths = np.diff(np.r_[starts, size])
+    arrays["episode_last"] = np.repeat(starts + lengths - 1, lengths)
+    arrays["metadata"] = metadata
+    return arrays
+
+
+def select_tasks(data: dict, task: str) -> tuple[list[int], list[str]]:
+    """Reward columns to learn: every column for `all`, else the one named `task`."""
+    names = list(data["metadata"].get("tasks") or [f"task{i}" for i in range(data["reward"].shape[1])])
+    if len(names) != data["reward"].shape[1]:
+        raise UserError(f"dataset metadata names {len(names)} tasks but 'reward' has {data['reward'].shape[1]} columns")
+    if task == "all":
+        return list(range(len(names))), names
+    if task not in names:
+        raise UserError(f"task {task!r} is not in the dataset; its tasks are {names}")
+    return [names.index(task)], [task]
+
+
+def check_dataset_matches_env(data: dict, env: gym.Env, path: Path) -> None:
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    if data["observation"].shape[1] != obs_dim or data["action"].shape[1] != act_dim:
+        raise UserError(
+            f"dataset {path} has observation/action sizes {data['observation'].shape[1]}/"
+            f"{data['action'].shape[1]} but the env has {obs_dim}/{act_dim}; is it for another env?"
+        )
+
+
+def best_episode_returns(data: dict, columns: list[int]) -> list[float]:
+    """Best undiscounted episode return in the dataset, for each task column."""
+    starts = np.flatnonzero(np.r_[True, data["episode_id"][1:] != data["episode_id"][:-1]])
+    returns = np.add.reduceat(np.asarray(data["reward"][:, columns], dtype=np.float64), starts, axis=0)
+    return returns.max(axis=0).tolist()
+
+
+def sample_batch(data: dict, columns: list[int], batch_size: int, snippet_length: int,
+                 discount: float, rng: np.random.Generator) -> dict:
+    """Draw `batch_size` snippets (s_t, a_t, ..., s_{t+N}) for each task, independently per task.
+
+    Returns arrays [K, B, ...]: the first transition for TD learning (Eq. 1), and for Eq. 4 the
+    discounted reward sum of the snippet and the state and discount to bootstrap it with. A
+    snippet that reaches the end of its episode stops there and bootstraps from its last s'."""
+    num_tasks = len(columns)
+    index = rng.integers(0, len(data["observation"]), size=(num_tasks, batch_size))  # [K, B]
+    last = data["episode_last"][index][..., None]
+    positions = index[..., None] + np.arange(snippet_length)  # [K, B, N]
+    valid = positions <= last
+    positions = np.minimum(positions, last)
+    rewards = data["reward"][positions, np.asarray(columns)[:, None, None]]  # [K, B, N]
+    step_discount = np.where(valid, discount * data["discount"][positions], 1.0)
+    cumulative = np.cumprod(step_discount, axis=-1)
+    weights = np.concatenate([np.ones_like(cumulative[..., :1]), cumulative[..., :-1]], axis=-1) * valid
+    batch = {
+        "observation": data["observation"][index],
+        "action": data["action"][index],
+        "reward": rewards[..., 0],
+        "discount": data["discount"][index],
+        "next_observation": data["next_observation"][index],
+        "snippet_return": (weights * rewards).sum(-1),
+        "bootstrap_observation": data["next_observation"][positions[..., -1]],
+        "bootstrap_discount": cumulative[..., -1],
+    }
+    return {key: np.asarray(value, dtype=np.float32) for key, value in batch.items()}
+
+
+def to_torch(batch: dict, device: torch.device) -> dict:
+    return {key: torch.as_tensor(value, device=device) for key, value in batch.items()}
+# --- end shared block ---
+
+
+# --- shared block: checkpoint ---
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a crash leaves the previous checkpoint intact."""
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def checkpoint_state(modules: dict, rng: np.random.Generator, generator: torch.Generator, **extra) -> dict:
+    """State dicts only (loadable with weights_only=True): modules, optimisers, random states."""
+    rng_state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "sampling": generator.get_state()}
+    return {**{name: module.state_dict() for name, module in modules.items()}, "rng": rng_state, **extra}
+
+
+def load_checkpoint(path: Path, device: torch.device, modules: dict, rng: np.random.Generator,
+                    generator: torch.Generator) -> dict:
+    """Restore what checkpoint_state saved; returns the whole state for its extra entries."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+    rng.bit_generator.state = state["rng"]["numpy"]
+    torch.set_rng_state(state["rng"]["torch"])
+    generator.set_state(state["rng"]["sampling"])
+    return state
+# --- end shared block ---
+
+
+# --- shared block: run directory ---
+def make_run_dir(args, script: str) -> Path:
+    if args.resume:
+        run_dir = Path(args.resume)
+    elif args.run_dir:
+        run_dir = Path(args.run_dir)
+    else:
+        run_dir = Path("runs") / f"{script}__{args.env.replace(':', '_')}__{args.seed}__{int(time.time())}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"run directory {run_dir} is not writable ({error.strerror})") from None
+    return run_dir
+
+
+RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "checkpoint_every", "device",
+                     "track", "wandb_project", "capture_video", "resume", "run_dir"}
+
+
+def check_resume(run_dir: Path, args, script: str) -> None:
+    """Refuse to resume a run of another script or another configuration."""
+    config_file, checkpoint = run_dir / "config.json", run_dir / "checkpoint.pt"
+    if not config_file.exists() or not checkpoint.exists():
+        raise UserError(f"cannot resume {run_dir}: it has no config.json and checkpoint.pt")
+    saved = json.loads(config_file.read_text())
+    if saved.get("script") != script:
+        raise UserError(f"cannot resume {run_dir}: it is a run of {saved.get('script')}, not {script}")
+    changed = [key for key, value in asdict(args).items()
+               if key not in RESUME_MAY_CHANGE and json.loads(json.dumps(value)) != saved["args"].get(key)]
+    if changed:
+        details = ", ".join(f"--{k.replace('_', '-')} was {saved['args'].get(k)!r}" for k in changed)
+        raise UserError(f"cannot resume {run_dir} with a different configuration: {details}")
+
+
+def file_checksum(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*")) if path.is_dir() else [path]:
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_config(run_dir: Path, args, script: str, dataset: Path, extra: dict) -> None:
+    import mujoco
+
+    config = {
+        "script": script,
+        "args": asdict(args),
+        "dataset": str(dataset),
+        "dataset_sha256": file_checksum(dataset),
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                     "numpy": np.__version__, "gymnasium": gym.__version__, "mujoco": mujoco.__version__},
+        **extra,
+    }
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+class MetricsLogger:
+    """One row per evaluation in metrics.csv, the same scalars in TensorBoard (and W&B)."""
+
+    def __init__(self, run_dir: Path, args, start_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = run_dir / "metrics.csv"
+        self.columns = None
+        if self.path.exists():  # resuming: keep the rows up to the checkpoint's step
+            with open(self.path) as handle:
+                rows = list(csv.reader(handle))
+            self.columns = rows[0] if rows else None
+            with open(self.path, "w", newline="") as handle:
+                csv.writer(handle).writerows([row for row in rows if row and (row is rows[0] or int(row[0]) <= start_step)])
+        self.writer = SummaryWriter(str(run_dir))
+        self.wandb = None
+        if args.track:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--track needs Weights & Biases: pip install wandb") from None
+            config = json.loads((run_dir / "config.json").read_text())
+            self.wandb = wandb.init(project=args.wandb_project, config=config, dir=str(run_dir),
+                                    name=run_dir.name, resume="allow")
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **metrics}
+        if self.columns is None:
+            self.columns = list(row)
+            with open(self.path, "w", newline="") as handle:
+                csv.writer(handle).writerow(self.columns)
+        with open(self.path, "a", newline="") as handle:
+            csv.writer(handle).writerow([row.get(column, "") for column in self.columns])
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def evaluations(self) -> list[dict]:
+        with open(self.path) as handle:
+            return list(csv.DictReader(handle))
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def write_summary(run_dir: Path, evaluations: list[dict], best_in_data: dict) -> dict:
+    """Final return = mean over the last 10% of evaluations (the paper's Table 6 protocol)."""
+    summary = {"evaluations": len(evaluations), "best_episode_return_in_dataset": best_in_data}
+    keys = [key for key in (evaluations[0] if evaluations else {}) if key.startswith("eval/")]
+    for key in keys:
+        values = [float(row[key]) for row in evaluations if row.get(key) not in (None, "")]
+        tail = values[-max(1, math.ceil(0.1 * len(values))):]
+        if tail:
+            summary["final/" + key.removeprefix("eval/")] = float(np.mean(tail))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+@dataclass
+class Setup:
+    """What every learning script needs before its first update."""
+
+    device: torch.device
+    env: gym.Env
+    run_dir: Path
+    data: dict
+    columns: list
+    tasks: list
+    spec: dict
+    low: torch.Tensor
+    high: torch.Tensor
+
+
+def prepare(args, script: str) -> Setup:
+    """Check the arguments, the env and the dataset, create (or reopen) the run directory."""
+    device = pick_device(args.device)
+    env = make_env(args.env)  # checks --env before anything is written
+    run_dir = make_run_dir(args, script)
+    if args.resume:
+        check_resume(run_dir, args, script)
+    dataset = ensure_dataset(args)
+    data = load_dataset(dataset, args.dataset_episodes)
+    check_dataset_matches_env(data, env, dataset)
+    columns, tasks = select_tasks(data, args.task)
+    low, high = env.action_space.low, env.action_space.high
+    spec = {"obs_dim": env.observation_space.shape[0], "act_dim": env.action_space.shape[0], "tasks": tasks,
+            "action_low": low.tolist(), "action_high": high.tolist(),
+            "best_episode_return_in_dataset": dict(zip(tasks, best_episode_returns(data, columns)))}
+    if not args.resume:
+        write_config(run_dir, args, script, dataset, {"spec": spec})
+    return Setup(device, env, run_dir, data, columns, tasks, spec,
+                 torch.as_tensor(low, device=device), torch.as_tensor(high, device=device))
+# --- end shared block ---
+
+
+# --- shared block: evaluation ---
+def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int) -> list[float]:
+    """Undiscounted returns of `episodes` episodes; episode i starts from reset(seed=seed + i),
+    so every evaluation of a run sees the same initial states."""
+    returns = []
+    for episode in range(episodes):
+        observation, _ = env.reset(seed=seed + episode)
+        total, done = 0.0, False
+        while not done:
+            action = np.clip(act(observation), env.action_space.low, env.action_space.high)
+            observation, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    return returns
+
+
+def gaussian_mean_actor(net: nn.Module, num_tasks: int, device: torch.device) -> Callable:
+    """act(observation, task) = the mean of a Gaussian policy's head for that task."""
+
+    @torch.no_grad()
+    def act(observation: np.ndarray, task: int) -> np.ndarray:
+        obs = torch.as_tensor(observation, dtype=torch.float32, device=device).expand(num_tasks, 1, -1)
+        return net(obs)[0][task, 0].float().cpu().numpy()
+
+    return act
+
+
+def evaluate_actors(actors: dict, env: gym.Env, tasks: list, episodes: int, seed: int) -> dict:
+    """`eval/<name>` = mean return over tasks of each actor, and `eval/<name>/<task>` per task."""
+    results = {}
+    for name, act in actors.items():
+        per_task = [np.mean(evaluate(lambda o: act(o, k), env, episodes, seed)) for k in range(len(tasks))]
+        results[f"eval/{name}"] = float(np.mean(per_task))
+        if len(tasks) > 1:
+            results.update({f"eval/{name}/{task}": float(value) for task, value in zip(tasks, per_task)})
+    return results
+
+
+def make_eval_env(args, run_dir: Path) -> gym.Env:
+    if not args.capture_video:
+        return make_env(args.env)
+    try:
+        import moviepy  # noqa: F401  (RecordVideo writes mp4 files with it)
+    except ImportError:
+        raise UserError("--capture-video needs moviepy: pip install moviepy") from None
+    env = make_env(args.env, render_mode="rgb_array")
+    return gym.wrappers.RecordVideo(env, str(run_dir / "videos"),
+                                    episode_trigger=lambda i: i % args.eval_episodes == 0,
+                                    disable_logger=True)
+# --- end shared block ---
+
+
+# --- shared block: training loop ---
+def training_loop(args, run: Setup, script: str, modules: dict, rng: np.random.Generator,
+                  generator: torch.Generator, update_step: Callable[[dict, int], dict], actors: dict) -> dict:
+    """Algorithm 1's outer loop: sample a batch from the dataset, call `update_step(batch, step)`,
+    evaluate every actor and checkpoint now and then; resumable from checkpoint.pt."""
+    start = 0
+    if args.resume:
+        start = load_checkpoint(run.run_dir / "checkpoint.pt", run.device, modules, rng, generator)["step"]
+        print(f"Resuming {run.run_dir} from update {start}.", flush=True)
+    logger = MetricsLogger(run.run_dir, args, start)
+    eval_env = make_eval_env(args, run.run_dir)
+    sums, count, interval_start = {}, 0, time.time()
+    progress = tqdm(initial=start, total=args.total_steps, desc=script, disable=None)
+    for step in range(start + 1, args.total_steps + 1):
+        batch = sample_batch(run.data, run.columns, args.batch_size, args.snippet_length, args.discount, rng)
+        try:
+            metrics = update_step(to_torch(batch, run.device), step)
+        except FloatingPointError as error:
+            raise UserError(f"{error} at update {step}; stopped, {run.run_dir / 'checkpoint.pt'} "
+                            f"keeps the last good state") from None
+        sums = {key: sums.get(key, 0.0) + value for key, value in metrics.items()}
+        count += 1
+        progress.update()
+        if step % args.eval_every == 0 or step == args.total_steps:
+            row = {key: float(value) / count for key, value in sums.items()}
+            row["charts/updates_per_second"] = count / (time.time() - interval_start)
+            row.update(evaluate_actors(actors, eval_env, run.tasks, args.eval_episodes, args.seed + 100))
+            logger.log(step, row)
+            progress.set_postfix({k[5:]: f"{v:.1f}" for k, v in row.items() if k.startswith("eval/") and k.count("/") == 1})
+            sums, count, interval_start = {}, 0, time.time()
+        if step % args.checkpoint_every == 0 or step == args.total_steps:
+            save_checkpoint(run.run_dir / "checkpoint.pt", checkpoint_state(modules, rng, generator, step=step, spec=run.spec))
+    progress.close()
+    logger.close()
+    summary = write_summary(run.run_dir, logger.evaluations(), run.spec["best_episode_return_in_dataset"])
+    print(json.dumps(summary, indent=2))
+    return summary
+# --- end shared block ---
+
+
+# --- shared block: networks ---
+MIN_STD = 0.1  # Table 1: minimum variance 0.01
+
+
+class MultiHeadLinear(nn.Module):
+    """One linear layer per task head: x [K, N, in] -> [K, N, out], head k for slice k."""
+
+    def __init__(self, num_heads: int, in_features: int, out_features: int):
+        super().__init__()
+        layers = [nn.Linear(in_features, out_features) for _ in range(num_heads)]  # PyTorch default init
+        self.weight = nn.Parameter(torch.stack([layer.weight.T for layer in layers]))  # [K, in, out]
+        self.bias = nn.Parameter(torch.stack([layer.bias for layer in layers])[:, None])  # [K, 1, out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class MultiHeadMLP(nn.Module):
+    """ELU MLP with layer norm on the first layer (Table 1). The first `shared` hidden layers
+    form a torso shared by all tasks, the rest and the output layer are per task (Table 5).
+    Input and output are [K, N, features], one slice per task."""
+
+    def __init__(self, in_features: int, hidden: tuple, out_features: int, num_heads: int, shared: int):
+        super().__init__()
+        assert 1 <= shared <= len(hidden)
+        sizes = (in_features, *hidden)
+        torso = [nn.Linear(sizes[0], sizes[1]), nn.LayerNorm(sizes[1]), nn.ELU()]
+        for i in range(1, shared):
+            torso += [nn.Linear(sizes[i], sizes[i + 1]), nn.ELU()]
+        self.torso = nn.Sequential(*torso)
+        head = []
+        for i in range(shared, len(hidden)):
+            head += [MultiHeadLinear(num_heads, sizes[i], sizes[i + 1]), nn.ELU()]
+        self.head = nn.Sequential(*head, MultiHeadLinear(num_heads, sizes[-1], out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.torso(x))
+
+
+class GaussianPolicy(nn.Module):
+    """pi(a|s) = N(mu(s), diag(sigma(s)^2)), no tanh on the mean, sigma = softplus + MIN_STD."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple, num_heads: int, shared: int):
+        super().__init__()
+        self.net = MultiHeadMLP(obs_dim, hidden, 2 * act_dim, num_heads, shared)
+
+    def forward(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, pre_std = self.net(observation).chunk(2, dim=-1)
+        return mean, F.softplus(pre_std) + MIN_STD
+
+
+class Critic(nn.Module):
+    """Q(s, a) for each task head: observation [K, N, obs], action [K, N, act] -> [K, N]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple, num_heads: int, shared: int):
+        super().__init__()
+        self.net = MultiHeadMLP(obs_dim + act_dim, hidden, 1, num_heads, shared)
+
+    def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([observation, action], dim=-1)).squeeze(-1)
+
+
+def gaussian_log_prob(action: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(action; mean, diag(std^2)), summed over the action dimensions."""
+    return (-0.5 * ((action - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def sample_actions(mean: torch.Tensor, std: torch.Tensor, num_samples: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """M samples from N(mean, std^2): [K, B, act] -> [M, K, B, act]."""
+    noise = torch.randn((num_samples, *mean.shape), generator=generator, device=mean.device)
+    return mean + std * noise
+# --- end shared block ---
+
+
+# --- shared block: policy evaluation ---
+def q_values(critic: nn.Module, observation: torch.Tensor, actions: torch.Tensor,
+             low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Q(s, a_j) for M actions per state in one batched pass: [K, B, obs], [M, K, B, act] -> [M, K, B].
+    The env clips actions, so a sampled action is scored at clip(a, low, high)."""
+    num_samples, num_tasks, batch, act_dim = actions.shape
+    repeated = observation.unsqueeze(1).expand(-1, num_samples, -1, -1).reshape(num_tasks, num_samples * batch, -1)
+    flat_actions = actions.clamp(low, high).transpose(0, 1).reshape(num_tasks, num_samples * batch, act_dim)
+    return critic(repeated, flat_actions).reshape(num_tasks, num_samples, batch).transpose(0, 1)
+
+
+def critic_loss(q: torch.Tensor, reward: torch.Tensor, discount: torch.Tensor,
+                next_value: torch.Tensor, gamma: float) -> tuple[torch.Tensor, dict]:
+    # Eq. 1: squared TD(0) error with V(s') = mean_j Q_target(s', a_j), a_j ~ pi_target(.|s').
+    target = reward + gamma * discount * next_value
+    loss = (q - target).pow(2).mean()
+    return loss, {"losses/critic": loss.detach(), "charts/q": q.detach().mean()}
+# --- end shared block ---
+
+
+# --- shared block: behaviour model ---
+def behaviour_model_loss(mean: torch.Tensor, std: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    # Eq. 3: maximise the log-likelihood of every dataset action.
+    loss = -gaussian_log_prob(action, mean, std).mean()
+    return loss, {"losses/prior": loss.detach()}
+# --- end shared block ---
+
+
+# --- shared block: advantage-weighted behaviour model ---
+def advantage_weights(snippet_return: torch.Tensor, bootstrap_discount: torch.Tensor,
+                      bootstrap_value: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    # Eq. 4: f = unit step of R(tau_{t:N}) - V(s_t), R bootstrapped with gamma^N V(s_N).
+    advantage = snippet_return + bootstrap_discount * bootstrap_value - value
+    return (advantage >= 0).float()
+
+
+def advantage_weighted_behaviour_model_loss(mean: torch.Tensor, std: torch.Tensor, action: torch.Tensor,
+                                            weights: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    # Eq. 4: log-likelihood of the dataset actions whose snippet did at least as well as pi_i.
+    loss = -(weights * gaussian_log_prob(action, mean, std)).mean()
+    return loss, {"losses/prior": loss.detach(), "charts/abm_accepted_fraction": weights.mean()}
+# --- end shared block ---
+
+
+def diagonal_gaussian_kl(mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor,
+                         std_q: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_p, std_p^2) || N(mean_q, std_q^2)) in closed form, summed over action dimensions."""
+    return (torch.log(std_q / std_p) + (std_p**2 + (mean_p - mean_q) ** 2) / (2 * std_q**2) - 0.5).sum(-1)
+
+
+def svg_policy_loss(q: torch.Tensor, kl: torch.Tensor, kl_multiplier: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    # Eq. 11: minus the Lagrangian of Eq. 6 for theta. q [M, K, B] = Q(s, mu(s) + sigma(s) xi_j) carries
+    # the reparameterised gradient; kl [K, B] = KL(pi_theta(.|s) || prior(.|s)); eta is a constant here.
+    expected_q = q.mean()
+    loss = -expected_q + kl_multiplier.detach() * kl.mean()
+    return loss, {"losses/policy": loss.detach(), "charts/policy_q": expected_q.detach(),
+                  "charts/kl": kl.detach().mean()}
+
+
+def kl_multiplier_loss(kl_multiplier: torch.Tensor, kl: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, dict]:
+    # Eq. 12: eta (eps - KL), minimised over eta: eta grows while the KL exceeds eps, shrinks below it.
+    loss = kl_multiplier * (epsilon - kl.detach().mean())
+    return loss, {"losses/kl_multiplier": loss.detach(), "charts/kl_multiplier": kl_multiplier.detach()}
+
+
+def project_kl_multiplier(kl_multiplier: nn.Parameter, minimum: float = 1e-3) -> None:
+    """Keep eta positive after each Adam step: eta = max(eta, 0.001) (Appendix B.2)."""
+    with torch.no_grad():
+        kl_multiplier.clamp_(min=minimum)
+
+
+class Agent(nn.Module):
+    """Every learned quantity of Algorithm 1: networks, target networks and the Lagrange multiplier."""
+
+    def __init__(self, obs_dim: int, act_dim: int, num_tasks: int, args: Args):
+        super().__init__()
+        heads = dict(num_heads=num_tasks, shared=args.shared_layers)
+        self.critic = Critic(obs_dim, act_dim, args.critic_layers, **heads)
+        self.prior = GaussianPolicy(obs_dim, act_dim, args.policy_layers, **heads) if args.prior != "none" else None
+        self.policy = GaussianPolicy(obs_dim, act_dim, args.policy_layers, **heads)
+        self.target_policy = copy.deepcopy(self.policy).requires_grad_(False)  # pi_i
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)  # Q_phi'
+        self.kl_multiplier = nn.Parameter(torch.tensor(args.initial_multiplier))  # eta
+
+    def update_targets(self) -> None:
+        self.target_policy.load_state_dict(self.policy.state_dict())
+        self.target_critic.load_state_dict(self.critic.state_dict())
+
+    def networks(self) -> list[nn.Module]:
+        return [net for net in (self.critic, self.prior, self.policy) if net is not None]
+
+
+def make_optimizer(agent: Agent, args: Args) -> torch.optim.Optimizer:
+    networks = [p for net in agent.networks() for p in net.parameters()]
+    return torch.optim.Adam([{"params": networks, "lr": args.learning_rate},
+                             {"params": [agent.kl_multiplier], "lr": args.dual_learning_rate}])
+
+
+def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict, args: Args,
+           generator: torch.Generator, low: torch.Tensor, high: torch.Tensor) -> dict:
+    """One step of Algorithm 1 on one batch: gradients for Q, prior, policy and eta, then Adam."""
+    observation, action = batch["observation"], batch["action"]
+    batch_size, num_samples = observation.shape[1], args.num_action_samples
+
+    with torch.no_grad():
+        # Every V(s) = mean_j Q_phi'(s, a_j), a_j ~ pi_i, this step needs, in one critic pass:
+        # V(s') for Eq. 1; V(s_t) and V(s_N) for the ABM weights of Eq. 4.
+        value_states = [batch["next_observation"]]
+        if args.prior == "abm":
+            value_states += [observation, batch["bootstrap_observation"]]
+        states = torch.cat(value_states, dim=1)  # [K, nB, obs]
+        actions = sample_actions(*agent.target_policy(states), num_samples, generator)  # [M, K, nB, act]
+        values = q_values(agent.target_critic, states, actions, low, high).mean(0).split(batch_size, dim=1)
+
+    # Policy evaluation (Eq. 1).
+    loss, metrics = critic_loss(agent.critic(observation, action.clamp(low, high)), batch["reward"],
+                                batch["discount"], values[0], args.discount)
+
+    # Prior learning (Eq. 3 or Eq. 4); the prior is what the KL of Eq. 6 pulls towards.
+    if agent.prior is not None:
+        prior_mean, prior_std = agent.prior(observation)
+        if args.prior == "abm":
+            weights = advantage_weights(batch["snippet_return"], batch["bootstrap_discount"], values[2], values[1])
+            prior_loss, info = advantage_weighted_behaviour_model_loss(prior_mean, prior_std, action, weights)
+        else:
+            prior_loss, info = behaviour_model_loss(prior_mean, prior_std, action)
+        loss = loss + prior_loss
+        metrics.update(info)
+        reference_mean, reference_std = prior_mean.detach(), prior_std.detach()
+    else:
+        with torch.no_grad():
+            reference_mean, reference_std = agent.target_policy(observation)
+
+    # Policy improvement by the stochastic value gradient (Eq. 6, 11, 12).
+    mean, std = agent.policy(observation)
+    policy_actions = sample_actions(mean, std, num_samples, generator)  # [M, K, B, act], differentiable
+    q = q_values(agent.target_critic, observation, policy_actions, low, high)  # [M, K, B]
+    kl = diagonal_gaussian_kl(mean, std, reference_mean, reference_std)  # [K, B]
+    policy_loss, info = svg_policy_loss(q, kl, agent.kl_multiplier)
+    metrics.update(info)
+    multiplier_loss, info = kl_multiplier_loss(agent.kl_multiplier, kl, args.epsilon)
+    metrics.update(info)
+    loss = loss + policy_loss + multiplier_loss
+
+    if not torch.isfinite(loss):
+        bad = [key for key, value in metrics.items() if key.startswith("losses/") and not torch.isfinite(value)]
+        raise FloatingPointError(f"non-finite loss {bad or ['total']}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for net in agent.networks():
+        nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
+    optimizer.step()
+    project_kl_multiplier(agent.kl_multiplier)
+    return metrics
+
+
+def train(args: Args) -> dict:
+    """Algorithm 1 on a fixed dataset; returns the summary written to summary.json."""
+    if args.epsilon <= 0:
+        raise UserError("--epsilon must be positive; for the prior alone (epsilon 0) use abm_mpo.py --epsilon 0")
+    if min(args.total_steps, args.batch_size, args.num_action_samples, args.snippet_length) < 1:
+        raise UserError("--total-steps, --batch-size, --num-action-samples and --snippet-length must be positive")
+    run = prepare(args, "abm_svg")
+
+    # Seeding in one place; all later randomness comes from these two generators.
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    generator = torch.Generator(device=run.device).manual_seed(args.seed)
+    agent = Agent(run.spec["obs_dim"], run.spec["act_dim"], len(run.tasks), args).to(run.device)
+    optimizer = make_optimizer(agent, args)
+    actors = {"return": gaussian_mean_actor(agent.policy, len(run.tasks), run.device)}
+    if agent.prior is not None:
+        actors["prior_return"] = gaussian_mean_actor(agent.prior, len(run.tasks), run.device)
+
+    def update_step(batch: dict, step: int) -> dict:
+        metrics = update(agent, optimizer, batch, args, generator, run.low, run.high)
+        if step % args.target_update_period == 0:
+            agent.update_targets()
+        return metrics
+
+    return training_loop(args, run, "abm_svg", {"agent": agent, "optimizer": optimizer}, rng, generator,
+                         update_step, actors)
+
+
+if __name__ == "__main__":
+    main(train, tyro.cli(Args))
