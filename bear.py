@@ -1,0 +1,1002 @@
+"""BEAR-QL: bootstrapping error accumulation reduction, the paper's second offline baseline (Appendix C.2, Table 4).
+
+Papers: Kumar, Fu, Tucker and Levine, "Stabilizing off-policy Q-learning via bootstrapping error
+reduction", NeurIPS 2019 (BEAR); baseline setup from Siegel et al., "Keep doing what worked",
+ICLR 2020. Reference implementation: aviralkumar2907/BEAR (`algos.py`, class BEAR). Each update:
+  - the prior: a Gaussian behaviour model fitted by maximum likelihood (the paper's Eq. 3);
+  - the critic: twin Q networks regress to the BEAR-QL backup, a soft clipped double-Q value
+    maximised over M = 20 actions of the target actor,
+    y = r + gamma * d * max_j [lambda * min_i Q'_i(s', a_j) + (1 - lambda) * max_i Q'_i(s', a_j)],
+    a_j ~ pi'(.|s'), lambda = 0.75;
+  - the actor pi (Gaussian) maximises E_{a ~ pi}[min_i Q_i(s, a)] (reparameterised, M samples) under a
+    constraint on its distance D to the prior, by the Lagrangian E[min_i Q_i] - alpha * D:
+      `--divergence kl` (the paper's variant): D = KL(pi(.|s) || prior(.|s)) < epsilon = 0.2, with the
+        multiplier alpha updated as the SVG Lagrangian of the paper's Appendix B.2 (Eq. 12): started
+        at 1, Adam on alpha * (epsilon - D), projected to alpha >= 0.001 after each step;
+      `--divergence mmd` (the original BEAR): D = MMD(pi, prior) with a Laplacian or Gaussian kernel
+        < 0.05, the multiplier kept as log alpha and clamped to [-5, 10] as in the original;
+  - acting: the argmax of Q_1 over M = 20 samples of the actor.
+
+Differences from the paper / from the original:
+  - Twin Q functions, no ensemble: the paper removed BEAR's ensembles (Appendix C.2); there is no
+    ensemble-variance penalty and no bootstrap mask. Target networks are hard copies every 200
+    updates (Table 4; the original: soft updates, tau = 0.005).
+  - Networks as for every algorithm of the paper: ELU, layer norm on the first layer, 256-256 actor
+    and prior, 256-256-256 Q; Gaussian heads with softplus std + 0.1 and no tanh (Table 4), so the
+    actor is unbounded: Q scores clip(a, low, high), which is what the env executes, and the dataset
+    actions the prior fits stay unclipped (as in abm_mpo.py). The original squashes by tanh and
+    computes the MMD on pre-tanh actions; here the MMD is on the Gaussian samples themselves.
+  - The prior is the paper's Gaussian behaviour model, not the original's VAE; the KL is computed
+    in closed form between the two Gaussians. The original's "KL" mode is instead a cross-entropy
+    of VAE samples under the actor with threshold -2.0; this file uses the paper's KL and epsilon.
+  - The MMD uses the same M = 20 actor samples as the Q term and M prior samples (the original
+    10 each), without the original's clipping of the actor noise to [-0.5, 0.5]; kernels as the
+    original writes them (see `mmd_laplacian`, `mmd_gaussian`). The log-multiplier starts at
+    log(1) = 0 (the original: a random normal draw).
+  - Warm-up (the paper is silent): as the original, the actor first minimises alpha * D alone for
+    `--warmup-steps` updates (default 20 000, 2% of the 1M updates; the original uses its first 20
+    training epochs); the multiplier is updated throughout. 0 switches the warm-up off.
+  - The actor's Q term is the mean over its M samples of min(Q_1, Q_2), as the original.
+  - Adam 2e-4 for every network and for the multiplier (Table 4; the original 1e-3), batch 512,
+    one Adam per learner stepped in the order prior, critic, actor, multiplier; gradients clipped
+    at global norm 40 per network (as abm_mpo.py; the original does not clip).
+  - Evaluation draws its samples from its own generator (seed + 100); `eval/prior_return` is the
+    prior's mean action, the behaviour model run on its own.
+"""
+
+import copy
+import csv
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import zipfile
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    env: str = "hopper"
+    """`hopper`, `cheetah`, `walker`, `quadruped` (Control Suite hopper-hop, cheetah-run,
+    walker-walk, quadruped-run), any Control Suite `domain-task`, or a gymnasium id"""
+    task: str = "all"
+    """reward column(s) of the dataset to learn: one task name, or `all` for every column"""
+    dataset: Optional[str] = None
+    """dataset path (.npz or a directory of .npy files); default `datasets/<env>.npz`, generated
+    by collect.py when missing"""
+    dataset_episodes: Optional[int] = None
+    """keep only the first K episodes of each collecting run (the paper's low-data regime)"""
+    seed: int = 0
+    """seed of the network initialisation, batch sampling and action sampling"""
+    total_steps: int = 1_000_000
+    """number of gradient updates"""
+    eval_every: int = 10_000
+    """gradient updates between evaluations"""
+    eval_episodes: int = 10
+    """episodes per evaluation, for the policy and for the prior"""
+    checkpoint_every: int = 10_000
+    """gradient updates between checkpoints"""
+    run_dir: Optional[str] = None
+    """run directory; default `runs/<script>__<env>__<seed>__<time>`"""
+    resume: Optional[str] = None
+    """continue the run in this directory from its checkpoint.pt"""
+    device: str = "auto"
+    """`auto` (CUDA when present), `cpu` or `cuda`"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "behaviour-priors"
+    """Weights & Biases project name"""
+    capture_video: bool = False
+    """save a video of the first evaluation episode (needs `pip install moviepy`)"""
+
+    # Algorithm specific arguments (defaults: Table 4, else the original BEAR)
+    divergence: Literal["kl", "mmd"] = "kl"
+    """distance of the actor to the prior: KL(actor || prior) (the paper) or MMD (the original)"""
+    batch_size: int = 512
+    """transitions per gradient update and task"""
+    num_action_samples: int = 20
+    """M, actor samples per state: the max of the backup, the actor's Q term, the MMD, acting"""
+    snippet_length: int = 1
+    """N of the shared batch sampler; BEAR learns from single transitions"""
+    discount: float = 0.99
+    """discount factor gamma"""
+    learning_rate: float = 2e-4
+    """Adam learning rate of the prior, the critic and the actor"""
+    dual_learning_rate: float = 2e-4
+    """Adam learning rate of the Lagrange multiplier"""
+    epsilon: float = 0.2
+    """bound on KL(actor || prior), `--divergence kl`"""
+    mmd_threshold: float = 0.05
+    """bound on the MMD, `--divergence mmd`"""
+    kernel: Literal["laplacian", "gaussian"] = "laplacian"
+    """MMD kernel, `--divergence mmd`"""
+    mmd_sigma: float = 20.0
+    """MMD kernel bandwidth sigma (the original: 10 for hopper and cheetah, 20 for walker and ant)"""
+    initial_multiplier: float = 1.0
+    """initial Lagrange multiplier alpha"""
+    warmup_steps: int = 20_000
+    """first updates in which the actor minimises alpha * divergence alone (the original's warm-up)"""
+    double_q_lambda: float = 0.75
+    """lambda of the soft clipped double-Q backup: lambda * min + (1 - lambda) * max"""
+    target_update_period: int = 200
+    """gradient updates between hard copies to the target networks"""
+    max_grad_norm: float = 40.0
+    """gradient clipping (global norm per network)"""
+    policy_layers: tuple[int, ...] = (256, 256)
+    """hidden layers of the actor and the prior"""
+    critic_layers: tuple[int, ...] = (256, 256, 256)
+    """hidden layers of each Q function"""
+    shared_layers: int = 1
+    """first hidden layers shared by all tasks; the rest are one head per task (Table 5)"""
+
+
+# --- shared block: utilities ---
+class UserError(Exception):
+    """A problem with the user's input (arguments, files): reported in one sentence, exit 1."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available")
+    return torch.device(name)
+
+
+def main(train_fn: Callable, args) -> None:
+    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1."""
+    try:
+        train_fn(args)
+    except UserError as error:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+# --- end shared block ---
+
+
+# --- shared block: env ---
+CONTROL_SUITE_ALIASES = {
+    "hopper": "hopper-hop",
+    "cheetah": "cheetah-run",
+    "walker": "walker-walk",
+    "quadruped": "quadruped-run",
+}
+
+
+class ControlSuiteEnv(gym.Env):
+    """A Control Suite task as a Gymnasium env: flat float32 observation, actions clipped to the
+    bounds, episodes end by time limit (`truncated`, the discount stays 1)."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
+
+    def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; dm_control reads it at import
+        from dm_control import suite
+
+        self._load = lambda seed: suite.load(domain, task, task_kwargs={"random": seed})
+        self._env = self._load(None)
+        spec = self._env.action_spec()
+        self.action_space = gym.spaces.Box(
+            spec.minimum.astype(np.float32), spec.maximum.astype(np.float32), dtype=np.float32
+        )
+        size = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), dtype=np.float32)
+        self.render_mode = render_mode
+
+    def _flatten(self, observation) -> np.ndarray:
+        return np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._env = self._load(seed)
+        return self._flatten(self._env.reset().observation), {}
+
+    def step(self, action):
+        low, high = self.action_space.low, self.action_space.high
+        time_step = self._env.step(np.clip(action, low, high))
+        terminated = time_step.last() and time_step.discount == 0.0
+        truncated = time_step.last() and not terminated
+        reward = float(time_step.reward or 0.0)
+        return self._flatten(time_step.observation), reward, terminated, truncated, {}
+
+    def render(self):
+        return self._env.physics.render(height=240, width=320, camera_id=0)
+
+
+def make_env(env_id: str, render_mode: Optional[str] = None) -> gym.Env:
+    """`hopper`-style alias, Control Suite `domain-task`, or any gymnasium id (`module:EnvId`)."""
+    name = CONTROL_SUITE_ALIASES.get(env_id, env_id)
+    domain, _, task = name.partition("-")
+    if task:
+        os.environ.setdefault("MUJOCO_GL", "egl")
+        from dm_control import suite
+
+        if (domain, task) in suite.ALL_TASKS:
+            return ControlSuiteEnv(domain, task, render_mode)
+    try:
+        return gym.make(env_id, render_mode=render_mode)
+    except Exception as error:  # gymnasium raises many types for an unknown or broken id
+        raise UserError(
+            f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
+            f"domain-task such as cartpole-swingup, or a gymnasium id ({error})"
+        ) from None
+# --- end shared block ---
+
+
+# --- shared block: dataset ---
+REQUIRED_ARRAYS = ("observation", "action", "reward", "discount", "episode_id", "step")
+
+
+def default_dataset_path(env_id: str) -> Path:
+    return Path("datasets") / (env_id.replace(":", "_").replace("/", "_") + ".npz")
+
+
+def ensure_dataset(args) -> Path:
+    """The dataset to learn from; the default one is generated by collect.py when missing."""
+    if args.dataset is not None:
+        return Path(args.dataset)
+    path = default_dataset_path(args.env)
+    if not path.exists():
+        collect = Path(__file__).resolve().parent / "collect.py"
+        print(
+            f"No dataset at {path}: generating it with `python collect.py --env {args.env}` "
+            f"(default budget, about 20 minutes on 2 CPU cores); pass --dataset PATH to use "
+            f"your own data.",
+            flush=True,
+        )
+        command = [sys.executable, str(collect), "--env", args.env, "--output", str(path)]
+        if subprocess.run(command).returncode != 0 or not path.exists():
+            raise UserError(f"collect.py failed to generate {path}; see its output above")
+    return path
+
+
+def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
+    """Load and validate a dataset (format: README "Datasets"). Returns the arrays (memory-mapped
+    for a directory of .npy files), `metadata`, and `episode_last` (index of the last transition
+    of each transition's episode), which trajectory snippets need."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"dataset {path} does not exist")
+    try:
+        if path.is_dir():
+            arrays = {f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in path.glob("*.npy")}
+            meta_file = path / "metadata.json"
+            metadata = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        else:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+            metadata = json.loads(str(arrays.pop("metadata", "{}")))
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"dataset {path} cannot be read, it is corrupt, truncated or pickled ({reason})") from None
+
+    missing = [key for key in REQUIRED_ARRAYS if key not in arrays]
+    if missing:
+        raise UserError(f"dataset {path} lacks the arrays {missing}; see README 'Datasets'")
+    if arrays["reward"].ndim == 1:
+        arrays["reward"] = arrays["reward"][:, None]
+    size = len(arrays["observation"])
+    expected_ndim = {"observation": 2, "action": 2, "reward": 2, "discount": 1, "episode_id": 1,
+                     "step": 1, "next_observation": 2, "run_id": 1}
+    for key, ndim in expected_ndim.items():
+        if key in arrays and (arrays[key].ndim != ndim or len(arrays[key]) != size):
+            raise UserError(
+                f"dataset {path}: array {key!r} has shape {arrays[key].shape}, expected {ndim} "
+                f"dimension(s) and {size} rows like 'observation'"
+            )
+    if size == 0:
+        raise UserError(f"dataset {path} holds no transitions")
+    if "next_observation" in arrays and arrays["next_observation"].shape != arrays["observation"].shape:
+        raise UserError(f"dataset {path}: 'next_observation' and 'observation' differ in shape")
+    for key in ("observation", "action", "reward", "discount", "next_observation"):
+        if key in arrays and not np.isfinite(arrays[key]).all():
+            raise UserError(f"dataset {path}: array {key!r} contains NaN or infinite values")
+
+    # Episodes must be stored back to back, steps in order, for snippets (Eq. 4) to exist.
+    episode_id, step = np.asarray(arrays["episode_id"]), np.asarray(arrays["step"])
+    starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
+    same_episode = episode_id[1:] == episode_id[:-1]
+    if len(np.unique(episode_id)) != len(starts) or np.any(np.diff(step)[same_episode] != 1):
+        raise UserError(f"dataset {path}: episodes must be stored back to back with consecutive steps")
+
+    keep = np.ones(size, dtype=bool)
+    if "next_observation" not in arrays:  # derive s' from the next row; an episode's last row has none
+        keep[np.r_[starts[1:] - 1, size - 1]] = False
+        arrays["next_observation"] = np.asarray(arrays["observation"])[np.minimum(np.arange(size) + 1, size - 1)]
+    if episodes_per_run is not None:
+        run_of_start = np.asarray(arrays["run_id"])[starts] if "run_id" in arrays else np.zeros(len(starts), int)
+        rank = np.zeros(len(starts), dtype=np.int64)
+        for run in np.unique(run_of_start):
+            rank[run_of_start == run] = np.arange(np.sum(run_of_start == run))
+        keep &= np.repeat(rank < episodes_per_run, np.diff(np.r_[starts, size]))
+    if not keep.all():
+        arrays = {key: np.asarray(value)[keep] for key, value in arrays.items()}
+        episode_id = arrays["episode_id"]
+        starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
+        size = len(episode_id)
+    lengths = np.diff(np.r_[starts, size])
+    arrays["episode_last"] = np.repeat(starts + lengths - 1, lengths)
+    arrays["metadata"] = metadata
+    return arrays
+
+
+def select_tasks(data: dict, task: str) -> tuple[list[int], list[str]]:
+    """Reward columns to learn: every column for `all`, else the one named `task`."""
+    names = list(data["metadata"].get("tasks") or [f"task{i}" for i in range(data["reward"].shape[1])])
+    if len(names) != data["reward"].shape[1]:
+        raise UserError(f"dataset metadata names {len(names)} tasks but 'reward' has {data['reward'].shape[1]} columns")
+    if task == "all":
+        return list(range(len(names))), names
+    if task not in names:
+        raise UserError(f"task {task!r} is not in the dataset; its tasks are {names}")
+    return [names.index(task)], [task]
+
+
+def check_dataset_matches_env(data: dict, env: gym.Env, path: Path) -> None:
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    if data["observation"].shape[1] != obs_dim or data["action"].shape[1] != act_dim:
+        raise UserError(
+            f"dataset {path} has observation/action sizes {data['observation'].shape[1]}/"
+            f"{data['action'].shape[1]} but the env has {obs_dim}/{act_dim}; is it for another env?"
+        )
+
+
+def best_episode_returns(data: dict, columns: list[int]) -> list[float]:
+    """Best undiscounted episode return in the dataset, for each task column."""
+    starts = np.flatnonzero(np.r_[True, data["episode_id"][1:] != data["episode_id"][:-1]])
+    returns = np.add.reduceat(np.asarray(data["reward"][:, columns], dtype=np.float64), starts, axis=0)
+    return returns.max(axis=0).tolist()
+
+
+def sample_batch(data: dict, columns: list[int], batch_size: int, snippet_length: int,
+                 discount: float, rng: np.random.Generator) -> dict:
+    """Draw `batch_size` snippets (s_t, a_t, ..., s_{t+N}) for each task, independently per task.
+
+    Returns arrays [K, B, ...]: the first transition for TD learning (Eq. 1), and for Eq. 4 the
+    discounted reward sum of the snippet and the state and discount to bootstrap it with. A
+    snippet that reaches the end of its episode stops there and bootstraps from its last s'."""
+    num_tasks = len(columns)
+    index = rng.integers(0, len(data["observation"]), size=(num_tasks, batch_size))  # [K, B]
+    last = data["episode_last"][index][..., None]
+    positions = index[..., None] + np.arange(snippet_length)  # [K, B, N]
+    valid = positions <= last
+    positions = np.minimum(positions, last)
+    rewards = data["reward"][positions, np.asarray(columns)[:, None, None]]  # [K, B, N]
+    step_discount = np.where(valid, discount * data["discount"][positions], 1.0)
+    cumulative = np.cumprod(step_discount, axis=-1)
+    weights = np.concatenate([np.ones_like(cumulative[..., :1]), cumulative[..., :-1]], axis=-1) * valid
+    batch = {
+        "observation": data["observation"][index],
+        "action": data["action"][index],
+        "reward": rewards[..., 0],
+        "discount": data["discount"][index],
+        "next_observation": data["next_observation"][index],
+        "snippet_return": (weights * rewards).sum(-1),
+        "bootstrap_observation": data["next_observation"][positions[..., -1]],
+        "bootstrap_discount": cumulative[..., -1],
+    }
+    return {key: np.asarray(value, dtype=np.float32) for key, value in batch.items()}
+
+
+def to_torch(batch: dict, device: torch.device) -> dict:
+    return {key: torch.as_tensor(value, device=device) for key, value in batch.items()}
+# --- end shared block ---
+
+
+# --- shared block: checkpoint ---
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a crash leaves the previous checkpoint intact."""
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def checkpoint_state(modules: dict, rng: np.random.Generator, generator: torch.Generator, **extra) -> dict:
+    """State dicts only (loadable with weights_only=True): modules, optimisers, random states."""
+    rng_state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "sampling": generator.get_state()}
+    return {**{name: module.state_dict() for name, module in modules.items()}, "rng": rng_state, **extra}
+
+
+def load_checkpoint(path: Path, device: torch.device, modules: dict, rng: np.random.Generator,
+                    generator: torch.Generator) -> dict:
+    """Restore what checkpoint_state saved; returns the whole state for its extra entries."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+    rng.bit_generator.state = state["rng"]["numpy"]
+    torch.set_rng_state(state["rng"]["torch"])
+    generator.set_state(state["rng"]["sampling"])
+    return state
+# --- end shared block ---
+
+
+# --- shared block: run directory ---
+def make_run_dir(args, script: str) -> Path:
+    if args.resume:
+        run_dir = Path(args.resume)
+    elif args.run_dir:
+        run_dir = Path(args.run_dir)
+    else:
+        run_dir = Path("runs") / f"{script}__{args.env.replace(':', '_')}__{args.seed}__{int(time.time())}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"run directory {run_dir} is not writable ({error.strerror})") from None
+    return run_dir
+
+
+RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "checkpoint_every", "device",
+                     "track", "wandb_project", "capture_video", "resume", "run_dir"}
+
+
+def check_resume(run_dir: Path, args, script: str) -> None:
+    """Refuse to resume a run of another script or another configuration."""
+    config_file, checkpoint = run_dir / "config.json", run_dir / "checkpoint.pt"
+    if not config_file.exists() or not checkpoint.exists():
+        raise UserError(f"cannot resume {run_dir}: it has no config.json and checkpoint.pt")
+    saved = json.loads(config_file.read_text())
+    if saved.get("script") != script:
+        raise UserError(f"cannot resume {run_dir}: it is a run of {saved.get('script')}, not {script}")
+    changed = [key for key, value in asdict(args).items()
+               if key not in RESUME_MAY_CHANGE and json.loads(json.dumps(value)) != saved["args"].get(key)]
+    if changed:
+        details = ", ".join(f"--{k.replace('_', '-')} was {saved['args'].get(k)!r}" for k in changed)
+        raise UserError(f"cannot resume {run_dir} with a different configuration: {details}")
+
+
+def file_checksum(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*")) if path.is_dir() else [path]:
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_config(run_dir: Path, args, script: str, dataset: Path, extra: dict) -> None:
+    import mujoco
+
+    config = {
+        "script": script,
+        "args": asdict(args),
+        "dataset": str(dataset),
+        "dataset_sha256": file_checksum(dataset),
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                     "numpy": np.__version__, "gymnasium": gym.__version__, "mujoco": mujoco.__version__},
+        **extra,
+    }
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+class MetricsLogger:
+    """One row per evaluation in metrics.csv, the same scalars in TensorBoard (and W&B)."""
+
+    def __init__(self, run_dir: Path, args, start_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = run_dir / "metrics.csv"
+        self.columns = None
+        if self.path.exists():  # resuming: keep the rows up to the checkpoint's step
+            with open(self.path) as handle:
+                rows = list(csv.reader(handle))
+            self.columns = rows[0] if rows else None
+            with open(self.path, "w", newline="") as handle:
+                csv.writer(handle).writerows([row for row in rows if row and (row is rows[0] or int(row[0]) <= start_step)])
+        self.writer = SummaryWriter(str(run_dir))
+        self.wandb = None
+        if args.track:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--track needs Weights & Biases: pip install wandb") from None
+            config = json.loads((run_dir / "config.json").read_text())
+            self.wandb = wandb.init(project=args.wandb_project, config=config, dir=str(run_dir),
+                                    name=run_dir.name, resume="allow")
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **metrics}
+        if self.columns is None:
+            self.columns = list(row)
+            with open(self.path, "w", newline="") as handle:
+                csv.writer(handle).writerow(self.columns)
+        with open(self.path, "a", newline="") as handle:
+            csv.writer(handle).writerow([row.get(column, "") for column in self.columns])
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def evaluations(self) -> list[dict]:
+        with open(self.path) as handle:
+            return list(csv.DictReader(handle))
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def write_summary(run_dir: Path, evaluations: list[dict], best_in_data: dict) -> dict:
+    """Final return = mean over the last 10% of evaluations (the paper's Table 6 protocol)."""
+    summary = {"evaluations": len(evaluations), "best_episode_return_in_dataset": best_in_data}
+    keys = [key for key in (evaluations[0] if evaluations else {}) if key.startswith("eval/")]
+    for key in keys:
+        values = [float(row[key]) for row in evaluations if row.get(key) not in (None, "")]
+        tail = values[-max(1, math.ceil(0.1 * len(values))):]
+        if tail:
+            summary["final/" + key.removeprefix("eval/")] = float(np.mean(tail))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+@dataclass
+class Setup:
+    """What every learning script needs before its first update."""
+
+    device: torch.device
+    env: gym.Env
+    run_dir: Path
+    data: dict
+    columns: list
+    tasks: list
+    spec: dict
+    low: torch.Tensor
+    high: torch.Tensor
+
+
+def prepare(args, script: str) -> Setup:
+    """Check the arguments, the env and the dataset, create (or reopen) the run directory."""
+    device = pick_device(args.device)
+    env = make_env(args.env)  # checks --env before anything is written
+    run_dir = make_run_dir(args, script)
+    if args.resume:
+        check_resume(run_dir, args, script)
+    dataset = ensure_dataset(args)
+    data = load_dataset(dataset, args.dataset_episodes)
+    check_dataset_matches_env(data, env, dataset)
+    columns, tasks = select_tasks(data, args.task)
+    low, high = env.action_space.low, env.action_space.high
+    spec = {"obs_dim": env.observation_space.shape[0], "act_dim": env.action_space.shape[0], "tasks": tasks,
+            "action_low": low.tolist(), "action_high": high.tolist(),
+            "best_episode_return_in_dataset": dict(zip(tasks, best_episode_returns(data, columns)))}
+    if not args.resume:
+        write_config(run_dir, args, script, dataset, {"spec": spec})
+    return Setup(device, env, run_dir, data, columns, tasks, spec,
+                 torch.as_tensor(low, device=device), torch.as_tensor(high, device=device))
+# --- end shared block ---
+
+
+# --- shared block: evaluation ---
+def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int) -> list[float]:
+    """Undiscounted returns of `episodes` episodes; episode i starts from reset(seed=seed + i),
+    so every evaluation of a run sees the same initial states."""
+    returns = []
+    for episode in range(episodes):
+        observation, _ = env.reset(seed=seed + episode)
+        total, done = 0.0, False
+        while not done:
+            action = np.clip(act(observation), env.action_space.low, env.action_space.high)
+            observation, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    return returns
+
+
+def gaussian_mean_actor(net: nn.Module, num_tasks: int, device: torch.device) -> Callable:
+    """act(observation, task) = the mean of a Gaussian policy's head for that task."""
+
+    @torch.no_grad()
+    def act(observation: np.ndarray, task: int) -> np.ndarray:
+        obs = torch.as_tensor(observation, dtype=torch.float32, device=device).expand(num_tasks, 1, -1)
+        return net(obs)[0][task, 0].float().cpu().numpy()
+
+    return act
+
+
+def evaluate_actors(actors: dict, env: gym.Env, tasks: list, episodes: int, seed: int) -> dict:
+    """`eval/<name>` = mean return over tasks of each actor, and `eval/<name>/<task>` per task."""
+    results = {}
+    for name, act in actors.items():
+        per_task = [np.mean(evaluate(lambda o: act(o, k), env, episodes, seed)) for k in range(len(tasks))]
+        results[f"eval/{name}"] = float(np.mean(per_task))
+        if len(tasks) > 1:
+            results.update({f"eval/{name}/{task}": float(value) for task, value in zip(tasks, per_task)})
+    return results
+
+
+def make_eval_env(args, run_dir: Path) -> gym.Env:
+    if not args.capture_video:
+        return make_env(args.env)
+    try:
+        import moviepy  # noqa: F401  (RecordVideo writes mp4 files with it)
+    except ImportError:
+        raise UserError("--capture-video needs moviepy: pip install moviepy") from None
+    env = make_env(args.env, render_mode="rgb_array")
+    return gym.wrappers.RecordVideo(env, str(run_dir / "videos"),
+                                    episode_trigger=lambda i: i % args.eval_episodes == 0,
+                                    disable_logger=True)
+# --- end shared block ---
+
+
+# --- shared block: training loop ---
+def training_loop(args, run: Setup, script: str, modules: dict, rng: np.random.Generator,
+                  generator: torch.Generator, update_step: Callable[[dict, int], dict], actors: dict) -> dict:
+    """Algorithm 1's outer loop: sample a batch from the dataset, call `update_step(batch, step)`,
+    evaluate every actor and checkpoint now and then; resumable from checkpoint.pt."""
+    start = 0
+    if args.resume:
+        start = load_checkpoint(run.run_dir / "checkpoint.pt", run.device, modules, rng, generator)["step"]
+        print(f"Resuming {run.run_dir} from update {start}.", flush=True)
+    logger = MetricsLogger(run.run_dir, args, start)
+    eval_env = make_eval_env(args, run.run_dir)
+    sums, count, interval_start = {}, 0, time.time()
+    progress = tqdm(initial=start, total=args.total_steps, desc=script, disable=None)
+    for step in range(start + 1, args.total_steps + 1):
+        batch = sample_batch(run.data, run.columns, args.batch_size, args.snippet_length, args.discount, rng)
+        try:
+            metrics = update_step(to_torch(batch, run.device), step)
+        except FloatingPointError as error:
+            raise UserError(f"{error} at update {step}; stopped, {run.run_dir / 'checkpoint.pt'} "
+                            f"keeps the last good state") from None
+        sums = {key: sums.get(key, 0.0) + value for key, value in metrics.items()}
+        count += 1
+        progress.update()
+        if step % args.eval_every == 0 or step == args.total_steps:
+            row = {key: float(value) / count for key, value in sums.items()}
+            row["charts/updates_per_second"] = count / (time.time() - interval_start)
+            row.update(evaluate_actors(actors, eval_env, run.tasks, args.eval_episodes, args.seed + 100))
+            logger.log(step, row)
+            progress.set_postfix({k[5:]: f"{v:.1f}" for k, v in row.items() if k.startswith("eval/") and k.count("/") == 1})
+            sums, count, interval_start = {}, 0, time.time()
+        if step % args.checkpoint_every == 0 or step == args.total_steps:
+            save_checkpoint(run.run_dir / "checkpoint.pt", checkpoint_state(modules, rng, generator, step=step, spec=run.spec))
+    progress.close()
+    logger.close()
+    summary = write_summary(run.run_dir, logger.evaluations(), run.spec["best_episode_return_in_dataset"])
+    print(json.dumps(summary, indent=2))
+    return summary
+# --- end shared block ---
+
+
+# --- shared block: networks ---
+MIN_STD = 0.1  # Table 1: minimum variance 0.01
+
+
+class MultiHeadLinear(nn.Module):
+    """One linear layer per task head: x [K, N, in] -> [K, N, out], head k for slice k."""
+
+    def __init__(self, num_heads: int, in_features: int, out_features: int):
+        super().__init__()
+        layers = [nn.Linear(in_features, out_features) for _ in range(num_heads)]  # PyTorch default init
+        self.weight = nn.Parameter(torch.stack([layer.weight.T for layer in layers]))  # [K, in, out]
+        self.bias = nn.Parameter(torch.stack([layer.bias for layer in layers])[:, None])  # [K, 1, out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class MultiHeadMLP(nn.Module):
+    """ELU MLP with layer norm on the first layer (Table 1). The first `shared` hidden layers
+    form a torso shared by all tasks, the rest and the output layer are per task (Table 5).
+    Input and output are [K, N, features], one slice per task."""
+
+    def __init__(self, in_features: int, hidden: tuple, out_features: int, num_heads: int, shared: int):
+        super().__init__()
+        assert 1 <= shared <= len(hidden)
+        sizes = (in_features, *hidden)
+        torso = [nn.Linear(sizes[0], sizes[1]), nn.LayerNorm(sizes[1]), nn.ELU()]
+        for i in range(1, shared):
+            torso += [nn.Linear(sizes[i], sizes[i + 1]), nn.ELU()]
+        self.torso = nn.Sequential(*torso)
+        head = []
+        for i in range(shared, len(hidden)):
+            head += [MultiHeadLinear(num_heads, sizes[i], sizes[i + 1]), nn.ELU()]
+        self.head = nn.Sequential(*head, MultiHeadLinear(num_heads, sizes[-1], out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.torso(x))
+
+
+class GaussianPolicy(nn.Module):
+    """pi(a|s) = N(mu(s), diag(sigma(s)^2)), no tanh on the mean, sigma = softplus + MIN_STD."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple, num_heads: int, shared: int):
+        super().__init__()
+        self.net = MultiHeadMLP(obs_dim, hidden, 2 * act_dim, num_heads, shared)
+
+    def forward(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, pre_std = self.net(observation).chunk(2, dim=-1)
+        return mean, F.softplus(pre_std) + MIN_STD
+
+
+class Critic(nn.Module):
+    """Q(s, a) for each task head: observation [K, N, obs], action [K, N, act] -> [K, N]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple, num_heads: int, shared: int):
+        super().__init__()
+        self.net = MultiHeadMLP(obs_dim + act_dim, hidden, 1, num_heads, shared)
+
+    def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([observation, action], dim=-1)).squeeze(-1)
+
+
+def gaussian_log_prob(action: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(action; mean, diag(std^2)), summed over the action dimensions."""
+    return (-0.5 * ((action - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def sample_actions(mean: torch.Tensor, std: torch.Tensor, num_samples: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """M samples from N(mean, std^2): [K, B, act] -> [M, K, B, act]."""
+    noise = torch.randn((num_samples, *mean.shape), generator=generator, device=mean.device)
+    return mean + std * noise
+# --- end shared block ---
+
+
+# --- shared block: behaviour model ---
+def behaviour_model_loss(mean: torch.Tensor, std: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    # Eq. 3: maximise the log-likelihood of every dataset action.
+    loss = -gaussian_log_prob(action, mean, std).mean()
+    return loss, {"losses/prior": loss.detach()}
+# --- end shared block ---
+
+
+MIN_MULTIPLIER = 1e-3  # Appendix B.2: the multiplier is projected to max(alpha, 0.001)
+LOG_MULTIPLIER_RANGE = (-5.0, 10.0)  # the original BEAR's clamp of log alpha
+
+
+class TwinCritic(nn.Module):
+    """Two independent Q functions (clipped double Q): [K, N, obs], [K, N, act] -> [2, K, N]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple, num_heads: int, shared: int):
+        super().__init__()
+        self.q1 = Critic(obs_dim, act_dim, hidden, num_heads, shared)
+        self.q2 = Critic(obs_dim, act_dim, hidden, num_heads, shared)
+
+    def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.q1(observation, action), self.q2(observation, action)])
+
+
+def sampled_q(critic: TwinCritic, observation: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Q_i(s, a_j) of both critics for M actions per state in one pass: [K, B, obs], [M, K, B, act] -> [2, M, K, B]."""
+    num_samples, num_tasks, batch, act_dim = actions.shape
+    states = observation.repeat(1, num_samples, 1)  # [K, M * B, obs], sample-major
+    flat_actions = actions.transpose(0, 1).reshape(num_tasks, num_samples * batch, act_dim)
+    return critic(states, flat_actions).reshape(2, num_tasks, num_samples, batch).transpose(1, 2)
+
+
+# Divergence estimators: [K, B], one value per state.
+def kl_to_prior(mean: torch.Tensor, std: torch.Tensor, prior_mean: torch.Tensor,
+                prior_std: torch.Tensor) -> torch.Tensor:
+    # The KL of Eq. 6 (Appendix B.2): KL(pi(.|s) || prior(.|s)) of two diagonal Gaussians, in closed form.
+    return (torch.log(prior_std / std) + (std**2 + (mean - prior_mean) ** 2) / (2 * prior_std**2) - 0.5).sum(-1)
+
+
+def maximum_mean_discrepancy(x: torch.Tensor, y: torch.Tensor, kernel: Callable) -> torch.Tensor:
+    """sqrt(E k(x, x') + E k(y, y') - 2 E k(x, y) + 1e-6) over all sample pairs (the original's biased
+    estimate, diagonal included). x, y: [N, K, B, act] -> [K, B]."""
+    def mean_kernel(a, b):
+        return kernel(a.unsqueeze(1) - b.unsqueeze(0)).mean(dim=(0, 1))  # [N, N, K, B, act] -> [K, B]
+
+    return (mean_kernel(x, x) + mean_kernel(y, y) - 2 * mean_kernel(x, y) + 1e-6).sqrt()
+
+
+def mmd_laplacian(x: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tensor:
+    # BEAR paper Sec. 5 (support matching), the original's kernel: k(x, y) = exp(-|x - y|_1 / (2 sigma)).
+    return maximum_mean_discrepancy(x, y, lambda difference: torch.exp(-difference.abs().sum(-1) / (2 * sigma)))
+
+
+def mmd_gaussian(x: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tensor:
+    # BEAR paper Sec. 5, the original's kernel: k(x, y) = exp(-|x - y|_2^2 / (2 sigma)) (sigma, not sigma^2).
+    return maximum_mean_discrepancy(x, y, lambda difference: torch.exp(-difference.pow(2).sum(-1) / (2 * sigma)))
+
+
+# Loss functions.
+def clipped_double_q_target(next_q: torch.Tensor, reward: torch.Tensor, discount: torch.Tensor,
+                            gamma: float, double_q_lambda: float) -> tuple[torch.Tensor, dict]:
+    # BEAR paper Algorithm 1 (the BCQ backup), maximised over the M actor samples:
+    # y = r + gamma * d * max_j [lambda * min_i Q_i(s', a_j) + (1 - lambda) * max_i Q_i(s', a_j)].
+    # next_q: [2, M, K, B]; reward, discount: [K, B].
+    mixed = double_q_lambda * next_q.min(0).values + (1 - double_q_lambda) * next_q.max(0).values  # [M, K, B]
+    target = reward + gamma * discount * mixed.max(0).values
+    return target, {"charts/target_q": target.mean()}
+
+
+def twin_critic_loss(q: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    # Both Q functions regress to the same target; the squared errors are summed over the two Qs.
+    loss = (q - target).pow(2).mean(dim=(1, 2)).sum()  # q: [2, K, B]
+    return loss, {"losses/critic": loss.detach(), "charts/q": q.detach().mean()}
+
+
+def bear_actor_loss(q: torch.Tensor, divergence: torch.Tensor, multiplier: torch.Tensor,
+                    warmup: bool) -> tuple[torch.Tensor, dict]:
+    # BEAR paper Algorithm 1 as the Lagrangian of Eq. 6 (SVG, Eq. 11): maximise E_{a ~ pi}[min_i Q_i(s, a)] - alpha * D(pi, prior),
+    # q: [2, M, K, B] of reparameterised samples, divergence: [K, B]. In the warm-up only alpha * D.
+    value = q.mean(1).min(0).values  # [K, B]: mean over samples, then the smaller Q
+    penalty = multiplier.detach() * divergence
+    loss = penalty.mean() if warmup else (penalty - value).mean()
+    return loss, {"losses/actor": loss.detach(), "charts/actor_q": value.detach().mean()}
+
+
+def lagrange_multiplier_loss(multiplier: torch.Tensor, divergence: torch.Tensor,
+                             threshold: float) -> tuple[torch.Tensor, dict]:
+    # Eq. 12: alpha (epsilon - D), minimised over alpha: alpha grows while D > epsilon, shrinks while D < epsilon.
+    loss = multiplier * (threshold - divergence.detach().mean())
+    return loss, {"losses/multiplier": loss.detach(), "charts/multiplier": multiplier.detach()}
+
+
+class Agent(nn.Module):
+    """Every learned quantity of BEAR-QL: prior, actor, twin critic, target networks and the multiplier."""
+
+    def __init__(self, obs_dim: int, act_dim: int, num_tasks: int, low: torch.Tensor, high: torch.Tensor,
+                 args: Args):
+        super().__init__()
+        heads = dict(num_heads=num_tasks, shared=args.shared_layers)
+        self.prior = GaussianPolicy(obs_dim, act_dim, args.policy_layers, **heads)
+        self.policy = GaussianPolicy(obs_dim, act_dim, args.policy_layers, **heads)
+        self.critic = TwinCritic(obs_dim, act_dim, args.critic_layers, **heads)
+        self.target_policy = copy.deepcopy(self.policy).requires_grad_(False)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.register_buffer("low", low.clone())
+        self.register_buffer("high", high.clone())
+        self.divergence = args.divergence
+        # kl: alpha itself, as the paper's SVG multiplier; mmd: log alpha, as the original BEAR.
+        initial = math.log(args.initial_multiplier) if args.divergence == "mmd" else args.initial_multiplier
+        self.lagrange_parameter = nn.Parameter(torch.tensor(float(initial)))
+
+    def multiplier(self) -> torch.Tensor:
+        return self.lagrange_parameter.exp() if self.divergence == "mmd" else self.lagrange_parameter
+
+    @torch.no_grad()
+    def project_multiplier(self) -> None:
+        if self.divergence == "mmd":
+            self.lagrange_parameter.clamp_(*LOG_MULTIPLIER_RANGE)
+        else:
+            self.lagrange_parameter.clamp_(min=MIN_MULTIPLIER)
+
+    def update_targets(self) -> None:
+        self.target_policy.load_state_dict(self.policy.state_dict())
+        self.target_critic.load_state_dict(self.critic.state_dict())
+
+
+def make_optimizers(agent: Agent, args: Args) -> dict[str, torch.optim.Optimizer]:
+    """One Adam per learner, as in the original (the actor's loss must not move the critic)."""
+    optimizers = {name: torch.optim.Adam(getattr(agent, name).parameters(), lr=args.learning_rate)
+                  for name in ("prior", "critic", "policy")}
+    optimizers["multiplier"] = torch.optim.Adam([agent.lagrange_parameter], lr=args.dual_learning_rate)
+    return optimizers
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float, name: str) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {name}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], max_grad_norm)
+    optimizer.step()
+
+
+def update_multiplier(agent: Agent, optimizer: torch.optim.Optimizer, divergence: torch.Tensor,
+                      threshold: float) -> dict:
+    """One Adam step on the Lagrange multiplier, then its projection (Appendix B.2, or the original's clamp)."""
+    loss, metrics = lagrange_multiplier_loss(agent.multiplier(), divergence, threshold)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    agent.project_multiplier()
+    return metrics
+
+
+def divergence_to_prior(agent: Agent, observation: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                        actions: torch.Tensor, args: Args, generator: torch.Generator) -> torch.Tensor:
+    """D(pi(.|s), prior(.|s)) per state [K, B]; actions: the actor's reparameterised samples [M, K, B, act]."""
+    with torch.no_grad():
+        prior_mean, prior_std = agent.prior(observation)
+    if args.divergence == "kl":
+        return kl_to_prior(mean, std, prior_mean, prior_std)
+    prior_actions = sample_actions(prior_mean, prior_std, actions.shape[0], generator)
+    mmd = mmd_laplacian if args.kernel == "laplacian" else mmd_gaussian
+    return mmd(actions, prior_actions, args.mmd_sigma)
+
+
+def update(agent: Agent, optimizers: dict, batch: dict, args: Args, generator: torch.Generator, step: int) -> dict:
+    """One BEAR-QL update on one batch: prior, critic, actor, multiplier (targets: see train)."""
+    observation, action = batch["observation"], batch["action"]
+    low, high, num_samples = agent.low, agent.high, args.num_action_samples
+
+    # Prior: the behaviour model, by maximum likelihood of the dataset actions (Eq. 3).
+    loss, metrics = behaviour_model_loss(*agent.prior(observation), action)
+    optimizer_step(optimizers["prior"], loss, args.max_grad_norm, "losses/prior")
+
+    # Critic: soft clipped double Q, maximised over M samples of the target actor at s'.
+    with torch.no_grad():
+        next_actions = sample_actions(*agent.target_policy(batch["next_observation"]), num_samples, generator)
+        next_q = sampled_q(agent.target_critic, batch["next_observation"], next_actions.clamp(low, high))
+        target, info = clipped_double_q_target(next_q, batch["reward"], batch["discount"], args.discount,
+                                               args.double_q_lambda)
+    metrics.update(info)
+    loss, info = twin_critic_loss(agent.critic(observation, action.clamp(low, high)), target)
+    metrics.update(info)
+    optimizer_step(optimizers["critic"], loss, args.max_grad_norm, "losses/critic")
+
+    # Actor: E[min_i Q_i] under the divergence constraint (the critic is held fixed for this step).
+    mean, std = agent.policy(observation)
+    actions = sample_actions(mean, std, num_samples, generator)  # reparameterised: [M, K, B, act]
+    divergence = divergence_to_prior(agent, observation, mean, std, actions, args, generator)  # [K, B]
+    agent.critic.requires_grad_(False)
+    q = sampled_q(agent.critic, observation, actions.clamp(low, high))  # [2, M, K, B]
+    agent.critic.requires_grad_(True)
+    loss, info = bear_actor_loss(q, divergence, agent.multiplier(), warmup=step <= args.warmup_steps)
+    metrics.update(info)
+    metrics[f"charts/{args.divergence}"] = divergence.detach().mean()
+    optimizer_step(optimizers["policy"], loss, args.max_grad_norm, "losses/actor")
+
+    # Lagrange multiplier (Eq. 12), on the divergence before this actor step.
+    threshold = args.epsilon if args.divergence == "kl" else args.mmd_threshold
+    metrics.update(update_multiplier(agent, optimizers["multiplier"], divergence, threshold))
+    return metrics
+
+
+def bear_actor(agent: Agent, num_samples: int, num_tasks: int, generator: torch.Generator) -> Callable:
+    """act(observation, task) = argmax_j Q_1(s, a_j) over `num_samples` actions a_j ~ pi(.|s)."""
+    device = agent.low.device
+
+    @torch.no_grad()
+    def act(observation: np.ndarray, task: int) -> np.ndarray:
+        state = torch.as_tensor(observation, dtype=torch.float32, device=device).expand(num_tasks, 1, -1)
+        actions = sample_actions(*agent.policy(state), num_samples, generator).clamp(agent.low, agent.high)
+        q1 = sampled_q(agent.critic, state, actions)[0]  # [M, K, 1]
+        return actions[q1[:, task, 0].argmax(), task, 0].cpu().numpy()
+
+    return act
+
+
+def train(args: Args) -> dict:
+    """BEAR-QL on a fixed dataset; returns the summary written to summary.json."""
+    if min(args.total_steps, args.batch_size, args.num_action_samples) < 1:
+        raise UserError("--total-steps, --batch-size and --num-action-samples must be positive")
+    if args.warmup_steps < 0 or args.mmd_sigma <= 0 or args.initial_multiplier <= 0:
+        raise UserError("--warmup-steps must be >= 0, --mmd-sigma and --initial-multiplier positive")
+    run = prepare(args, "bear")
+
+    # Seeding in one place; all later randomness comes from these generators.
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    generator = torch.Generator(device=run.device).manual_seed(args.seed)
+    eval_generator = torch.Generator(device=run.device).manual_seed(args.seed + 100)
+    num_tasks = len(run.tasks)
+    agent = Agent(run.spec["obs_dim"], run.spec["act_dim"], num_tasks, run.low, run.high, args).to(run.device)
+    optimizers = make_optimizers(agent, args)
+    actors = {"return": bear_actor(agent, args.num_action_samples, num_tasks, eval_generator),
+              "prior_return": gaussian_mean_actor(agent.prior, num_tasks, run.device)}
+
+    def update_step(batch: dict, step: int) -> dict:
+        metrics = update(agent, optimizers, batch, args, generator, step)
+        if step % args.target_update_period == 0:
+            agent.update_targets()
+        return metrics
+
+    modules = {"agent": agent, **{f"{name}_optimizer": optimizer for name, optimizer in optimizers.items()}}
+    return training_loop(args, run, "bear", modules, rng, generator, update_step, actors)
+
+
+if __name__ == "__main__":
+    main(train, tyro.cli(Args))
