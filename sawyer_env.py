@@ -334,8 +334,9 @@ _FT300_MASS, _GRIPPER_MASS, _FINGER_MASS = 0.3, 0.8, 0.05  # [kg] 0.8 + 2 x 0.05
 def _wall_quat(side: str) -> str:
     """walls stand on the floor edges, tilted BASKET_WALL_TILT outward (local z = normal)"""
     yaw = {"+x": 0.0, "-x": math.pi, "+y": math.pi / 2, "-y": -math.pi / 2}[side]
-    # stand the plate up (local z -> world +x), tilt its top outward, then turn it to the side
-    pitch = math.pi / 2 - BASKET_WALL_TILT
+    # normal (local z) to world +x tipped down by the tilt, so the plate's top leans outward;
+    # then turn the plate to its side
+    pitch = math.pi / 2 + BASKET_WALL_TILT
     qy = np.array([math.cos(pitch / 2), 0, math.sin(pitch / 2), 0])
     qz = np.array([math.cos(yaw / 2), 0, 0, math.sin(yaw / 2)])
     q = np.empty(4)
@@ -407,7 +408,7 @@ def build_mjcf() -> str:
   </default>
   <worldbody>
     <light pos="0.6 0 1.5" dir="0 0 -1" directional="true"/>
-    <camera name="front" pos="1.45 0 0.65" mode="targetbody" target="basket"/>
+    <camera name="front" pos="1.7 0.5 0.9" mode="targetbody" target="basket"/>
     <geom class="env" name="table" type="box" size="0.45 0.6 0.015" pos="0.55 0 0.015"
           rgba="0.45 0.35 0.25 1"/>
     <body name="basket" pos="{BASKET_CENTER[0]} {BASKET_CENTER[1]} {BASKET_CENTER[2]}">
@@ -536,6 +537,7 @@ class SawyerEnv(gym.Env):
         randomize = bool(options.get("randomize_robot", randomize))
         m, d = self.model, self.data
         if randomize or self._episodes_since_robot_reset is None:
+            mujoco.mj_resetData(m, d)  # the same starting data for the inverse kinematics
             arm_q, angle = self._random_arm_pose(), 0.0
             self._episodes_since_robot_reset = 0
         else:
