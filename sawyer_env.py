@@ -23,6 +23,15 @@ Differences from the paper:
   and the position target is >= 2 units beyond the fingers ("command" of the real cell).
 - "End effector" in the rewards is the pinch point between the finger pads.
 - The wrist force is read once per control step (end of the step), as in the observation.
+- The §5.2 protocol (`task="random"`): between the 20-episode robot re-randomisations the
+  robot starts where the last episode ended (also re-randomised after a 20 N termination);
+  the cubes are dropped afresh every episode. The start yaw of the tool is uniform in +-45 deg.
+- The basket walls' centres sit at the basket centre's height (the facts give no height).
+
+Controller (the paper's cell is not published; sawyer_facts.md): the Cartesian twist of the
+pinch point -> joint velocities by damped least squares on the site Jacobian + a null-space
+posture term, integrated by position-servo joint actuators over 25 physics steps of 2 ms;
+tool z held down by a proportional term; the pinch point cannot leave the workspace box.
 """
 
 import math
@@ -63,6 +72,7 @@ DLS_DAMPING = 1e-4  # lambda of the damped least squares J^T (J J^T + lambda I)^
 POSTURE_GAIN = 0.5  # [1/s] null-space pull toward POSTURE_REFERENCE
 ORIENTATION_GAIN = 4.0  # [1/s] proportional term keeping the tool axis pointing down
 WRIST_YAW_LIMIT = math.pi / 2  # [rad] wrist rotation about vertical, from the start reference
+LIMIT_APPROACH_TIME = 0.25  # [s] speed toward a workspace/wrist bound <= distance / this
 WORKSPACE_CENTER = np.array([0.6, 0.0, 0.17])  # [m] pinch point workspace (DeepMind cell)
 WORKSPACE_HALF = np.array([0.125, 0.125, 0.1])  # [m]
 
@@ -168,6 +178,11 @@ def grasp_flag(observation):
     return observation[..., OBS_INDEX["grasp_flag"].start]
 
 
+def _norm(v):
+    """Euclidean norm over the last axis (np.linalg.norm is slow on small vectors)"""
+    return np.sqrt(np.sum(v * v, axis=-1))
+
+
 def quat_to_matrix(q: np.ndarray) -> np.ndarray:
     """[..., 4] (w x y z) -> [..., 3, 3]"""
     q = q / np.linalg.norm(q, axis=-1, keepdims=True)
@@ -182,7 +197,7 @@ def quat_to_matrix(q: np.ndarray) -> np.ndarray:
 def tool_axis(observation):
     """tool z axis in world coordinates (third column of the wrist rotation)"""
     q = wrist_quaternion(observation).astype(np.float64)
-    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
+    q = q / _norm(q)[..., None]
     w, x, y, z = q[..., 0], q[..., 1], q[..., 2], q[..., 3]
     return np.stack([2 * (x * z + w * y), 2 * (y * z - w * x), 1 - 2 * (x * x + y * y)], -1)
 
@@ -220,82 +235,42 @@ def btol(v, eps: float) -> np.ndarray:
     return (np.abs(np.asarray(v, dtype=np.float64)) < eps).astype(np.float64)
 
 
-def _task_quantities(observation):
-    obs = np.asarray(observation, dtype=np.float64)
-    return obs, cube_position(obs, "green"), cube_position(obs, "yellow")
-
-
-def reach_reward(observation):
-    """stol(d(pinch, green), 0.02, 0.15)"""
-    obs = np.asarray(observation, dtype=np.float64)
-    return stol(np.linalg.norm(cube_relative_position(obs, "green"), axis=-1), 0.02, 0.15)
-
-
-def grasp_reward(observation):
-    """1 when the grasp sensor reports an inward grasp (flag 2)"""
-    return btol(grasp_flag(np.asarray(observation, dtype=np.float64)) - GRASP_INWARD, 0.5)
-
-
-def lift_reward(observation):
-    """0 below 3 cm, 1 above 10 cm, linear in between"""
-    height = lift_height(np.asarray(observation, dtype=np.float64))
-    return np.clip((height - 0.03) / (0.10 - 0.03), 0.0, 1.0)
-
-
 def _hover_distance(green, yellow):
-    return np.linalg.norm(green - (yellow + np.array([0.0, 0.0, 0.05])), axis=-1)
-
-
-def place_wide_reward(observation):
-    """stol(d(green, yellow + [0, 0, 0.05]), 0.01, 0.20)"""
-    _, green, yellow = _task_quantities(observation)
-    return stol(_hover_distance(green, yellow), 0.01, 0.20)
-
-
-def place_narrow_reward(observation):
-    """stol(d(green, yellow + [0, 0, 0.05]), 0.00, 0.01)"""
-    _, green, yellow = _task_quantities(observation)
-    return stol(_hover_distance(green, yellow), 0.0, 0.01)
-
-
-def stack_reward(observation):
-    """btol(d_xy(green, yellow), 0.03) * btol(d_z(green, yellow) + cube, 0.01) * (1 - grasp);
-    d_z(a, b) = z_b - z_a, so the middle term is 1 when green sits one cube above yellow"""
-    obs, green, yellow = _task_quantities(observation)
-    on_top = btol(np.linalg.norm(green[..., :2] - yellow[..., :2], axis=-1), 0.03)
-    at_height = btol(yellow[..., 2] - green[..., 2] + CUBE_SIZE, 0.01)
-    return on_top * at_height * (1.0 - grasp_reward(obs))
-
-
-def stack_and_leave_reward(observation):
-    """stol(d_z(pinch, green) + 0.10, 0.03, 0.10) * stack: the hand 10 cm above green"""
-    obs, green, _ = _task_quantities(observation)
-    return stol(green[..., 2] - pinch_position(obs)[..., 2] + 0.10, 0.03, 0.10) * stack_reward(obs)
-
-
-def center_reward(observation):
-    """new task: stol(d(green, basket centre resting on the floor), 0.02, 0.15)"""
-    _, green, _ = _task_quantities(observation)
-    return stol(np.linalg.norm(green - CENTER_TARGET, axis=-1), 0.02, 0.15)
-
-
-def corner_reward(observation):
-    """new task: stol(d(green, CORNER_TARGET), 0.02, 0.25)"""
-    _, green, _ = _task_quantities(observation)
-    return stol(np.linalg.norm(green - CORNER_TARGET, axis=-1), 0.02, 0.25)
-
-
-REWARD_FUNCTIONS = {
-    "reach": reach_reward, "grasp": grasp_reward, "lift": lift_reward,
-    "place_wide": place_wide_reward, "place_narrow": place_narrow_reward,
-    "stack": stack_reward, "stack_and_leave": stack_and_leave_reward,
-    "center": center_reward, "corner": corner_reward,
-}
+    """d(green, yellow + [0, 0, 0.05]) [m]"""
+    return _norm(green - yellow - np.array([0.0, 0.0, 0.05]))
 
 
 def compute_rewards(observation) -> np.ndarray:
-    """[..., obs_dim] -> [..., 9] rewards in ALL_TASKS order, each in [0, 1]"""
-    return np.stack([REWARD_FUNCTIONS[task](observation) for task in ALL_TASKS], axis=-1)
+    """[..., obs_dim] -> [..., 9] rewards in ALL_TASKS order, each in [0, 1] (Appendix C.3).
+    d(a, b) is the Euclidean distance, d_z(a, b) = z_b - z_a; "end effector" = pinch point."""
+    obs = np.asarray(observation, dtype=np.float64)
+    green, yellow = cube_position(obs, "green"), cube_position(obs, "yellow")
+    grasp = btol(grasp_flag(obs) - GRASP_INWARD, 0.5)  # 2. Grasp: the grasp sensor is active
+    hover = _hover_distance(green, yellow)
+    stack = (btol(_norm(green[..., :2] - yellow[..., :2]), 0.03)  # 6. Stack
+             * btol(yellow[..., 2] - green[..., 2] + CUBE_SIZE, 0.01) * (1.0 - grasp))
+    rewards = {
+        # 1. Reach: stol(d(pinch, green), 0.02, 0.15)
+        "reach": stol(_norm(cube_relative_position(obs, "green")), 0.02, 0.15),
+        "grasp": grasp,
+        # 3. Lift: 0 below 3 cm, 1 above 10 cm, linear in between
+        "lift": np.clip((lift_height(obs) - 0.03) / (0.10 - 0.03), 0.0, 1.0),
+        "place_wide": stol(hover, 0.01, 0.20),  # 4. stol(d(green, yellow + 5 cm z), 0.01, 0.20)
+        "place_narrow": stol(hover, 0.0, 0.01),  # 5. the same with eps 0, margin 0.01
+        "stack": stack,
+        # 7. Stack and leave: stol(d_z(pinch, green) + 0.10, 0.03, 0.10) * Stack
+        "stack_and_leave": stol(green[..., 2] - pinch_position(obs)[..., 2] + 0.10, 0.03, 0.10)
+        * stack,
+        # new tasks (§5.2): the green cube resting at the basket centre / the corner target
+        "center": stol(_norm(green - CENTER_TARGET), 0.02, 0.15),
+        "corner": stol(_norm(green - CORNER_TARGET), 0.02, 0.25),
+    }
+    return np.stack([rewards[task] for task in ALL_TASKS], axis=-1)
+
+
+def task_reward(observation, task: str) -> np.ndarray:
+    """[..., obs_dim] -> [...] reward of one task"""
+    return compute_rewards(observation)[..., ALL_TASKS.index(task)]
 
 
 def compute_success(observation, rewards=None) -> np.ndarray:
@@ -505,7 +480,7 @@ class SawyerEnv(gym.Env):
         self._pads = np.array([name2id(mujoco.mjtObj.mjOBJ_GEOM, f"{s}_pad") for s in ("left", "right")])
         gripper_bodies = [name2id(mujoco.mjtObj.mjOBJ_BODY, b)
                           for b in ("gripper", "left_finger", "right_finger")]
-        self._gripper_geoms = np.flatnonzero(np.isin(m.geom_bodyid, gripper_bodies))
+        self._is_gripper_geom = np.isin(m.geom_bodyid, gripper_bodies)  # [ngeom] bool
         # gravity on the gripper cancelled by an external force, so the wrist sensor reads 0 N
         # at rest (sawyer_facts.md "Wrist force"; the arm itself uses gravcomp)
         self._gravity_cancel = [(b, -m.body_mass[b] * m.opt.gravity) for b in gripper_bodies]
@@ -513,6 +488,8 @@ class SawyerEnv(gym.Env):
         torque_adr = m.sensor_adr[name2id(mujoco.mjtObj.mjOBJ_SENSOR, "wrist_torque")]
         self._force_slice, self._torque_slice = slice(force_adr, force_adr + 3), slice(torque_adr, torque_adr + 3)
         self._jacp, self._jacr = np.zeros((3, m.nv)), np.zeros((3, m.nv))
+        self._velocity = np.zeros(6)
+        self._linear_first = np.array([3, 4, 5, 0, 1, 2])  # MuJoCo's [angular, linear] reordered
         self._episodes_since_robot_reset = None  # None: robot pose not set yet
         self._last_terminated = False
         self._gripper_target = 0.0  # [units]
@@ -611,7 +588,11 @@ class SawyerEnv(gym.Env):
 
     # --- step -----------------------------------------------------------------------------
     def step(self, action):
-        action = np.clip(np.asarray(action, dtype=np.float64), ACTION_LOW, ACTION_HIGH)
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (ACT_DIM,):
+            raise ValueError(f"action must have shape ({ACT_DIM},) = [vx, vy, vz, wrist rate, "
+                             f"finger rate], got shape {action.shape}")
+        action = np.clip(action, ACTION_LOW, ACTION_HIGH)
         d = self.data
         d.ctrl[self._arm_act] = self._joint_velocity_command(action[:3], action[3])
         angle = self._finger_angle()
@@ -641,16 +622,19 @@ class SawyerEnv(gym.Env):
         d = self.data
         pinch = d.site_xpos[self._pinch]
         rotation = d.site_xmat[self._pinch].reshape(3, 3)
-        # workspace box: no velocity that leaves it (or goes further out when already outside)
-        low = np.minimum((WORKSPACE_CENTER - WORKSPACE_HALF - pinch) / CONTROL_TIMESTEP, 0.0)
-        high = np.maximum((WORKSPACE_CENTER + WORKSPACE_HALF - pinch) / CONTROL_TIMESTEP, 0.0)
+        # workspace box and wrist limit: the speed toward a bound shrinks as (distance /
+        # LIMIT_APPROACH_TIME), so the servo lag does not carry past it; when already outside,
+        # no motion further out
+        low = np.minimum((WORKSPACE_CENTER - WORKSPACE_HALF - pinch) / LIMIT_APPROACH_TIME, 0.0)
+        high = np.maximum((WORKSPACE_CENTER + WORKSPACE_HALF - pinch) / LIMIT_APPROACH_TIME, 0.0)
         linear_velocity = np.clip(linear_velocity, low, high)
         yaw = math.atan2(rotation[1, 0], rotation[0, 0])
-        if (yaw >= WRIST_YAW_LIMIT and wrist_rate > 0) or (yaw <= -WRIST_YAW_LIMIT and wrist_rate < 0):
-            wrist_rate = 0.0
+        wrist_rate = float(np.clip(wrist_rate, min((-WRIST_YAW_LIMIT - yaw) / LIMIT_APPROACH_TIME, 0.0),
+                                   max((WRIST_YAW_LIMIT - yaw) / LIMIT_APPROACH_TIME, 0.0)))
         # tool z held pointing down: angular velocity rotating tool z toward world -z
-        angular_velocity = ORIENTATION_GAIN * np.cross(rotation[:, 2], [0.0, 0.0, -1.0])
-        angular_velocity[2] += wrist_rate
+        tool_z = rotation[:, 2]  # tool_z x (0, 0, -1) = (-tool_z[1], tool_z[0], 0)
+        angular_velocity = np.array([-ORIENTATION_GAIN * tool_z[1], ORIENTATION_GAIN * tool_z[0],
+                                     wrist_rate])
         twist = np.concatenate([linear_velocity, angular_velocity])
         jac = self._jacobian()
         qd = jac.T @ np.linalg.solve(jac @ jac.T + DLS_DAMPING * np.eye(6), twist)
@@ -670,51 +654,48 @@ class SawyerEnv(gym.Env):
         """2 (inward) / 3 (outward) when both pads touch something other than the gripper
         and the position target is >= 2 units beyond the fingers; 1 otherwise"""
         d = self.data
-        if d.ncon == 0:
-            return GRASP_NONE
-        geom = d.contact.geom[:d.ncon]  # [ncon, 2]
-        touching = []
-        for pad in self._pads:
-            other = np.where(geom[:, 0] == pad, geom[:, 1], np.where(geom[:, 1] == pad, geom[:, 0], -1))
-            touching.append(np.any((other >= 0) & ~np.isin(other, self._gripper_geoms)))
         command = self._gripper_target - angle
-        if not all(touching) or abs(command) < 2.0:
+        if d.ncon == 0 or abs(command) < 2.0:
             return GRASP_NONE
+        first, second = d.contact.geom1[:d.ncon], d.contact.geom2[:d.ncon]
+        outside_first, outside_second = ~self._is_gripper_geom[first], ~self._is_gripper_geom[second]
+        for pad in self._pads:
+            if not np.any(((first == pad) & outside_second) | ((second == pad) & outside_first)):
+                return GRASP_NONE
         return GRASP_INWARD if command > 0 else GRASP_OUTWARD
 
     def _observation(self) -> np.ndarray:
-        m, d = self.model, self.data
+        m, d, index = self.model, self.data, OBS_INDEX
         obs = np.empty(OBS_DIM, np.float64)
-        put = lambda name, value: obs.__setitem__(OBS_INDEX[name], value)  # noqa: E731
-        put("joint_pos", d.qpos[self._arm_qpos])
-        put("joint_vel", d.qvel[self._arm_dof])
+        obs[index["joint_pos"]] = d.qpos[self._arm_qpos]
+        obs[index["joint_vel"]] = d.qvel[self._arm_dof]
         # motor torque a real arm reports: servo torque + the gravity compensation it carries
-        put("joint_torque", d.qfrc_actuator[self._arm_dof] + d.qfrc_gravcomp[self._arm_dof])
-        hand_pos, hand_quat = d.xpos[self._hand], d.xquat[self._hand]
-        put("wrist_pos", hand_pos)
-        put("wrist_quat", hand_quat)
-        velocity = np.empty(6)
+        obs[index["joint_torque"]] = d.qfrc_actuator[self._arm_dof] + d.qfrc_gravcomp[self._arm_dof]
+        hand_quat = d.xquat[self._hand]
+        obs[index["wrist_pos"]] = d.xpos[self._hand]
+        obs[index["wrist_quat"]] = hand_quat
+        velocity = self._velocity  # [angular, linear] in world axes at the body
         mujoco.mj_objectVelocity(m, d, mujoco.mjtObj.mjOBJ_BODY, self._hand, velocity, 0)
-        put("wrist_vel", np.concatenate([velocity[3:], velocity[:3]]))  # [linear, angular]
-        put("wrist_force", d.sensordata[self._force_slice])
-        put("wrist_torque", d.sensordata[self._torque_slice])
+        obs[index["wrist_vel"]] = velocity[self._linear_first]
+        obs[index["wrist_force"]] = d.sensordata[self._force_slice]
+        obs[index["wrist_torque"]] = d.sensordata[self._torque_slice]
         angle = self._finger_angle()
-        put("finger_angle", angle)
-        put("finger_velocity", angle - self._previous_angle)  # [units per control step]
-        put("grasp_flag", self._grasp_flag(angle))
+        obs[index["finger_angle"]] = angle
+        obs[index["finger_velocity"]] = angle - self._previous_angle  # [units per control step]
+        obs[index["grasp_flag"]] = self._grasp_flag(angle)
         pinch = d.site_xpos[self._pinch]
-        hand_rot = d.xmat[self._hand].reshape(3, 3)
-        hand_conj = np.empty(4)
-        mujoco.mju_negQuat(hand_conj, hand_quat)
-        rel_quat = np.empty(4)
+        hand_rotation = d.xmat[self._hand].reshape(3, 3)
+        hand_conjugate, relative_quat = np.empty(4), np.empty(4)
+        mujoco.mju_negQuat(hand_conjugate, hand_quat)
         for cube, body in zip(CUBES, self._cube_body):
-            put(f"{cube}_pos", d.xpos[body])
-            put(f"{cube}_quat", d.xquat[body])
+            position, quat = d.xpos[body], d.xquat[body]
+            obs[index[f"{cube}_pos"]] = position
+            obs[index[f"{cube}_quat"]] = quat
             mujoco.mj_objectVelocity(m, d, mujoco.mjtObj.mjOBJ_BODY, body, velocity, 0)
-            put(f"{cube}_vel", np.concatenate([velocity[3:], velocity[:3]]))
-            put(f"{cube}_rel_pos", hand_rot.T @ (d.xpos[body] - pinch))
-            mujoco.mju_mulQuat(rel_quat, hand_conj, d.xquat[body])
-            put(f"{cube}_rel_quat", rel_quat)
+            obs[index[f"{cube}_vel"]] = velocity[self._linear_first]
+            obs[index[f"{cube}_rel_pos"]] = (position - pinch) @ hand_rotation  # R^T (p - pinch)
+            mujoco.mju_mulQuat(relative_quat, hand_conjugate, quat)
+            obs[index[f"{cube}_rel_quat"]] = relative_quat
         return obs.astype(np.float32)
 
     # --- rendering ------------------------------------------------------------------------

@@ -346,3 +346,40 @@ def test_unknown_task_is_rejected():
         se.SawyerEnv("pick")
     with pytest.raises(ValueError, match="unknown task"):
         se.scripted_policy("pick", np.zeros(se.OBS_DIM, np.float32), np.random.default_rng(0))
+
+
+def test_wrist_rate_turns_the_tool_about_the_vertical_within_its_limit():
+    """0.5 rad/s turns the tool 0.025 rad per step within 10% after 4 steps (measured 1-3%);
+    holding 1 rad/s for 4 s stops at the +-pi/2 wrist limit (within 0.05 rad; measured 0.022)
+    with the tool still pointing down (tool z within 0.05 of -z)"""
+    env = se.SawyerEnv("reach")
+    env.reset(seed=1)
+    _clear_the_cubes(env)
+    yaws = []
+    for _ in range(10):
+        observation, *_ = env.step(np.array([0, 0, 0, 0.5, 0], np.float32))
+        yaws.append(float(se.wrist_yaw(observation)))
+    np.testing.assert_allclose(np.diff(yaws[4:]), 0.5 * se.CONTROL_TIMESTEP, rtol=0.10)
+    for _ in range(80):
+        observation, *_ = env.step(np.array([0, 0, 0, 1.0, 0], np.float32))
+    assert abs(float(se.wrist_yaw(observation)) - se.WRIST_YAW_LIMIT) < 0.05
+    np.testing.assert_allclose(se.tool_axis(observation), [0, 0, -1], atol=0.05)
+
+
+def test_scripted_lift_holds_the_cube_above_10_cm():
+    """the gripper really grasps: the flag reports an inward grasp and the 50 g cube is carried
+    above the 10 cm lift height (measured 20/20 at noise 0; 3 seeds here)"""
+    env = se.SawyerEnv("lift")
+    for seed in range(3):
+        episode = se.collect_episode(env, "lift", np.random.default_rng(seed), 0.0, seed=seed)
+        final = episode["next_observation"][-1]
+        assert se.grasp_flag(final) == se.GRASP_INWARD
+        assert se.lift_height(final) > 0.10
+        assert episode["reward"][-1, TASK["lift"]] == 1.0 and not episode["terminated"]
+
+
+def test_bad_action_shape_is_rejected():
+    env = se.SawyerEnv("reach")
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="action must have shape"):
+        env.step(np.zeros(4, np.float32))
