@@ -28,6 +28,11 @@ Differences from the paper:
   the cubes are dropped afresh every episode. The start yaw of the tool is uniform in +-45 deg.
 - The basket walls' centres sit at the basket centre's height (the facts give no height).
 
+Public API: SawyerEnv(task, render_mode); OBS_INDEX / OBS_DIM / ACT_DIM / ACTION_LOW /
+ACTION_HIGH / TASKS / NEW_TASKS / ALL_TASKS; named getters (cube_position, pinch_position,
+...); stol, btol, compute_rewards, compute_success, task_reward; scripted_policy,
+collect_episode, env_spec.
+
 Controller (the paper's cell is not published; sawyer_facts.md): the Cartesian twist of the
 pinch point -> joint velocities by damped least squares on the site Jacobian + a null-space
 posture term, integrated by position-servo joint actuators over 25 physics steps of 2 ms;
@@ -477,7 +482,7 @@ class SawyerEnv(gym.Env):
         self._hand = name2id(mujoco.mjtObj.mjOBJ_BODY, "hand")
         self._cube_body = [name2id(mujoco.mjtObj.mjOBJ_BODY, c) for c in CUBES]
         self._cube_qpos = [m.jnt_qposadr[m.body_jntadr[b]] for b in self._cube_body]
-        self._pads = np.array([name2id(mujoco.mjtObj.mjOBJ_GEOM, f"{s}_pad") for s in ("left", "right")])
+        self._pads = [name2id(mujoco.mjtObj.mjOBJ_GEOM, f"{s}_pad") for s in ("left", "right")]
         gripper_bodies = [name2id(mujoco.mjtObj.mjOBJ_BODY, b)
                           for b in ("gripper", "left_finger", "right_finger")]
         self._is_gripper_geom = np.isin(m.geom_bodyid, gripper_bodies)  # [ngeom] bool
@@ -486,7 +491,8 @@ class SawyerEnv(gym.Env):
         self._gravity_cancel = [(b, -m.body_mass[b] * m.opt.gravity) for b in gripper_bodies]
         force_adr = m.sensor_adr[name2id(mujoco.mjtObj.mjOBJ_SENSOR, "wrist_force")]
         torque_adr = m.sensor_adr[name2id(mujoco.mjtObj.mjOBJ_SENSOR, "wrist_torque")]
-        self._force_slice, self._torque_slice = slice(force_adr, force_adr + 3), slice(torque_adr, torque_adr + 3)
+        self._force_slice = slice(force_adr, force_adr + 3)
+        self._torque_slice = slice(torque_adr, torque_adr + 3)
         self._jacp, self._jacr = np.zeros((3, m.nv)), np.zeros((3, m.nv))
         self._velocity = np.zeros(6)
         self._linear_first = np.array([3, 4, 5, 0, 1, 2])  # MuJoCo's [angular, linear] reordered
@@ -629,8 +635,8 @@ class SawyerEnv(gym.Env):
         high = np.maximum((WORKSPACE_CENTER + WORKSPACE_HALF - pinch) / LIMIT_APPROACH_TIME, 0.0)
         linear_velocity = np.clip(linear_velocity, low, high)
         yaw = math.atan2(rotation[1, 0], rotation[0, 0])
-        wrist_rate = float(np.clip(wrist_rate, min((-WRIST_YAW_LIMIT - yaw) / LIMIT_APPROACH_TIME, 0.0),
-                                   max((WRIST_YAW_LIMIT - yaw) / LIMIT_APPROACH_TIME, 0.0)))
+        wrist_rate = min(max(wrist_rate, min((-WRIST_YAW_LIMIT - yaw) / LIMIT_APPROACH_TIME, 0.0)),
+                         max((WRIST_YAW_LIMIT - yaw) / LIMIT_APPROACH_TIME, 0.0))
         # tool z held pointing down: angular velocity rotating tool z toward world -z
         tool_z = rotation[:, 2]  # tool_z x (0, 0, -1) = (-tool_z[1], tool_z[0], 0)
         angular_velocity = np.array([-ORIENTATION_GAIN * tool_z[1], ORIENTATION_GAIN * tool_z[0],
@@ -658,7 +664,8 @@ class SawyerEnv(gym.Env):
         if d.ncon == 0 or abs(command) < 2.0:
             return GRASP_NONE
         first, second = d.contact.geom1[:d.ncon], d.contact.geom2[:d.ncon]
-        outside_first, outside_second = ~self._is_gripper_geom[first], ~self._is_gripper_geom[second]
+        outside_first = ~self._is_gripper_geom[first]
+        outside_second = ~self._is_gripper_geom[second]
         for pad in self._pads:
             if not np.any(((first == pad) & outside_second) | ((second == pad) & outside_first)):
                 return GRASP_NONE
@@ -870,7 +877,7 @@ def collect_episode(env: SawyerEnv, task, rng: np.random.Generator, noise: float
     Returns arrays over the T <= EPISODE_STEPS steps: observation [T, obs_dim] (before the
     action), action [T, act_dim], reward [T, 9] (ALL_TASKS order, of the next observation),
     next_observation [T, obs_dim], discount [T] (0 after a termination), success [T, 9],
-    plus task (str), terminated (bool)."""
+    plus task (str), task_index (int, in ALL_TASKS), terminated (bool)."""
     observation, info = env.reset(seed=seed, options={"task": task} if task else None)
     task = info["task"]
     steps = {k: [] for k in ("observation", "action", "reward", "next_observation", "discount",
@@ -887,5 +894,19 @@ def collect_episode(env: SawyerEnv, task, rng: np.random.Generator, noise: float
         observation = next_observation
     episode = {k: np.asarray(v, dtype=bool if k == "success" else np.float32)
                for k, v in steps.items()}
-    episode.update(task=task, terminated=bool(terminated))
+    episode.update(task=task, task_index=ALL_TASKS.index(task), terminated=bool(terminated))
     return episode
+
+
+def env_spec() -> dict:
+    """JSON-serialisable description of the observation, action and tasks, for dataset
+    metadata and checkpoints (everything a policy needs to act on this env)"""
+    return {
+        "env": "sawyer", "obs_dim": OBS_DIM, "act_dim": ACT_DIM,
+        "observation_index": {name: [part.start, part.stop] for name, part in OBS_INDEX.items()},
+        "action_names": ["vx", "vy", "vz", "wrist_rate", "finger_rate"],
+        "action_low": ACTION_LOW.tolist(), "action_high": ACTION_HIGH.tolist(),
+        "tasks": list(ALL_TASKS), "executed_tasks": list(TASKS),
+        "control_timestep": CONTROL_TIMESTEP, "episode_steps": EPISODE_STEPS,
+        "robot_reset_period": ROBOT_RESET_PERIOD, "max_wrist_force": MAX_WRIST_FORCE,
+    }

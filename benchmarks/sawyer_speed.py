@@ -47,7 +47,8 @@ def success_rate(env, task: str, episodes: int, noise: float) -> tuple[float, fl
     column = se.ALL_TASKS.index(task)
     successes = terminations = 0
     for seed in range(episodes):
-        episode = se.collect_episode(env, task, np.random.default_rng(1000 + seed), noise, seed=seed)
+        rng = np.random.default_rng(1000 + seed)
+        episode = se.collect_episode(env, task, rng, noise, seed=seed)
         successes += bool(episode["success"][-1, column])
         terminations += episode["terminated"]
     return successes / episodes, terminations / episodes
@@ -77,7 +78,8 @@ def main():
               f"{statistics.median(runs) * se.CONTROL_TIMESTEP:.0f}x real time)")
     print(f"\nScripted policies, success at the last step over {args.episodes} episodes "
           f"(seeds 0-{args.episodes - 1}); terminated = ended by the 20 N rule\n")
-    print(f"| task | success, noise 0 | success, noise {args.noise} | terminated, noise {args.noise} |")
+    print(f"| task | success, noise 0 | success, noise {args.noise} "
+          f"| terminated, noise {args.noise} |")
     print("|---|---|---|---|")
     for task in se.ALL_TASKS:
         clean, _ = success_rate(env, task, args.episodes, 0.0)

@@ -106,7 +106,8 @@ def test_place_rewards():
     far = rewards_of(green=hover + [0.0, 0.2, 0.0], yellow=yellow)
     assert far[TASK["place_wide"]] == pytest.approx(0.05, abs=1e-4)
     # place_narrow: eps 0, margin 0.01 -> 1 exactly on target, 0.05 at 1 cm
-    assert rewards_of(green=hover, yellow=yellow)[TASK["place_narrow"]] == pytest.approx(1.0, abs=1e-6)
+    on_target = rewards_of(green=hover, yellow=yellow)
+    assert on_target[TASK["place_narrow"]] == pytest.approx(1.0, abs=1e-6)
     assert inside[TASK["place_narrow"]] == pytest.approx(stol_by_hand(0.0099, 0.01), abs=1e-4)
     assert rewards_of(green=hover + [0, 0, 0.01], yellow=yellow)[TASK["place_narrow"]] == \
         pytest.approx(0.05, abs=1e-4)
@@ -197,7 +198,8 @@ def test_commands_beyond_the_limits_are_clipped():
     _clear_the_cubes(clipped_env)
     assert np.array_equal(clipped_env.data.qpos, start)
     for _ in range(10):
-        clipped_observation, *_ = clipped_env.step(np.clip(ten_times, se.ACTION_LOW, se.ACTION_HIGH))
+        clipped = np.clip(ten_times, se.ACTION_LOW, se.ACTION_HIGH)
+        clipped_observation, *_ = clipped_env.step(clipped)
     np.testing.assert_array_equal(observation, clipped_observation)
     # and no axis moved faster than the limit (5% for the integration of the last step)
     observation, *_ = env.step(ten_times)
@@ -206,10 +208,14 @@ def test_commands_beyond_the_limits_are_clipped():
 
 
 def test_wrist_force_reads_zero_at_rest_and_pressing_into_the_table_terminates():
+    """pressing down onto the basket floor (resting on the table) ends the episode by the
+    20 N rule: within 5 control steps of the first contact"""
     env = se.SawyerEnv("reach")
     observation, _ = env.reset(seed=6)
     assert np.max(np.abs(se.wrist_force(observation))) < 0.5  # gravity on the gripper cancelled
     _clear_the_cubes(env)
+    # the pads reach below the pinch point by their half height, 0.0175 m
+    travel = se.pinch_position(observation)[2] - (se.FLOOR_Z + 0.0175)  # [m]
     first_contact = None
     for t in range(se.EPISODE_STEPS):
         observation, _, terminated, truncated, info = env.step(np.array([0, 0, -0.07, 0, 0]))
@@ -220,6 +226,8 @@ def test_wrist_force_reads_zero_at_rest_and_pressing_into_the_table_terminates()
     assert terminated and not truncated
     assert np.max(np.abs(info["wrist_force"])) > se.MAX_WRIST_FORCE
     assert t - first_contact <= 5  # 20 N within 5 control steps of touching (facts: 1-2)
+    # touching after the travel at 0.07 m/s plus 5 steps of acceleration
+    assert first_contact <= travel / (se.MAX_LINEAR_SPEED * se.CONTROL_TIMESTEP) + 5
 
 
 # ----------------------------------------------------------------------------------------
@@ -254,7 +262,8 @@ def test_collect_episode_is_reproducible_and_well_formed():
 # ----------------------------------------------------------------------------------------
 def _rollout(env, seed, steps=15):
     observation, _ = env.reset(seed=seed)
-    actions = np.random.default_rng(seed).uniform(se.ACTION_LOW, se.ACTION_HIGH, (steps, se.ACT_DIM))
+    rng = np.random.default_rng(seed)
+    actions = rng.uniform(se.ACTION_LOW, se.ACTION_HIGH, (steps, se.ACT_DIM))
     observations = [observation]
     for action in actions:
         observation, *_ = env.step(action.astype(np.float32))
@@ -284,7 +293,8 @@ def test_initial_state_is_randomised_and_no_observation_element_is_constant():
         assert np.all(np.ptp(yaw_part, axis=0) > 1e-2), cube
     episode = se.collect_episode(env, "stack", np.random.default_rng(0), 0.3, seed=0)
     seen = np.concatenate([starts, episode["next_observation"]])
-    constant = [name for name, part in se.OBS_INDEX.items() if np.any(np.ptp(seen[:, part], 0) == 0)]
+    constant = [name for name, part in se.OBS_INDEX.items()
+                if np.any(np.ptp(seen[:, part], axis=0) == 0)]
     assert constant == []
 
 
@@ -323,6 +333,16 @@ def test_random_task_protocol_keeps_the_robot_pose_for_20_episodes():
     # episodes 1..19 start where the last ended; episode 20 starts from a new random pose
     assert robot_kept[:19] == [True] * 19 and robot_kept[19] is False
     assert tasks <= set(se.TASKS) and len(tasks) >= 4
+    episode = se.collect_episode(env, None, np.random.default_rng(0))  # the env picks the task
+    assert episode["task"] in se.TASKS and se.ALL_TASKS[episode["task_index"]] == episode["task"]
+
+
+def test_env_spec_is_json_and_matches_the_index_map():
+    import json
+    spec = json.loads(json.dumps(se.env_spec()))
+    assert spec["obs_dim"] == se.OBS_DIM and spec["tasks"] == list(se.ALL_TASKS)
+    start, stop = spec["observation_index"]["green_pos"]
+    assert slice(start, stop) == se.OBS_INDEX["green_pos"]
 
 
 def test_check_env_passes():
