@@ -76,7 +76,7 @@ ACTUATOR_DAMPING = 50.0  # [Nm s/rad]
 DLS_DAMPING = 1e-4  # lambda of the damped least squares J^T (J J^T + lambda I)^-1
 POSTURE_GAIN = 0.5  # [1/s] null-space pull toward POSTURE_REFERENCE
 ORIENTATION_GAIN = 4.0  # [1/s] proportional term keeping the tool axis pointing down
-WRIST_YAW_LIMIT = math.pi / 2  # [rad] wrist rotation about vertical, from the start reference
+WRIST_YAW_LIMIT = math.pi / 2  # [rad] heading of the tool x axis from world x (DeepMind cell)
 LIMIT_APPROACH_TIME = 0.25  # [s] speed toward a workspace/wrist bound <= distance / this
 WORKSPACE_CENTER = np.array([0.6, 0.0, 0.17])  # [m] pinch point workspace (DeepMind cell)
 WORKSPACE_HALF = np.array([0.125, 0.125, 0.1])  # [m]
@@ -126,27 +126,30 @@ _OBS_LAYOUT = [
     ("wrist_pos", 3), ("wrist_quat", 4), ("wrist_vel", 6),
     ("wrist_force", 3), ("wrist_torque", 3),
     ("finger_angle", 1), ("finger_velocity", 1), ("grasp_flag", 1),
-]
-for _cube in CUBES:
-    _OBS_LAYOUT += [(f"{_cube}_pos", 3), (f"{_cube}_quat", 4), (f"{_cube}_vel", 6),
-                    (f"{_cube}_rel_pos", 3), (f"{_cube}_rel_quat", 4)]
-OBS_INDEX: dict = {}
-_start = 0
-for _name, _size in _OBS_LAYOUT:
-    OBS_INDEX[_name] = slice(_start, _start + _size)
-    _start += _size
-OBS_DIM = _start  # 103
-del _cube, _name, _size, _start
+] + [(f"{cube}_{part}", size) for cube in CUBES
+     for part, size in (("pos", 3), ("quat", 4), ("vel", 6), ("rel_pos", 3), ("rel_quat", 4))]
+
+
+def _index_map(layout) -> dict:
+    """[(name, size), ...] -> {name: slice} laid out back to back"""
+    ends = np.cumsum([size for _, size in layout])
+    return {name: slice(int(end - size), int(end)) for (name, size), end in zip(layout, ends)}
+
+
+OBS_INDEX = _index_map(_OBS_LAYOUT)
+OBS_DIM = OBS_INDEX[_OBS_LAYOUT[-1][0]].stop  # 103
 
 
 # ----------------------------------------------------------------------------------------
 # Named getters (work on [obs_dim] and [..., obs_dim])
 # ----------------------------------------------------------------------------------------
 def obs_field(observation: np.ndarray, name: str) -> np.ndarray:
+    """the named part of an observation (a view), e.g. obs_field(obs, "joint_pos")"""
     return observation[..., OBS_INDEX[name]]
 
 
 def cube_position(observation, cube="green"):
+    """cube centre in the world frame [m]"""
     return obs_field(observation, f"{cube}_pos")
 
 
@@ -156,30 +159,37 @@ def cube_relative_position(observation, cube="green"):
 
 
 def cube_relative_quaternion(observation, cube="green"):
+    """cube orientation in the pinch frame (w x y z)"""
     return obs_field(observation, f"{cube}_rel_quat")
 
 
 def wrist_position(observation):
+    """wrist (hand frame on link 6) in the world frame [m]"""
     return obs_field(observation, "wrist_pos")
 
 
 def wrist_quaternion(observation):
+    """wrist orientation (w x y z); its z axis is the tool axis"""
     return obs_field(observation, "wrist_quat")
 
 
 def wrist_force(observation):
+    """force at the gripper mount in the sensor frame [N], gripper weight cancelled"""
     return obs_field(observation, "wrist_force")
 
 
 def finger_angle(observation):
+    """gripper opening on the 0 (open, 85 mm) .. 255 (closed) scale"""
     return observation[..., OBS_INDEX["finger_angle"].start]
 
 
 def finger_velocity(observation):
+    """change of finger_angle over the last control step [units/step]"""
     return observation[..., OBS_INDEX["finger_velocity"].start]
 
 
 def grasp_flag(observation):
+    """1 no grasp, 2 inward grasp, 3 outward grasp"""
     return observation[..., OBS_INDEX["grasp_flag"].start]
 
 
@@ -309,10 +319,12 @@ _ARM_CHAIN = [
 ]
 _HAND_POS, _HAND_QUAT = "0 0 0.0245", "0.7071 0 0 0.7071"  # fixed on l6; the wrist frame
 _FT300_MASS, _GRIPPER_MASS, _FINGER_MASS = 0.3, 0.8, 0.05  # [kg] 0.8 + 2 x 0.05 = 0.9 kg
+PAD_HALF_HEIGHT = 0.0175  # [m] finger pads reach this far below the pinch point
 
 
 def _wall_quat(side: str) -> str:
-    """walls stand on the floor edges, tilted BASKET_WALL_TILT outward (local z = normal)"""
+    """orientation of a wall plate (local x = up the wall, local z = its normal) whose top
+    leans BASKET_WALL_TILT outward on the given side of the basket"""
     yaw = {"+x": 0.0, "-x": math.pi, "+y": math.pi / 2, "-y": -math.pi / 2}[side]
     # normal (local z) to world +x tipped down by the tilt, so the plate's top leans outward;
     # then turn the plate to its side
@@ -339,6 +351,7 @@ def _arm_xml() -> tuple:
 
 
 def _finger_xml(side: str) -> str:
+    """a slide finger: a link and a pad centred on the pinch point, inner face at the stroke"""
     sign = 1 if side == "left" else -1
     pad_y = sign * (FINGER_STROKE + 0.004)
     return f"""
@@ -346,9 +359,9 @@ def _finger_xml(side: str) -> str:
           <joint name="{side}_finger" type="slide" axis="0 {-sign} 0" range="0 {FINGER_STROKE}"
                  damping="2" armature="0.05"/>
           <geom class="robot" type="box" size="0.011 0.004 0.03" pos="0 {sign * 0.0505} 0.112"
-                mass="0.02" rgba="0.2 0.2 0.2 1"/>
-          <geom name="{side}_pad" class="pad" type="box" size="0.011 0.004 0.0175"
-                pos="0 {pad_y} {GRIPPER_LENGTH}" mass="0.03"/>
+                mass="{0.4 * _FINGER_MASS}" rgba="0.2 0.2 0.2 1"/>
+          <geom name="{side}_pad" class="pad" type="box" size="0.011 0.004 {PAD_HALF_HEIGHT}"
+                pos="0 {pad_y} {GRIPPER_LENGTH}" mass="{0.6 * _FINGER_MASS}"/>
         </body>"""
 
 
@@ -451,8 +464,11 @@ class SawyerEnv(gym.Env):
     task="random": at each reset a task is drawn uniformly from TASKS (the seven executed
     tasks), the robot pose is re-randomised on the first episode, every ROBOT_RESET_PERIOD
     episodes and after a termination, and otherwise starts where the last episode ended; the
-    cubes are dropped afresh every episode. `reset(options={"task": name})` forces a task,
+    cubes are dropped afresh every episode. Seed only the first reset: a seeded reset starts
+    the protocol again. `reset(options={"task": name})` forces a task,
     `options={"randomize_robot": bool}` forces or skips the robot re-randomisation.
+    step() returns the task's reward and info with "rewards" ([9], ALL_TASKS order),
+    "successes" ([9] bool), "success", "task", "task_index" and "wrist_force" ([3] N).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": round(1 / CONTROL_TIMESTEP)}

@@ -214,8 +214,7 @@ def test_wrist_force_reads_zero_at_rest_and_pressing_into_the_table_terminates()
     observation, _ = env.reset(seed=6)
     assert np.max(np.abs(se.wrist_force(observation))) < 0.5  # gravity on the gripper cancelled
     _clear_the_cubes(env)
-    # the pads reach below the pinch point by their half height, 0.0175 m
-    travel = se.pinch_position(observation)[2] - (se.FLOOR_Z + 0.0175)  # [m]
+    travel = se.pinch_position(observation)[2] - (se.FLOOR_Z + se.PAD_HALF_HEIGHT)  # [m]
     first_contact = None
     for t in range(se.EPISODE_STEPS):
         observation, _, terminated, truncated, info = env.step(np.array([0, 0, -0.07, 0, 0]))
