@@ -200,6 +200,10 @@ def _norm(v):
 
 def quat_to_matrix(q: np.ndarray) -> np.ndarray:
     """[..., 4] (w x y z) -> [..., 3, 3]"""
+    if q.ndim == 1:  # one quaternion: MuJoCo's routine is ~20x faster than the batched maths
+        matrix = np.empty(9)
+        mujoco.mju_quat2Mat(matrix, q.astype(np.float64) / _norm(q))
+        return matrix.reshape(3, 3)
     q = q / np.linalg.norm(q, axis=-1, keepdims=True)
     w, x, y, z = np.moveaxis(q, -1, 0)
     return np.stack([
@@ -781,7 +785,7 @@ def _alignment_turn(observation, cube="green"):
         c, s = math.cos(turn), math.sin(turn)
         direction = np.array([c * closing[0] - s * closing[1], s * closing[0] + c * closing[1]])
         fingers = [target + side * FINGER_CLEARANCE_POINT * direction for side in (-1, 1)]
-        clearance = min(np.linalg.norm(f - o) for f in fingers for o in others)
+        clearance = min(math.dist(f, o) for f in fingers for o in others)
         if clearance >= FINGER_CLEARANCE:
             return turn
         if clearance > best_clearance:

@@ -58,6 +58,14 @@ def test_stol_check_points_and_edges():
     assert batch.shape == (4, 3) and np.allclose(batch, 0.6148, atol=1e-4)
 
 
+def test_stol_equals_dm_control_tolerance_outside_eps():
+    rewards = pytest.importorskip("dm_control.utils.rewards")
+    distances = np.linspace(0.02, 0.5, 97)
+    expected = rewards.tolerance(distances, bounds=(0, 0), margin=0.15, sigmoid="tanh_squared",
+                                 value_at_margin=0.05)
+    np.testing.assert_allclose(se.stol(distances, 0.02, 0.15), expected, atol=1e-12)
+
+
 def test_btol_is_strict():
     np.testing.assert_array_equal(se.btol([0.0, 0.0299999, -0.0299999, 0.03, 0.0300001], 0.03),
                                   [1, 1, 1, 0, 0])
