@@ -25,6 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sawyer_env as se  # noqa: E402
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def steps_per_second(env, episodes: int, scripted: bool, seed: int) -> float:
     rng = np.random.default_rng(seed)
     steps, start = 0, time.perf_counter()
@@ -68,8 +78,8 @@ def main():
     except ImportError:
         pass
     env = se.SawyerEnv("stack")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-          f"visible, Python {platform.python_version()}, one thread")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores visible, Python "
+          f"{platform.python_version()}, mujoco {se.mujoco.__version__}, one thread")
     for label, scripted in (("random actions", False), ("scripted stack policy", True)):
         runs = [steps_per_second(env, args.speed_episodes, scripted, seed=100 * r)
                 for r in range(args.repeats)]

@@ -352,8 +352,9 @@ def test_env_spec_is_json_and_matches_the_index_map():
     assert slice(start, stop) == se.OBS_INDEX["green_pos"]
 
 
-def test_check_env_passes():
-    check_env(se.SawyerEnv("stack"), skip_render_check=True)
+@pytest.mark.parametrize("task", ["stack", "random"])
+def test_check_env_passes(task):
+    check_env(se.SawyerEnv(task), skip_render_check=True)
 
 
 def test_render_rgb_array():
