@@ -324,6 +324,7 @@ _ARM_CHAIN = [
 _HAND_POS, _HAND_QUAT = "0 0 0.0245", "0.7071 0 0 0.7071"  # fixed on l6; the wrist frame
 _FT300_MASS, _GRIPPER_MASS, _FINGER_MASS = 0.3, 0.8, 0.05  # [kg] 0.8 + 2 x 0.05 = 0.9 kg
 PAD_HALF_HEIGHT = 0.0175  # [m] finger pads reach this far below the pinch point
+PAD_HALF_THICKNESS = 0.004  # [m] pads' inner faces meet at the pinch point when closed
 
 
 def _wall_quat(side: str) -> str:
@@ -357,14 +358,15 @@ def _arm_xml() -> tuple:
 def _finger_xml(side: str) -> str:
     """a slide finger: a link and a pad centred on the pinch point, inner face at the stroke"""
     sign = 1 if side == "left" else -1
-    pad_y = sign * (FINGER_STROKE + 0.004)
+    pad_y = sign * (FINGER_STROKE + PAD_HALF_THICKNESS)
     return f"""
         <body name="{side}_finger">
           <joint name="{side}_finger" type="slide" axis="0 {-sign} 0" range="0 {FINGER_STROKE}"
                  damping="2" armature="0.05"/>
           <geom class="robot" type="box" size="0.011 0.004 0.03" pos="0 {sign * 0.0505} 0.112"
                 mass="{0.4 * _FINGER_MASS}" rgba="0.2 0.2 0.2 1"/>
-          <geom name="{side}_pad" class="pad" type="box" size="0.011 0.004 {PAD_HALF_HEIGHT}"
+          <geom name="{side}_pad" class="pad" type="box"
+                size="0.011 {PAD_HALF_THICKNESS} {PAD_HALF_HEIGHT}"
                 pos="0 {pad_y} {GRIPPER_LENGTH}" mass="{0.6 * _FINGER_MASS}"/>
         </body>"""
 
@@ -599,7 +601,7 @@ class SawyerEnv(gym.Env):
     def _place_cubes(self, pinch):
         """uniform in the facts' box, centres >= CUBE_MIN_SPACING apart and clear of a low hand"""
         rng, placed = self.np_random, []
-        hand_low = pinch[2] < CUBE_DROP_Z + 0.08
+        hand_low = pinch[2] < CUBE_DROP_Z + 0.08  # the fingers could reach a dropped cube
         while len(placed) < len(CUBES):
             xy = np.array([rng.uniform(*CUBE_X_RANGE), rng.uniform(*CUBE_Y_RANGE)])
             if any(np.linalg.norm(xy - other) < CUBE_MIN_SPACING for other in placed):
@@ -752,8 +754,13 @@ CARRY_CLEARANCE = 0.08  # [m] green cube centre above the yellow cube's while ca
 LIFT_TARGET = 0.12  # [m] lift_height the lift policy aims for (reward 1 above 0.10)
 LEAVE_HEIGHT = {"stack": 0.04, "stack_and_leave": 0.10, "center": 0.06, "corner": 0.06}  # [m]
 OPEN_ANGLE, RELEASED_ANGLE, FAILED_GRASP_ANGLE = 15.0, 100.0, 230.0  # [gripper units]
-ALIGN_XY, ALIGN_YAW, AT_GRASP_Z = 0.012, 0.15, 0.015  # [m], [rad], [m]
-PLACE_XY, PLACE_Z = 0.01, 0.006  # [m] release when the green cube is this close to its target
+ALIGN_XY, ALIGN_YAW, AT_GRASP_Z = 0.012, 0.15, 0.015  # [m], [rad], [m] close the gripper
+DESCEND_XY = 0.015  # [m] the open gripper descends onto the cube when this close horizontally
+SIDEWAYS_CLEARANCE = 0.04  # [m] pinch above the cube centre before moving sideways (> 3 cm)
+PLACE_XY = 0.01  # [m] a carried cube is lowered onto its target when this close horizontally
+PLACED_XY, PLACED_Z = 0.015, 0.01  # [m] the cube counts as placed: release, then leave
+PLACE_GAP = 0.002  # [m] placing targets sit this far above the surface below
+CARRY_MIN_Z = FLOOR_Z + 1.5 * CUBE_SIZE + 0.01  # [m] carried cube clears a resting one by 1 cm
 FINGER_CLEARANCE_POINT = 0.05  # [m] open finger pads from the pinch point
 FINGER_CLEARANCE = 0.05  # [m] wanted between an open finger and another cube's centre
 GENTLE_FORCE = 10.0  # [N] wrist force at which the scripted policy backs off upward
@@ -806,13 +813,13 @@ def _green_target(task, observation):
     if task in ("place_wide", "place_narrow"):
         return yellow + [0.0, 0.0, 0.05], False
     if task in ("stack", "stack_and_leave"):
-        return yellow + [0.0, 0.0, CUBE_SIZE + 0.002], True
+        return yellow + [0.0, 0.0, CUBE_SIZE + PLACE_GAP], True
     if task in ("center", "corner"):
-        target = (CENTER_TARGET if task == "center" else CORNER_TARGET) + [0.0, 0.0, 0.002]
+        target = (CENTER_TARGET if task == "center" else CORNER_TARGET) + [0.0, 0.0, PLACE_GAP]
         for other in ("yellow", "blue"):  # a cube in the way: put green on top of it
             below = cube_position(observation, other)
             if np.linalg.norm(below[:2] - target[:2]) < CUBE_SIZE:
-                target[2] = max(target[2], below[2] + CUBE_SIZE + 0.002)
+                target[2] = max(target[2], below[2] + CUBE_SIZE + PLACE_GAP)
         return target, True
     return green.astype(np.float64), False  # grasp: hold it where it is
 
@@ -823,13 +830,14 @@ def _velocity_toward(current, target):
 
 
 def _clean_action(task, observation) -> np.ndarray:
+    """the noiseless scripted action: a priority list of situations read off the observation"""
     pinch = pinch_position(observation.astype(np.float64))
     green = cube_position(observation, "green").astype(np.float64)
     angle, finger_rate = float(finger_angle(observation)), float(finger_velocity(observation))
     velocity, wrist_rate, fingers = np.zeros(3), 0.0, 0.0
     target, release = _green_target(task, observation)
-    placed = release and np.linalg.norm(green[:2] - target[:2]) < PLACE_XY + 0.005 and \
-        abs(green[2] - target[2]) < PLACE_Z + 0.004
+    placed = (release and np.linalg.norm(green[:2] - target[:2]) < PLACED_XY
+              and abs(green[2] - target[2]) < PLACED_Z)
     if task != "reach" and _holding_green(observation):
         fingers = MAX_FINGER_RATE
         if placed:  # at the target: open the gripper without moving
@@ -837,7 +845,7 @@ def _clean_action(task, observation) -> np.ndarray:
         elif np.linalg.norm(target[:2] - green[:2]) > PLACE_XY:  # carry at a safe height first
             carry = max(target[2], cube_position(observation, "yellow")[2] + CARRY_CLEARANCE)
             move = _velocity_toward(green, [target[0], target[1], carry])
-            if green[2] < FLOOR_Z + 1.5 * CUBE_SIZE + 0.01:  # rise above the other cubes first
+            if green[2] < CARRY_MIN_Z:  # rise above the other cubes first
                 move[:2] = 0.0
             velocity = move
         else:
@@ -855,7 +863,7 @@ def _clean_action(task, observation) -> np.ndarray:
         hover = green + [0.0, 0.0, HOVER_HEIGHT]
         if task == "reach":
             fingers = -MAX_FINGER_RATE
-            descend = xy_error < ALIGN_XY + 0.003 and aligned
+            descend = xy_error < DESCEND_XY and aligned
             velocity = _velocity_toward(pinch, green if descend else hover)
         elif at_grasp and angle < FAILED_GRASP_ANGLE and finger_rate >= 0:
             fingers = MAX_FINGER_RATE  # close while centring on the cube
@@ -865,11 +873,12 @@ def _clean_action(task, observation) -> np.ndarray:
         elif angle > OPEN_ANGLE:  # open before descending
             fingers = -MAX_FINGER_RATE
             velocity = _velocity_toward(pinch, [pinch[0], pinch[1], max(pinch[2], hover[2])])
-        elif xy_error < ALIGN_XY + 0.003 and aligned:
+        elif xy_error < DESCEND_XY and aligned:
             velocity = _velocity_toward(pinch, green)
         else:
             velocity = _velocity_toward(pinch, hover)
-            if pinch[2] < green[2] + 0.04 and xy_error > 0.03:  # rise before moving sideways
+            if pinch[2] < green[2] + SIDEWAYS_CLEARANCE and xy_error > 2 * DESCEND_XY:
+                # rise before moving sideways
                 velocity[:2] = 0.0
     if np.max(np.abs(wrist_force(observation))) > GENTLE_FORCE:  # pressing on something
         velocity[2] = MAX_LINEAR_SPEED
