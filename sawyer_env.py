@@ -664,10 +664,16 @@ class SawyerEnv(gym.Env):
         angular_velocity = np.array([-ORIENTATION_GAIN * tool_z[1], ORIENTATION_GAIN * tool_z[0],
                                      wrist_rate])
         twist = np.concatenate([linear_velocity, angular_velocity])
-        jac = self._jacobian()
-        qd = jac.T @ np.linalg.solve(jac @ jac.T + DLS_DAMPING * np.eye(6), twist)
-        null_space = np.eye(7) - np.linalg.pinv(jac) @ jac
-        qd += null_space @ (POSTURE_GAIN * (POSTURE_REFERENCE - d.qpos[self._arm_qpos]))
+        jac = self._jacobian()  # [6, 7]
+        jac_jac_t = jac @ jac.T
+        qd = jac.T @ np.linalg.solve(jac_jac_t + DLS_DAMPING * np.eye(6), twist)
+        # null-space projector with the true pseudo-inverse J^T (J J^T)^-1 (J has full row
+        # rank inside the workspace; np.linalg.pinv only if it does not)
+        posture = POSTURE_GAIN * (POSTURE_REFERENCE - d.qpos[self._arm_qpos])
+        try:
+            qd += posture - jac.T @ np.linalg.solve(jac_jac_t, jac @ posture)
+        except np.linalg.LinAlgError:
+            qd += posture - np.linalg.pinv(jac) @ (jac @ posture)
         return qd / max(1.0, np.max(np.abs(qd) / JOINT_VELOCITY_LIMITS))
 
     def _jacobian(self) -> np.ndarray:
