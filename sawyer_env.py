@@ -18,20 +18,23 @@ Differences from the paper:
   floor), 0.02, 0.25); the corner's margin is wider because the cubes start farther from it.
 - The 2F-85's four-bar linkage is two coupled slide fingers; the finger action is the rate
   of the gripper's position target (0-255 units/s), the target is kept within 25 units of
-  the fingers (no hidden wind-up). Finger angle/velocity are floats, not integers.
-- Grasp flag 2 (inward) / 3 (outward) when both pads touch something other than the gripper
-  and the position target is >= 2 units beyond the fingers ("command" of the real cell).
+  the fingers (bounded unobserved wind-up). Finger angle/velocity are floats, not integers.
+- The paper's grasp flag is "binary"; here it has the values of DeepMind's cell: 1 none,
+  2 inward, 3 outward grasp, set when both pads touch something other than the gripper and
+  the position target is >= 2 units beyond the fingers (the real cell's "command").
 - "End effector" in the rewards is the pinch point between the finger pads.
 - The wrist force is read once per control step (end of the step), as in the observation.
 - The §5.2 protocol (`task="random"`): between the 20-episode robot re-randomisations the
   robot starts where the last episode ended (also re-randomised after a 20 N termination);
   the cubes are dropped afresh every episode. The start yaw of the tool is uniform in +-45 deg.
 - The basket walls' centres sit at the basket centre's height (the facts give no height).
+- The paper's data came from MPO learners; `scripted_policy` is this project's behaviour
+  policy for collecting data quickly (success rates: benchmarks/sawyer_speed.py).
 
 Public API: SawyerEnv(task, render_mode); OBS_INDEX / OBS_DIM / ACT_DIM / ACTION_LOW /
 ACTION_HIGH / TASKS / NEW_TASKS / ALL_TASKS; named getters (cube_position, pinch_position,
-...); stol, btol, compute_rewards, compute_success, task_reward; scripted_policy,
-collect_episode, env_spec.
+...); stol, btol, compute_rewards, compute_success, task_reward, REWARD_FUNCTIONS;
+scripted_policy, collect_episode, env_spec.
 
 Controller (the paper's cell is not published; sawyer_facts.md): the Cartesian twist of the
 pinch point -> joint velocities by damped least squares on the site Jacobian + a null-space
@@ -39,6 +42,7 @@ posture term, integrated by position-servo joint actuators over 25 physics steps
 tool z held down by a proportional term; the pinch point cannot leave the workspace box.
 """
 
+import functools
 import math
 
 import gymnasium as gym
@@ -290,6 +294,10 @@ def compute_rewards(observation) -> np.ndarray:
 def task_reward(observation, task: str) -> np.ndarray:
     """[..., obs_dim] -> [...] reward of one task"""
     return compute_rewards(observation)[..., ALL_TASKS.index(task)]
+
+
+# one pure function per task: REWARD_FUNCTIONS["stack"](observation) -> [...]
+REWARD_FUNCTIONS = {task: functools.partial(task_reward, task=task) for task in ALL_TASKS}
 
 
 def compute_success(observation, rewards=None) -> np.ndarray:

@@ -159,6 +159,8 @@ def test_rewards_are_batched_and_bounded():
     assert rewards.shape == (50, 9)
     assert np.all((rewards >= 0) & (rewards <= 1))
     np.testing.assert_array_equal(rewards[7], se.compute_rewards(batch[7]))
+    for task, column in TASK.items():
+        np.testing.assert_array_equal(se.REWARD_FUNCTIONS[task](batch), rewards[:, column])
 
 
 # ----------------------------------------------------------------------------------------
