@@ -1,0 +1,179 @@
+"""End to end: collect.py and abm_mpo.py as a user runs them, the run directory, resume, and
+one-sentence errors for bad input. Budgets are tiny; learning itself is tested elsewhere."""
+
+import contextlib
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import abm_mpo
+import bm_mpo
+from tests.conftest import ROOT, SMOKE_ENV, write_random_dataset
+
+TINY = ["--batch-size", "16", "--num-action-samples", "4", "--policy-layers", "32", "32",
+        "--critic-layers", "32", "32", "--eval-episodes", "1", "--device", "cpu"]
+
+
+def run_script(script, *arguments, cwd=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "egl"}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, arguments)], capture_output=True,
+                          text=True, cwd=cwd or ROOT, env=env, timeout=600)
+
+
+def tiny_args(module, dataset, run_dir, **overrides):
+    settings = dict(env=SMOKE_ENV, dataset=str(dataset), run_dir=str(run_dir), batch_size=16, num_action_samples=4,
+                    policy_layers=(32, 32), critic_layers=(32, 32), eval_episodes=1, device="cpu",
+                    total_steps=8, eval_every=4, checkpoint_every=4, target_update_period=3)
+    return module.Args(**{**settings, **overrides})
+
+
+def quiet(function, *args):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return function(*args)
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_smoke_collect_then_abm_mpo_writes_the_whole_run_directory(tmp_path):
+    dataset = tmp_path / "cartpole.npz"
+    collected = run_script("collect.py", "--env", SMOKE_ENV, "--output", dataset, "--episodes", "2",
+                           "--warmup-steps", "500", "--steps-per-update", "100", "--batch-size", "32",
+                           "--policy-layers", "32", "32", "--critic-layers", "32", "32")
+    assert collected.returncode == 0, collected.stderr
+    run_dir = tmp_path / "run"
+    result = run_script("abm_mpo.py", "--env", SMOKE_ENV, "--dataset", dataset, "--run-dir", run_dir,
+                        "--total-steps", "6", "--eval-every", "3", "--checkpoint-every", "3", *TINY)
+    assert result.returncode == 0, result.stderr
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["script"] == "abm_mpo" and config["args"]["prior"] == "abm"
+    assert config["dataset"] == str(dataset) and len(config["dataset_sha256"]) == 64
+    assert {"torch", "numpy", "mujoco", "gymnasium"} <= set(config["versions"])
+    rows = read_metrics(run_dir)
+    assert [int(row["step"]) for row in rows] == [3, 6]
+    for column in ("eval/return", "eval/prior_return", "losses/critic", "losses/prior", "losses/policy",
+                   "charts/temperature", "charts/kl_mean", "charts/kl_std", "charts/abm_accepted_fraction"):
+        assert all(row[column] != "" for row in rows), column
+    assert 0 <= float(rows[-1]["eval/return"]) <= 1000  # cartpole-balance: reward in [0, 1] per step
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 6 and {"agent", "optimizer", "rng", "spec"} <= set(state)
+    assert not list(run_dir.glob("*.tmp"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # Final return = mean of the last 10% of evaluations, here the last one of two.
+    assert summary["evaluations"] == 2
+    assert summary["final/return"] == pytest.approx(float(rows[-1]["eval/return"]))
+    assert summary["final/prior_return"] == pytest.approx(float(rows[-1]["eval/prior_return"]))
+    with np.load(dataset) as archive:
+        episode_returns = np.bincount(archive["episode_id"], weights=archive["reward"][:, 0])
+    assert summary["best_episode_return_in_dataset"][SMOKE_ENV] == pytest.approx(episode_returns.max(), rel=1e-5)
+
+
+def test_resume_continues_from_the_saved_step_exactly(random_dataset, tmp_path):
+    straight = tiny_args(abm_mpo, random_dataset, tmp_path / "straight")
+    quiet(abm_mpo.train, straight)
+    first_half = tiny_args(abm_mpo, random_dataset, tmp_path / "resumed", total_steps=4)
+    quiet(abm_mpo.train, first_half)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 4
+    resumed = tiny_args(abm_mpo, random_dataset, None, resume=str(tmp_path / "resumed"))
+    quiet(abm_mpo.train, resumed)
+
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert b["step"] == 8
+    for name, tensor in a["agent"].items():
+        assert torch.equal(tensor, b["agent"][name]), name
+    rows_a, rows_b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in rows_b] == ["4", "8"]
+    for row_a, row_b in zip(rows_a, rows_b):
+        assert {k: v for k, v in row_a.items() if k != "charts/updates_per_second"} == \
+               {k: v for k, v in row_b.items() if k != "charts/updates_per_second"}
+
+
+def test_bm_mpo_equals_abm_mpo_with_bm_prior(random_dataset, tmp_path):
+    quiet(bm_mpo.train, tiny_args(bm_mpo, random_dataset, tmp_path / "bm_mpo"))
+    quiet(abm_mpo.train, tiny_args(abm_mpo, random_dataset, tmp_path / "abm_mpo", prior="bm"))
+    rows_bm, rows_abm = read_metrics(tmp_path / "bm_mpo"), read_metrics(tmp_path / "abm_mpo")
+    assert len(rows_bm) == len(rows_abm) == 2
+    for row_bm, row_abm in zip(rows_bm, rows_abm):
+        for key in row_bm:
+            if key.startswith(("losses/", "eval/", "charts/kl", "charts/temperature", "charts/q")):
+                assert row_bm[key] == row_abm[key], key
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(random_dataset, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    quiet(abm_mpo.train, tiny_args(abm_mpo, random_dataset, run_dir, total_steps=4))
+    checkpoint = (run_dir / "checkpoint.pt").read_bytes()
+    metrics = (run_dir / "metrics.csv").read_text()
+
+    real_critic_loss = abm_mpo.critic_loss
+
+    def poisoned(*args, **kwargs):
+        loss, info = real_critic_loss(*args, **kwargs)
+        return loss * float("nan"), {**info, "losses/critic": loss.detach() * float("nan")}
+
+    monkeypatch.setattr(abm_mpo, "critic_loss", poisoned)
+    with pytest.raises(abm_mpo.UserError, match=r"non-finite loss \['losses/critic'\] at update 5") as error:
+        quiet(abm_mpo.train, tiny_args(abm_mpo, random_dataset, None, resume=str(run_dir)))
+    assert "\n" not in str(error.value) and "checkpoint.pt keeps the last good state" in str(error.value)
+    assert (run_dir / "checkpoint.pt").read_bytes() == checkpoint
+    assert (run_dir / "metrics.csv").read_text() == metrics
+
+
+def one_line_error(result, phrase):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert phrase in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("script", ["abm_mpo.py", "bm_mpo.py", "abm_svg.py", "bcq.py", "bear.py"])
+def test_unknown_env_is_one_sentence(script, tmp_path):
+    result = run_script(script, "--env", "no-such-env", "--run-dir", tmp_path / "run", *TINY[-2:])
+    one_line_error(result, "unknown env 'no-such-env'")
+    assert not (tmp_path / "run").exists()  # checked before anything is written
+
+
+def test_bad_dataset_inputs_are_one_sentence(tmp_path):
+    result = run_script("abm_mpo.py", "--env", SMOKE_ENV, "--dataset", tmp_path / "absent.npz",
+                        "--run-dir", tmp_path / "a", *TINY)
+    one_line_error(result, "does not exist")
+    other_env = write_random_dataset(tmp_path / "other.npz", obs_dim=3, act_dim=2)
+    result = run_script("abm_mpo.py", "--env", SMOKE_ENV, "--dataset", other_env, "--run-dir", tmp_path / "b", *TINY)
+    one_line_error(result, "is it for another env")
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"not a zip file at all")
+    result = run_script("bm_mpo.py", "--env", SMOKE_ENV, "--dataset", corrupt, "--run-dir", tmp_path / "c", *TINY)
+    one_line_error(result, "cannot be read")
+
+
+def test_unwritable_run_dir_is_one_sentence(random_dataset, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    result = run_script("abm_mpo.py", "--env", SMOKE_ENV, "--dataset", random_dataset,
+                        "--run-dir", blocker / "run", *TINY)
+    one_line_error(result, "is not writable")
+    assert blocker.read_text() == "keep me"
+
+
+def test_resume_refuses_another_script_or_config(random_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    quiet(abm_mpo.train, tiny_args(abm_mpo, random_dataset, run_dir, total_steps=2))
+    checkpoint = (run_dir / "checkpoint.pt").read_bytes()
+    with pytest.raises(bm_mpo.UserError, match="it is a run of abm_mpo, not bm_mpo"):
+        quiet(bm_mpo.train, tiny_args(bm_mpo, random_dataset, None, resume=str(run_dir)))
+    with pytest.raises(abm_mpo.UserError, match="--batch-size was 16"):
+        quiet(abm_mpo.train, tiny_args(abm_mpo, random_dataset, None, resume=str(run_dir), batch_size=8))
+    assert (run_dir / "checkpoint.pt").read_bytes() == checkpoint
