@@ -778,6 +778,7 @@ class PerturbationModel(nn.Module):
         return torch.clamp(action + perturbation, self.low, self.high)
 
 
+# --- shared block: twin critic ---
 class TwinCritic(nn.Module):
     """Two independent Q functions (clipped double Q): [K, N, obs], [K, N, act] -> [2, K, N]."""
 
@@ -788,6 +789,33 @@ class TwinCritic(nn.Module):
 
     def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.q1(observation, action), self.q2(observation, action)])
+
+
+def clipped_double_q_target(next_q: torch.Tensor, reward: torch.Tensor, discount: torch.Tensor,
+                            gamma: float, double_q_lambda: float) -> tuple[torch.Tensor, dict]:
+    # Soft clipped double Q-learning (BCQ paper Sec. 4; BEAR-QL's backup), maximised over M sampled actions:
+    # y = r + gamma * d * max_j [lambda * min_i Q_i(s', a_j) + (1 - lambda) * max_i Q_i(s', a_j)].
+    # next_q: [2, M, K, B]; reward, discount: [K, B].
+    mixed = double_q_lambda * next_q.min(0).values + (1 - double_q_lambda) * next_q.max(0).values  # [M, K, B]
+    target = reward + gamma * discount * mixed.max(0).values
+    return target, {"charts/target_q": target.mean()}
+
+
+def twin_critic_loss(q: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    # Both Q functions regress to the same target; the squared errors are summed over the two Qs.
+    loss = (q - target).pow(2).mean(dim=(1, 2)).sum()  # q: [2, K, B]
+    return loss, {"losses/critic": loss.detach(), "charts/q": q.detach().mean()}
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float, name: str) -> None:
+    """Adam step of one learner (one optimiser per network, as the originals), gradients clipped."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {name}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], max_grad_norm)
+    optimizer.step()
+# --- end shared block ---
 
 
 def repeat_states(observation: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -811,22 +839,6 @@ def vae_loss(reconstruction: torch.Tensor, action: torch.Tensor, latent_mean: to
     loss = reconstruction_loss + kl_weight * kl
     return loss, {"losses/vae": loss.detach(), "losses/vae_reconstruction": reconstruction_loss.detach(),
                   "charts/vae_kl": kl.detach()}
-
-
-def clipped_double_q_target(next_q: torch.Tensor, reward: torch.Tensor, discount: torch.Tensor,
-                            gamma: float, double_q_lambda: float) -> tuple[torch.Tensor, dict]:
-    # BCQ paper Sec. 4, soft clipped double Q-learning, maximised over the M sampled actions:
-    # y = r + gamma * d * max_j [lambda * min_i Q_i(s', a_j) + (1 - lambda) * max_i Q_i(s', a_j)].
-    # next_q: [2, M, K, B]; reward, discount: [K, B].
-    mixed = double_q_lambda * next_q.min(0).values + (1 - double_q_lambda) * next_q.max(0).values  # [M, K, B]
-    target = reward + gamma * discount * mixed.max(0).values
-    return target, {"charts/target_q": target.mean()}
-
-
-def twin_critic_loss(q: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    # Both Q functions regress to the same target; the squared errors are summed over the two Qs.
-    loss = (q - target).pow(2).mean(dim=(1, 2)).sum()  # q: [2, K, B]
-    return loss, {"losses/critic": loss.detach(), "charts/q": q.detach().mean()}
 
 
 def perturbation_actor_loss(q1: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -862,15 +874,6 @@ def make_optimizers(agent: Agent, args: Args) -> dict[str, torch.optim.Optimizer
     """One Adam per learner, as in the original (the actor's loss must not move the critic)."""
     return {name: torch.optim.Adam(getattr(agent, name).parameters(), lr=args.learning_rate)
             for name in ("vae", "critic", "perturbation")}
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float, name: str) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {name}")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], max_grad_norm)
-    optimizer.step()
 
 
 def update(agent: Agent, optimizers: dict, batch: dict, args: Args, generator: torch.Generator) -> dict:

@@ -763,6 +763,7 @@ MIN_MULTIPLIER = 1e-3  # Appendix B.2: the multiplier is projected to max(alpha,
 LOG_MULTIPLIER_RANGE = (-5.0, 10.0)  # the original BEAR's clamp of log alpha
 
 
+# --- shared block: twin critic ---
 class TwinCritic(nn.Module):
     """Two independent Q functions (clipped double Q): [K, N, obs], [K, N, act] -> [2, K, N]."""
 
@@ -773,6 +774,33 @@ class TwinCritic(nn.Module):
 
     def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.q1(observation, action), self.q2(observation, action)])
+
+
+def clipped_double_q_target(next_q: torch.Tensor, reward: torch.Tensor, discount: torch.Tensor,
+                            gamma: float, double_q_lambda: float) -> tuple[torch.Tensor, dict]:
+    # Soft clipped double Q-learning (BCQ paper Sec. 4; BEAR-QL's backup), maximised over M sampled actions:
+    # y = r + gamma * d * max_j [lambda * min_i Q_i(s', a_j) + (1 - lambda) * max_i Q_i(s', a_j)].
+    # next_q: [2, M, K, B]; reward, discount: [K, B].
+    mixed = double_q_lambda * next_q.min(0).values + (1 - double_q_lambda) * next_q.max(0).values  # [M, K, B]
+    target = reward + gamma * discount * mixed.max(0).values
+    return target, {"charts/target_q": target.mean()}
+
+
+def twin_critic_loss(q: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    # Both Q functions regress to the same target; the squared errors are summed over the two Qs.
+    loss = (q - target).pow(2).mean(dim=(1, 2)).sum()  # q: [2, K, B]
+    return loss, {"losses/critic": loss.detach(), "charts/q": q.detach().mean()}
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float, name: str) -> None:
+    """Adam step of one learner (one optimiser per network, as the originals), gradients clipped."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {name}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], max_grad_norm)
+    optimizer.step()
+# --- end shared block ---
 
 
 def sampled_q(critic: TwinCritic, observation: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -810,22 +838,6 @@ def mmd_gaussian(x: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tensor
 
 
 # Loss functions.
-def clipped_double_q_target(next_q: torch.Tensor, reward: torch.Tensor, discount: torch.Tensor,
-                            gamma: float, double_q_lambda: float) -> tuple[torch.Tensor, dict]:
-    # BEAR paper Algorithm 1 (the BCQ backup), maximised over the M actor samples:
-    # y = r + gamma * d * max_j [lambda * min_i Q_i(s', a_j) + (1 - lambda) * max_i Q_i(s', a_j)].
-    # next_q: [2, M, K, B]; reward, discount: [K, B].
-    mixed = double_q_lambda * next_q.min(0).values + (1 - double_q_lambda) * next_q.max(0).values  # [M, K, B]
-    target = reward + gamma * discount * mixed.max(0).values
-    return target, {"charts/target_q": target.mean()}
-
-
-def twin_critic_loss(q: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    # Both Q functions regress to the same target; the squared errors are summed over the two Qs.
-    loss = (q - target).pow(2).mean(dim=(1, 2)).sum()  # q: [2, K, B]
-    return loss, {"losses/critic": loss.detach(), "charts/q": q.detach().mean()}
-
-
 def bear_actor_loss(q: torch.Tensor, divergence: torch.Tensor, multiplier: torch.Tensor,
                     warmup: bool) -> tuple[torch.Tensor, dict]:
     # BEAR paper Algorithm 1 as the Lagrangian of Eq. 6 (SVG, Eq. 11): maximise E_{a ~ pi}[min_i Q_i(s, a)] - alpha * D(pi, prior),
@@ -883,15 +895,6 @@ def make_optimizers(agent: Agent, args: Args) -> dict[str, torch.optim.Optimizer
                   for name in ("prior", "critic", "policy")}
     optimizers["multiplier"] = torch.optim.Adam([agent.lagrange_parameter], lr=args.dual_learning_rate)
     return optimizers
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float, name: str) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {name}")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], max_grad_norm)
-    optimizer.step()
 
 
 def update_multiplier(agent: Agent, optimizer: torch.optim.Optimizer, divergence: torch.Tensor,

@@ -1,6 +1,6 @@
 """The scripts are self-contained, so shared code is repeated between marker comments; abm_mpo.py
-holds the reference copy and every other copy must be identical (`python tools/sync_blocks.py`
-rewrites them). A script imports no project file but sawyer_env.py and real_robot.py."""
+holds the reference copy (bcq.py for the baselines' `twin critic`) and every other copy must be
+identical (`python tools/sync_blocks.py` rewrites them). A script imports no project file but sawyer_env.py and real_robot.py."""
 
 import ast
 import re
@@ -8,6 +8,7 @@ import re
 import pytest
 
 from tests.conftest import ROOT
+from tools.sync_blocks import reference_blocks
 
 BLOCK = re.compile(r"# --- shared block: (.*?) ---\n.*?# --- end shared block ---", re.S)
 SCRIPTS = ["abm_mpo.py", "abm_svg.py", "bm_mpo.py", "bcq.py", "bear.py", "collect.py"]
@@ -25,12 +26,18 @@ def blocks(script: str) -> dict:
 
 
 @pytest.mark.parametrize("script", SCRIPTS[1:])
-def test_shared_blocks_are_identical_to_abm_mpo(script):
-    reference, copies = blocks("abm_mpo.py"), blocks(script)
+def test_shared_blocks_are_identical_to_the_reference(script):
+    reference, copies = reference_blocks(), blocks(script)
     assert copies, f"{script} has no shared block"
     for name, text in copies.items():
-        assert name in reference, f"{script} has a block {name!r} that abm_mpo.py lacks"
-        assert text == reference[name], f"block {name!r} of {script} differs from abm_mpo.py; run tools/sync_blocks.py"
+        assert name in reference, f"{script} has a block {name!r} that no reference file has"
+        assert text == reference[name], f"block {name!r} of {script} differs from its reference; run tools/sync_blocks.py"
+
+
+def test_every_shared_block_is_shared():
+    counts = {name: sum(name in blocks(script) for script in SCRIPTS) for name in reference_blocks()}
+    assert all(count >= 2 for count in counts.values()), counts
+    assert "twin critic" in blocks("bear.py")
 
 
 @pytest.mark.parametrize("script", ["abm_mpo.py", "abm_svg.py", "bm_mpo.py", "bcq.py", "bear.py"])
