@@ -614,9 +614,11 @@ def make_eval_env(args, run_dir: Path) -> gym.Env:
 
 # --- shared block: training loop ---
 def training_loop(args, run: Setup, script: str, modules: dict, rng: np.random.Generator,
-                  generator: torch.Generator, update_step: Callable[[dict, int], dict], actors: dict) -> dict:
+                  generator: torch.Generator, update_step: Callable[[dict, int], dict], actors: dict,
+                  *, policy: nn.Module) -> dict:
     """Algorithm 1's outer loop: sample a batch from the dataset, call `update_step(batch, step)`,
-    evaluate every actor and checkpoint now and then; resumable from checkpoint.pt."""
+    evaluate every actor and checkpoint now and then; resumable from checkpoint.pt. `policy`, the
+    acting module ([K, B, obs] -> [K, B, act]), is exported to policy.pt2 at every checkpoint."""
     start = 0
     if args.resume:
         start = load_checkpoint(run.run_dir / "checkpoint.pt", run.device, modules, rng, generator)["step"]
@@ -644,11 +646,64 @@ def training_loop(args, run: Setup, script: str, modules: dict, rng: np.random.G
             sums, count, interval_start = {}, 0, time.time()
         if step % args.checkpoint_every == 0 or step == args.total_steps:
             save_checkpoint(run.run_dir / "checkpoint.pt", checkpoint_state(modules, rng, generator, step=step, spec=run.spec))
+            export_policy(policy, run.spec, args.env, run.run_dir / "policy.pt2")
     progress.close()
     logger.close()
     summary = write_summary(run.run_dir, logger.evaluations(), run.spec["best_episode_return_in_dataset"])
     print(json.dumps(summary, indent=2))
     return summary
+# --- end shared block ---
+
+# --- shared block: export ---
+class PolicyMean(nn.Module):
+    """The acting module of a Gaussian policy: its mean, [K, N, obs] -> [K, N, act]."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        return self.policy(observation)[0]
+
+
+class ExportedPolicy(nn.Module):
+    """observation [B, obs_dim] float32, task_index [B] int64 -> action [B, act_dim] in the env's
+    physical units, clipped. `actor` maps [K, B, obs] -> [K, B, act] with one slice per task head.
+    A learner working in [low, high] (e.g. [-1, 1]) is mapped affinely onto [env_low, env_high]."""
+
+    def __init__(self, actor: nn.Module, num_tasks: int, low, high, env_low, env_high):
+        super().__init__()
+        self.actor, self.num_tasks = actor, num_tasks
+        self.rescale = list(low) != list(env_low) or list(high) != list(env_high)
+        for name, value in (("low", low), ("high", high), ("env_low", env_low), ("env_high", env_high)):
+            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32))
+
+    def forward(self, observation: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
+        actions = self.actor(observation.expand(self.num_tasks, -1, -1))  # [K, B, act]
+        action = torch.clamp(actions[task_index, torch.arange(observation.shape[0])], self.low, self.high)  # [B, act]
+        if self.rescale:  # env_low + (a + 1) / 2 * (env_high - env_low) for a learner in [-1, 1]
+            action = self.env_low + (action - self.low) / (self.high - self.low) * (self.env_high - self.env_low)
+        return torch.clamp(action, self.env_low, self.env_high)
+
+
+def export_policy(actor: nn.Module, spec: dict, env_id: str, path: Path) -> None:
+    """Write `path` (policy.pt2) with torch.export, atomically: a program that runs with torch
+    alone, `torch.export.load(path).module()(observation, task_index)`, with the spec it needs
+    (env, sizes, task names, action bounds) embedded as the extra file "policy.json"."""
+    low, high = spec["action_low"], spec["action_high"]
+    env_low, env_high = spec.get("env_action_low", low), spec.get("env_action_high", high)
+    module = ExportedPolicy(copy.deepcopy(actor).cpu().eval(), len(spec["tasks"]), low, high, env_low, env_high)
+    batch = torch.export.Dim("batch", max=1 << 16)
+    example = (torch.zeros(2, spec["obs_dim"]), torch.zeros(2, dtype=torch.int64))
+    program = torch.export.export(module, example, dynamic_shapes=({0: batch}, {0: batch}))
+    metadata = {"env": env_id, "obs_dim": spec["obs_dim"], "act_dim": spec["act_dim"], "tasks": list(spec["tasks"]),
+                "action_low": list(env_low), "action_high": list(env_high),
+                "learner_action_low": list(low), "learner_action_high": list(high),
+                "inputs": "observation [B, obs_dim] float32, task_index [B] int64 (into tasks)",
+                "output": "action [B, act_dim] float32 in [action_low, action_high]"}
+    temporary = path.with_suffix(".tmp" + path.suffix)  # torch.export.save wants a name ending in .pt2
+    torch.export.save(program, temporary, extra_files={"policy.json": json.dumps(metadata)})
+    os.replace(temporary, path)
 # --- end shared block ---
 
 
@@ -952,7 +1007,7 @@ def train(args: Args) -> dict:
         return metrics
 
     return training_loop(args, run, "abm_mpo", {"agent": agent, "optimizer": optimizer}, rng, generator,
-                         update_step, actors)
+                         update_step, actors, policy=PolicyMean(agent.evaluated_policy()))
 
 
 if __name__ == "__main__":
