@@ -574,6 +574,7 @@ class RealSawyerEnv(gym.Env):
         self.action_space = gym.spaces.Box(ACTION_LOW, ACTION_HIGH, dtype=np.float32)
         self.interrupted = False
         self._observation, self._observed_at, self._running = None, 0.0, False
+        self.last_episode = None  # record of the last episode that ended
 
     def reset(self, seed=None, options=None):
         super().reset(seed=seed)
@@ -682,6 +683,7 @@ class RealSawyerEnv(gym.Env):
                   "deadline_misses": self._misses, "returns": dict(zip(ALL_TASKS, map(float, self._returns)))}
         if self.log is not None:
             record = self.log.end(end, reason, complete, deadline_misses=self._misses, backend=self.backend.name)
+        self.last_episode = record
         return record
 
     def close(self):
@@ -776,7 +778,9 @@ def run_evaluation(env: RealSawyerEnv, act: Callable, policy_tasks: list, tasks:
                         return results
         except BaseException as error:
             if env._running:  # the policy (or anything outside env.step) raised mid-episode
-                results["episodes"].append(env.abort(f"{type(error).__name__}: {error}"))
+                env.abort(f"{type(error).__name__}: {error}")
+            if env.last_episode is not None and not any(e is env.last_episode for e in results["episodes"]):
+                results["episodes"].append(env.last_episode)  # the episode the error cut short
                 results["aborted"] += 1
             results["error"] = f"{type(error).__name__}: {error}"
             save()
