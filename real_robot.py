@@ -720,6 +720,8 @@ def load_policy(path) -> tuple[Callable[[np.ndarray, int], np.ndarray], dict]:
     """policy.pt2 written by a learning script's export_policy -> (act(observation, task_index), spec).
     Refuses, in one sentence, a file that is not such a policy or does not fit sawyer_env."""
     path = Path(path)
+    if not path.is_file():
+        raise RobotError(f"policy {path} does not exist; a learning script writes runs/<run>/policy.pt2")
     extra = {"policy.json": ""}
     try:
         module = torch.export.load(str(path), extra_files=extra).module()
@@ -823,9 +825,13 @@ def main(args: Args) -> dict:
             raise RobotError("--backend must be sim or intera, and --episodes positive")
         folder = Path(args.policy).resolve().parent
         output = Path(args.output or folder / f"eval_{args.backend}_{args.task}.json")
-        log = EpisodeLog(args.log or folder / f"log_{args.backend}.npz",
-                         {"backend": args.backend, "policy": str(args.policy), "seed": args.seed})
         backend = SimBackend() if args.backend == "sim" else InteraBackend()
+        try:
+            log = EpisodeLog(args.log or folder / f"log_{args.backend}.npz",
+                             {"backend": args.backend, "policy": str(args.policy), "seed": args.seed})
+        except OSError as error:
+            backend.close()
+            raise RobotError(f"cannot write the episode log ({error})") from None
     except RobotError as error:
         sys.exit(f"real_robot.py: error: {error}")
     env = RealSawyerEnv(backend, tasks[0], log=log, deadline=args.deadline)

@@ -543,3 +543,30 @@ def test_intera_backend_paces_the_control_loop_at_20_hz(monkeypatch):
     for _ in range(4):
         backend.wait_for_next_step()
     assert 0.19 <= time.monotonic() - start < 0.3 and backend.overruns == 0
+
+
+def test_real_env_has_sawyer_env_spaces_and_passes_the_gymnasium_checker():
+    from gymnasium.utils.env_checker import check_env
+
+    env = RealSawyerEnv(SimBackend(), "stack")
+    sim = env.backend.env
+    assert env.observation_space == sim.observation_space and env.action_space == sim.action_space
+    with pytest.warns(UserWarning, match="infinity"):  # unbounded observations, as sawyer_env's
+        check_env(env, skip_render_check=True)
+    env.reset(seed=0)
+    _, reward, _, _, info = env.step(np.zeros(5))
+    assert reward == info["rewards"][ALL_TASKS.index("stack")] and info["rewards"].shape == (len(ALL_TASKS),)
+
+
+def test_intera_command_thread_resends_at_about_100_hz_and_stops_with_close(monkeypatch):
+    sim = sawyer_env.SawyerEnv("reach")
+    sim.reset(seed=0)
+    rec, _, _ = fake_ros(monkeypatch, sim)
+    backend = real_robot.InteraBackend()
+    backend.move_home(seed=0)
+    backend.send_command(np.array([0.0, 0.0, 0.05, 0.0, 0.0]))
+    time.sleep(0.2)
+    sent = len(rec.named("set_joint_velocities"))
+    backend.close()
+    assert 5 <= sent <= 25 and backend.thread_error is None  # 20 at 100 Hz; loose for a loaded machine
+    assert not backend._thread.is_alive() and rec.calls[-1] == ("exit_control_mode",)
