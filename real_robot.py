@@ -479,10 +479,15 @@ def _write_npz(path: Path, arrays: dict) -> None:
 class EpisodeLog:
     """Episodes in the dataset format (README "Datasets"), written one at a time: each finished or
     aborted episode goes atomically to `<path stem>.episodes/episode_NNNNNN.npz` (itself a valid
-    dataset), then `<path>` (.npz, every episode of the directory) is rewritten atomically. A crash
-    loses at most the episode in progress; a new log on the same path appends."""
+    dataset), then `<path>` (.npz, every episode of the directory) is rewritten atomically; a new
+    log on the same path appends. The episode in progress is also saved every PARTIAL_EVERY steps
+    as `episode_NNNNNN.partial.npz`, flagged incomplete, so even a killed process (no exception
+    handler ran) keeps all but its last second; the next log on that path consolidates it."""
 
     ARRAYS = ("observation", "action", "policy_action", "reward", "discount", "next_observation", "safety_flags")
+    SHAPES = {"observation": (OBS_DIM,), "action": (ACT_DIM,), "policy_action": (ACT_DIM,),
+              "reward": (len(ALL_TASKS),), "discount": (), "next_observation": (OBS_DIM,), "safety_flags": ()}
+    PARTIAL_EVERY = 20  # [steps] 1 s of control
 
     def __init__(self, path, collection: Optional[dict] = None):
         self.path = Path(path)
@@ -490,9 +495,15 @@ class EpisodeLog:
         self.parts.mkdir(parents=True, exist_ok=True)
         self.collection = collection or {}
         self._rows, self._record = None, None
+        if list(self.parts.glob("*.partial.npz")):  # a process died mid-episode: keep what it saved
+            self.consolidate()
 
-    def _files(self) -> list[Path]:
-        return sorted(self.parts.glob("episode_*.npz"))
+    def _files(self) -> dict[int, Path]:
+        """episode number -> its file (the final one when a partial one is also left over)"""
+        files = {}
+        for file in sorted(self.parts.glob("episode_*.npz"), key=lambda f: f.name.endswith(".partial.npz"), reverse=True):
+            files[int(file.name[len("episode_"):].split(".")[0])] = file
+        return dict(sorted(files.items()))
 
     @property
     def in_progress(self) -> bool:
@@ -500,33 +511,37 @@ class EpisodeLog:
 
     def begin(self, task: str, seed: Optional[int]) -> None:
         assert not self.in_progress
-        number = int(self._files()[-1].stem.split("_")[1]) + 1 if self._files() else 0
-        self._record = {"episode": number, "task": task, "seed": seed, "started": time.time()}
+        self._record = {"episode": max(self._files(), default=-1) + 1, "task": task, "seed": seed,
+                        "started": time.time()}
         self._rows = {key: [] for key in self.ARRAYS}
 
     def add(self, **row) -> None:
         for key in self.ARRAYS:
             self._rows[key].append(row[key])
+        steps = len(self._rows["observation"])
+        if steps % self.PARTIAL_EVERY == 0:
+            self._write(dict(self._record), "aborted", f"the process ended during the episode (saved at step {steps})",
+                        False, partial=True)
 
     def end(self, end: str, reason: str, complete: bool, **extra) -> dict:
         """write the episode; end is "time_limit", "wrist_force" or "aborted" (complete=False)"""
-        rows, record = self._rows, self._record
-        steps = len(rows["observation"])
-        dtypes = {"safety_flags": np.int64}
-        arrays = {key: np.asarray(rows[key], dtype=dtypes.get(key, np.float32)) for key in self.ARRAYS}
-        if steps == 0:
-            arrays = {key: np.zeros((0, *shape), dtypes.get(key, np.float32)) for key, shape in (
-                ("observation", (OBS_DIM,)), ("action", (ACT_DIM,)), ("policy_action", (ACT_DIM,)),
-                ("reward", (len(ALL_TASKS),)), ("discount", ()), ("next_observation", (OBS_DIM,)), ("safety_flags", ()))}
-        arrays["episode_id"] = np.full(steps, record["episode"], np.int64)
-        arrays["step"] = np.arange(steps, dtype=np.int64)
-        returns = arrays["reward"].sum(0) if steps else np.zeros(len(ALL_TASKS))
-        record.update(steps=steps, end=end, reason=reason, complete=complete,
-                      returns=dict(zip(ALL_TASKS, map(float, returns))), **extra)
-        arrays["metadata"] = np.array(json.dumps(self._metadata([record])))
-        _write_npz(self.parts / f"episode_{record['episode']:06d}.npz", arrays)
+        record = self._write(self._record, end, reason, complete, **extra)
+        self.parts.joinpath(f"episode_{record['episode']:06d}.partial.npz").unlink(missing_ok=True)
         self._rows, self._record = None, None
         self.consolidate()
+        return record
+
+    def _write(self, record: dict, end: str, reason: str, complete: bool, partial: bool = False, **extra) -> dict:
+        steps = len(self._rows["observation"])
+        dtype = lambda key: np.int64 if key == "safety_flags" else np.float32  # noqa: E731
+        arrays = {key: np.asarray(self._rows[key], dtype(key)).reshape(steps, *self.SHAPES[key]) for key in self.ARRAYS}
+        arrays["episode_id"] = np.full(steps, record["episode"], np.int64)
+        arrays["step"] = np.arange(steps, dtype=np.int64)
+        record.update(steps=steps, end=end, reason=reason, complete=complete,
+                      returns=dict(zip(ALL_TASKS, map(float, arrays["reward"].sum(0)))), **extra)
+        arrays["metadata"] = np.array(json.dumps(self._metadata([record])))
+        name = f"episode_{record['episode']:06d}" + (".partial" if partial else "")
+        _write_npz(self.parts / f"{name}.npz", arrays)
         return record
 
     def _metadata(self, records: list) -> dict:
@@ -539,7 +554,7 @@ class EpisodeLog:
     def consolidate(self) -> None:
         """rewrite `path` from every episode file (episodes with no transition are in metadata only)"""
         episodes, records = [], []
-        for file in self._files():
+        for file in self._files().values():
             with np.load(file, allow_pickle=False) as archive:
                 episode = {key: archive[key] for key in archive.files}
             records += json.loads(str(episode.pop("metadata")))["episodes"]

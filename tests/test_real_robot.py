@@ -570,3 +570,19 @@ def test_intera_command_thread_resends_at_about_100_hz_and_stops_with_close(monk
     backend.close()
     assert 5 <= sent <= 25 and backend.thread_error is None  # 20 at 100 Hz; loose for a loaded machine
     assert not backend._thread.is_alive() and rec.calls[-1] == ("exit_control_mode",)
+
+
+def test_a_killed_process_keeps_its_last_saved_second_flagged_incomplete(tmp_path):
+    policy = lambda observation, task: np.array([0.02, 0.0, 0.0, 0.0, 0.0])  # noqa: E731
+    env = RealSawyerEnv(SimBackend(), "reach", log=EpisodeLog(tmp_path / "log.npz"), episode_steps=30)
+    run_evaluation(env, policy, list(ALL_TASKS), ["reach"], 1, seed=0)
+    env.reset(seed=1)
+    for _ in range(EpisodeLog.PARTIAL_EVERY + 5):  # then the process "dies": no handler, no end()
+        env.step(policy(None, 0))
+    assert (tmp_path / "log.episodes" / "episode_000001.partial.npz").exists()
+    EpisodeLog(tmp_path / "log.npz")  # the next run on the same log
+    data = abm_mpo.load_dataset(tmp_path / "log.npz")
+    np.testing.assert_array_equal(np.bincount(data["episode_id"]), [30, EpisodeLog.PARTIAL_EVERY])
+    last = data["metadata"]["episodes"][1]
+    assert (last["complete"], last["steps"]) == (False, 20) and "process ended" in last["reason"]
+    assert data["metadata"]["incomplete_episodes"] == [1]
