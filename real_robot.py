@@ -47,10 +47,15 @@ Conventions invented here (the paper's cell is not published; change them in Int
   - Between episodes the arm moves to a start pose drawn like sawyer_env's (same distribution,
     same seed); the cubes stay where they are (an operator or a reset routine moves them).
 
-Logged per transition: `observation`, `action` = the command actually executed (after the safety
-layer: the truth for learning), `policy_action` = what the policy asked, `reward` = all nine task
-rewards of the next observation (sawyer_env.compute_rewards), `discount` (0 after a 20 N stop),
-`next_observation`, `episode_id`, `step`, `safety_flags` (bit mask, SAFETY_FLAGS).
+Episode log (`EpisodeLog`): one file per episode in `<log>.episodes/`, written atomically when the
+episode ends (and every second while it runs, as a flagged `.partial` file), then the whole log
+`<log>.npz` rewritten atomically; it loads with the learning scripts' load_dataset. Per transition:
+`observation`, `action` = the command actually executed (after the safety layer: the truth for
+learning), `policy_action` = what the policy asked, `reward` = all nine task rewards of the next
+observation (sawyer_env.compute_rewards), `discount` (0 after a 20 N stop), `next_observation`,
+`episode_id`, `step`, `safety_flags` (bit mask, SAFETY_FLAGS). Per episode, in the metadata: task,
+seed, steps, returns of every task, `end` ("time_limit", "wrist_force", "aborted"), `reason`,
+`complete` (False only for aborted episodes), deadline misses; `incomplete_episodes` lists them.
 """
 
 import json
