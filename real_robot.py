@@ -619,31 +619,37 @@ class RealSawyerEnv(gym.Env):
     def step(self, action):
         assert self._running, "call reset() first"
         latency = time.perf_counter() - self._observed_at
+        try:
+            return self._step(action, latency)
+        except BaseException as error:  # Ctrl-C without our handler, backend, SDK or disk errors
+            if self._running:
+                self.abort(f"{type(error).__name__}: {error}")
+            else:
+                self._safe_stop()
+            raise
+
+    def _step(self, action, latency: float):
         if self.interrupted:
             return self._aborted_step("interrupted (SIGINT)")
-        try:
-            policy_action = np.asarray(action, dtype=np.float64)
-            fault = self.safety.action_fault(policy_action)
-            if fault is not None:
-                return self._aborted_step(fault)
-            missed = latency > self.deadline
-            if missed:
-                self._misses += 1
-                self._consecutive_misses += 1
-                if self._consecutive_misses >= self.max_consecutive_misses:
-                    return self._aborted_step(f"{self._consecutive_misses} control deadlines missed in a row "
-                                              f"(last policy step {1000 * latency:.0f} ms > {1000 * self.deadline:.0f} ms)")
-                command, flags = ZERO_ACTION.copy(), SAFETY_FLAGS["deadline_missed"]
-            else:
-                self._consecutive_misses = 0
-                command, flags = self.safety.filter(policy_action, self._observation)
-            self.backend.send_command(command)
-            self.backend.wait_for_next_step()
-            observation = self.backend.read_observation()
-            backend_fault = self.backend.check_fault()
-        except BaseException as error:  # Ctrl-C without our handler, backend or SDK errors
-            self.abort(f"{type(error).__name__}: {error}")
-            raise
+        policy_action = np.asarray(action, dtype=np.float64)
+        fault = self.safety.action_fault(policy_action)
+        if fault is not None:
+            return self._aborted_step(fault)
+        missed = latency > self.deadline
+        if missed:
+            self._misses += 1
+            self._consecutive_misses += 1
+            if self._consecutive_misses >= self.max_consecutive_misses:
+                return self._aborted_step(f"{self._consecutive_misses} control deadlines missed in a row "
+                                          f"(last policy step {1000 * latency:.0f} ms > {1000 * self.deadline:.0f} ms)")
+            command, flags = ZERO_ACTION.copy(), SAFETY_FLAGS["deadline_missed"]
+        else:
+            self._consecutive_misses = 0
+            command, flags = self.safety.filter(policy_action, self._observation)
+        self.backend.send_command(command)
+        self.backend.wait_for_next_step()
+        observation = self.backend.read_observation()
+        backend_fault = self.backend.check_fault()
         rewards = compute_rewards(observation)
         task_index = ALL_TASKS.index(self.task)
         force_fault = self.safety.force_fault(observation)
