@@ -873,6 +873,8 @@ def main(args: Args) -> dict:
         backend.close()
     summary = {task: {"episodes": len(r), "mean": float(np.mean(r)) if r else None} for task, r in results["returns"].items()}
     print(json.dumps({"returns": summary, "aborted": results["aborted"], "output": str(output), "log": str(log.path)}, indent=1))
+    if results.get("interrupted"):
+        sys.exit(130)  # the shell's status for Ctrl-C; the results and the log are complete up to it
     return results
 
 
