@@ -255,7 +255,8 @@ def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str]
     if env_id == "sawyer":
         if task is not None and task not in sawyer_env.ALL_TASKS:
             raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
-        return gym.wrappers.RescaleAction(sawyer_env.SawyerEnv(task or "random", render_mode), -1.0, 1.0)
+        env = sawyer_env.SawyerEnv(task or "random", render_mode)
+        return gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))
     name = CONTROL_SUITE_ALIASES.get(env_id, env_id)
     domain, _, task = name.partition("-")
     if task:
