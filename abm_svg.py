@@ -34,6 +34,10 @@ Differences from the paper (all stated choices where the paper is silent):
   - Gradients are clipped at global norm 40 per network (Acme's default, as in abm_mpo.py).
   - Minimum variance 0.01 (Table 2) is implemented as std = softplus(h) + 0.1.
   - No `--epsilon 0` variant (the prior alone): use `abm_mpo.py --epsilon 0`.
+  - `--env sawyer` (Section 5.2): networks of Table 5 (a torso shared by the tasks, one head per
+    task); the learner's actions are normalised to [-1, 1] (the dataset's physical actions are
+    rescaled at load time, the env takes them through RescaleAction): the action dimensions differ
+    in scale by 3600x, and a minimum std of 0.1 in physical units would swamp the 0.07 m/s ones.
 """
 
 import copy
@@ -66,9 +70,11 @@ import sawyer_env
 class Args:
     env: str = "hopper"
     """`hopper`, `cheetah`, `walker`, `quadruped` (Control Suite hopper-hop, cheetah-run,
-    walker-walk, quadruped-run), any Control Suite `domain-task`, or a gymnasium id"""
+    walker-walk, quadruped-run), any Control Suite `domain-task`, `sawyer` (the simulated Sawyer
+    of sawyer_env.py, multi-task, Section 5.2), or a gymnasium id"""
     task: str = "all"
-    """reward column(s) of the dataset to learn: one task name, or `all` for every column"""
+    """reward column(s) of the dataset to learn: one task name, or `all` for every column (sawyer: the
+    seven tasks); sawyer's new tasks `center` and `corner` are labelled from the data's s'"""
     dataset: Optional[str] = None
     """dataset path (.npz or a directory of .npy files); default `datasets/<env>.npz`, generated
     by collect.py when missing"""

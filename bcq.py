@@ -18,6 +18,7 @@ Differences from the original (sfujim/BCQ), following the paper (Table 3, §5):
     batch 512 (the original 100). Multi-task (`--env sawyer`, Table 5): a shared torso, then one
     head per task: encoder 256 -> 256-256, perturbation 256 -> 100, Q 400 -> 400; the decoder
     (256-256, drawn without a branch) shares all its hidden layers, only its output is per task.
+    Sawyer actions are normalised to [-1, 1] for learning (see abm_mpo.py).
   - Action selection takes the argmax over 10 samples (the issue's number; the original uses 100):
     `--num-eval-samples`.
 Where the paper is silent this file follows the original: soft target updates (tau = 0.005) of the
@@ -64,9 +65,11 @@ import sawyer_env
 class Args:
     env: str = "hopper"
     """`hopper`, `cheetah`, `walker`, `quadruped` (Control Suite hopper-hop, cheetah-run,
-    walker-walk, quadruped-run), any Control Suite `domain-task`, or a gymnasium id"""
+    walker-walk, quadruped-run), any Control Suite `domain-task`, `sawyer` (the simulated Sawyer
+    of sawyer_env.py, multi-task, Section 5.2), or a gymnasium id"""
     task: str = "all"
-    """reward column(s) of the dataset to learn: one task name, or `all` for every column"""
+    """reward column(s) of the dataset to learn: one task name, or `all` for every column (sawyer: the
+    seven tasks); sawyer's new tasks `center` and `corner` are labelled from the data's s'"""
     dataset: Optional[str] = None
     """dataset path (.npz or a directory of .npy files); default `datasets/<env>.npz`, generated
     by collect.py when missing"""

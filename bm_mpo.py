@@ -12,7 +12,7 @@ with `--prior bm` (a test checks it).
 
 Differences from the paper: as in abm_mpo.py (temperature dual minimised with the -log M term,
 Q scored at clipped actions, one multiplier per trust-region part, gradient clipping at 40,
-std = softplus + 0.1).
+std = softplus + 0.1; `--env sawyer` learns in actions normalised to [-1, 1] with Table 5's networks).
 """
 
 import copy
@@ -45,9 +45,11 @@ import sawyer_env
 class Args:
     env: str = "hopper"
     """`hopper`, `cheetah`, `walker`, `quadruped` (Control Suite hopper-hop, cheetah-run,
-    walker-walk, quadruped-run), any Control Suite `domain-task`, or a gymnasium id"""
+    walker-walk, quadruped-run), any Control Suite `domain-task`, `sawyer` (the simulated Sawyer
+    of sawyer_env.py, multi-task, Section 5.2), or a gymnasium id"""
     task: str = "all"
-    """reward column(s) of the dataset to learn: one task name, or `all` for every column"""
+    """reward column(s) of the dataset to learn: one task name, or `all` for every column (sawyer: the
+    seven tasks); sawyer's new tasks `center` and `corner` are labelled from the data's s'"""
     dataset: Optional[str] = None
     """dataset path (.npz or a directory of .npy files); default `datasets/<env>.npz`, generated
     by collect.py when missing"""

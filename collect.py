@@ -54,7 +54,8 @@ import sawyer_env
 class Args:
     env: str = "hopper"
     """`hopper`, `cheetah`, `walker`, `quadruped` (Control Suite hopper-hop, cheetah-run,
-    walker-walk, quadruped-run), any Control Suite `domain-task`, or a gymnasium id"""
+    walker-walk, quadruped-run), any Control Suite `domain-task`, `sawyer` (the simulated Sawyer
+    of sawyer_env.py, multi-task, Section 5.2), or a gymnasium id"""
     output: Optional[str] = None
     """dataset file to write; default `datasets/<env>.npz`"""
     seeds: tuple[int, ...] = (0,)
