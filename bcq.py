@@ -294,9 +294,10 @@ def ensure_dataset(args) -> Path:
     path = default_dataset_path(args.env)
     if not path.exists():
         collect = Path(__file__).resolve().parent / "collect.py"
+        minutes = "about 5" if args.env == "sawyer" else "about 20"
         print(
             f"No dataset at {path}: generating it with `python collect.py --env {args.env}` "
-            f"(default budget, {'about 4' if args.env == 'sawyer' else 'about 20'} minutes on 2 CPU cores); pass --dataset PATH to use "
+            f"(default budget, {minutes} minutes on 2 CPU cores); pass --dataset PATH to use "
             f"your own data.",
             flush=True,
         )
@@ -491,8 +492,8 @@ def make_run_dir(args, script: str) -> Path:
     return run_dir
 
 
-RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "checkpoint_every", "device",
-                     "track", "wandb_project", "capture_video", "resume", "run_dir"}
+RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "checkpoint_every",
+                     "device", "track", "wandb_project", "capture_video", "resume", "run_dir"}
 
 
 def check_resume(run_dir: Path, args, script: str) -> None:
@@ -621,6 +622,8 @@ class Setup:
 
 def prepare(args, script: str) -> Setup:
     """Check the arguments, the env and the dataset, create (or reopen) the run directory."""
+    if args.eval_max_steps is not None and args.eval_max_steps < 1:
+        raise UserError("--eval-max-steps must be positive")
     device = pick_device(args.device)
     env = make_env(args.env)  # checks --env before anything is written
     run_dir = make_run_dir(args, script)
@@ -635,7 +638,8 @@ def prepare(args, script: str) -> Setup:
     if not (np.array_equal(low, env_low) and np.array_equal(high, env_high)):
         stored = [data["metadata"].get(key) for key in ("action_low", "action_high")]
         if None not in stored and not np.allclose(stored, [env_low, env_high]):
-            raise UserError(f"dataset {dataset} has action bounds {stored}, the env {[env_low.tolist(), env_high.tolist()]}")
+            raise UserError(f"dataset {dataset} has action bounds {stored} but {args.env} takes actions in "
+                            f"{[env_low.tolist(), env_high.tolist()]}")
         data["action"] = normalise_actions(data["action"], env_low, env_high)  # dataset actions are physical
     spec = {"obs_dim": env.observation_space.shape[0], "act_dim": env.action_space.shape[0], "tasks": tasks,
             "action_low": low.tolist(), "action_high": high.tolist(),
@@ -684,7 +688,8 @@ def evaluate_actors(actors: dict, envs: list, tasks: list, episodes: int, seed: 
     task k acts with head k in envs[k]."""
     results = {}
     for name, act in actors.items():
-        per_task = [np.mean(evaluate(lambda o: act(o, k), envs[k], episodes, seed, max_steps)) for k in range(len(tasks))]
+        per_task = [np.mean(evaluate(lambda o: act(o, k), envs[k], episodes, seed, max_steps))
+                    for k in range(len(tasks))]
         results[f"eval/{name}"] = float(np.mean(per_task))
         if len(tasks) > 1:
             results.update({f"eval/{name}/{task}": float(value) for task, value in zip(tasks, per_task)})

@@ -20,9 +20,11 @@ their bounds in the metadata. Episodes are written in blocks of 20, each block s
 seeded reset, so a crash loses at most the block in progress and a rerun redoes it exactly.
 
 Differences from the paper: the Sawyer data comes from noisy scripted policies, not from MPO
-learners (the paper's data); the learner's improving, mixed-quality data is approximated by the
-noise and by the tasks' sequential structure. The Control Suite default budget (60 episodes, one seed, one update every 8
-environment steps, batch 256) is tiny so it finishes in about 20 minutes on 2 CPU cores;
+learners (the paper's data), so it lacks the learners' early poor episodes; its mix of good and
+bad actions per task comes from the noise and from the other tasks' policies acting in the same
+states (500 episodes by default, about 4 minutes on 2 CPU cores). The Control Suite default
+budget (60 episodes, one seed, one update every 8 environment steps, batch 256) is tiny so it
+finishes in about 20 minutes on 2 CPU cores;
 the paper used 10,000 episodes and 5 seeds (`--episodes 10000 --seeds 0 1 2 3 4`). The
 online MPO duals use Acme's learning rate 1e-2 so the temperature adapts within a short run.
 """
@@ -240,9 +242,10 @@ def ensure_dataset(args) -> Path:
     path = default_dataset_path(args.env)
     if not path.exists():
         collect = Path(__file__).resolve().parent / "collect.py"
+        minutes = "about 5" if args.env == "sawyer" else "about 20"
         print(
             f"No dataset at {path}: generating it with `python collect.py --env {args.env}` "
-            f"(default budget, {'about 4' if args.env == 'sawyer' else 'about 20'} minutes on 2 CPU cores); pass --dataset PATH to use "
+            f"(default budget, {minutes} minutes on 2 CPU cores); pass --dataset PATH to use "
             f"your own data.",
             flush=True,
         )
