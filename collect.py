@@ -804,11 +804,14 @@ def collect_sawyer(args: Args, seed: int, parts: Path) -> None:
         file = parts / f"run{seed:03d}_block{block:05d}.npz"
         if file.exists():
             with np.load(file, allow_pickle=False) as archive:
+                if float(archive["noise"]) != args.noise:
+                    raise UserError(f"{file} was collected with --noise {float(archive['noise'])}; rerun with that "
+                                    f"noise or write to another --output")
                 if len(archive["episode_length"]) >= count:
                     progress.update(count)
                     continue
         arrays = collect_sawyer_block(seed, block, count, args.noise)
-        write_atomically(file, {**arrays, "run_id": np.int64(seed)})
+        write_atomically(file, {**arrays, "run_id": np.int64(seed), "noise": np.float64(args.noise)})
         progress.update(count)
     progress.close()
 

@@ -68,6 +68,11 @@ def test_collect_sawyer_rerun_redoes_the_unfinished_block_exactly(sawyer_data):
         np.testing.assert_array_equal(second[key][:rows], first[key], err_msg=key)
 
 
+def test_collect_sawyer_refuses_to_mix_noise_levels(sawyer_data):
+    with pytest.raises(collect.UserError, match="noise"):
+        quiet(collect.train, collect.Args(env="sawyer", episodes=3, output=str(sawyer_data[0]), noise=0.1))
+
+
 def test_new_tasks_are_labelled_from_the_stored_next_observation(sawyer_data):
     data = abm_mpo.load_dataset(sawyer_data[0])
     for task in ("center", "corner"):
