@@ -22,7 +22,7 @@ seeded reset, so a crash loses at most the block in progress and a rerun redoes 
 Differences from the paper: the Sawyer data comes from noisy scripted policies, not from MPO
 learners (the paper's data), so it lacks the learners' early poor episodes; its mix of good and
 bad actions per task comes from the noise and from the other tasks' policies acting in the same
-states (500 episodes by default, about 4 minutes on 2 CPU cores). The Control Suite default
+states (500 episodes by default, 4-6 minutes on 2 CPU cores). The Control Suite default
 budget (60 episodes, one seed, one update every 8 environment steps, batch 256) is tiny so it
 finishes in about 20 minutes on 2 CPU cores;
 the paper used 10,000 episodes and 5 seeds (`--episodes 10000 --seeds 0 1 2 3 4`). The
@@ -764,7 +764,7 @@ def consolidate(parts: Path, output: Path, args: Args, task: str) -> dict:
     return metadata
 
 
-SAWYER_EPISODES = 500  # default budget for --env sawyer: about 4 minutes on 2 CPU cores
+SAWYER_EPISODES = 500  # default budget for --env sawyer: 100k transitions, 4-6 minutes on 2 shared CPU cores
 SAWYER_ARRAYS = ("observation", "action", "reward", "discount", "next_observation", "step", "task_id")
 
 
