@@ -177,3 +177,17 @@ def test_smoke_sawyer_new_task_learns_and_evaluates_on_its_own_env(sawyer_data, 
     assert summary["per_task"]["corner"]["best_episode_return_in_dataset"] == pytest.approx(
         np.add.reduceat(corner, starts).max(), rel=1e-5)
     assert 0.0 <= summary["final/return"] <= 5.0
+
+
+def test_smoke_sawyer_run_resumes_with_the_paper_default_networks(sawyer_data, tmp_path):
+    """Network sizes left at None are filled in before config.json is written, so a resume with the
+    same flags sees the same configuration."""
+    settings = dict(env="sawyer", task="reach", dataset=str(sawyer_data[0]), run_dir=str(tmp_path / "run"),
+                    batch_size=4, num_action_samples=2, total_steps=1, eval_every=1, checkpoint_every=1,
+                    eval_episodes=1, eval_max_steps=2, device="cpu")
+    quiet(abm_mpo.train, abm_mpo.Args(**settings))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["args"]["policy_layers"] == [200, 300] and config["args"]["critic_layers"] == [400, 400]
+    quiet(abm_mpo.train, abm_mpo.Args(**{**settings, "total_steps": 2, "resume": str(tmp_path / "run")}))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and state["spec"]["env_action_low"] == se.ACTION_LOW.tolist()
