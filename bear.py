@@ -44,6 +44,10 @@ Differences from the paper / from the original:
     prior's mean action, the behaviour model run on its own.
   - The exported policy (policy.pt2, for real_robot.py) is the actor's mean action, a deterministic
     function of the state; evaluation here takes the argmax over M samples.
+  - `--env sawyer` (Section 5.2): networks of Table 5 (a torso shared by the tasks, one head per
+    task); the learner's actions are normalised to [-1, 1] (the dataset's physical actions are
+    rescaled at load time, the env takes them through RescaleAction): the action dimensions differ
+    in scale by 3600x, and a minimum std of 0.1 in physical units would swamp the 0.07 m/s ones.
 """
 
 import copy
@@ -69,14 +73,18 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
+import sawyer_env
+
 
 @dataclass
 class Args:
     env: str = "hopper"
     """`hopper`, `cheetah`, `walker`, `quadruped` (Control Suite hopper-hop, cheetah-run,
-    walker-walk, quadruped-run), any Control Suite `domain-task`, or a gymnasium id"""
+    walker-walk, quadruped-run), any Control Suite `domain-task`, `sawyer` (the simulated Sawyer
+    of sawyer_env.py, multi-task, Section 5.2), or a gymnasium id"""
     task: str = "all"
-    """reward column(s) of the dataset to learn: one task name, or `all` for every column"""
+    """reward column(s) of the dataset to learn: one task name, or `all` for every column (sawyer: the
+    seven tasks); sawyer's new tasks `center` and `corner` are labelled from the data's s'"""
     dataset: Optional[str] = None
     """dataset path (.npz or a directory of .npy files); default `datasets/<env>.npz`, generated
     by collect.py when missing"""
@@ -90,6 +98,8 @@ class Args:
     """gradient updates between evaluations"""
     eval_episodes: int = 10
     """episodes per evaluation, for the policy and for the prior"""
+    eval_max_steps: Optional[int] = None
+    """cut evaluation episodes after this many steps (default: the env's own length, 200 for sawyer)"""
     checkpoint_every: int = 10_000
     """gradient updates between checkpoints"""
     run_dir: Optional[str] = None
@@ -138,12 +148,15 @@ class Args:
     """gradient updates between hard copies to the target networks"""
     max_grad_norm: float = 40.0
     """gradient clipping (global norm per network)"""
-    policy_layers: tuple[int, ...] = (256, 256)
-    """hidden layers of the actor and the prior"""
-    critic_layers: tuple[int, ...] = (256, 256, 256)
-    """hidden layers of each Q function"""
+    policy_layers: Optional[tuple[int, ...]] = None
+    """hidden layers of the actor and the prior; default the paper's: 256-256 (Table 1), sawyer 200 -> 300 (Table 5)"""
+    critic_layers: Optional[tuple[int, ...]] = None
+    """hidden layers of each Q function; default 256-256-256 (Table 1), sawyer 400 -> 400 (Table 5)"""
     shared_layers: int = 1
     """first hidden layers shared by all tasks; the rest are one head per task (Table 5)"""
+
+    def __post_init__(self):
+        fill_paper_layers(self)
 
 
 # --- shared block: utilities ---
@@ -165,6 +178,28 @@ def main(train_fn: Callable, args) -> None:
         train_fn(args)
     except UserError as error:
         sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+# --- end shared block ---
+
+
+# --- shared block: paper networks ---
+# Hidden layers of the paper's networks: Tables 1-4 for the Control Suite, Table 5 for the Sawyer
+# multi-task experiments, where "a -> b" is a torso of `shared_layers` = 1 layer (a) shared by all
+# tasks, then one head per task (b), selected by the task id. A network field left at None in Args
+# takes the size for its env.
+PAPER_LAYERS = {
+    "policy_layers": {"default": (256, 256), "sawyer": (200, 300)},  # policy and prior: 200 -> 300
+    "critic_layers": {"default": (256, 256, 256), "sawyer": (400, 400)},  # Q: 400 -> 400
+    "encoder_layers": {"default": (256, 256), "sawyer": (256, 256, 256)},  # BCQ encoder: 256 -> 256-256
+    "decoder_layers": {"default": (256, 256), "sawyer": (256, 256)},  # BCQ decoder: 256-256, no branch
+    "perturbation_layers": {"default": (256, 256), "sawyer": (256, 100)},  # BCQ perturbation: 256 -> 100
+}
+
+
+def fill_paper_layers(args) -> None:
+    """Set every network size left at None to the paper's for `args.env` (called by Args.__post_init__)."""
+    for name, sizes in PAPER_LAYERS.items():
+        if hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, sizes["sawyer" if args.env == "sawyer" else "default"])
 # --- end shared block ---
 
 
@@ -218,8 +253,18 @@ class ControlSuiteEnv(gym.Env):
         return self._env.physics.render(height=240, width=320, camera_id=0)
 
 
-def make_env(env_id: str, render_mode: Optional[str] = None) -> gym.Env:
-    """`hopper`-style alias, Control Suite `domain-task`, or any gymnasium id (`module:EnvId`)."""
+def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
+    """`hopper`-style alias, Control Suite `domain-task`, `sawyer`, or any gymnasium id (`module:EnvId`).
+
+    `sawyer` is sawyer_env.SawyerEnv(task) (task None: the Section 5.2 protocol, a random task per
+    episode) taking actions in [-1, 1]: its action dimensions differ in scale by 3600x (0.07 m/s to 255
+    finger units/s) while the Gaussian heads' minimum std is 0.1, so learners work in normalised actions
+    and RescaleAction maps them to the physical bounds (`env_action_bounds`)."""
+    if env_id == "sawyer":
+        if task is not None and task not in sawyer_env.ALL_TASKS:
+            raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
+        env = sawyer_env.SawyerEnv(task or "random", render_mode)
+        return gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))
     name = CONTROL_SUITE_ALIASES.get(env_id, env_id)
     domain, _, task = name.partition("-")
     if task:
@@ -233,8 +278,21 @@ def make_env(env_id: str, render_mode: Optional[str] = None) -> gym.Env:
     except Exception as error:  # gymnasium raises many types for an unknown or broken id
         raise UserError(
             f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
-            f"domain-task such as cartpole-swingup, or a gymnasium id ({error})"
+            f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})"
         ) from None
+
+
+def env_action_bounds(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
+    """The bounds of the actions the env itself takes (physical units for sawyer); the learner's
+    bounds are env.action_space. An exported policy maps a learner action a to env units with
+    env_low + (a + 1) / 2 * (env_high - env_low) when they differ."""
+    inner = env.env if isinstance(env, gym.wrappers.RescaleAction) else env
+    return inner.action_space.low, inner.action_space.high
+
+
+def normalise_actions(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Physical actions in [low, high] -> [-1, 1], the inverse of RescaleAction."""
+    return (2.0 * (np.asarray(action, dtype=np.float64) - low) / (high - low) - 1.0).astype(np.float32)
 # --- end shared block ---
 
 
@@ -253,9 +311,10 @@ def ensure_dataset(args) -> Path:
     path = default_dataset_path(args.env)
     if not path.exists():
         collect = Path(__file__).resolve().parent / "collect.py"
+        minutes = "about 5" if args.env == "sawyer" else "about 20"
         print(
             f"No dataset at {path}: generating it with `python collect.py --env {args.env}` "
-            f"(default budget, about 20 minutes on 2 CPU cores); pass --dataset PATH to use "
+            f"(default budget, {minutes} minutes on 2 CPU cores); pass --dataset PATH to use "
             f"your own data.",
             flush=True,
         )
@@ -292,7 +351,7 @@ def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
         arrays["reward"] = arrays["reward"][:, None]
     size = len(arrays["observation"])
     expected_ndim = {"observation": 2, "action": 2, "reward": 2, "discount": 1, "episode_id": 1,
-                     "step": 1, "next_observation": 2, "run_id": 1}
+                     "step": 1, "next_observation": 2, "run_id": 1, "task_id": 1}
     for key, ndim in expected_ndim.items():
         if key in arrays and (arrays[key].ndim != ndim or len(arrays[key]) != size):
             raise UserError(
@@ -335,13 +394,20 @@ def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
     return arrays
 
 
-def select_tasks(data: dict, task: str) -> tuple[list[int], list[str]]:
-    """Reward columns to learn: every column for `all`, else the one named `task`."""
+def select_tasks(data: dict, task: str, env_id: Optional[str] = None) -> tuple[list[int], list[str]]:
+    """Reward columns to learn: every column for `all`, else the one named `task`. For sawyer, a task
+    the dataset has no column for (the new tasks `center`, `corner` of Section 5.2) is labelled from
+    the stored s' with sawyer_env's reward function, appended to data["reward"] as a new column."""
     names = list(data["metadata"].get("tasks") or [f"task{i}" for i in range(data["reward"].shape[1])])
     if len(names) != data["reward"].shape[1]:
         raise UserError(f"dataset metadata names {len(names)} tasks but 'reward' has {data['reward'].shape[1]} columns")
     if task == "all":
         return list(range(len(names))), names
+    if task not in names and env_id == "sawyer" and task in sawyer_env.REWARD_FUNCTIONS:
+        reward = sawyer_env.REWARD_FUNCTIONS[task](np.asarray(data["next_observation"])).astype(np.float32)
+        data["reward"] = np.concatenate([np.asarray(data["reward"]), reward[:, None]], axis=1)
+        data["metadata"] = {**data["metadata"], "tasks": names + [task]}
+        return [len(names)], [task]
     if task not in names:
         raise UserError(f"task {task!r} is not in the dataset; its tasks are {names}")
     return [names.index(task)], [task]
@@ -443,8 +509,8 @@ def make_run_dir(args, script: str) -> Path:
     return run_dir
 
 
-RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "checkpoint_every", "device",
-                     "track", "wandb_project", "capture_video", "resume", "run_dir"}
+RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "checkpoint_every",
+                     "device", "track", "wandb_project", "capture_video", "resume", "run_dir"}
 
 
 def check_resume(run_dir: Path, args, script: str) -> None:
@@ -536,7 +602,8 @@ class MetricsLogger:
 
 
 def write_summary(run_dir: Path, evaluations: list[dict], best_in_data: dict) -> dict:
-    """Final return = mean over the last 10% of evaluations (the paper's Table 6 protocol)."""
+    """Final return = mean over the last 10% of evaluations (the paper's Table 6 protocol); `per_task`
+    is Table 7's layout: per task the final return, the final prior return, the best return in the data."""
     summary = {"evaluations": len(evaluations), "best_episode_return_in_dataset": best_in_data}
     keys = [key for key in (evaluations[0] if evaluations else {}) if key.startswith("eval/")]
     for key in keys:
@@ -544,6 +611,13 @@ def write_summary(run_dir: Path, evaluations: list[dict], best_in_data: dict) ->
         tail = values[-max(1, math.ceil(0.1 * len(values))):]
         if tail:
             summary["final/" + key.removeprefix("eval/")] = float(np.mean(tail))
+    per_task = {}
+    for task, best in best_in_data.items():
+        suffix = f"/{task}" if len(best_in_data) > 1 else ""
+        per_task[task] = {name: summary[f"final/{name}{suffix}"] for name in ("return", "prior_return")
+                          if f"final/{name}{suffix}" in summary}
+        per_task[task]["best_episode_return_in_dataset"] = best
+    summary["per_task"] = per_task
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -565,6 +639,8 @@ class Setup:
 
 def prepare(args, script: str) -> Setup:
     """Check the arguments, the env and the dataset, create (or reopen) the run directory."""
+    if args.eval_max_steps is not None and args.eval_max_steps < 1:
+        raise UserError("--eval-max-steps must be positive")
     device = pick_device(args.device)
     env = make_env(args.env)  # checks --env before anything is written
     run_dir = make_run_dir(args, script)
@@ -573,10 +649,18 @@ def prepare(args, script: str) -> Setup:
     dataset = ensure_dataset(args)
     data = load_dataset(dataset, args.dataset_episodes)
     check_dataset_matches_env(data, env, dataset)
-    columns, tasks = select_tasks(data, args.task)
-    low, high = env.action_space.low, env.action_space.high
+    columns, tasks = select_tasks(data, args.task, args.env)
+    low, high = env.action_space.low, env.action_space.high  # the learner's bounds
+    env_low, env_high = env_action_bounds(env)  # the env's (physical) bounds
+    if not (np.array_equal(low, env_low) and np.array_equal(high, env_high)):
+        stored = [data["metadata"].get(key) for key in ("action_low", "action_high")]
+        if None not in stored and not np.allclose(stored, [env_low, env_high]):
+            raise UserError(f"dataset {dataset} has action bounds {stored} but {args.env} takes actions in "
+                            f"{[env_low.tolist(), env_high.tolist()]}")
+        data["action"] = normalise_actions(data["action"], env_low, env_high)  # dataset actions are physical
     spec = {"obs_dim": env.observation_space.shape[0], "act_dim": env.action_space.shape[0], "tasks": tasks,
             "action_low": low.tolist(), "action_high": high.tolist(),
+            "env_action_low": env_low.tolist(), "env_action_high": env_high.tolist(),
             "best_episode_return_in_dataset": dict(zip(tasks, best_episode_returns(data, columns)))}
     if not args.resume:
         write_config(run_dir, args, script, dataset, {"spec": spec})
@@ -586,18 +670,20 @@ def prepare(args, script: str) -> Setup:
 
 
 # --- shared block: evaluation ---
-def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int) -> list[float]:
+def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int,
+             max_steps: Optional[int] = None) -> list[float]:
     """Undiscounted returns of `episodes` episodes; episode i starts from reset(seed=seed + i),
-    so every evaluation of a run sees the same initial states."""
+    so every evaluation of a run sees the same initial states. `max_steps` cuts episodes short."""
     returns = []
     for episode in range(episodes):
         observation, _ = env.reset(seed=seed + episode)
-        total, done = 0.0, False
+        total, done, steps = 0.0, False, 0
         while not done:
             action = np.clip(act(observation), env.action_space.low, env.action_space.high)
             observation, reward, terminated, truncated, _ = env.step(action)
             total += float(reward)
-            done = terminated or truncated
+            steps += 1
+            done = terminated or truncated or steps == max_steps
         returns.append(total)
     return returns
 
@@ -613,28 +699,38 @@ def gaussian_mean_actor(net: nn.Module, num_tasks: int, device: torch.device) ->
     return act
 
 
-def evaluate_actors(actors: dict, env: gym.Env, tasks: list, episodes: int, seed: int) -> dict:
-    """`eval/<name>` = mean return over tasks of each actor, and `eval/<name>/<task>` per task."""
+def evaluate_actors(actors: dict, envs: list, tasks: list, episodes: int, seed: int,
+                    max_steps: Optional[int] = None) -> dict:
+    """`eval/<name>` = mean return over tasks of each actor, and `eval/<name>/<task>` per task;
+    task k acts with head k in envs[k]."""
     results = {}
     for name, act in actors.items():
-        per_task = [np.mean(evaluate(lambda o: act(o, k), env, episodes, seed)) for k in range(len(tasks))]
+        per_task = [np.mean(evaluate(lambda o: act(o, k), envs[k], episodes, seed, max_steps))
+                    for k in range(len(tasks))]
         results[f"eval/{name}"] = float(np.mean(per_task))
         if len(tasks) > 1:
             results.update({f"eval/{name}/{task}": float(value) for task, value in zip(tasks, per_task)})
     return results
 
 
-def make_eval_env(args, run_dir: Path) -> gym.Env:
-    if not args.capture_video:
-        return make_env(args.env)
-    try:
-        import moviepy  # noqa: F401  (RecordVideo writes mp4 files with it)
-    except ImportError:
-        raise UserError("--capture-video needs moviepy: pip install moviepy") from None
-    env = make_env(args.env, render_mode="rgb_array")
-    return gym.wrappers.RecordVideo(env, str(run_dir / "videos"),
-                                    episode_trigger=lambda i: i % args.eval_episodes == 0,
-                                    disable_logger=True)
+def make_eval_envs(args, run_dir: Path, tasks: list) -> list:
+    """One evaluation env per task: SawyerEnv(task) for sawyer, else the one env for every reward column."""
+    render_mode = "rgb_array" if args.capture_video else None
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401  (RecordVideo writes mp4 files with it)
+        except ImportError:
+            raise UserError("--capture-video needs moviepy: pip install moviepy") from None
+    names = tasks if args.env == "sawyer" else tasks[:1]
+    envs = []
+    for task in names:
+        env = make_env(args.env, render_mode, task if args.env == "sawyer" else None)
+        if args.capture_video:
+            folder = run_dir / "videos" / task if len(names) > 1 else run_dir / "videos"
+            env = gym.wrappers.RecordVideo(env, str(folder), episode_trigger=lambda i: i % args.eval_episodes == 0,
+                                           disable_logger=True)
+        envs.append(env)
+    return envs if args.env == "sawyer" else envs * len(tasks)
 # --- end shared block ---
 
 
@@ -650,7 +746,7 @@ def training_loop(args, run: Setup, script: str, modules: dict, rng: np.random.G
         start = load_checkpoint(run.run_dir / "checkpoint.pt", run.device, modules, rng, generator)["step"]
         print(f"Resuming {run.run_dir} from update {start}.", flush=True)
     logger = MetricsLogger(run.run_dir, args, start)
-    eval_env = make_eval_env(args, run.run_dir)
+    eval_envs = make_eval_envs(args, run.run_dir, run.tasks)
     sums, count, interval_start = {}, 0, time.time()
     progress = tqdm(initial=start, total=args.total_steps, desc=script, disable=None)
     for step in range(start + 1, args.total_steps + 1):
@@ -666,7 +762,8 @@ def training_loop(args, run: Setup, script: str, modules: dict, rng: np.random.G
         if step % args.eval_every == 0 or step == args.total_steps:
             row = {key: float(value) / count for key, value in sums.items()}
             row["charts/updates_per_second"] = count / (time.time() - interval_start)
-            row.update(evaluate_actors(actors, eval_env, run.tasks, args.eval_episodes, args.seed + 100))
+            row.update(evaluate_actors(actors, eval_envs, run.tasks, args.eval_episodes, args.seed + 100,
+                                       args.eval_max_steps))
             logger.log(step, row)
             progress.set_postfix({k[5:]: f"{v:.1f}" for k, v in row.items() if k.startswith("eval/") and k.count("/") == 1})
             sums, count, interval_start = {}, 0, time.time()

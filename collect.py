@@ -1,4 +1,4 @@
-"""collect.py: make offline datasets the way the paper did (Section 5.1).
+"""collect.py: make offline datasets the way the paper did (Sections 5.1 and 5.2).
 
 An online MPO learning run (Abdolmaleki et al. 2018) on a Control Suite task that stores every
 transition it generates, early random-looking episodes and later good ones alike, for one or
@@ -11,8 +11,20 @@ crash or Ctrl-C loses at most the episode in progress; rerunning the same comman
 every seed where it stopped (learner, replay and random state), and new seeds or more
 episodes append to the dataset. The consolidated `<output>` is rewritten at the end.
 
-Differences from the paper: the default budget (60 episodes, one seed, one update every 8
-environment steps, batch 256) is tiny so it finishes in about 20 minutes on 2 CPU cores;
+`--env sawyer` (Section 5.2): multi-task data on the simulated Sawyer of sawyer_env.py. Each
+episode runs the scripted behaviour policy of a task drawn at random (of the seven), with
+Gaussian action noise (`--noise`, a fraction of each action limit), the robot pose re-randomised
+every 20 episodes; every transition carries all seven task rewards (`reward [T, 7]`, computed
+from s_{t+1}), `task_id [T]` says whose policy acted, actions are stored in physical units with
+their bounds in the metadata. Episodes are written in blocks of 20, each block starting from a
+seeded reset, so a crash loses at most the block in progress and a rerun redoes it exactly.
+
+Differences from the paper: the Sawyer data comes from noisy scripted policies, not from MPO
+learners (the paper's data), so it lacks the learners' early poor episodes; its mix of good and
+bad actions per task comes from the noise and from the other tasks' policies acting in the same
+states (500 episodes by default, 4-6 minutes on 2 CPU cores). The Control Suite default
+budget (60 episodes, one seed, one update every 8 environment steps, batch 256) is tiny so it
+finishes in about 20 minutes on 2 CPU cores;
 the paper used 10,000 episodes and 5 seeds (`--episodes 10000 --seeds 0 1 2 3 4`). The
 online MPO duals use Acme's learning rate 1e-2 so the temperature adapts within a short run.
 """
@@ -37,18 +49,23 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
+import sawyer_env
+
 
 @dataclass
 class Args:
     env: str = "hopper"
     """`hopper`, `cheetah`, `walker`, `quadruped` (Control Suite hopper-hop, cheetah-run,
-    walker-walk, quadruped-run), any Control Suite `domain-task`, or a gymnasium id"""
+    walker-walk, quadruped-run), any Control Suite `domain-task`, `sawyer` (the simulated Sawyer
+    of sawyer_env.py, multi-task, Section 5.2), or a gymnasium id"""
     output: Optional[str] = None
     """dataset file to write; default `datasets/<env>.npz`"""
     seeds: tuple[int, ...] = (0,)
-    """one online MPO run (a collecting run) per seed"""
-    episodes: int = 60
-    """episodes per seed (paper: 10,000)"""
+    """one collecting run per seed (an online MPO run; for sawyer a scripted-policy run)"""
+    episodes: Optional[int] = None
+    """episodes per seed; default 60 for a Control Suite task, 500 for sawyer (paper: 10,000)"""
+    noise: float = sawyer_env.DEFAULT_NOISE
+    """sawyer: std of the Gaussian noise on the scripted actions, as a fraction of the action limits"""
     steps_per_update: int = 8
     """environment steps between gradient updates (paper-scale runs: 1)"""
     warmup_steps: int = 2_000
@@ -89,6 +106,10 @@ class Args:
     """hidden layers of the Q function"""
     shared_layers: int = 1
     """first hidden layers shared by all tasks (one task here)"""
+
+    def __post_init__(self):
+        if self.episodes is None:
+            self.episodes = SAWYER_EPISODES if self.env == "sawyer" else 60
 
 
 # --- shared block: utilities ---
@@ -163,8 +184,18 @@ class ControlSuiteEnv(gym.Env):
         return self._env.physics.render(height=240, width=320, camera_id=0)
 
 
-def make_env(env_id: str, render_mode: Optional[str] = None) -> gym.Env:
-    """`hopper`-style alias, Control Suite `domain-task`, or any gymnasium id (`module:EnvId`)."""
+def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
+    """`hopper`-style alias, Control Suite `domain-task`, `sawyer`, or any gymnasium id (`module:EnvId`).
+
+    `sawyer` is sawyer_env.SawyerEnv(task) (task None: the Section 5.2 protocol, a random task per
+    episode) taking actions in [-1, 1]: its action dimensions differ in scale by 3600x (0.07 m/s to 255
+    finger units/s) while the Gaussian heads' minimum std is 0.1, so learners work in normalised actions
+    and RescaleAction maps them to the physical bounds (`env_action_bounds`)."""
+    if env_id == "sawyer":
+        if task is not None and task not in sawyer_env.ALL_TASKS:
+            raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
+        env = sawyer_env.SawyerEnv(task or "random", render_mode)
+        return gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))
     name = CONTROL_SUITE_ALIASES.get(env_id, env_id)
     domain, _, task = name.partition("-")
     if task:
@@ -178,8 +209,21 @@ def make_env(env_id: str, render_mode: Optional[str] = None) -> gym.Env:
     except Exception as error:  # gymnasium raises many types for an unknown or broken id
         raise UserError(
             f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
-            f"domain-task such as cartpole-swingup, or a gymnasium id ({error})"
+            f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})"
         ) from None
+
+
+def env_action_bounds(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
+    """The bounds of the actions the env itself takes (physical units for sawyer); the learner's
+    bounds are env.action_space. An exported policy maps a learner action a to env units with
+    env_low + (a + 1) / 2 * (env_high - env_low) when they differ."""
+    inner = env.env if isinstance(env, gym.wrappers.RescaleAction) else env
+    return inner.action_space.low, inner.action_space.high
+
+
+def normalise_actions(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Physical actions in [low, high] -> [-1, 1], the inverse of RescaleAction."""
+    return (2.0 * (np.asarray(action, dtype=np.float64) - low) / (high - low) - 1.0).astype(np.float32)
 # --- end shared block ---
 
 
@@ -198,9 +242,10 @@ def ensure_dataset(args) -> Path:
     path = default_dataset_path(args.env)
     if not path.exists():
         collect = Path(__file__).resolve().parent / "collect.py"
+        minutes = "about 5" if args.env == "sawyer" else "about 20"
         print(
             f"No dataset at {path}: generating it with `python collect.py --env {args.env}` "
-            f"(default budget, about 20 minutes on 2 CPU cores); pass --dataset PATH to use "
+            f"(default budget, {minutes} minutes on 2 CPU cores); pass --dataset PATH to use "
             f"your own data.",
             flush=True,
         )
@@ -237,7 +282,7 @@ def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
         arrays["reward"] = arrays["reward"][:, None]
     size = len(arrays["observation"])
     expected_ndim = {"observation": 2, "action": 2, "reward": 2, "discount": 1, "episode_id": 1,
-                     "step": 1, "next_observation": 2, "run_id": 1}
+                     "step": 1, "next_observation": 2, "run_id": 1, "task_id": 1}
     for key, ndim in expected_ndim.items():
         if key in arrays and (arrays[key].ndim != ndim or len(arrays[key]) != size):
             raise UserError(
@@ -280,13 +325,20 @@ def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
     return arrays
 
 
-def select_tasks(data: dict, task: str) -> tuple[list[int], list[str]]:
-    """Reward columns to learn: every column for `all`, else the one named `task`."""
+def select_tasks(data: dict, task: str, env_id: Optional[str] = None) -> tuple[list[int], list[str]]:
+    """Reward columns to learn: every column for `all`, else the one named `task`. For sawyer, a task
+    the dataset has no column for (the new tasks `center`, `corner` of Section 5.2) is labelled from
+    the stored s' with sawyer_env's reward function, appended to data["reward"] as a new column."""
     names = list(data["metadata"].get("tasks") or [f"task{i}" for i in range(data["reward"].shape[1])])
     if len(names) != data["reward"].shape[1]:
         raise UserError(f"dataset metadata names {len(names)} tasks but 'reward' has {data['reward'].shape[1]} columns")
     if task == "all":
         return list(range(len(names))), names
+    if task not in names and env_id == "sawyer" and task in sawyer_env.REWARD_FUNCTIONS:
+        reward = sawyer_env.REWARD_FUNCTIONS[task](np.asarray(data["next_observation"])).astype(np.float32)
+        data["reward"] = np.concatenate([np.asarray(data["reward"]), reward[:, None]], axis=1)
+        data["metadata"] = {**data["metadata"], "tasks": names + [task]}
+        return [len(names)], [task]
     if task not in names:
         raise UserError(f"task {task!r} is not in the dataset; its tasks are {names}")
     return [names.index(task)], [task]
@@ -712,6 +764,115 @@ def consolidate(parts: Path, output: Path, args: Args, task: str) -> dict:
     return metadata
 
 
+SAWYER_EPISODES = 500  # default budget for --env sawyer: 100k transitions, 4-6 minutes on 2 shared CPU cores
+SAWYER_ARRAYS = ("observation", "action", "reward", "discount", "next_observation", "step", "task_id")
+
+
+def sawyer_block_files(parts: Path, seed: Optional[int] = None) -> list[Path]:
+    pattern = f"run{seed:03d}_block*.npz" if seed is not None else "run*_block*.npz"
+    return sorted(parts.glob(pattern))
+
+
+def collect_sawyer_block(seed: int, block: int, count: int, noise: float) -> dict:
+    """`count` episodes of the Section 5.2 protocol (SawyerEnv("random"): a task drawn from the seven
+    per episode) from one seeded reset, so the block's robot pose is fresh and the block can be redone
+    exactly. Rewards are those of the seven executed tasks, of s_{t+1}; actions in physical units."""
+    env = sawyer_env.SawyerEnv("random")
+    rng = np.random.default_rng([seed, block])
+    episodes = []
+    for index in range(count):
+        reset_seed = int(rng.integers(2**31)) if index == 0 else None  # later resets continue the protocol
+        episode = sawyer_env.collect_episode(env, None, rng, noise, seed=reset_seed)
+        length = len(episode["action"])
+        episode["reward"] = episode["reward"][:, : len(sawyer_env.TASKS)]  # [T, 7]
+        episode["step"] = np.arange(length, dtype=np.int64)
+        episode["task_id"] = np.full(length, episode["task_index"], dtype=np.int64)
+        episodes.append(episode)
+    arrays = {key: np.concatenate([e[key] for e in episodes]) for key in SAWYER_ARRAYS}
+    arrays["episode_length"] = np.array([len(e["action"]) for e in episodes], dtype=np.int64)
+    return arrays
+
+
+def collect_sawyer(args: Args, seed: int, parts: Path) -> None:
+    """One scripted-policy run of `args.episodes` episodes in blocks of ROBOT_RESET_PERIOD, each block
+    written atomically; finished blocks are kept, a block holding fewer episodes than wanted is redone."""
+    period = sawyer_env.ROBOT_RESET_PERIOD
+    blocks = math.ceil(args.episodes / period)
+    progress = tqdm(total=args.episodes, desc=f"collect sawyer seed {seed}", disable=None, dynamic_ncols=True)
+    for block in range(blocks):
+        count = min(period, args.episodes - block * period)
+        file = parts / f"run{seed:03d}_block{block:05d}.npz"
+        if file.exists():
+            with np.load(file, allow_pickle=False) as archive:
+                if float(archive["noise"]) != args.noise:
+                    raise UserError(f"{file} was collected with --noise {float(archive['noise'])}; rerun with that "
+                                    f"noise or write to another --output")
+                if len(archive["episode_length"]) >= count:
+                    progress.update(count)
+                    continue
+        arrays = collect_sawyer_block(seed, block, count, args.noise)
+        write_atomically(file, {**arrays, "run_id": np.int64(seed), "noise": np.float64(args.noise)})
+        progress.update(count)
+    progress.close()
+
+
+def success_rates(episode_task: np.ndarray, success: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                  tasks: list) -> dict:
+    """Per task, over the episodes its scripted policy ran: the fraction that ended in success
+    (last step, as benchmarks/sawyer_speed.py) and the fraction that reached it at any step."""
+    last = success[starts + lengths - 1]  # [episodes, 9]
+    ever = np.logical_or.reduceat(success, starts, axis=0)
+    rates = {}
+    for k, task in enumerate(tasks):
+        mine = episode_task == k
+        rates[task] = {"episodes": int(mine.sum()),
+                       "success_at_end": float(last[mine, k].mean()) if mine.any() else None,
+                       "success_at_any_step": float(ever[mine, k].mean()) if mine.any() else None}
+    return rates
+
+
+def consolidate_sawyer(parts: Path, output: Path, args: Args) -> dict:
+    """Concatenate every finished block (seed by seed, block by block) into the dataset file."""
+    files = sawyer_block_files(parts)
+    if not files:
+        raise UserError(f"no finished block in {parts}; nothing to write")
+    blocks = []
+    for file in files:
+        with np.load(file, allow_pickle=False) as archive:
+            blocks.append({key: archive[key] for key in archive.files})
+    arrays = {key: np.concatenate([b[key] for b in blocks]) for key in SAWYER_ARRAYS}
+    lengths = np.concatenate([b["episode_length"] for b in blocks])
+    arrays["episode_id"] = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    arrays["run_id"] = np.repeat(np.concatenate([np.full(len(b["episode_length"]), int(b["run_id"]))
+                                                 for b in blocks]), lengths).astype(np.int64)
+    tasks = list(sawyer_env.TASKS)
+    starts = np.r_[0, np.cumsum(lengths)[:-1]]
+    episode_task = arrays["task_id"][starts]
+    returns = np.add.reduceat(arrays["reward"].astype(np.float64), starts, axis=0)  # [episodes, 7]
+    success = sawyer_env.compute_success(arrays["next_observation"])[:, : len(tasks)]
+    metadata = {
+        "env": "sawyer",
+        "tasks": tasks,
+        "observation_dim": int(arrays["observation"].shape[1]),
+        "action_dim": int(arrays["action"].shape[1]),
+        "action_low": sawyer_env.ACTION_LOW.tolist(),
+        "action_high": sawyer_env.ACTION_HIGH.tolist(),
+        "action_units": "physical: vx, vy, vz [m/s], wrist rate [rad/s], finger rate [gripper units/s]",
+        "transitions": int(lengths.sum()),
+        "collection": {"method": "sawyer_env scripted behaviour policies with Gaussian action noise, a random "
+                                 "task per episode, robot pose re-randomised every 20 episodes (paper Section 5.2)",
+                       "noise": args.noise, "seeds": sorted({int(b["run_id"]) for b in blocks}),
+                       "args": asdict(args)},
+        "sawyer": sawyer_env.env_spec(),
+        "episode_tasks": [tasks[k] for k in episode_task],
+        "episode_returns": {task: returns[:, k].tolist() for k, task in enumerate(tasks)},
+        "success_rates": success_rates(episode_task, success, starts, lengths, tasks),
+    }
+    arrays["metadata"] = np.array(json.dumps(metadata))
+    write_atomically(output, arrays)
+    return metadata
+
+
 def train(args: Args) -> Path:
     """Collect every seed, then write the consolidated dataset; returns its path."""
     if args.episodes < 1 or args.steps_per_update < 1 or args.batch_size < 1:
@@ -724,8 +885,25 @@ def train(args: Args) -> Path:
         parts.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"cannot create {parts} ({error.strerror})") from None
-    task = CONTROL_SUITE_ALIASES.get(args.env, args.env)
     start = time.time()
+    if args.env == "sawyer":
+        if not 0 <= args.noise:
+            raise UserError("--noise must be >= 0")
+        try:
+            for seed in args.seeds:
+                collect_sawyer(args, seed, parts)
+        except KeyboardInterrupt:
+            if sawyer_block_files(parts):
+                consolidate_sawyer(parts, output, args)
+                print(f"\nInterrupted: finished blocks written to {output}; rerun the command to continue.")
+            raise SystemExit(130) from None
+        metadata = consolidate_sawyer(parts, output, args)
+        rates = ", ".join(f"{task} {rate['success_at_end']:.2f}" for task, rate in metadata["success_rates"].items()
+                          if rate["success_at_end"] is not None)
+        print(f"Wrote {output}: {len(metadata['episode_tasks'])} episodes, {metadata['transitions']} transitions, "
+              f"success at the episode end per executed task: {rates}; {time.time() - start:.0f} s.")
+        return output
+    task = CONTROL_SUITE_ALIASES.get(args.env, args.env)
     try:
         for seed in args.seeds:
             collect_seed(args, seed, parts, device)

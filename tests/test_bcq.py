@@ -15,7 +15,7 @@ from tests.conftest import SMOKE_ENV
 def tiny_args(tmp_path, dataset, **overrides) -> bcq.Args:
     args = bcq.Args(env=SMOKE_ENV, dataset=str(dataset), run_dir=str(tmp_path / "run"), total_steps=4,
                     eval_every=2, checkpoint_every=2, eval_episodes=1, batch_size=16, num_action_samples=3,
-                    num_eval_samples=3, latent_size=4, vae_layers=(32, 32), perturbation_layers=(32, 32),
+                    num_eval_samples=3, latent_size=4, encoder_layers=(32, 32), decoder_layers=(32, 32), perturbation_layers=(32, 32),
                     critic_layers=(32, 32), device="cpu")
     return replace(args, **overrides)
 
@@ -109,7 +109,7 @@ def test_clipped_double_q_target_matches_hand_computation():
 
 def test_update_targets_the_clipped_double_q_value_of_a_stub_critic():
     # A stub target critic with known values: Q'_1 = 1 + a, Q'_2 = 2 * a (one action dim, a in [-1, 1]).
-    args = bcq.Args(batch_size=4, num_action_samples=5, latent_size=2, vae_layers=(8,), perturbation_layers=(8,),
+    args = bcq.Args(batch_size=4, num_action_samples=5, latent_size=2, encoder_layers=(8,), decoder_layers=(8,), perturbation_layers=(8,),
                     critic_layers=(8,), learning_rate=0.0)  # lr 0: nothing moves
     torch.manual_seed(0)
     agent = bcq.Agent(2, 1, 1, -torch.ones(1), torch.ones(1), args)
