@@ -12,11 +12,11 @@ the median and the min-max of updates/s over the repeats.
 
 Also measured and printed: the machine's fp32 and bf16 matmul rate (1024^3 products) per thread
 count; the FLOPs of one update (torch.utils.flop_counter.FlopCounterMode, forward + backward),
-and the achieved GFLOP/s = FLOPs x updates/s; the baseline = abm_mpo.py as it was before the
-speed work (git revision `--baseline`, default the commit this work started from), timed
-interleaved with the current code. bf16 is skipped when the CPU has no native bf16 matrix
-product (its bf16 matmul rate below half its fp32 rate): then autocast emulates it and an update
-takes seconds. `--force-bf16` times it anyway. Writes benchmarks/results/update_speed.json.
+and the achieved GFLOP/s = FLOPs x updates/s; the baseline = each script as it was before the
+speed work (git revision `--baseline`, default the commit this work started from), fp32, timed
+interleaved with the current code ("x baseline" column). bf16 is skipped when the CPU has no
+native bf16 matrix product (its bf16 matmul rate below half its fp32 rate): then autocast
+emulates it and an update takes seconds. `--force-bf16` times it anyway. Writes benchmarks/results/update_speed.json.
 """
 
 import argparse
@@ -76,16 +76,16 @@ def synthetic_data(size: int = 100_000, episode_length: int = 1000, seed: int = 
             "episode_last": np.repeat(np.minimum(starts + episode_length, size) - 1, episode_length)[:size]}
 
 
-def load_baseline(revision: str):
-    """abm_mpo.py at `revision` as a module, or None (with the reason) when git cannot show it."""
+def load_baseline(revision: str, script: str):
+    """`script`.py at git `revision` as a module, or None (with the reason) when git cannot show it."""
     try:
-        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:abm_mpo.py"], check=True,
+        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:{script}.py"], check=True,
                                 capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError) as error:
-        return None, f"git show {revision}:abm_mpo.py failed ({getattr(error, 'stderr', error)!s:.100})"
-    path = Path(tempfile.mkdtemp()) / "abm_mpo_baseline.py"
+        return None, f"git show {revision}:{script}.py failed ({getattr(error, 'stderr', error)!s:.100})"
+    path = Path(tempfile.mkdtemp()) / f"{script}_baseline.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("abm_mpo_baseline", path)
+    spec = importlib.util.spec_from_file_location(f"{script}_baseline", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module, None
@@ -100,19 +100,19 @@ def make_update(module, precision: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     low, high = -torch.ones(ACT_DIM), torch.ones(ACT_DIM)
-    if module in (bcq, bear):
+    if hasattr(module, "make_optimizers"):  # bcq, bear: one optimiser per learner
         agent = module.Agent(OBS_DIM, ACT_DIM, 1, low, high, args)
         optimizers = module.make_optimizers(agent, args)
-        if module is bcq:
+        if hasattr(args, "latent_size"):  # bcq
             def update(batch):
-                metrics = bcq.update(agent, optimizers, batch, args, generator)
+                metrics = module.update(agent, optimizers, batch, args, generator)
                 agent.update_targets(args.target_update_rate)
                 return metrics
         else:
             step = args.warmup_steps + 1  # past the warm-up: the actor's Q term is on
 
             def update(batch):
-                return bear.update(agent, optimizers, batch, args, generator, step)
+                return module.update(agent, optimizers, batch, args, generator, step)
     else:
         agent = module.Agent(OBS_DIM, ACT_DIM, 1, args)
         optimizer = module.make_optimizer(agent, args)
@@ -144,12 +144,12 @@ def update_flops(update, batch) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 updates x 2 repeats per configuration")
-    parser.add_argument("--updates", type=int, default=5, help="timed updates per measurement")
+    parser.add_argument("--updates", type=int, default=4, help="timed updates per measurement")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved measurements per configuration")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--scripts", nargs="+", default=None, help="subset of the rows, e.g. abm_mpo:abm bear")
-    parser.add_argument("--baseline", default=BASELINE_REVISION, help="git revision of the baseline abm_mpo.py; '' = none")
+    parser.add_argument("--baseline", default=BASELINE_REVISION, help="git revision of the baseline scripts; '' = none")
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without native bf16 matmul")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "update_speed.json"))
     options = parser.parse_args()
@@ -179,9 +179,6 @@ def main() -> None:
             "abm_svg:abm": (abm_svg, {"prior": "abm"}), "bcq": (bcq, {}), "bear": (bear, {})}
     if options.scripts:
         rows = {name: row for name, row in rows.items() if name in options.scripts}
-    baseline, reason = load_baseline(options.baseline) if options.baseline else (None, "no --baseline")
-    if baseline is None:
-        print(f"\nbaseline not measured: {reason}")
 
     data = synthetic_data()
     rng = np.random.default_rng(0)
@@ -195,10 +192,13 @@ def main() -> None:
             for threads in options.threads:
                 configurations[f"{row}/{precision}/{threads}"] = (row, threads, precision,
                                                                   make_update(module, precision, **overrides)[1])
-    if baseline is not None:
+        baseline, reason = load_baseline(options.baseline, module.__name__) if options.baseline else (None, "")
+        if baseline is None:
+            print(f"baseline of {row} not measured: {reason or 'no --baseline'}")
+            continue
         for threads in options.threads:
-            configurations[f"baseline abm_mpo:abm/fp32/{threads}"] = (
-                "baseline abm_mpo:abm", threads, "fp32", make_update(baseline, "fp32", prior="abm")[1])
+            configurations[f"baseline {row}/fp32/{threads}"] = (
+                f"baseline {row}", threads, "fp32", make_update(baseline, "fp32", **overrides)[1])
 
     torch.set_num_threads(1)
     flops = {}
@@ -235,10 +235,11 @@ def main() -> None:
     print("| script | precision | threads | updates/s median | min-max | GFLOP/update | achieved GFLOP/s | "
           "matmul GFLOP/s | x baseline |")
     print("|---|---|---|---|---|---|---|---|---|")
-    base = {r["threads"]: r["updates_per_second"] for r in results if r["script"].startswith("baseline")}
+    base = {(r["script"].removeprefix("baseline "), r["threads"]): r["updates_per_second"]
+            for r in results if r["script"].startswith("baseline ")}
     for r in results:
-        ratio = (f"{r['updates_per_second'] / base[r['threads']]:.2f}"
-                 if r["script"] == "abm_mpo:abm" and r["threads"] in base else "")
+        key = (r["script"], r["threads"])
+        ratio = f"{r['updates_per_second'] / base[key]:.2f}" if key in base else ""
         print(f"| {r['script']} | {r['precision']} | {r['threads']} | {r['updates_per_second']:.2f} | "
               f"{r['min']:.2f}-{r['max']:.2f} | {r['gflop_per_update']:.2f} | {r['achieved_gflops']:.1f} | "
               f"{r['matmul_gflops']:.1f} | {ratio} |")
