@@ -697,7 +697,9 @@ class MultiHeadMLP(nn.Module):
         self.head = nn.Sequential(*head, MultiHeadLinear(num_heads, sizes[-1], out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.torso(x))
+        hidden = self.head[:-1](self.torso(x))
+        with torch.autocast(x.device.type, enabled=False):  # output layer in fp32, also under bf16 autocast
+            return self.head[-1](hidden.float())
 
 
 class GaussianPolicy(nn.Module):

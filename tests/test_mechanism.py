@@ -5,7 +5,8 @@ constrained to each prior inherits the difference.
 
 Data: tests/two_mode.py, one-step episodes, reward exp(-((a - 0.5) / 0.2)^2), each state logged
 once with a ~ +0.5 (reward ~1) and once with a ~ -0.5 (reward ~0). Small networks and 600
-updates keep a run at a few seconds; the same bounds hold for two seeds.
+updates keep a run at a few seconds; the same bounds hold for two seeds, and with the batched Q
+passes in bf16 (`--precision bf16`, one seed: without native bf16 matrix products it is slower).
 """
 
 import contextlib
@@ -46,11 +47,12 @@ def train_and_read_prior(args: m.Args) -> tuple[dict, float]:
     return summary, prior_mean
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_abm_prior_keeps_the_good_mode_and_bm_averages_both(two_mode_dataset, tmp_path, seed):
+@pytest.mark.parametrize("seed, precision", [(seed, "fp32") for seed in SEEDS] + [(SEEDS[0], "bf16")])
+def test_abm_prior_keeps_the_good_mode_and_bm_averages_both(two_mode_dataset, tmp_path, seed, precision):
     results = {}
     for prior in ("abm", "bm"):
-        args = small_args(dataset=str(two_mode_dataset), prior=prior, seed=seed, run_dir=str(tmp_path / prior))
+        args = small_args(dataset=str(two_mode_dataset), prior=prior, seed=seed, precision=precision,
+                          run_dir=str(tmp_path / prior))
         results[prior] = train_and_read_prior(args)
     (abm_summary, abm_mean), (bm_summary, bm_mean) = results["abm"], results["bm"]
 
