@@ -16,7 +16,8 @@ theirs use ReLU (cheaper than ours' ELU) and no layer norm on the first layer; i
 `n_mmd_action_samples` (4) samples with a one-sample actor loss, where ours is a Gaussian prior,
 a closed-form KL and an actor loss over M = 20 samples; ours therefore does more work per BEAR
 update. Warm-up phases are skipped on both sides (the full losses are timed).
-Writes benchmarks/results/peer_d3rlpy.json.
+The FLOPs of one update of each (FlopCounterMode, forward + backward) are printed beside the
+times. Writes benchmarks/results/peer_d3rlpy.json.
 """
 
 import argparse
@@ -86,8 +87,8 @@ def main() -> None:
     for name, module in (("bcq", us.bcq), ("bear", us.bear)):
         updates[f"ours {name}"] = us.make_update(module, "fp32")[1]
         updates[f"d3rlpy {name}"], versions[name] = d3rlpy_update(name, data, batch_size)
-    for update in updates.values():
-        update(batches[0])  # warm-up
+    torch.set_num_threads(1)
+    flops = {name: us.update_flops(update, batches[0]) for name, update in updates.items()}  # also the warm-up
 
     print(f"# d3rlpy vs ours per update: {us.machine()['cpu']}, torch {torch.__version__}, {versions}")
     samples = {(name, threads): [] for name in updates for threads in options.threads}
@@ -105,16 +106,20 @@ def main() -> None:
 
     print(f"\nbatch {batch_size}, {options.updates} updates x {options.repeats} interleaved repeats, "
           f"load average: {', '.join(loads)}\n")
-    print("| algorithm | threads | ours updates/s (min-max) | d3rlpy updates/s (min-max) | ours / d3rlpy |")
-    print("|---|---|---|---|---|")
+    print("| algorithm | threads | ours updates/s (min-max) | d3rlpy updates/s (min-max) | ours / d3rlpy | "
+          "GFLOP/update ours, d3rlpy |")
+    print("|---|---|---|---|---|---|")
     results = []
     for name in ("bcq", "bear"):
         for threads in options.threads:
             ours, theirs = samples[(f"ours {name}", threads)], samples[(f"d3rlpy {name}", threads)]
             ratio = statistics.median(ours) / statistics.median(theirs)
+            gflop = (flops[f"ours {name}"] / 1e9, flops[f"d3rlpy {name}"] / 1e9)
             print(f"| {name} | {threads} | {statistics.median(ours):.2f} ({min(ours):.2f}-{max(ours):.2f}) | "
-                  f"{statistics.median(theirs):.2f} ({min(theirs):.2f}-{max(theirs):.2f}) | {ratio:.2f} |")
-            results.append({"algorithm": name, "threads": threads, "ours": ours, "d3rlpy": theirs, "ratio": ratio})
+                  f"{statistics.median(theirs):.2f} ({min(theirs):.2f}-{max(theirs):.2f}) | {ratio:.2f} | "
+                  f"{gflop[0]:.2f}, {gflop[1]:.2f} |")
+            results.append({"algorithm": name, "threads": threads, "ours": ours, "d3rlpy": theirs, "ratio": ratio,
+                            "gflop_per_update": {"ours": gflop[0], "d3rlpy": gflop[1]}})
     output = Path(options.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"versions": versions, "load_average": loads, "results": results}, indent=2))

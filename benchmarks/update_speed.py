@@ -141,6 +141,26 @@ def update_flops(update, batch) -> int:
     return counter.get_total_flops()
 
 
+def chunk_sweep(batch, options, sizes=(128, 256, 512, 1024, 4096, 1 << 20)) -> list[dict]:
+    """abm_mpo:abm updates/s against the rows per critic pass (1 << 20: one pass over all rows)."""
+    default = abm_mpo.CHUNK_ROWS
+    updates = {size: make_update(abm_mpo, "fp32", prior="abm")[1] for size in sizes}
+    samples = {(size, threads): [] for size in sizes for threads in options.threads}
+    try:
+        for repeat in range(options.repeats):
+            for (size, threads), values in samples.items():
+                abm_mpo.CHUNK_ROWS = size
+                torch.set_num_threads(threads)
+                updates[size](batch)
+                start = time.perf_counter()
+                for _ in range(options.updates):
+                    updates[size](batch)
+                values.append(options.updates / (time.perf_counter() - start))
+    finally:
+        abm_mpo.CHUNK_ROWS = default
+    return [{"chunk_rows": size, "threads": threads, "samples": values} for (size, threads), values in samples.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 updates x 2 repeats per configuration")
@@ -151,6 +171,8 @@ def main() -> None:
     parser.add_argument("--scripts", nargs="+", default=None, help="subset of the rows, e.g. abm_mpo:abm bear")
     parser.add_argument("--baseline", default=BASELINE_REVISION, help="git revision of the baseline scripts; '' = none")
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without native bf16 matmul")
+    parser.add_argument("--chunk-sweep", action="store_true",
+                        help="also time abm_mpo:abm (fp32) at other CHUNK_ROWS, the rows per critic pass")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "update_speed.json"))
     options = parser.parse_args()
     if options.quick:
@@ -221,6 +243,8 @@ def main() -> None:
         print(f"repeat {repeat + 1}/{options.repeats} done, load average {loads[-1]}", file=sys.stderr, flush=True)
     loads.append(load_average())
 
+    sweep = chunk_sweep(batches[0], options) if options.chunk_sweep else []
+
     results = []
     for name, (row, threads, precision, _) in configurations.items():
         values = samples[name]
@@ -244,12 +268,18 @@ def main() -> None:
               f"{r['min']:.2f}-{r['max']:.2f} | {r['gflop_per_update']:.2f} | {r['achieved_gflops']:.1f} | "
               f"{r['matmul_gflops']:.1f} | {ratio} |")
 
+    if sweep:
+        print("\n| abm_mpo:abm fp32, CHUNK_ROWS | threads | updates/s median | min-max |\n|---|---|---|---|")
+        for entry in sweep:
+            print(f"| {entry['chunk_rows']} | {entry['threads']} | {statistics.median(entry['samples']):.2f} | "
+                  f"{min(entry['samples']):.2f}-{max(entry['samples']):.2f} |")
+
     output = Path(options.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"machine": info, "load_average": loads, "matmul_gflops": rates,
                                   "native_bf16": native_bf16, "updates": options.updates,
                                   "repeats": options.repeats, "baseline_revision": options.baseline,
-                                  "results": results}, indent=2))
+                                  "results": results, "chunk_sweep": sweep}, indent=2))
     print(f"\nwrote {output}")
 
 
