@@ -164,7 +164,7 @@ def chunk_sweep(batch, options, sizes=(128, 256, 512, 1024, 4096, 1 << 20)) -> l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 updates x 2 repeats per configuration")
-    parser.add_argument("--updates", type=int, default=4, help="timed updates per measurement")
+    parser.add_argument("--updates", type=int, default=3, help="timed updates per measurement")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved measurements per configuration")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
