@@ -778,7 +778,7 @@ LOG_MULTIPLIER_RANGE = (-5.0, 10.0)  # the original BEAR's clamp of log alpha
 class TwinCritic(nn.Module):
     """Two independent Q functions (clipped double Q): [K, N, obs], [K, N, act] -> [2, K, N]."""
 
-    chunk_rows = 512  # rows per pass: the activations stay in a core's L2 cache (up to 2x faster on a CPU)
+    chunk_rows = 1024  # rows per pass: a 256-unit activation is 1 MiB, a core's L2 cache (up to 2x faster on a CPU)
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple, num_heads: int, shared: int):
         super().__init__()

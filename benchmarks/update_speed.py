@@ -141,7 +141,7 @@ def update_flops(update, batch) -> int:
     return counter.get_total_flops()
 
 
-def chunk_sweep(batch, options, sizes=(128, 256, 512, 1024, 4096, 1 << 20)) -> list[dict]:
+def chunk_sweep(batch, options, sizes=(256, 512, 1024, 4096, 1 << 20)) -> list[dict]:
     """abm_mpo:abm updates/s against the rows per critic pass (1 << 20: one pass over all rows)."""
     default = abm_mpo.CHUNK_ROWS
     updates = {size: make_update(abm_mpo, "fp32", prior="abm")[1] for size in sizes}
