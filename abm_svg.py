@@ -746,18 +746,19 @@ def sample_actions(mean: torch.Tensor, std: torch.Tensor, num_samples: int,
 
 
 # --- shared block: policy evaluation ---
-CHUNK_ROWS = 1024  # state-action rows per critic pass: a 256-unit activation is 1 MiB, a core's L2 cache
+CHUNK_ROWS = 1024  # state-action rows per critic pass and thread: a 256-unit activation is 1 MiB, a core's L2
 
 
 def q_values(critic: nn.Module, observation: torch.Tensor, actions: torch.Tensor,
              low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """Q(s, a_j) for M actions per state: [K, B, obs], [M, K, B, act] -> [M, K, B] in float32.
     The env clips actions, so a sampled action is scored at clip(a, low, high). The M * B rows go
-    through the critic in chunks of CHUNK_ROWS: one pass over all rows is up to 2x slower on a CPU."""
+    through the critic in chunks of CHUNK_ROWS per thread: one pass over all rows is up to 2x slower on a CPU."""
     num_samples, num_tasks, batch, act_dim = actions.shape
     repeated = observation.unsqueeze(1).expand(-1, num_samples, -1, -1).reshape(num_tasks, num_samples * batch, -1)
     flat_actions = actions.clamp(low, high).transpose(0, 1).reshape(num_tasks, num_samples * batch, act_dim)
-    chunks = zip(repeated.split(CHUNK_ROWS, dim=1), flat_actions.split(CHUNK_ROWS, dim=1))
+    rows = CHUNK_ROWS * torch.get_num_threads()
+    chunks = zip(repeated.split(rows, dim=1), flat_actions.split(rows, dim=1))
     q = torch.cat([critic(states, chunk_actions) for states, chunk_actions in chunks], dim=1).float()
     return q.reshape(num_tasks, num_samples, batch).transpose(0, 1)
 

@@ -778,7 +778,7 @@ LOG_MULTIPLIER_RANGE = (-5.0, 10.0)  # the original BEAR's clamp of log alpha
 class TwinCritic(nn.Module):
     """Two independent Q functions (clipped double Q): [K, N, obs], [K, N, act] -> [2, K, N]."""
 
-    chunk_rows = 1024  # rows per pass: a 256-unit activation is 1 MiB, a core's L2 cache (up to 2x faster on a CPU)
+    chunk_rows = 1024  # rows per pass and thread: a 256-unit activation is 1 MiB, a core's L2 (up to 2x faster)
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple, num_heads: int, shared: int):
         super().__init__()
@@ -786,7 +786,8 @@ class TwinCritic(nn.Module):
         self.q2 = Critic(obs_dim, act_dim, hidden, num_heads, shared)
 
     def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        chunks = zip(observation.split(self.chunk_rows, dim=1), action.split(self.chunk_rows, dim=1))
+        rows = self.chunk_rows * torch.get_num_threads()
+        chunks = zip(observation.split(rows, dim=1), action.split(rows, dim=1))
         return torch.cat([torch.stack([self.q1(o, a), self.q2(o, a)]) for o, a in chunks], dim=-1)
 
 
