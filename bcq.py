@@ -51,7 +51,7 @@ import zipfile
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -96,6 +96,9 @@ class Args:
     """continue the run in this directory from its checkpoint.pt"""
     device: str = "auto"
     """`auto` (CUDA when present), `cpu` or `cuda`"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """`bf16`: the batched Q passes over M sampled actions run their matrix products in bfloat16
+    (autocast, float32 weights and losses); fast only on CPUs/GPUs with native bf16"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "behaviour-priors"
@@ -156,6 +159,12 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available")
     return torch.device(name)
+
+
+def autocast(precision: str, device: torch.device):
+    """`--precision bf16`: matrix products inside this context run in bfloat16 (float32 weights,
+    float32 accumulation); `fp32`: a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def main(train_fn: Callable, args) -> None:
@@ -853,7 +862,9 @@ class MultiHeadMLP(nn.Module):
         self.head = nn.Sequential(*head, MultiHeadLinear(num_heads, sizes[-1], out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.torso(x))
+        hidden = self.head[:-1](self.torso(x))
+        with torch.autocast(x.device.type, enabled=False):  # output layer in fp32, also under bf16 autocast
+            return self.head[-1](hidden.float())
 
 
 class GaussianPolicy(nn.Module):
@@ -942,13 +953,17 @@ class PerturbationModel(nn.Module):
 class TwinCritic(nn.Module):
     """Two independent Q functions (clipped double Q): [K, N, obs], [K, N, act] -> [2, K, N]."""
 
+    chunk_rows = 1024  # rows per pass and thread: a 256-unit activation is 1 MiB, a core's L2 (up to 2x faster)
+
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple, num_heads: int, shared: int):
         super().__init__()
         self.q1 = Critic(obs_dim, act_dim, hidden, num_heads, shared)
         self.q2 = Critic(obs_dim, act_dim, hidden, num_heads, shared)
 
     def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.q1(observation, action), self.q2(observation, action)])
+        rows = self.chunk_rows * torch.get_num_threads()
+        chunks = zip(observation.split(rows, dim=1), action.split(rows, dim=1))
+        return torch.cat([torch.stack([self.q1(o, a), self.q2(o, a)]) for o, a in chunks], dim=-1)
 
 
 def clipped_double_q_target(next_q: torch.Tensor, reward: torch.Tensor, discount: torch.Tensor,
@@ -1054,7 +1069,8 @@ def update(agent: Agent, optimizers: dict, batch: dict, args: Args, generator: t
     with torch.no_grad():
         next_states = repeat_states(next_observation, num_samples)  # [K, M * B, obs]
         next_actions = agent.target_perturbation(next_states, agent.vae.sample(next_states, generator))
-        next_q = per_sample(agent.target_critic(next_states, next_actions), num_samples)  # [2, M, K, B]
+        with autocast(args.precision, observation.device):
+            next_q = per_sample(agent.target_critic(next_states, next_actions).float(), num_samples)  # [2, M, K, B]
         target, info = clipped_double_q_target(next_q, batch["reward"], batch["discount"], args.discount,
                                                args.double_q_lambda)
     metrics.update(info)

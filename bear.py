@@ -108,6 +108,9 @@ class Args:
     """continue the run in this directory from its checkpoint.pt"""
     device: str = "auto"
     """`auto` (CUDA when present), `cpu` or `cuda`"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """`bf16`: the batched Q passes over M sampled actions run their matrix products in bfloat16
+    (autocast, float32 weights and losses); fast only on CPUs/GPUs with native bf16"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "behaviour-priors"
@@ -170,6 +173,12 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available")
     return torch.device(name)
+
+
+def autocast(precision: str, device: torch.device):
+    """`--precision bf16`: matrix products inside this context run in bfloat16 (float32 weights,
+    float32 accumulation); `fp32`: a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def main(train_fn: Callable, args) -> None:
@@ -867,7 +876,9 @@ class MultiHeadMLP(nn.Module):
         self.head = nn.Sequential(*head, MultiHeadLinear(num_heads, sizes[-1], out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.torso(x))
+        hidden = self.head[:-1](self.torso(x))
+        with torch.autocast(x.device.type, enabled=False):  # output layer in fp32, also under bf16 autocast
+            return self.head[-1](hidden.float())
 
 
 class GaussianPolicy(nn.Module):
@@ -922,13 +933,17 @@ LOG_MULTIPLIER_RANGE = (-5.0, 10.0)  # the original BEAR's clamp of log alpha
 class TwinCritic(nn.Module):
     """Two independent Q functions (clipped double Q): [K, N, obs], [K, N, act] -> [2, K, N]."""
 
+    chunk_rows = 1024  # rows per pass and thread: a 256-unit activation is 1 MiB, a core's L2 (up to 2x faster)
+
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple, num_heads: int, shared: int):
         super().__init__()
         self.q1 = Critic(obs_dim, act_dim, hidden, num_heads, shared)
         self.q2 = Critic(obs_dim, act_dim, hidden, num_heads, shared)
 
     def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.q1(observation, action), self.q2(observation, action)])
+        rows = self.chunk_rows * torch.get_num_threads()
+        chunks = zip(observation.split(rows, dim=1), action.split(rows, dim=1))
+        return torch.cat([torch.stack([self.q1(o, a), self.q2(o, a)]) for o, a in chunks], dim=-1)
 
 
 def clipped_double_q_target(next_q: torch.Tensor, reward: torch.Tensor, discount: torch.Tensor,
@@ -963,7 +978,8 @@ def sampled_q(critic: TwinCritic, observation: torch.Tensor, actions: torch.Tens
     num_samples, num_tasks, batch, act_dim = actions.shape
     states = observation.repeat(1, num_samples, 1)  # [K, M * B, obs], sample-major
     flat_actions = actions.transpose(0, 1).reshape(num_tasks, num_samples * batch, act_dim)
-    return critic(states, flat_actions).reshape(2, num_tasks, num_samples, batch).transpose(1, 2)
+    q = critic(states, flat_actions).float()
+    return q.reshape(2, num_tasks, num_samples, batch).transpose(1, 2)
 
 
 # Divergence estimators: [K, B], one value per state.
@@ -1087,7 +1103,8 @@ def update(agent: Agent, optimizers: dict, batch: dict, args: Args, generator: t
     # Critic: soft clipped double Q, maximised over M samples of the target actor at s'.
     with torch.no_grad():
         next_actions = sample_actions(*agent.target_policy(batch["next_observation"]), num_samples, generator)
-        next_q = sampled_q(agent.target_critic, batch["next_observation"], next_actions.clamp(low, high))
+        with autocast(args.precision, observation.device):
+            next_q = sampled_q(agent.target_critic, batch["next_observation"], next_actions.clamp(low, high))
         target, info = clipped_double_q_target(next_q, batch["reward"], batch["discount"], args.discount,
                                                args.double_q_lambda)
     metrics.update(info)
@@ -1100,7 +1117,8 @@ def update(agent: Agent, optimizers: dict, batch: dict, args: Args, generator: t
     actions = sample_actions(mean, std, num_samples, generator)  # reparameterised: [M, K, B, act]
     divergence = divergence_to_prior(agent, observation, mean, std, actions, args, generator)  # [K, B]
     agent.critic.requires_grad_(False)
-    q = sampled_q(agent.critic, observation, actions.clamp(low, high))  # [2, M, K, B]
+    with autocast(args.precision, observation.device):
+        q = sampled_q(agent.critic, observation, actions.clamp(low, high))  # [2, M, K, B], float32
     agent.critic.requires_grad_(True)
     loss, info = bear_actor_loss(q, divergence, agent.multiplier(), warmup=step <= args.warmup_steps)
     metrics.update(info)

@@ -1,0 +1,287 @@
+"""Gradient updates per second of every learning script at the paper's settings, on this CPU.
+
+    python benchmarks/update_speed.py            # full run (a few minutes on 2 cores)
+    python benchmarks/update_speed.py --quick    # fewer updates and repeats, a smoke check
+
+Synthetic data with hopper's sizes (observation 15, action 4, one task; no env, no dataset file),
+batch 512, M = 20 (BCQ: 10, its paper's value), Table 1 networks (policy/prior 256-256, critic
+256-256-256). Each script's own `update()` is timed on pre-sampled batches (dataset sampling is
+not included). Every configuration (script x threads x precision) is measured `--repeats` times,
+interleaved round-robin so that load from other processes hits all of them alike; the table gives
+the median and the min-max of updates/s over the repeats.
+
+Also measured and printed: the machine's fp32 and bf16 matmul rate (1024^3 products) per thread
+count; the FLOPs of one update (torch.utils.flop_counter.FlopCounterMode, forward + backward),
+and the achieved GFLOP/s = FLOPs x updates/s; the baseline = each script as it was before the
+speed work (git revision `--baseline`, default the commit this work started from), fp32, timed
+interleaved with the current code ("x baseline" column). bf16 is skipped when the CPU has no
+native bf16 matrix product (its bf16 matmul rate below half its fp32 rate): then autocast
+emulates it and an update takes seconds. `--force-bf16` times it anyway. Writes benchmarks/results/update_speed.json.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import abm_mpo  # noqa: E402
+import abm_svg  # noqa: E402
+import bcq  # noqa: E402
+import bear  # noqa: E402
+import bm_mpo  # noqa: E402
+
+OBS_DIM, ACT_DIM = 15, 4  # hopper-hop
+BASELINE_REVISION = "8c1079a"  # main before issue 7 (the speed work)
+
+
+def machine() -> dict:
+    flags = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("flags"):
+            flags = line
+            break
+    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return {"cpu": name, "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "avx512f": " avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+            "python": platform.python_version()}
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def synthetic_data(size: int = 100_000, episode_length: int = 1000, seed: int = 0) -> dict:
+    """Arrays as load_dataset returns them: random transitions, episodes of `episode_length` steps."""
+    rng = np.random.default_rng(seed)
+    observation = rng.standard_normal((size, OBS_DIM)).astype(np.float32)
+    starts = np.arange(0, size, episode_length)
+    return {"observation": observation, "action": rng.uniform(-1, 1, (size, ACT_DIM)).astype(np.float32),
+            "reward": rng.uniform(0, 1, (size, 1)).astype(np.float32), "discount": np.ones(size, np.float32),
+            "next_observation": np.roll(observation, -1, axis=0),
+            "episode_last": np.repeat(np.minimum(starts + episode_length, size) - 1, episode_length)[:size]}
+
+
+def load_baseline(revision: str, script: str):
+    """`script`.py at git `revision` as a module, or None (with the reason) when git cannot show it."""
+    try:
+        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:{script}.py"], check=True,
+                                capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        return None, f"git show {revision}:{script}.py failed ({getattr(error, 'stderr', error)!s:.100})"
+    path = Path(tempfile.mkdtemp()) / f"{script}_baseline.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"{script}_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, None
+
+
+def make_update(module, precision: str, seed: int = 0, **overrides):
+    """(args, update(batch)) for one script with its paper defaults, on the CPU."""
+    fields = {"device": "cpu", **overrides}
+    if precision != "fp32":
+        fields["precision"] = precision
+    args = module.Args(**fields)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    low, high = -torch.ones(ACT_DIM), torch.ones(ACT_DIM)
+    if hasattr(module, "make_optimizers"):  # bcq, bear: one optimiser per learner
+        agent = module.Agent(OBS_DIM, ACT_DIM, 1, low, high, args)
+        optimizers = module.make_optimizers(agent, args)
+        if hasattr(args, "latent_size"):  # bcq
+            def update(batch):
+                metrics = module.update(agent, optimizers, batch, args, generator)
+                agent.update_targets(args.target_update_rate)
+                return metrics
+        else:
+            step = args.warmup_steps + 1  # past the warm-up: the actor's Q term is on
+
+            def update(batch):
+                return module.update(agent, optimizers, batch, args, generator, step)
+    else:
+        agent = module.Agent(OBS_DIM, ACT_DIM, 1, args)
+        optimizer = module.make_optimizer(agent, args)
+
+        def update(batch):
+            return module.update(agent, optimizer, batch, args, generator, low, high)
+    return args, update
+
+
+def matmul_gflops(dtype: torch.dtype, threads: int, size: int = 1024, budget: float = 1.0) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while count < 3 or time.perf_counter() - start < budget:
+        a @ b
+        count += 1
+        if time.perf_counter() - start > 4 * budget:
+            break
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def update_flops(update, batch) -> int:
+    with FlopCounterMode(display=False) as counter:
+        update(batch)
+    return counter.get_total_flops()
+
+
+def chunk_sweep(batch, options, sizes=(256, 512, 1024, 4096, 1 << 20)) -> list[dict]:
+    """abm_mpo:abm updates/s against the rows per critic pass (1 << 20: one pass over all rows)."""
+    default = abm_mpo.CHUNK_ROWS
+    updates = {size: make_update(abm_mpo, "fp32", prior="abm")[1] for size in sizes}
+    samples = {(size, threads): [] for size in sizes for threads in options.threads}
+    try:
+        for repeat in range(options.repeats):
+            for (size, threads), values in samples.items():
+                abm_mpo.CHUNK_ROWS = size
+                torch.set_num_threads(threads)
+                updates[size](batch)
+                start = time.perf_counter()
+                for _ in range(options.updates):
+                    updates[size](batch)
+                values.append(options.updates / (time.perf_counter() - start))
+    finally:
+        abm_mpo.CHUNK_ROWS = default
+    return [{"chunk_rows": size, "threads": threads, "samples": values} for (size, threads), values in samples.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 updates x 2 repeats per configuration")
+    parser.add_argument("--updates", type=int, default=3, help="timed updates per measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved measurements per configuration")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--scripts", nargs="+", default=None, help="subset of the rows, e.g. abm_mpo:abm bear")
+    parser.add_argument("--baseline", default=BASELINE_REVISION, help="git revision of the baseline scripts; '' = none")
+    parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without native bf16 matmul")
+    parser.add_argument("--chunk-sweep", action="store_true",
+                        help="also time abm_mpo:abm (fp32) at other CHUNK_ROWS, the rows per critic pass")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "update_speed.json"))
+    options = parser.parse_args()
+    if options.quick:
+        options.updates, options.repeats = 2, 2
+
+    info = machine()
+    print(f"# Update speed: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
+          f"(CPU capability {info['torch_cpu_capability']}, avx512_bf16: {info['avx512_bf16']}, "
+          f"amx_bf16: {info['amx_bf16']})")
+    print(f"load average at start: {load_average()}\n")
+
+    rates = {f"{dtype}/{threads}": matmul_gflops(getattr(torch, {'fp32': 'float32', 'bf16': 'bfloat16'}[dtype]), threads)
+             for dtype in ("fp32", "bf16") for threads in options.threads}
+    print("| matmul 1024^3 | " + " | ".join(f"{t} thread(s)" for t in options.threads) + " |")
+    print("|---|" + "---|" * len(options.threads))
+    for dtype in ("fp32", "bf16"):
+        print(f"| {dtype} GFLOP/s | " + " | ".join(f"{rates[f'{dtype}/{t}']:.1f}" for t in options.threads) + " |")
+    native_bf16 = all(rates[f"bf16/{t}"] >= 0.5 * rates[f"fp32/{t}"] for t in options.threads)
+    precisions = [p for p in options.precisions if p == "fp32" or native_bf16 or options.force_bf16]
+    if "bf16" in options.precisions and "bf16" not in precisions:
+        print("\nbf16 skipped: this CPU has no native bf16 matrix product (bf16 matmul below half the fp32 "
+              "rate), so an update under autocast would take seconds; --force-bf16 times it anyway.")
+
+    rows = {"abm_mpo:abm": (abm_mpo, {"prior": "abm"}), "abm_mpo:bm": (abm_mpo, {"prior": "bm"}),
+            "abm_mpo:none": (abm_mpo, {"prior": "none"}), "bm_mpo": (bm_mpo, {}),
+            "abm_svg:abm": (abm_svg, {"prior": "abm"}), "bcq": (bcq, {}), "bear": (bear, {})}
+    if options.scripts:
+        rows = {name: row for name, row in rows.items() if name in options.scripts}
+
+    data = synthetic_data()
+    rng = np.random.default_rng(0)
+    batch_size = abm_mpo.Args().batch_size
+    batches = [abm_mpo.to_torch(abm_mpo.sample_batch(data, [0], batch_size, abm_mpo.Args().snippet_length,
+                                                     0.99, rng), torch.device("cpu")) for _ in range(4)]
+
+    configurations = {}  # name -> (row, threads, precision, update)
+    for row, (module, overrides) in rows.items():
+        for precision in precisions:
+            for threads in options.threads:
+                configurations[f"{row}/{precision}/{threads}"] = (row, threads, precision,
+                                                                  make_update(module, precision, **overrides)[1])
+        baseline, reason = load_baseline(options.baseline, module.__name__) if options.baseline else (None, "")
+        if baseline is None:
+            print(f"baseline of {row} not measured: {reason or 'no --baseline'}")
+            continue
+        for threads in options.threads:
+            configurations[f"baseline {row}/fp32/{threads}"] = (
+                f"baseline {row}", threads, "fp32", make_update(baseline, "fp32", **overrides)[1])
+
+    torch.set_num_threads(1)
+    flops = {}
+    for name, (row, threads, precision, update) in configurations.items():
+        if row not in flops:
+            flops[row] = update_flops(update, batches[0])  # also the warm-up of this configuration
+        else:
+            update(batches[0])
+
+    samples = {name: [] for name in configurations}
+    loads = []
+    for repeat in range(options.repeats):
+        loads.append(load_average())
+        for name, (row, threads, precision, update) in configurations.items():
+            torch.set_num_threads(threads)
+            start = time.perf_counter()
+            for i in range(options.updates):
+                update(batches[i % len(batches)])
+            samples[name].append(options.updates / (time.perf_counter() - start))
+        print(f"repeat {repeat + 1}/{options.repeats} done, load average {loads[-1]}", file=sys.stderr, flush=True)
+    loads.append(load_average())
+
+    sweep = chunk_sweep(batches[0], options) if options.chunk_sweep else []
+
+    results = []
+    for name, (row, threads, precision, _) in configurations.items():
+        values = samples[name]
+        median = statistics.median(values)
+        results.append({"script": row, "threads": threads, "precision": precision, "updates_per_second": median,
+                        "min": min(values), "max": max(values), "samples": values,
+                        "gflop_per_update": flops[row] / 1e9, "achieved_gflops": flops[row] * median / 1e9,
+                        "matmul_gflops": rates[f"{precision}/{threads}"]})
+
+    print(f"\nbatch {batch_size}, M = 20 (BCQ 10), {options.updates} updates x {options.repeats} interleaved repeats; "
+          f"load average per repeat: {', '.join(loads)}\n")
+    print("| script | precision | threads | updates/s median | min-max | GFLOP/update | achieved GFLOP/s | "
+          "matmul GFLOP/s | x baseline |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base = {(r["script"].removeprefix("baseline "), r["threads"]): r["updates_per_second"]
+            for r in results if r["script"].startswith("baseline ")}
+    for r in results:
+        key = (r["script"], r["threads"])
+        ratio = f"{r['updates_per_second'] / base[key]:.2f}" if key in base else ""
+        print(f"| {r['script']} | {r['precision']} | {r['threads']} | {r['updates_per_second']:.2f} | "
+              f"{r['min']:.2f}-{r['max']:.2f} | {r['gflop_per_update']:.2f} | {r['achieved_gflops']:.1f} | "
+              f"{r['matmul_gflops']:.1f} | {ratio} |")
+
+    if sweep:
+        print("\n| abm_mpo:abm fp32, CHUNK_ROWS | threads | updates/s median | min-max |\n|---|---|---|---|")
+        for entry in sweep:
+            print(f"| {entry['chunk_rows']} | {entry['threads']} | {statistics.median(entry['samples']):.2f} | "
+                  f"{min(entry['samples']):.2f}-{max(entry['samples']):.2f} |")
+
+    output = Path(options.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"machine": info, "load_average": loads, "matmul_gflops": rates,
+                                  "native_bf16": native_bf16, "updates": options.updates,
+                                  "repeats": options.repeats, "baseline_revision": options.baseline,
+                                  "results": results, "chunk_sweep": sweep}, indent=2))
+    print(f"\nwrote {output}")
+
+
+if __name__ == "__main__":
+    main()
