@@ -180,6 +180,13 @@ CONTROL_SUITE_ALIASES = {
 }
 
 
+def default_gl_backend() -> None:
+    """dm_control reads MUJOCO_GL when imported; its default (glfw) needs a display. On Linux default
+    to EGL, which renders headless; elsewhere keep dm_control's choice. A user's MUJOCO_GL wins."""
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("MUJOCO_GL", "egl")
+
+
 class ControlSuiteEnv(gym.Env):
     """A Control Suite task as a Gymnasium env: flat float32 observation, actions clipped to the
     bounds, episodes end by time limit (`truncated`, the discount stays 1)."""
@@ -187,7 +194,7 @@ class ControlSuiteEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
     def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; dm_control reads it at import
+        default_gl_backend()
         from dm_control import suite
 
         self._load = lambda seed: suite.load(domain, task, task_kwargs={"random": seed})
@@ -236,7 +243,7 @@ def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str]
     name = CONTROL_SUITE_ALIASES.get(env_id, env_id)
     domain, _, task = name.partition("-")
     if task:
-        os.environ.setdefault("MUJOCO_GL", "egl")
+        default_gl_backend()
         from dm_control import suite
 
         if (domain, task) in suite.ALL_TASKS:
