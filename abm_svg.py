@@ -897,6 +897,11 @@ def gaussian_log_prob(action: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     return (-0.5 * ((action - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
+def gaussian_kl(mean_p, std_p, mean_q, std_q) -> torch.Tensor:
+    """KL(N(mean_p, std_p^2) || N(mean_q, std_q^2)), in closed form, summed over action dimensions."""
+    return (torch.log(std_q / std_p) + (std_p**2 + (mean_p - mean_q) ** 2) / (2 * std_q**2) - 0.5).sum(-1)
+
+
 def sample_actions(mean: torch.Tensor, std: torch.Tensor, num_samples: int,
                    generator: torch.Generator) -> torch.Tensor:
     """M samples from N(mean, std^2): [K, B, act] -> [M, K, B, act]."""
@@ -954,12 +959,6 @@ def advantage_weighted_behaviour_model_loss(mean: torch.Tensor, std: torch.Tenso
     loss = -(weights * gaussian_log_prob(action, mean, std)).mean()
     return loss, {"losses/prior": loss.detach(), "charts/abm_accepted_fraction": weights.mean()}
 # --- end shared block ---
-
-
-def diagonal_gaussian_kl(mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor,
-                         std_q: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean_p, std_p^2) || N(mean_q, std_q^2)) in closed form, summed over action dimensions."""
-    return (torch.log(std_q / std_p) + (std_p**2 + (mean_p - mean_q) ** 2) / (2 * std_q**2) - 0.5).sum(-1)
 
 
 def svg_policy_loss(q: torch.Tensor, kl: torch.Tensor, kl_multiplier: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -1051,7 +1050,7 @@ def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict, args: Ar
     policy_actions = sample_actions(mean, std, num_samples, generator)  # [M, K, B, act], differentiable
     with autocast(args.precision, observation.device):
         q = q_values(agent.target_critic, observation, policy_actions, low, high)  # [M, K, B], float32
-    kl = diagonal_gaussian_kl(mean, std, reference_mean, reference_std)  # [K, B]
+    kl = gaussian_kl(mean, std, reference_mean, reference_std)  # [K, B]
     policy_loss, info = svg_policy_loss(q, kl, agent.kl_multiplier)
     metrics.update(info)
     multiplier_loss, info = kl_multiplier_loss(agent.kl_multiplier, kl, args.epsilon)

@@ -916,6 +916,11 @@ def gaussian_log_prob(action: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     return (-0.5 * ((action - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
+def gaussian_kl(mean_p, std_p, mean_q, std_q) -> torch.Tensor:
+    """KL(N(mean_p, std_p^2) || N(mean_q, std_q^2)), in closed form, summed over action dimensions."""
+    return (torch.log(std_q / std_p) + (std_p**2 + (mean_p - mean_q) ** 2) / (2 * std_q**2) - 0.5).sum(-1)
+
+
 def sample_actions(mean: torch.Tensor, std: torch.Tensor, num_samples: int,
                    generator: torch.Generator) -> torch.Tensor:
     """M samples from N(mean, std^2): [K, B, act] -> [M, K, B, act]."""
@@ -989,13 +994,7 @@ def sampled_q(critic: TwinCritic, observation: torch.Tensor, actions: torch.Tens
     return q.reshape(2, num_tasks, num_samples, batch).transpose(1, 2)
 
 
-# Divergence estimators: [K, B], one value per state.
-def kl_to_prior(mean: torch.Tensor, std: torch.Tensor, prior_mean: torch.Tensor,
-                prior_std: torch.Tensor) -> torch.Tensor:
-    # The KL of Eq. 6 (Appendix B.2): KL(pi(.|s) || prior(.|s)) of two diagonal Gaussians, in closed form.
-    return (torch.log(prior_std / std) + (std**2 + (mean - prior_mean) ** 2) / (2 * prior_std**2) - 0.5).sum(-1)
-
-
+# Divergence estimators: [K, B], one value per state (the KL is gaussian_kl of the networks block).
 def maximum_mean_discrepancy(x: torch.Tensor, y: torch.Tensor, kernel: Callable) -> torch.Tensor:
     """sqrt(E k(x, x') + E k(y, y') - 2 E k(x, y) + 1e-6) over all sample pairs (the original's biased
     estimate, diagonal included). x, y: [N, K, B, act] -> [K, B]."""
@@ -1092,7 +1091,7 @@ def divergence_to_prior(agent: Agent, observation: torch.Tensor, mean: torch.Ten
     with torch.no_grad():
         prior_mean, prior_std = agent.prior(observation)
     if args.divergence == "kl":
-        return kl_to_prior(mean, std, prior_mean, prior_std)
+        return gaussian_kl(mean, std, prior_mean, prior_std)  # the KL of Eq. 6 (Appendix B.2), closed form
     prior_actions = sample_actions(prior_mean, prior_std, actions.shape[0], generator)
     mmd = mmd_laplacian if args.kernel == "laplacian" else mmd_gaussian
     return mmd(actions, prior_actions, args.mmd_sigma)

@@ -504,6 +504,11 @@ def gaussian_log_prob(action: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     return (-0.5 * ((action - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
+def gaussian_kl(mean_p, std_p, mean_q, std_q) -> torch.Tensor:
+    """KL(N(mean_p, std_p^2) || N(mean_q, std_q^2)), in closed form, summed over action dimensions."""
+    return (torch.log(std_q / std_p) + (std_p**2 + (mean_p - mean_q) ** 2) / (2 * std_q**2) - 0.5).sum(-1)
+
+
 def sample_actions(mean: torch.Tensor, std: torch.Tensor, num_samples: int,
                    generator: torch.Generator) -> torch.Tensor:
     """M samples from N(mean, std^2): [K, B, act] -> [M, K, B, act]."""
@@ -551,11 +556,6 @@ def temperature_dual_loss(q: torch.Tensor, temperature: torch.Tensor, epsilon: f
 def e_step_weights(q: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     # Eq. 7: the non-parametric policy on the M samples, q(a_j|s) = softmax_j(Q(s, a_j) / eta).
     return torch.softmax(q / temperature, dim=0)
-
-
-def gaussian_kl(mean_p, std_p, mean_q, std_q) -> torch.Tensor:
-    """KL(N(mean_p, std_p^2) || N(mean_q, std_q^2)), summed over action dimensions."""
-    return (torch.log(std_q / std_p) + (std_p**2 + (mean_p - mean_q) ** 2) / (2 * std_q**2) - 0.5).sum(-1)
 
 
 def decoupled_kl(target_mean, target_std, mean, std) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,7 +65,7 @@ def test_value_gradient_matches_score_function_and_closed_form():
     # Eq. 11: what svg_policy_loss backpropagates for its Q term (eta = 0 switches the KL term off).
     actions = abm_svg.sample_actions(mean, std, 20_000, generator)  # [M, 1, 8, 2]
     q = abm_svg.q_values(critic, observation, actions, low, high)
-    kl = abm_svg.diagonal_gaussian_kl(mean, std, mean.detach(), std.detach())
+    kl = abm_svg.gaussian_kl(mean, std, mean.detach(), std.detach())
     loss, _ = abm_svg.svg_policy_loss(q, kl, torch.tensor(0.0))
     reparameterised = -flat_gradient(loss, parameters)
 
@@ -135,9 +135,9 @@ def test_kl_multiplier_is_projected_to_stay_positive():
     assert min(history) == pytest.approx(0.001) and history[-1] == pytest.approx(0.001)
 
 
-def test_diagonal_gaussian_kl_matches_formula():
+def test_gaussian_kl_matches_formula():
     # KL(N(1, 0.5^2) || N(0, 1)) = log 2 + (0.25 + 1) / 2 - 0.5, plus 0 for an identical second dimension.
-    kl = abm_svg.diagonal_gaussian_kl(torch.tensor([1.0, 0.3]), torch.tensor([0.5, 2.0]),
+    kl = abm_svg.gaussian_kl(torch.tensor([1.0, 0.3]), torch.tensor([0.5, 2.0]),
                                       torch.tensor([0.0, 0.3]), torch.tensor([1.0, 2.0]))
     assert kl.item() == pytest.approx(np.log(2.0) + 0.625 - 0.5, rel=1e-6)
 

@@ -21,10 +21,10 @@ def tiny_args(tmp_path, dataset, **overrides) -> bear.Args:
     return replace(args, **overrides)
 
 
-def test_kl_to_prior_matches_the_closed_form_and_a_monte_carlo_estimate():
+def test_gaussian_kl_to_prior_matches_the_closed_form_and_a_monte_carlo_estimate():
     mean, std = torch.tensor([[[0.0, 1.0], [0.5, -0.5]]]), torch.tensor([[[1.0, 0.5], [0.2, 2.0]]])  # [1, 2, 2]
     prior_mean, prior_std = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]]), torch.tensor([[[2.0, 0.5], [1.0, 1.0]]])
-    kl = bear.kl_to_prior(mean, std, prior_mean, prior_std)
+    kl = bear.gaussian_kl(mean, std, prior_mean, prior_std)
     for b in range(2):
         expected = 0.0
         for d in range(2):
