@@ -25,6 +25,10 @@ Differences from the paper (all stated choices where the paper is silent or self
     task); the learner's actions are normalised to [-1, 1] (the dataset's physical actions are
     rescaled at load time, the env takes them through RescaleAction): the action dimensions differ
     in scale by 3600x, and a minimum std of 0.1 in physical units would swamp the 0.07 m/s ones.
+  - Observations are standardised by the dataset's per-dimension mean and std (std floored at 1e-3)
+    when `--normalize-observations` is on, the default for `--env sawyer` only: its observation scales
+    differ ~2000x. The paper is silent; the statistics are in config.json, checkpoint.pt and policy.pt2,
+    whose exported policy takes raw observations.
 """
 
 import copy

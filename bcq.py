@@ -18,7 +18,8 @@ Differences from the original (sfujim/BCQ), following the paper (Table 3, §5):
     batch 512 (the original 100). Multi-task (`--env sawyer`, Table 5): a shared torso, then one
     head per task: encoder 256 -> 256-256, perturbation 256 -> 100, Q 400 -> 400; the decoder
     (256-256, drawn without a branch) shares all its hidden layers, only its output is per task.
-    Sawyer actions are normalised to [-1, 1] for learning (see abm_mpo.py).
+    Sawyer actions are normalised to [-1, 1] and observations standardised by the dataset's mean and
+    std for learning (`--normalize-observations`, see abm_mpo.py).
   - Action selection takes the argmax over 10 samples (the issue's number; the original uses 100):
     `--num-eval-samples`.
 Where the paper is silent this file follows the original: soft target updates (tau = 0.005) of the

@@ -48,6 +48,8 @@ Differences from the paper / from the original:
     task); the learner's actions are normalised to [-1, 1] (the dataset's physical actions are
     rescaled at load time, the env takes them through RescaleAction): the action dimensions differ
     in scale by 3600x, and a minimum std of 0.1 in physical units would swamp the 0.07 m/s ones.
+  - Observations are standardised by the dataset's mean and std when `--normalize-observations` is
+    on (the default for `--env sawyer` only, see abm_mpo.py).
 """
 
 import copy

@@ -12,7 +12,8 @@ with `--prior bm` (a test checks it).
 
 Differences from the paper: as in abm_mpo.py (temperature dual minimised with the -log M term,
 Q scored at clipped actions, one multiplier per trust-region part, gradient clipping at 40,
-std = softplus + 0.1; `--env sawyer` learns in actions normalised to [-1, 1] with Table 5's networks).
+std = softplus + 0.1; `--env sawyer` learns in actions normalised to [-1, 1] with Table 5's networks
+and in observations standardised by the dataset's mean and std, `--normalize-observations`).
 """
 
 import copy
