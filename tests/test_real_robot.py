@@ -59,7 +59,8 @@ def acting_modules():
         policy = agent.evaluated_policy() if script is abm_mpo else agent.policy
         modules[script.__name__] = script.PolicyMean(policy)
     modules["bear"] = bear.PolicyMean(bear.Agent(obs_dim, act_dim, tasks, low, high, bear.Args(**tiny)).policy)
-    bcq_args = bcq.Args(vae_layers=(16, 16), perturbation_layers=(16, 16), critic_layers=(16, 16), latent_size=4)
+    bcq_args = bcq.Args(encoder_layers=(16, 16), decoder_layers=(16, 16), perturbation_layers=(16, 16),
+                        critic_layers=(16, 16), latent_size=4)
     modules["bcq"] = bcq.FixedLatentActor(bcq.Agent(obs_dim, act_dim, tasks, low, high, bcq_args), 10, seed=100)
     spec = {"obs_dim": obs_dim, "act_dim": act_dim, "tasks": ["a", "b", "c"], "action_low": [-0.3] * act_dim,
             "action_high": [0.3] * act_dim}
