@@ -25,6 +25,10 @@ Differences from the paper (all stated choices where the paper is silent or self
     task); the learner's actions are normalised to [-1, 1] (the dataset's physical actions are
     rescaled at load time, the env takes them through RescaleAction): the action dimensions differ
     in scale by 3600x, and a minimum std of 0.1 in physical units would swamp the 0.07 m/s ones.
+  - Observations are standardised by the dataset's per-dimension mean and std (std floored at 1e-3)
+    when `--normalize-observations` is on, the default for `--env sawyer` only: its observation scales
+    differ ~2000x. The paper is silent; the statistics are in config.json, checkpoint.pt and policy.pt2,
+    whose exported policy takes raw observations.
 """
 
 import copy
@@ -67,6 +71,9 @@ class Args:
     by collect.py when missing"""
     dataset_episodes: Optional[int] = None
     """keep only the first K episodes of each collecting run (the paper's low-data regime)"""
+    normalize_observations: Optional[bool] = None
+    """standardise observations by the dataset's mean and std; None = on for `--env sawyer` (scales
+    differ ~2000x), off elsewhere (the paper's Control Suite setting)"""
     seed: int = 0
     """seed of the network initialisation, batch sampling and action sampling"""
     total_steps: int = 1_000_000
@@ -134,6 +141,7 @@ class Args:
 
     def __post_init__(self):
         fill_paper_layers(self)
+        fill_observation_normalisation(self)
 
 
 # --- shared block: utilities ---
@@ -499,6 +507,32 @@ def make_run_dir(args, script: str) -> Path:
     return run_dir
 
 
+def fill_observation_normalisation(args) -> None:
+    """Resolve --normalize-observations left at None (called by Args.__post_init__): on for sawyer, whose
+    observation scales differ ~2000x (finger angle std ~69 units, cube positions ~0.035 m), else off."""
+    if args.normalize_observations is None:
+        args.normalize_observations = args.env == "sawyer"
+
+
+# Smallest std an observation dimension is divided by (in its own units). A near-constant dimension would
+# otherwise blow up: sawyer's yellow cube height has std 3e-5 m in a 100-episode dataset (it rarely leaves
+# the table), so a 1 cm lift would read as 370 standard deviations (10 with the floor); CORL's and TD3+BC's
+# `std + 1e-3` bounds the gain the same way. A constant dimension is only centred.
+OBSERVATION_STD_FLOOR = 1e-3
+
+
+def observation_statistics(observation: np.ndarray, standardise: bool) -> tuple[list, list]:
+    """Per-dimension mean and std (floored at OBSERVATION_STD_FLOOR) of the dataset's observations, in float64
+    chunks (a memory-mapped dataset is read, never copied whole); the identity (0, 1) when `standardise` is off."""
+    size, dim = observation.shape
+    if not standardise:
+        return [0.0] * dim, [1.0] * dim
+    chunks = [slice(i, i + (1 << 16)) for i in range(0, size, 1 << 16)]
+    mean = sum(np.sum(observation[c], axis=0, dtype=np.float64) for c in chunks) / size
+    std = np.sqrt(sum(np.sum((observation[c] - mean) ** 2, axis=0) for c in chunks) / size)
+    return mean.astype(np.float32).tolist(), np.maximum(std, OBSERVATION_STD_FLOOR).astype(np.float32).tolist()
+
+
 RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "checkpoint_every",
                      "device", "track", "wandb_project", "capture_video", "resume", "run_dir"}
 
@@ -651,6 +685,8 @@ def prepare(args, script: str) -> Setup:
     spec = {"obs_dim": env.observation_space.shape[0], "act_dim": env.action_space.shape[0], "tasks": tasks,
             "action_low": low.tolist(), "action_high": high.tolist(),
             "env_action_low": env_low.tolist(), "env_action_high": env_high.tolist(),
+            **dict(zip(("observation_mean", "observation_std"),
+                       observation_statistics(data["observation"], args.normalize_observations))),
             "best_episode_return_in_dataset": dict(zip(tasks, best_episode_returns(data, columns)))}
     if not args.resume:
         write_config(run_dir, args, script, dataset, {"spec": spec})
@@ -703,8 +739,21 @@ def evaluate_actors(actors: dict, envs: list, tasks: list, episodes: int, seed: 
     return results
 
 
-def make_eval_envs(args, run_dir: Path, tasks: list) -> list:
-    """One evaluation env per task: SawyerEnv(task) for sawyer, else the one env for every reward column."""
+class StandardiseObservation(gym.ObservationWrapper):
+    """The learner's input from the env's raw observation: (observation - mean) / std."""
+
+    def __init__(self, env: gym.Env, mean: list, std: list):
+        super().__init__(env)
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, env.observation_space.shape, np.float32)
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        return (np.asarray(observation, np.float32) - self.mean) / self.std
+
+
+def make_eval_envs(args, run_dir: Path, tasks: list, spec: Optional[dict] = None) -> list:
+    """One evaluation env per task: SawyerEnv(task) for sawyer, else the one env for every reward column;
+    with --normalize-observations they return observations standardised by the spec's statistics."""
     render_mode = "rgb_array" if args.capture_video else None
     if args.capture_video:
         try:
@@ -719,12 +768,17 @@ def make_eval_envs(args, run_dir: Path, tasks: list) -> list:
             folder = run_dir / "videos" / task if len(names) > 1 else run_dir / "videos"
             env = gym.wrappers.RecordVideo(env, str(folder), episode_trigger=lambda i: i % args.eval_episodes == 0,
                                            disable_logger=True)
+        if args.normalize_observations and spec is not None:
+            env = StandardiseObservation(env, spec["observation_mean"], spec["observation_std"])
         envs.append(env)
     return envs if args.env == "sawyer" else envs * len(tasks)
 # --- end shared block ---
 
 
 # --- shared block: training loop ---
+OBSERVATION_KEYS = ("observation", "next_observation", "bootstrap_observation")  # the batch's states
+
+
 def training_loop(args, run: Setup, script: str, modules: dict, rng: np.random.Generator,
                   generator: torch.Generator, update_step: Callable[[dict, int], dict], actors: dict,
                   *, policy: nn.Module) -> dict:
@@ -736,11 +790,14 @@ def training_loop(args, run: Setup, script: str, modules: dict, rng: np.random.G
         start = load_checkpoint(run.run_dir / "checkpoint.pt", run.device, modules, rng, generator)["step"]
         print(f"Resuming {run.run_dir} from update {start}.", flush=True)
     logger = MetricsLogger(run.run_dir, args, start)
-    eval_envs = make_eval_envs(args, run.run_dir, run.tasks)
+    eval_envs = make_eval_envs(args, run.run_dir, run.tasks, run.spec)
+    mean, std = (np.asarray(run.spec[key], np.float32) for key in ("observation_mean", "observation_std"))
     sums, count, interval_start = {}, 0, time.time()
     progress = tqdm(initial=start, total=args.total_steps, desc=script, disable=None)
     for step in range(start + 1, args.total_steps + 1):
         batch = sample_batch(run.data, run.columns, args.batch_size, args.snippet_length, args.discount, rng)
+        if args.normalize_observations:  # per batch: a memory-mapped dataset stays as it is on disk
+            batch = {key: (value - mean) / std if key in OBSERVATION_KEYS else value for key, value in batch.items()}
         try:
             metrics = update_step(to_torch(batch, run.device), step)
         except FloatingPointError as error:
@@ -780,18 +837,23 @@ class PolicyMean(nn.Module):
 
 
 class ExportedPolicy(nn.Module):
-    """observation [B, obs_dim] float32, task_index [B] int64 -> action [B, act_dim] in the env's
-    physical units, clipped. `actor` maps [K, B, obs] -> [K, B, act] with one slice per task head.
-    A learner working in [low, high] (e.g. [-1, 1]) is mapped affinely onto [env_low, env_high]."""
+    """observation [B, obs_dim] float32 (raw, the env's), task_index [B] int64 -> action [B, act_dim] in
+    the env's physical units, clipped. The observation is standardised with the learner's statistics
+    (observation_mean, observation_std; 0 and 1 when it learned from raw observations), then `actor`
+    maps [K, B, obs] -> [K, B, act] with one slice per task head. A learner working in [low, high]
+    (e.g. [-1, 1]) is mapped affinely onto [env_low, env_high]."""
 
-    def __init__(self, actor: nn.Module, num_tasks: int, low, high, env_low, env_high):
+    def __init__(self, actor: nn.Module, num_tasks: int, low, high, env_low, env_high, observation_mean,
+                 observation_std):
         super().__init__()
         self.actor, self.num_tasks = actor, num_tasks
         self.rescale = list(low) != list(env_low) or list(high) != list(env_high)
-        for name, value in (("low", low), ("high", high), ("env_low", env_low), ("env_high", env_high)):
+        for name, value in (("low", low), ("high", high), ("env_low", env_low), ("env_high", env_high),
+                            ("observation_mean", observation_mean), ("observation_std", observation_std)):
             self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32))
 
     def forward(self, observation: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
+        observation = (observation - self.observation_mean) / self.observation_std
         actions = self.actor(observation.expand(self.num_tasks, -1, -1))  # [K, B, act]
         action = torch.clamp(actions[task_index, torch.arange(observation.shape[0])], self.low, self.high)  # [B, act]
         if self.rescale:  # env_low + (a + 1) / 2 * (env_high - env_low) for a learner in [-1, 1]
@@ -802,17 +864,22 @@ class ExportedPolicy(nn.Module):
 def export_policy(actor: nn.Module, spec: dict, env_id: str, path: Path) -> None:
     """Write `path` (policy.pt2) with torch.export, atomically: a program that runs with torch
     alone, `torch.export.load(path).module()(observation, task_index)`, with the spec it needs
-    (env, sizes, task names, action bounds) embedded as the extra file "policy.json"."""
+    (env, sizes, task names, action bounds, observation statistics) embedded as the extra file "policy.json"."""
     low, high = spec["action_low"], spec["action_high"]
     env_low, env_high = spec.get("env_action_low", low), spec.get("env_action_high", high)
-    module = ExportedPolicy(copy.deepcopy(actor).cpu().eval(), len(spec["tasks"]), low, high, env_low, env_high)
+    mean = spec.get("observation_mean", [0.0] * spec["obs_dim"])
+    std = spec.get("observation_std", [1.0] * spec["obs_dim"])
+    module = ExportedPolicy(copy.deepcopy(actor).cpu().eval(), len(spec["tasks"]), low, high, env_low, env_high,
+                            mean, std)
     batch = torch.export.Dim("batch", max=1 << 16)
     example = (torch.zeros(2, spec["obs_dim"]), torch.zeros(2, dtype=torch.int64))
     program = torch.export.export(module, example, dynamic_shapes=({0: batch}, {0: batch}))
     metadata = {"env": env_id, "obs_dim": spec["obs_dim"], "act_dim": spec["act_dim"], "tasks": list(spec["tasks"]),
                 "action_low": list(env_low), "action_high": list(env_high),
                 "learner_action_low": list(low), "learner_action_high": list(high),
-                "inputs": "observation [B, obs_dim] float32, task_index [B] int64 (into tasks)",
+                "observation_mean": list(mean), "observation_std": list(std),
+                "inputs": "observation [B, obs_dim] float32 raw (standardised inside with observation_mean/std), "
+                          "task_index [B] int64 (into tasks)",
                 "output": "action [B, act_dim] float32 in [action_low, action_high]"}
     temporary = path.with_suffix(".tmp" + path.suffix)  # torch.export.save wants a name ending in .pt2
     torch.export.save(program, temporary, extra_files={"policy.json": json.dumps(metadata)})
