@@ -4,6 +4,8 @@ sample_batch cuts trajectory snippets out of it (Eq. 4)."""
 import contextlib
 import io
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,3 +220,32 @@ def test_each_task_gets_its_own_reward_column_and_samples(tmp_path):
 def test_smoke_dataset_writer_is_valid(tmp_path):
     data = m.load_dataset(write_random_dataset(tmp_path / "r.npz", episodes=3, length=10))
     assert data["episode_last"].tolist() == np.repeat([9, 19, 29], 10).tolist()
+
+
+def test_a_missing_default_dataset_is_generated_by_collect_py_and_announced(tmp_path, monkeypatch, capsys):
+    """`--env hopper` with no file prepared: one log line, then `collect.py --env hopper --output
+    datasets/hopper.npz` as a subprocess (replaced here by a stand-in that writes a dataset)."""
+    monkeypatch.chdir(tmp_path)
+    commands = []
+
+    def fake_collect(command, **kwargs):
+        commands.append(command)
+        write_random_dataset(tmp_path / command[command.index("--output") + 1])
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(m.subprocess, "run", fake_collect)
+    (tmp_path / "datasets").mkdir()
+    path = m.ensure_dataset(m.Args(env="hopper"))
+    assert path == Path("datasets") / "hopper.npz" and path.exists()
+    assert len(commands) == 1 and Path(commands[0][1]).name == "collect.py"
+    assert commands[0][2:] == ["--env", "hopper", "--output", str(path)]
+    announcement = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(announcement) == 1 and "collect.py --env hopper" in announcement[0] and "--dataset" in announcement[0]
+    assert m.ensure_dataset(m.Args(env="hopper")) == path and len(commands) == 1  # present now: not regenerated
+
+
+def test_a_failed_collection_is_one_sentence(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(m.subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 1))
+    with pytest.raises(m.UserError, match="collect.py failed to generate"):
+        m.ensure_dataset(m.Args(env="hopper"))
