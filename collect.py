@@ -754,15 +754,21 @@ def collect_seed(args: Args, seed: int, parts: Path, device: torch.device) -> No
         progress.set_postfix(episode_return=f"{episode['reward'].sum():.1f}", updates=updates)
 
 
+def read_parts(files: list) -> list[dict]:
+    """The arrays of each finished episode (or Sawyer block) file, in order."""
+    parts = []
+    for file in files:
+        with np.load(file, allow_pickle=False) as archive:
+            parts.append({key: archive[key] for key in archive.files})
+    return parts
+
+
 def consolidate(parts: Path, output: Path, args: Args, task: str) -> dict:
     """Concatenate every finished episode into the dataset file, written atomically."""
     files = episode_files(parts)
     if not files:
         raise UserError(f"no finished episode in {parts}; nothing to write")
-    episodes = []
-    for file in files:
-        with np.load(file, allow_pickle=False) as archive:
-            episodes.append({key: archive[key] for key in archive.files})
+    episodes = read_parts(files)
     lengths = [len(e["action"]) for e in episodes]
     arrays = {key: np.concatenate([e[key] for e in episodes]) for key in
               ("observation", "action", "reward", "discount", "next_observation", "step")}
@@ -858,10 +864,7 @@ def consolidate_sawyer(parts: Path, output: Path, args: Args) -> dict:
     files = sawyer_block_files(parts)
     if not files:
         raise UserError(f"no finished block in {parts}; nothing to write")
-    blocks = []
-    for file in files:
-        with np.load(file, allow_pickle=False) as archive:
-            blocks.append({key: archive[key] for key in archive.files})
+    blocks = read_parts(files)
     arrays = {key: np.concatenate([b[key] for b in blocks]) for key in SAWYER_ARRAYS}
     lengths = np.concatenate([b["episode_length"] for b in blocks])
     arrays["episode_id"] = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
