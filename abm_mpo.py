@@ -31,6 +31,7 @@ Differences from the paper (all stated choices where the paper is silent or self
     whose exported policy takes raw observations.
 """
 
+import contextlib
 import copy
 import csv
 import hashlib
@@ -144,34 +145,6 @@ class Args:
         fill_observation_normalisation(self)
 
 
-# --- shared block: utilities ---
-class UserError(Exception):
-    """A problem with the user's input (arguments, files): reported in one sentence, exit 1."""
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but CUDA is not available")
-    return torch.device(name)
-
-
-def autocast(precision: str, device: torch.device):
-    """`--precision bf16`: matrix products inside this context run in bfloat16 (float32 weights,
-    float32 accumulation); `fp32`: a no-op context."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def main(train_fn: Callable, args) -> None:
-    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1."""
-    try:
-        train_fn(args)
-    except UserError as error:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
-# --- end shared block ---
-
-
 # --- shared block: paper networks ---
 # Hidden layers of the paper's networks: Tables 1-4 for the Control Suite, Table 5 for the Sawyer
 # multi-task experiments, where "a -> b" is a torso of `shared_layers` = 1 layer (a) shared by all
@@ -192,6 +165,504 @@ def fill_paper_layers(args) -> None:
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, sizes["sawyer" if args.env == "sawyer" else "default"])
 # --- end shared block ---
+
+
+
+# --- shared block: networks ---
+class MultiHeadLinear(nn.Module):
+    """One linear layer per task head: x [K, N, in] -> [K, N, out], head k for slice k."""
+
+    def __init__(self, num_heads: int, in_features: int, out_features: int):
+        super().__init__()
+        layers = [nn.Linear(in_features, out_features) for _ in range(num_heads)]  # PyTorch default init
+        self.weight = nn.Parameter(torch.stack([layer.weight.T for layer in layers]))  # [K, in, out]
+        self.bias = nn.Parameter(torch.stack([layer.bias for layer in layers])[:, None])  # [K, 1, out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class MultiHeadMLP(nn.Module):
+    """ELU MLP with layer norm on the first layer (Table 1). The first `shared` hidden layers
+    form a torso shared by all tasks, the rest and the output layer are per task (Table 5).
+    Input and output are [K, N, features], one slice per task."""
+
+    def __init__(self, in_features: int, hidden: tuple, out_features: int, num_heads: int, shared: int):
+        super().__init__()
+        assert 1 <= shared <= len(hidden)
+        sizes = (in_features, *hidden)
+        torso = [nn.Linear(sizes[0], sizes[1]), nn.LayerNorm(sizes[1]), nn.ELU()]
+        for i in range(1, shared):
+            torso += [nn.Linear(sizes[i], sizes[i + 1]), nn.ELU()]
+        self.torso = nn.Sequential(*torso)
+        head = []
+        for i in range(shared, len(hidden)):
+            head += [MultiHeadLinear(num_heads, sizes[i], sizes[i + 1]), nn.ELU()]
+        self.head = nn.Sequential(*head, MultiHeadLinear(num_heads, sizes[-1], out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.head[:-1](self.torso(x))
+        with torch.autocast(x.device.type, enabled=False):  # output layer in fp32, also under bf16 autocast
+            return self.head[-1](hidden.float())
+
+
+class Critic(nn.Module):
+    """Q(s, a) for each task head: observation [K, N, obs], action [K, N, act] -> [K, N]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple, num_heads: int, shared: int):
+        super().__init__()
+        self.net = MultiHeadMLP(obs_dim + act_dim, hidden, 1, num_heads, shared)
+
+    def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([observation, action], dim=-1)).squeeze(-1)
+# --- end shared block ---
+
+
+
+# --- shared block: gaussian policy ---
+MIN_STD = 0.1  # Table 1: minimum variance 0.01
+
+
+class GaussianPolicy(nn.Module):
+    """pi(a|s) = N(mu(s), diag(sigma(s)^2)), no tanh on the mean, sigma = softplus + MIN_STD."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple, num_heads: int, shared: int):
+        super().__init__()
+        self.net = MultiHeadMLP(obs_dim, hidden, 2 * act_dim, num_heads, shared)
+
+    def forward(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, pre_std = self.net(observation).chunk(2, dim=-1)
+        return mean, F.softplus(pre_std) + MIN_STD
+
+
+def gaussian_log_prob(action: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(action; mean, diag(std^2)), summed over the action dimensions."""
+    return (-0.5 * ((action - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def gaussian_kl(mean_p, std_p, mean_q, std_q) -> torch.Tensor:
+    """KL(N(mean_p, std_p^2) || N(mean_q, std_q^2)), in closed form, summed over action dimensions."""
+    return (torch.log(std_q / std_p) + (std_p**2 + (mean_p - mean_q) ** 2) / (2 * std_q**2) - 0.5).sum(-1)
+
+
+def sample_actions(mean: torch.Tensor, std: torch.Tensor, num_samples: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """M samples from N(mean, std^2): [K, B, act] -> [M, K, B, act]."""
+    noise = torch.randn((num_samples, *mean.shape), generator=generator, device=mean.device)
+    return mean + std * noise
+# --- end shared block ---
+
+
+
+# --- shared block: snippets ---
+def sample_batch(data: dict, columns: list[int], batch_size: int, snippet_length: int,
+                 discount: float, rng: np.random.Generator) -> dict:
+    """Draw `batch_size` snippets (s_t, a_t, ..., s_{t+N}) for each task, independently per task.
+
+    Returns arrays [K, B, ...]: the first transition for TD learning (Eq. 1), and for Eq. 4 the
+    discounted reward sum of the snippet and the state and discount to bootstrap it with. A
+    snippet that reaches the end of its episode stops there and bootstraps from its last s'."""
+    num_tasks = len(columns)
+    index = rng.integers(0, len(data["observation"]), size=(num_tasks, batch_size))  # [K, B]
+    last = data["episode_last"][index][..., None]
+    positions = index[..., None] + np.arange(snippet_length)  # [K, B, N]
+    valid = positions <= last
+    positions = np.minimum(positions, last)
+    rewards = data["reward"][positions, np.asarray(columns)[:, None, None]]  # [K, B, N]
+    step_discount = np.where(valid, discount * data["discount"][positions], 1.0)
+    cumulative = np.cumprod(step_discount, axis=-1)
+    weights = np.concatenate([np.ones_like(cumulative[..., :1]), cumulative[..., :-1]], axis=-1) * valid
+    batch = {
+        "observation": data["observation"][index],
+        "action": data["action"][index],
+        "reward": rewards[..., 0],
+        "discount": data["discount"][index],
+        "next_observation": data["next_observation"][index],
+        "snippet_return": (weights * rewards).sum(-1),
+        "bootstrap_observation": data["next_observation"][positions[..., -1]],
+        "bootstrap_discount": cumulative[..., -1],
+    }
+    return {key: np.asarray(value, dtype=np.float32) for key, value in batch.items()}
+# --- end shared block ---
+
+
+
+# --- shared block: policy evaluation ---
+def q_values(critic: nn.Module, observation: torch.Tensor, actions: torch.Tensor,
+             low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Q(s, a_j) for M actions per state: [K, B, obs], [M, K, B, act] -> [M, K, B] in float32.
+    The env clips actions, so a sampled action is scored at clip(a, low, high). The rows go through
+    the critic in chunks (CHUNK_ROWS, a cache size, is with the plumbing)."""
+    num_samples, num_tasks, batch, act_dim = actions.shape
+    repeated = observation.unsqueeze(1).expand(-1, num_samples, -1, -1).reshape(num_tasks, num_samples * batch, -1)
+    flat_actions = actions.clamp(low, high).transpose(0, 1).reshape(num_tasks, num_samples * batch, act_dim)
+    rows = CHUNK_ROWS * torch.get_num_threads()
+    chunks = zip(repeated.split(rows, dim=1), flat_actions.split(rows, dim=1))
+    q = torch.cat([critic(states, chunk_actions) for states, chunk_actions in chunks], dim=1).float()
+    return q.reshape(num_tasks, num_samples, batch).transpose(0, 1)
+
+
+def critic_loss(q: torch.Tensor, reward: torch.Tensor, discount: torch.Tensor,
+                next_value: torch.Tensor, gamma: float) -> tuple[torch.Tensor, dict]:
+    # Eq. 1: squared TD(0) error with V(s') = mean_j Q_target(s', a_j), a_j ~ pi_target(.|s').
+    target = reward + gamma * discount * next_value
+    loss = (q - target).pow(2).mean()
+    return loss, {"losses/critic": loss.detach(), "charts/q": q.detach().mean()}
+# --- end shared block ---
+
+
+
+# --- shared block: behaviour model ---
+def behaviour_model_loss(mean: torch.Tensor, std: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    # Eq. 3: maximise the log-likelihood of every dataset action.
+    loss = -gaussian_log_prob(action, mean, std).mean()
+    return loss, {"losses/prior": loss.detach()}
+# --- end shared block ---
+
+
+
+# --- shared block: advantage-weighted behaviour model ---
+def advantage_weights(snippet_return: torch.Tensor, bootstrap_discount: torch.Tensor,
+                      bootstrap_value: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    # Eq. 4: f = unit step of R(tau_{t:N}) - V(s_t), R bootstrapped with gamma^N V(s_N).
+    advantage = snippet_return + bootstrap_discount * bootstrap_value - value
+    return (advantage >= 0).float()
+
+
+def advantage_weighted_behaviour_model_loss(mean: torch.Tensor, std: torch.Tensor, action: torch.Tensor,
+                                            weights: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    # Eq. 4: log-likelihood of the dataset actions whose snippet did at least as well as pi_i.
+    loss = -(weights * gaussian_log_prob(action, mean, std)).mean()
+    return loss, {"losses/prior": loss.detach(), "charts/abm_accepted_fraction": weights.mean()}
+# --- end shared block ---
+
+
+
+# --- shared block: mpo ---
+def temperature_dual_loss(q: torch.Tensor, temperature: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, dict]:
+    # Eq. 9 (with the -log M of the sample estimate), minimised over eta:
+    # g(eta) = eta * epsilon + eta * mean_s [logsumexp_j(Q(s, a_j) / eta) - log M],  q: [M, K, B].
+    log_mean_exp = torch.logsumexp(q / temperature, dim=0) - math.log(q.shape[0])
+    loss = temperature * epsilon + temperature * log_mean_exp.mean()
+    return loss, {"losses/temperature": loss.detach(), "charts/temperature": temperature.detach()}
+
+
+def e_step_weights(q: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    # Eq. 7: the non-parametric policy on the M samples, q(a_j|s) = softmax_j(Q(s, a_j) / eta).
+    return torch.softmax(q / temperature, dim=0)
+
+
+def decoupled_kl(target_mean, target_std, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(pi_target || pi) split into a mean part, N(mu, sigma_target), and a covariance part,
+    N(mu_target, sigma); both averaged over states."""
+    kl_mean = gaussian_kl(target_mean, target_std, mean, target_std).mean()
+    kl_std = gaussian_kl(target_mean, target_std, target_mean, std).mean()
+    return kl_mean, kl_std
+
+
+def weighted_mle_loss(actions, weights, mean, std, target_mean, target_std,
+                      multiplier_mean, multiplier_std, epsilon_mean, epsilon_std) -> tuple[torch.Tensor, dict]:
+    # Eq. 10: weighted maximum likelihood of the E-step samples under a trust region
+    # KL(pi_target || pi) < eps, decoupled into mean and covariance. actions [M, K, B, act].
+    log_prob_mean = gaussian_log_prob(actions, mean, target_std)  # [M, K, B]
+    log_prob_std = gaussian_log_prob(actions, target_mean, std)
+    likelihood = -(weights * (log_prob_mean + log_prob_std)).sum(0).mean()
+    kl_mean, kl_std = decoupled_kl(target_mean, target_std, mean, std)
+    policy_loss = likelihood + multiplier_mean.detach() * kl_mean + multiplier_std.detach() * kl_std
+    multiplier_loss = multiplier_mean * (epsilon_mean - kl_mean.detach()) + multiplier_std * (epsilon_std - kl_std.detach())
+    metrics = {"losses/policy": likelihood.detach(), "charts/kl_mean": kl_mean.detach(),
+               "charts/kl_std": kl_std.detach(), "charts/multiplier_mean": multiplier_mean.detach(),
+               "charts/multiplier_std": multiplier_std.detach()}
+    return policy_loss + multiplier_loss, metrics
+
+
+def project_duals(*duals: nn.Parameter, minimum: float = 1e-3) -> None:
+    """Keep temperature and multipliers positive after each Adam step: x = max(x, 0.001)."""
+    with torch.no_grad():
+        for dual in duals:
+            dual.clamp_(min=minimum)
+# --- end shared block ---
+
+
+
+class Agent(nn.Module):
+    """Every learned quantity of Algorithm 1: networks, target networks and dual variables."""
+
+    def __init__(self, obs_dim: int, act_dim: int, num_tasks: int, args: Args):
+        super().__init__()
+        heads = dict(num_heads=num_tasks, shared=args.shared_layers)
+        self.critic = Critic(obs_dim, act_dim, args.critic_layers, **heads)
+        self.prior = GaussianPolicy(obs_dim, act_dim, args.policy_layers, **heads) if args.prior != "none" else None
+        self.policy = GaussianPolicy(obs_dim, act_dim, args.policy_layers, **heads) if args.epsilon > 0 else None
+        # pi_i, the policy being evaluated: the RL policy, or the prior itself when epsilon = 0.
+        self.target_policy = copy.deepcopy(self.policy if self.policy is not None else self.prior)
+        self.target_critic = copy.deepcopy(self.critic)
+        self.target_policy.requires_grad_(False)
+        self.target_critic.requires_grad_(False)
+        self.temperature = nn.Parameter(torch.tensor(args.initial_temperature))
+        self.multiplier_mean = nn.Parameter(torch.tensor(args.initial_multiplier))
+        self.multiplier_std = nn.Parameter(torch.tensor(args.initial_multiplier))
+
+    def evaluated_policy(self) -> GaussianPolicy:
+        return self.policy if self.policy is not None else self.prior
+
+    def update_targets(self) -> None:
+        self.target_policy.load_state_dict(self.evaluated_policy().state_dict())
+        self.target_critic.load_state_dict(self.critic.state_dict())
+
+    def networks(self) -> list[nn.Module]:
+        return [net for net in (self.critic, self.prior, self.policy) if net is not None]
+
+    def duals(self) -> list[nn.Parameter]:
+        return [self.temperature, self.multiplier_mean, self.multiplier_std]
+
+
+def make_optimizer(agent: Agent, args: Args) -> torch.optim.Optimizer:
+    networks = [p for net in agent.networks() for p in net.parameters()]
+    return torch.optim.Adam([{"params": networks, "lr": args.learning_rate},
+                             {"params": agent.duals(), "lr": args.dual_learning_rate}])
+
+
+def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict, args: Args,
+           generator: torch.Generator, low: torch.Tensor, high: torch.Tensor) -> dict:
+    """One step of Algorithm 1 on one batch: gradients for Q, prior, policy and duals, then Adam."""
+    observation, action = batch["observation"], batch["action"]
+    batch_size, num_samples = observation.shape[1], args.num_action_samples
+    metrics = {}
+
+    if agent.prior is not None:
+        prior_mean, prior_std = agent.prior(observation)  # one pass for Eq. 3/4 and the E-step proposal
+
+    with torch.no_grad():
+        # Every Q(s, a_j) this step needs, scored in one critic pass (a_j ~ pi_i unless noted):
+        # V(s') for Eq. 1; V(s_t) and V(s_N) for the ABM weights of Eq. 4; the E-step's samples
+        # at s_t (Eq. 7), drawn from the prior, or from pi_i for plain MPO.
+        value_states = [batch["next_observation"]]
+        if args.prior == "abm":
+            value_states += [observation, batch["bootstrap_observation"]]
+        states = torch.cat(value_states, dim=1)  # [K, nB, obs]
+        actions = sample_actions(*agent.target_policy(states), num_samples, generator)  # [M, K, nB, act]
+        if args.epsilon > 0:
+            proposal = (prior_mean, prior_std) if agent.prior is not None else agent.target_policy(observation)
+            e_step_actions = sample_actions(*proposal, num_samples, generator)
+            states = torch.cat([states, observation], dim=1)
+            actions = torch.cat([actions, e_step_actions], dim=2)
+        with autocast(args.precision, observation.device):
+            q = q_values(agent.target_critic, states, actions, low, high)  # [M, K, (n+1)B], float32
+        # V(s'), then for ABM V(s_t) and V(s_N): each the mean over the M samples, [K, B].
+        next_value, *snippet_values = q[:, :, : len(value_states) * batch_size].mean(0).split(batch_size, dim=1)
+        e_step_q = q[:, :, len(value_states) * batch_size:]
+
+    # Policy evaluation (Eq. 1).
+    loss, info = critic_loss(agent.critic(observation, action.clamp(low, high)), batch["reward"], batch["discount"],
+                             next_value, args.discount)
+    metrics.update(info)
+
+    # Prior learning (Eq. 3 or Eq. 4).
+    if agent.prior is not None:
+        if args.prior == "abm":
+            value, bootstrap_value = snippet_values
+            weights = advantage_weights(batch["snippet_return"], batch["bootstrap_discount"], bootstrap_value, value)
+            prior_loss, info = advantage_weighted_behaviour_model_loss(prior_mean, prior_std, action, weights)
+        else:
+            prior_loss, info = behaviour_model_loss(prior_mean, prior_std, action)
+        loss = loss + prior_loss
+        metrics.update(info)
+
+    # Policy improvement by MPO (Eq. 7, 9, 10).
+    if args.epsilon > 0:
+        temperature_loss, info = temperature_dual_loss(e_step_q, agent.temperature, args.epsilon)
+        metrics.update(info)
+        weights = e_step_weights(e_step_q, agent.temperature.detach())
+        with torch.no_grad():
+            target_mean, target_std = agent.target_policy(observation)
+        mean, std = agent.policy(observation)
+        policy_loss, info = weighted_mle_loss(e_step_actions, weights, mean, std, target_mean, target_std,
+                                              agent.multiplier_mean, agent.multiplier_std,
+                                              args.epsilon_mean, args.epsilon_stddev)
+        loss = loss + temperature_loss + policy_loss
+        metrics.update(info)
+
+    if not torch.isfinite(loss):
+        bad = [key for key, value in metrics.items() if key.startswith("losses/") and not torch.isfinite(value)]
+        raise FloatingPointError(f"non-finite loss {bad or ['total']}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for net in agent.networks():
+        nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
+    optimizer.step()
+    project_duals(*agent.duals())
+    return metrics
+
+
+
+# --- shared block: evaluation ---
+def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int,
+             max_steps: Optional[int] = None) -> list[float]:
+    """Undiscounted returns of `episodes` episodes; episode i starts from reset(seed=seed + i),
+    so every evaluation of a run sees the same initial states. `max_steps` cuts episodes short."""
+    returns = []
+    for episode in range(episodes):
+        observation, _ = env.reset(seed=seed + episode)
+        total, done, steps = 0.0, False, 0
+        while not done:
+            action = np.clip(act(observation), env.action_space.low, env.action_space.high)
+            observation, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            steps += 1
+            done = terminated or truncated or steps == max_steps
+        returns.append(total)
+    return returns
+
+
+def evaluate_actors(actors: dict, envs: list, tasks: list, episodes: int, seed: int,
+                    max_steps: Optional[int] = None) -> dict:
+    """`eval/<name>` = mean return over tasks of each actor, and `eval/<name>/<task>` per task;
+    task k acts with head k in envs[k]."""
+    results = {}
+    for name, act in actors.items():
+        per_task = [np.mean(evaluate(lambda o: act(o, k), envs[k], episodes, seed, max_steps))
+                    for k in range(len(tasks))]
+        results[f"eval/{name}"] = float(np.mean(per_task))
+        if len(tasks) > 1:
+            results.update({f"eval/{name}/{task}": float(value) for task, value in zip(tasks, per_task)})
+    return results
+# --- end shared block ---
+
+
+
+# --- shared block: gaussian actor ---
+def gaussian_mean_actor(net: nn.Module, num_tasks: int, device: torch.device) -> Callable:
+    """act(observation, task) = the mean of a Gaussian policy's head for that task."""
+
+    @torch.no_grad()
+    def act(observation: np.ndarray, task: int) -> np.ndarray:
+        obs = torch.as_tensor(observation, dtype=torch.float32, device=device).expand(num_tasks, 1, -1)
+        return net(obs)[0][task, 0].float().cpu().numpy()
+
+    return act
+
+
+class PolicyMean(nn.Module):
+    """The acting module of a Gaussian policy: its mean, [K, N, obs] -> [K, N, act]."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        return self.policy(observation)[0]
+# --- end shared block ---
+
+
+
+# --- shared block: summary ---
+def write_summary(run_dir: Path, evaluations: list[dict], best_in_data: dict) -> dict:
+    """Final return = mean over the last 10% of evaluations (the paper's Table 6 protocol); `per_task`
+    is Table 7's layout: per task the final return, the final prior return, the best return in the data."""
+    summary = {"evaluations": len(evaluations), "best_episode_return_in_dataset": best_in_data}
+    keys = [key for key in (evaluations[0] if evaluations else {}) if key.startswith("eval/")]
+    for key in keys:
+        values = [float(row[key]) for row in evaluations if row.get(key) not in (None, "")]
+        tail = values[-max(1, math.ceil(0.1 * len(values))):]
+        if tail:
+            summary["final/" + key.removeprefix("eval/")] = float(np.mean(tail))
+    per_task = {}
+    for task, best in best_in_data.items():
+        suffix = f"/{task}" if len(best_in_data) > 1 else ""
+        per_task[task] = {name: summary[f"final/{name}{suffix}"] for name in ("return", "prior_return")
+                          if f"final/{name}{suffix}" in summary}
+        per_task[task]["best_episode_return_in_dataset"] = best
+    summary["per_task"] = per_task
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return summary
+# --- end shared block ---
+
+
+
+def train(args: Args) -> dict:
+    """Algorithm 1 on a fixed dataset; returns the summary written to summary.json."""
+    if args.prior == "none" and args.epsilon == 0:
+        raise UserError("--prior none with --epsilon 0 learns nothing: with epsilon 0 the prior is the policy")
+    if min(args.total_steps, args.batch_size, args.num_action_samples, args.snippet_length) < 1:
+        raise UserError("--total-steps, --batch-size, --num-action-samples and --snippet-length must be positive")
+    run = prepare(args, "abm_mpo")  # the env, the dataset and the run directory (plumbing, below the banner)
+
+    # Seeding in one place; all later randomness comes from these two generators.
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    generator = torch.Generator(device=run.device).manual_seed(args.seed)
+    agent = Agent(run.spec["obs_dim"], run.spec["act_dim"], len(run.tasks), args).to(run.device)
+    optimizer = make_optimizer(agent, args)
+    actors = {"return": gaussian_mean_actor(agent.evaluated_policy(), len(run.tasks), run.device)}
+    if agent.prior is not None and agent.policy is not None:
+        actors["prior_return"] = gaussian_mean_actor(agent.prior, len(run.tasks), run.device)
+    modules = {"agent": agent, "optimizer": optimizer}
+
+    start = run.start(modules, rng, generator)  # 0, or the checkpoint's step with --resume
+    with run.stop_on_non_finite_loss():
+        for step in range(start + 1, args.total_steps + 1):
+            batch = sample_batch(run.data, run.columns, args.batch_size, args.snippet_length, args.discount, rng)
+            metrics = update(agent, optimizer, run.to_device(batch), args, generator, run.low, run.high)
+            if step % args.target_update_period == 0:
+                agent.update_targets()
+            run.record(step, metrics)
+            if step % args.eval_every == 0 or step == args.total_steps:
+                run.evaluate_and_log(step, actors)
+            if step % args.checkpoint_every == 0 or step == args.total_steps:
+                run.save(step, modules, rng, generator, policy=PolicyMean(agent.evaluated_policy()))
+    return write_summary(run.run_dir, run.finish(), run.spec["best_episode_return_in_dataset"])
+
+
+# ==================================================================================================
+# TRY NOT TO MODIFY: the plumbing below is the same in every script (utilities, environments, dataset
+# files, run directory, checkpoints, logging, export); nothing above the banner needs it to be followed.
+# tests/test_shared_blocks.py keeps the copies identical: edit abm_mpo.py, run tools/sync_blocks.py.
+# ==================================================================================================
+
+
+
+# --- shared block: utilities ---
+class UserError(Exception):
+    """A problem with the user's input (arguments, files): reported in one sentence, exit 1."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast(precision: str, device: torch.device):
+    """`--precision bf16`: matrix products inside this context run in bfloat16 (float32 weights,
+    float32 accumulation); `fp32`: a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+# State-action rows per critic pass and thread in q_values: 1024 rows of a 256-unit activation are 1 MiB,
+# a core's L2 cache; one pass over all M * B rows is up to 2x slower on a CPU.
+CHUNK_ROWS = 1024
+
+
+def to_torch(batch: dict, device: torch.device) -> dict:
+    return {key: torch.as_tensor(value, device=device) for key, value in batch.items()}
+
+
+def default_dataset_path(env_id: str) -> Path:
+    return Path("datasets") / (env_id.replace(":", "_").replace("/", "_") + ".npz")
+
+
+def main(train_fn: Callable, args) -> None:
+    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1."""
+    try:
+        train_fn(args)
+    except UserError as error:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+# --- end shared block ---
+
 
 
 # --- shared block: env ---
@@ -294,12 +765,9 @@ def normalise_actions(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> 
 # --- end shared block ---
 
 
+
 # --- shared block: dataset ---
 REQUIRED_ARRAYS = ("observation", "action", "reward", "discount", "episode_id", "step")
-
-
-def default_dataset_path(env_id: str) -> Path:
-    return Path("datasets") / (env_id.replace(":", "_").replace("/", "_") + ".npz")
 
 
 def ensure_dataset(args) -> Path:
@@ -425,41 +893,8 @@ def best_episode_returns(data: dict, columns: list[int]) -> list[float]:
     starts = np.flatnonzero(np.r_[True, data["episode_id"][1:] != data["episode_id"][:-1]])
     returns = np.add.reduceat(np.asarray(data["reward"][:, columns], dtype=np.float64), starts, axis=0)
     return returns.max(axis=0).tolist()
-
-
-def sample_batch(data: dict, columns: list[int], batch_size: int, snippet_length: int,
-                 discount: float, rng: np.random.Generator) -> dict:
-    """Draw `batch_size` snippets (s_t, a_t, ..., s_{t+N}) for each task, independently per task.
-
-    Returns arrays [K, B, ...]: the first transition for TD learning (Eq. 1), and for Eq. 4 the
-    discounted reward sum of the snippet and the state and discount to bootstrap it with. A
-    snippet that reaches the end of its episode stops there and bootstraps from its last s'."""
-    num_tasks = len(columns)
-    index = rng.integers(0, len(data["observation"]), size=(num_tasks, batch_size))  # [K, B]
-    last = data["episode_last"][index][..., None]
-    positions = index[..., None] + np.arange(snippet_length)  # [K, B, N]
-    valid = positions <= last
-    positions = np.minimum(positions, last)
-    rewards = data["reward"][positions, np.asarray(columns)[:, None, None]]  # [K, B, N]
-    step_discount = np.where(valid, discount * data["discount"][positions], 1.0)
-    cumulative = np.cumprod(step_discount, axis=-1)
-    weights = np.concatenate([np.ones_like(cumulative[..., :1]), cumulative[..., :-1]], axis=-1) * valid
-    batch = {
-        "observation": data["observation"][index],
-        "action": data["action"][index],
-        "reward": rewards[..., 0],
-        "discount": data["discount"][index],
-        "next_observation": data["next_observation"][index],
-        "snippet_return": (weights * rewards).sum(-1),
-        "bootstrap_observation": data["next_observation"][positions[..., -1]],
-        "bootstrap_discount": cumulative[..., -1],
-    }
-    return {key: np.asarray(value, dtype=np.float32) for key, value in batch.items()}
-
-
-def to_torch(batch: dict, device: torch.device) -> dict:
-    return {key: torch.as_tensor(value, device=device) for key, value in batch.items()}
 # --- end shared block ---
+
 
 
 # --- shared block: checkpoint ---
@@ -489,24 +924,8 @@ def load_checkpoint(path: Path, device: torch.device, modules: dict, rng: np.ran
 # --- end shared block ---
 
 
+
 # --- shared block: run directory ---
-def make_run_dir(args, script: str) -> Path:
-    if args.resume:
-        run_dir = Path(args.resume)
-    elif args.run_dir:
-        run_dir = Path(args.run_dir)
-    else:
-        run_dir = Path("runs") / f"{script}__{args.env.replace(':', '_')}__{args.seed}__{int(time.time())}"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"run directory {run_dir} is not writable ({error.strerror})") from None
-    return run_dir
-
-
 def fill_observation_normalisation(args) -> None:
     """Resolve --normalize-observations left at None (called by Args.__post_init__): on for sawyer, whose
     observation scales differ ~2000x (finger angle std ~69 units, cube positions ~0.035 m), else off."""
@@ -519,6 +938,7 @@ def fill_observation_normalisation(args) -> None:
 # the table), so a 1 cm lift would read as 370 standard deviations (10 with the floor); CORL's and TD3+BC's
 # `std + 1e-3` bounds the gain the same way. A constant dimension is only centred.
 OBSERVATION_STD_FLOOR = 1e-3
+OBSERVATION_KEYS = ("observation", "next_observation", "bootstrap_observation")  # the batch's states
 
 
 def observation_statistics(observation: np.ndarray, standardise: bool) -> tuple[list, list]:
@@ -534,45 +954,54 @@ def observation_statistics(observation: np.ndarray, standardise: bool) -> tuple[
 
 
 RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "checkpoint_every",
-                     "device", "track", "wandb_project", "capture_video", "resume", "run_dir"}
+                     "device", "track", "wandb_project", "capture_video"}
 
 
-def check_resume(run_dir: Path, args, script: str) -> None:
-    """Refuse to resume a run of another script or another configuration."""
-    config_file, checkpoint = run_dir / "config.json", run_dir / "checkpoint.pt"
-    if not config_file.exists() or not checkpoint.exists():
+def load_saved_config(run_dir: Path, args, script: str) -> None:
+    """`--resume RUN_DIR`: every argument left at its default takes the run's saved value; one given
+    beside it may change only budgets, devices and logging (RESUME_MAY_CHANGE)."""
+    if not (run_dir / "config.json").exists() or not (run_dir / "checkpoint.pt").exists():
         raise UserError(f"cannot resume {run_dir}: it has no config.json and checkpoint.pt")
-    saved = json.loads(config_file.read_text())
+    saved = json.loads((run_dir / "config.json").read_text())
     if saved.get("script") != script:
         raise UserError(f"cannot resume {run_dir}: it is a run of {saved.get('script')}, not {script}")
-    changed = [key for key, value in asdict(args).items()
-               if key not in RESUME_MAY_CHANGE and json.loads(json.dumps(value)) != saved["args"].get(key)]
+    defaults, changed = asdict(type(args)()), []
+    for key, value in asdict(args).items():
+        old = saved["args"].get(key, value)
+        if key in ("resume", "run_dir") or json.loads(json.dumps(value)) == old:
+            continue
+        if value == defaults[key]:
+            setattr(args, key, tuple(old) if isinstance(value, tuple) else old)
+        elif key not in RESUME_MAY_CHANGE:
+            changed.append(f"--{key.replace('_', '-')} was {old!r}")
     if changed:
-        details = ", ".join(f"--{k.replace('_', '-')} was {saved['args'].get(k)!r}" for k in changed)
-        raise UserError(f"cannot resume {run_dir} with a different configuration: {details}")
+        raise UserError(f"cannot resume {run_dir} with a different configuration: {', '.join(changed)}")
 
 
-def file_checksum(path: Path) -> str:
+def make_run_dir(args, script: str) -> Path:
+    run_dir = Path(args.resume or args.run_dir or
+                   f"runs/{script}__{args.env.replace(':', '_')}__{args.seed}__{int(time.time())}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ".write_test").write_text("")
+        (run_dir / ".write_test").unlink()
+    except OSError as error:
+        raise UserError(f"run directory {run_dir} is not writable ({error.strerror})") from None
+    return run_dir
+
+
+def write_config(run_dir: Path, args, script: str, dataset: Path, spec: dict) -> None:
+    import mujoco
+
     digest = hashlib.sha256()
-    for file in sorted(path.glob("*")) if path.is_dir() else [path]:
+    for file in sorted(dataset.glob("*")) if dataset.is_dir() else [dataset]:
         with open(file, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_config(run_dir: Path, args, script: str, dataset: Path, extra: dict) -> None:
-    import mujoco
-
-    config = {
-        "script": script,
-        "args": asdict(args),
-        "dataset": str(dataset),
-        "dataset_sha256": file_checksum(dataset),
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "numpy": np.__version__, "gymnasium": gym.__version__, "mujoco": mujoco.__version__},
-        **extra,
-    }
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
+                "gymnasium": gym.__version__, "mujoco": mujoco.__version__}
+    config = {"script": script, "args": asdict(args), "dataset": str(dataset), "dataset_sha256": digest.hexdigest(),
+              "versions": versions, "spec": spec}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -582,8 +1011,7 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, args, start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path = run_dir / "metrics.csv"
-        self.columns = None
+        self.path, self.columns, self.wandb = run_dir / "metrics.csv", None, None
         if self.path.exists():  # resuming: keep the rows up to the checkpoint's step
             with open(self.path) as handle:
                 rows = list(csv.reader(handle))
@@ -591,7 +1019,6 @@ class MetricsLogger:
             with open(self.path, "w", newline="") as handle:
                 csv.writer(handle).writerows([row for row in rows if row and (row is rows[0] or int(row[0]) <= start_step)])
         self.writer = SummaryWriter(str(run_dir))
-        self.wandb = None
         if args.track:
             try:
                 import wandb
@@ -615,41 +1042,22 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
-    def evaluations(self) -> list[dict]:
-        with open(self.path) as handle:
-            return list(csv.DictReader(handle))
-
-    def close(self) -> None:
+    def close(self) -> list[dict]:
+        """Close the writers; returns every row of metrics.csv."""
         self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def write_summary(run_dir: Path, evaluations: list[dict], best_in_data: dict) -> dict:
-    """Final return = mean over the last 10% of evaluations (the paper's Table 6 protocol); `per_task`
-    is Table 7's layout: per task the final return, the final prior return, the best return in the data."""
-    summary = {"evaluations": len(evaluations), "best_episode_return_in_dataset": best_in_data}
-    keys = [key for key in (evaluations[0] if evaluations else {}) if key.startswith("eval/")]
-    for key in keys:
-        values = [float(row[key]) for row in evaluations if row.get(key) not in (None, "")]
-        tail = values[-max(1, math.ceil(0.1 * len(values))):]
-        if tail:
-            summary["final/" + key.removeprefix("eval/")] = float(np.mean(tail))
-    per_task = {}
-    for task, best in best_in_data.items():
-        suffix = f"/{task}" if len(best_in_data) > 1 else ""
-        per_task[task] = {name: summary[f"final/{name}{suffix}"] for name in ("return", "prior_return")
-                          if f"final/{name}{suffix}" in summary}
-        per_task[task]["best_episode_return_in_dataset"] = best
-    summary["per_task"] = per_task
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+        with open(self.path) as handle:
+            return list(csv.DictReader(handle))
 
 
 @dataclass
-class Setup:
-    """What every learning script needs before its first update."""
+class Run:
+    """What a learning script needs before its first update (made by `prepare`), and the bookkeeping of
+    its loop: resuming, the batch on the device, averaged metrics, evaluation rows, checkpoints."""
 
+    args: object
+    script: str
     device: torch.device
     env: gym.Env
     run_dir: Path
@@ -660,16 +1068,72 @@ class Setup:
     low: torch.Tensor
     high: torch.Tensor
 
+    def start(self, modules: dict, rng: np.random.Generator, generator: torch.Generator) -> int:
+        """The last update done: 0, or with --resume the checkpoint's step (modules and random states restored)."""
+        self.step = 0
+        if self.args.resume:
+            self.step = load_checkpoint(self.run_dir / "checkpoint.pt", self.device, modules, rng, generator)["step"]
+            print(f"Resuming {self.run_dir} from update {self.step}.", flush=True)
+        self.logger = MetricsLogger(self.run_dir, self.args, self.step)
+        self.eval_envs = make_eval_envs(self.args, self.run_dir, self.tasks, self.spec)
+        self.mean, self.std = (np.asarray(self.spec[key], np.float32) for key in ("observation_mean", "observation_std"))
+        self.sums, self.count, self.clock = {}, 0, time.time()
+        self.progress = tqdm(initial=self.step, total=self.args.total_steps, desc=self.script, disable=None)
+        return self.step
 
-def prepare(args, script: str) -> Setup:
+    def to_device(self, batch: dict) -> dict:
+        """Standardise the batch's states with --normalize-observations (per batch: a memory-mapped dataset
+        stays as it is on disk) and move the batch to the device."""
+        if self.args.normalize_observations:
+            batch = {key: (value - self.mean) / self.std if key in OBSERVATION_KEYS else value
+                     for key, value in batch.items()}
+        return to_torch(batch, self.device)
+
+    @contextlib.contextmanager
+    def stop_on_non_finite_loss(self):
+        """An update that raises FloatingPointError stops the run in one sentence; checkpoint.pt keeps its state."""
+        try:
+            yield
+        except FloatingPointError as error:
+            raise UserError(f"{error} at update {self.step + 1}; stopped, {self.run_dir / 'checkpoint.pt'} "
+                            f"keeps the last good state") from None
+
+    def record(self, step: int, metrics: dict) -> None:
+        self.sums = {key: self.sums.get(key, 0.0) + value for key, value in metrics.items()}
+        self.step, self.count = step, self.count + 1
+        self.progress.update()
+
+    def evaluate_and_log(self, step: int, actors: dict) -> None:
+        """One metrics.csv row: the losses averaged since the last row, then the actors' returns."""
+        row = {key: float(value) / self.count for key, value in self.sums.items()}
+        row["charts/updates_per_second"] = self.count / (time.time() - self.clock)
+        row.update(evaluate_actors(actors, self.eval_envs, self.tasks, self.args.eval_episodes, self.args.seed + 100,
+                                   self.args.eval_max_steps))
+        self.logger.log(step, row)
+        self.progress.set_postfix({k[5:]: f"{v:.1f}" for k, v in row.items() if k.startswith("eval/") and k.count("/") == 1})
+        self.sums, self.count, self.clock = {}, 0, time.time()
+
+    def save(self, step: int, modules: dict, rng: np.random.Generator, generator: torch.Generator,
+             policy: nn.Module) -> None:
+        """checkpoint.pt (atomically) and policy.pt2, the acting module `policy` exported."""
+        save_checkpoint(self.run_dir / "checkpoint.pt", checkpoint_state(modules, rng, generator, step=step, spec=self.spec))
+        export_policy(policy, self.spec, self.args.env, self.run_dir / "policy.pt2")
+
+    def finish(self) -> list[dict]:
+        """Close the progress bar and the loggers; returns the evaluations (the rows of metrics.csv)."""
+        self.progress.close()
+        return self.logger.close()
+
+
+def prepare(args, script: str) -> Run:
     """Check the arguments, the env and the dataset, create (or reopen) the run directory."""
+    if args.resume:
+        load_saved_config(Path(args.resume), args, script)
     if args.eval_max_steps is not None and args.eval_max_steps < 1:
         raise UserError("--eval-max-steps must be positive")
     device = pick_device(args.device)
     env = make_env(args.env)  # checks --env before anything is written
     run_dir = make_run_dir(args, script)
-    if args.resume:
-        check_resume(run_dir, args, script)
     dataset = ensure_dataset(args)
     data = load_dataset(dataset, args.dataset_episodes)
     check_dataset_matches_env(data, env, dataset)
@@ -689,56 +1153,14 @@ def prepare(args, script: str) -> Setup:
                        observation_statistics(data["observation"], args.normalize_observations))),
             "best_episode_return_in_dataset": dict(zip(tasks, best_episode_returns(data, columns)))}
     if not args.resume:
-        write_config(run_dir, args, script, dataset, {"spec": spec})
-    return Setup(device, env, run_dir, data, columns, tasks, spec,
-                 torch.as_tensor(low, device=device), torch.as_tensor(high, device=device))
+        write_config(run_dir, args, script, dataset, spec)
+    return Run(args, script, device, env, run_dir, data, columns, tasks, spec,
+               torch.as_tensor(low, device=device), torch.as_tensor(high, device=device))
 # --- end shared block ---
 
 
-# --- shared block: evaluation ---
-def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int,
-             max_steps: Optional[int] = None) -> list[float]:
-    """Undiscounted returns of `episodes` episodes; episode i starts from reset(seed=seed + i),
-    so every evaluation of a run sees the same initial states. `max_steps` cuts episodes short."""
-    returns = []
-    for episode in range(episodes):
-        observation, _ = env.reset(seed=seed + episode)
-        total, done, steps = 0.0, False, 0
-        while not done:
-            action = np.clip(act(observation), env.action_space.low, env.action_space.high)
-            observation, reward, terminated, truncated, _ = env.step(action)
-            total += float(reward)
-            steps += 1
-            done = terminated or truncated or steps == max_steps
-        returns.append(total)
-    return returns
 
-
-def gaussian_mean_actor(net: nn.Module, num_tasks: int, device: torch.device) -> Callable:
-    """act(observation, task) = the mean of a Gaussian policy's head for that task."""
-
-    @torch.no_grad()
-    def act(observation: np.ndarray, task: int) -> np.ndarray:
-        obs = torch.as_tensor(observation, dtype=torch.float32, device=device).expand(num_tasks, 1, -1)
-        return net(obs)[0][task, 0].float().cpu().numpy()
-
-    return act
-
-
-def evaluate_actors(actors: dict, envs: list, tasks: list, episodes: int, seed: int,
-                    max_steps: Optional[int] = None) -> dict:
-    """`eval/<name>` = mean return over tasks of each actor, and `eval/<name>/<task>` per task;
-    task k acts with head k in envs[k]."""
-    results = {}
-    for name, act in actors.items():
-        per_task = [np.mean(evaluate(lambda o: act(o, k), envs[k], episodes, seed, max_steps))
-                    for k in range(len(tasks))]
-        results[f"eval/{name}"] = float(np.mean(per_task))
-        if len(tasks) > 1:
-            results.update({f"eval/{name}/{task}": float(value) for task, value in zip(tasks, per_task)})
-    return results
-
-
+# --- shared block: eval envs ---
 class StandardiseObservation(gym.ObservationWrapper):
     """The learner's input from the env's raw observation: (observation - mean) / std."""
 
@@ -775,67 +1197,8 @@ def make_eval_envs(args, run_dir: Path, tasks: list, spec: Optional[dict] = None
 # --- end shared block ---
 
 
-# --- shared block: training loop ---
-OBSERVATION_KEYS = ("observation", "next_observation", "bootstrap_observation")  # the batch's states
-
-
-def training_loop(args, run: Setup, script: str, modules: dict, rng: np.random.Generator,
-                  generator: torch.Generator, update_step: Callable[[dict, int], dict], actors: dict,
-                  *, policy: nn.Module) -> dict:
-    """Algorithm 1's outer loop: sample a batch from the dataset, call `update_step(batch, step)`,
-    evaluate every actor and checkpoint now and then; resumable from checkpoint.pt. `policy`, the
-    acting module ([K, B, obs] -> [K, B, act]), is exported to policy.pt2 at every checkpoint."""
-    start = 0
-    if args.resume:
-        start = load_checkpoint(run.run_dir / "checkpoint.pt", run.device, modules, rng, generator)["step"]
-        print(f"Resuming {run.run_dir} from update {start}.", flush=True)
-    logger = MetricsLogger(run.run_dir, args, start)
-    eval_envs = make_eval_envs(args, run.run_dir, run.tasks, run.spec)
-    mean, std = (np.asarray(run.spec[key], np.float32) for key in ("observation_mean", "observation_std"))
-    sums, count, interval_start = {}, 0, time.time()
-    progress = tqdm(initial=start, total=args.total_steps, desc=script, disable=None)
-    for step in range(start + 1, args.total_steps + 1):
-        batch = sample_batch(run.data, run.columns, args.batch_size, args.snippet_length, args.discount, rng)
-        if args.normalize_observations:  # per batch: a memory-mapped dataset stays as it is on disk
-            batch = {key: (value - mean) / std if key in OBSERVATION_KEYS else value for key, value in batch.items()}
-        try:
-            metrics = update_step(to_torch(batch, run.device), step)
-        except FloatingPointError as error:
-            raise UserError(f"{error} at update {step}; stopped, {run.run_dir / 'checkpoint.pt'} "
-                            f"keeps the last good state") from None
-        sums = {key: sums.get(key, 0.0) + value for key, value in metrics.items()}
-        count += 1
-        progress.update()
-        if step % args.eval_every == 0 or step == args.total_steps:
-            row = {key: float(value) / count for key, value in sums.items()}
-            row["charts/updates_per_second"] = count / (time.time() - interval_start)
-            row.update(evaluate_actors(actors, eval_envs, run.tasks, args.eval_episodes, args.seed + 100,
-                                       args.eval_max_steps))
-            logger.log(step, row)
-            progress.set_postfix({k[5:]: f"{v:.1f}" for k, v in row.items() if k.startswith("eval/") and k.count("/") == 1})
-            sums, count, interval_start = {}, 0, time.time()
-        if step % args.checkpoint_every == 0 or step == args.total_steps:
-            save_checkpoint(run.run_dir / "checkpoint.pt", checkpoint_state(modules, rng, generator, step=step, spec=run.spec))
-            export_policy(policy, run.spec, args.env, run.run_dir / "policy.pt2")
-    progress.close()
-    logger.close()
-    summary = write_summary(run.run_dir, logger.evaluations(), run.spec["best_episode_return_in_dataset"])
-    print(json.dumps(summary, indent=2))
-    return summary
-# --- end shared block ---
 
 # --- shared block: export ---
-class PolicyMean(nn.Module):
-    """The acting module of a Gaussian policy: its mean, [K, N, obs] -> [K, N, act]."""
-
-    def __init__(self, policy: nn.Module):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:
-        return self.policy(observation)[0]
-
-
 class ExportedPolicy(nn.Module):
     """observation [B, obs_dim] float32 (raw, the env's), task_index [B] int64 -> action [B, act_dim] in
     the env's physical units, clipped. The observation is standardised with the learner's statistics
@@ -886,320 +1249,6 @@ def export_policy(actor: nn.Module, spec: dict, env_id: str, path: Path) -> None
     os.replace(temporary, path)
 # --- end shared block ---
 
-
-# --- shared block: networks ---
-MIN_STD = 0.1  # Table 1: minimum variance 0.01
-
-
-class MultiHeadLinear(nn.Module):
-    """One linear layer per task head: x [K, N, in] -> [K, N, out], head k for slice k."""
-
-    def __init__(self, num_heads: int, in_features: int, out_features: int):
-        super().__init__()
-        layers = [nn.Linear(in_features, out_features) for _ in range(num_heads)]  # PyTorch default init
-        self.weight = nn.Parameter(torch.stack([layer.weight.T for layer in layers]))  # [K, in, out]
-        self.bias = nn.Parameter(torch.stack([layer.bias for layer in layers])[:, None])  # [K, 1, out]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-class MultiHeadMLP(nn.Module):
-    """ELU MLP with layer norm on the first layer (Table 1). The first `shared` hidden layers
-    form a torso shared by all tasks, the rest and the output layer are per task (Table 5).
-    Input and output are [K, N, features], one slice per task."""
-
-    def __init__(self, in_features: int, hidden: tuple, out_features: int, num_heads: int, shared: int):
-        super().__init__()
-        assert 1 <= shared <= len(hidden)
-        sizes = (in_features, *hidden)
-        torso = [nn.Linear(sizes[0], sizes[1]), nn.LayerNorm(sizes[1]), nn.ELU()]
-        for i in range(1, shared):
-            torso += [nn.Linear(sizes[i], sizes[i + 1]), nn.ELU()]
-        self.torso = nn.Sequential(*torso)
-        head = []
-        for i in range(shared, len(hidden)):
-            head += [MultiHeadLinear(num_heads, sizes[i], sizes[i + 1]), nn.ELU()]
-        self.head = nn.Sequential(*head, MultiHeadLinear(num_heads, sizes[-1], out_features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.head[:-1](self.torso(x))
-        with torch.autocast(x.device.type, enabled=False):  # output layer in fp32, also under bf16 autocast
-            return self.head[-1](hidden.float())
-
-
-class GaussianPolicy(nn.Module):
-    """pi(a|s) = N(mu(s), diag(sigma(s)^2)), no tanh on the mean, sigma = softplus + MIN_STD."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple, num_heads: int, shared: int):
-        super().__init__()
-        self.net = MultiHeadMLP(obs_dim, hidden, 2 * act_dim, num_heads, shared)
-
-    def forward(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, pre_std = self.net(observation).chunk(2, dim=-1)
-        return mean, F.softplus(pre_std) + MIN_STD
-
-
-class Critic(nn.Module):
-    """Q(s, a) for each task head: observation [K, N, obs], action [K, N, act] -> [K, N]."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple, num_heads: int, shared: int):
-        super().__init__()
-        self.net = MultiHeadMLP(obs_dim + act_dim, hidden, 1, num_heads, shared)
-
-    def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([observation, action], dim=-1)).squeeze(-1)
-
-
-def gaussian_log_prob(action: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """log N(action; mean, diag(std^2)), summed over the action dimensions."""
-    return (-0.5 * ((action - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
-
-
-def gaussian_kl(mean_p, std_p, mean_q, std_q) -> torch.Tensor:
-    """KL(N(mean_p, std_p^2) || N(mean_q, std_q^2)), in closed form, summed over action dimensions."""
-    return (torch.log(std_q / std_p) + (std_p**2 + (mean_p - mean_q) ** 2) / (2 * std_q**2) - 0.5).sum(-1)
-
-
-def sample_actions(mean: torch.Tensor, std: torch.Tensor, num_samples: int,
-                   generator: torch.Generator) -> torch.Tensor:
-    """M samples from N(mean, std^2): [K, B, act] -> [M, K, B, act]."""
-    noise = torch.randn((num_samples, *mean.shape), generator=generator, device=mean.device)
-    return mean + std * noise
-# --- end shared block ---
-
-
-# --- shared block: policy evaluation ---
-CHUNK_ROWS = 1024  # state-action rows per critic pass and thread: a 256-unit activation is 1 MiB, a core's L2
-
-
-def q_values(critic: nn.Module, observation: torch.Tensor, actions: torch.Tensor,
-             low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """Q(s, a_j) for M actions per state: [K, B, obs], [M, K, B, act] -> [M, K, B] in float32.
-    The env clips actions, so a sampled action is scored at clip(a, low, high). The M * B rows go
-    through the critic in chunks of CHUNK_ROWS per thread: one pass over all rows is up to 2x slower on a CPU."""
-    num_samples, num_tasks, batch, act_dim = actions.shape
-    repeated = observation.unsqueeze(1).expand(-1, num_samples, -1, -1).reshape(num_tasks, num_samples * batch, -1)
-    flat_actions = actions.clamp(low, high).transpose(0, 1).reshape(num_tasks, num_samples * batch, act_dim)
-    rows = CHUNK_ROWS * torch.get_num_threads()
-    chunks = zip(repeated.split(rows, dim=1), flat_actions.split(rows, dim=1))
-    q = torch.cat([critic(states, chunk_actions) for states, chunk_actions in chunks], dim=1).float()
-    return q.reshape(num_tasks, num_samples, batch).transpose(0, 1)
-
-
-def critic_loss(q: torch.Tensor, reward: torch.Tensor, discount: torch.Tensor,
-                next_value: torch.Tensor, gamma: float) -> tuple[torch.Tensor, dict]:
-    # Eq. 1: squared TD(0) error with V(s') = mean_j Q_target(s', a_j), a_j ~ pi_target(.|s').
-    target = reward + gamma * discount * next_value
-    loss = (q - target).pow(2).mean()
-    return loss, {"losses/critic": loss.detach(), "charts/q": q.detach().mean()}
-# --- end shared block ---
-
-
-# --- shared block: behaviour model ---
-def behaviour_model_loss(mean: torch.Tensor, std: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    # Eq. 3: maximise the log-likelihood of every dataset action.
-    loss = -gaussian_log_prob(action, mean, std).mean()
-    return loss, {"losses/prior": loss.detach()}
-# --- end shared block ---
-
-
-# --- shared block: advantage-weighted behaviour model ---
-def advantage_weights(snippet_return: torch.Tensor, bootstrap_discount: torch.Tensor,
-                      bootstrap_value: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    # Eq. 4: f = unit step of R(tau_{t:N}) - V(s_t), R bootstrapped with gamma^N V(s_N).
-    advantage = snippet_return + bootstrap_discount * bootstrap_value - value
-    return (advantage >= 0).float()
-
-
-def advantage_weighted_behaviour_model_loss(mean: torch.Tensor, std: torch.Tensor, action: torch.Tensor,
-                                            weights: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    # Eq. 4: log-likelihood of the dataset actions whose snippet did at least as well as pi_i.
-    loss = -(weights * gaussian_log_prob(action, mean, std)).mean()
-    return loss, {"losses/prior": loss.detach(), "charts/abm_accepted_fraction": weights.mean()}
-# --- end shared block ---
-
-
-# --- shared block: mpo ---
-def temperature_dual_loss(q: torch.Tensor, temperature: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, dict]:
-    # Eq. 9 (with the -log M of the sample estimate), minimised over eta:
-    # g(eta) = eta * epsilon + eta * mean_s [logsumexp_j(Q(s, a_j) / eta) - log M],  q: [M, K, B].
-    log_mean_exp = torch.logsumexp(q / temperature, dim=0) - math.log(q.shape[0])
-    loss = temperature * epsilon + temperature * log_mean_exp.mean()
-    return loss, {"losses/temperature": loss.detach(), "charts/temperature": temperature.detach()}
-
-
-def e_step_weights(q: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    # Eq. 7: the non-parametric policy on the M samples, q(a_j|s) = softmax_j(Q(s, a_j) / eta).
-    return torch.softmax(q / temperature, dim=0)
-
-
-def decoupled_kl(target_mean, target_std, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL(pi_target || pi) split into a mean part, N(mu, sigma_target), and a covariance part,
-    N(mu_target, sigma); both averaged over states."""
-    kl_mean = gaussian_kl(target_mean, target_std, mean, target_std).mean()
-    kl_std = gaussian_kl(target_mean, target_std, target_mean, std).mean()
-    return kl_mean, kl_std
-
-
-def weighted_mle_loss(actions, weights, mean, std, target_mean, target_std,
-                      multiplier_mean, multiplier_std, epsilon_mean, epsilon_std) -> tuple[torch.Tensor, dict]:
-    # Eq. 10: weighted maximum likelihood of the E-step samples under a trust region
-    # KL(pi_target || pi) < eps, decoupled into mean and covariance. actions [M, K, B, act].
-    log_prob_mean = gaussian_log_prob(actions, mean, target_std)  # [M, K, B]
-    log_prob_std = gaussian_log_prob(actions, target_mean, std)
-    likelihood = -(weights * (log_prob_mean + log_prob_std)).sum(0).mean()
-    kl_mean, kl_std = decoupled_kl(target_mean, target_std, mean, std)
-    policy_loss = likelihood + multiplier_mean.detach() * kl_mean + multiplier_std.detach() * kl_std
-    multiplier_loss = multiplier_mean * (epsilon_mean - kl_mean.detach()) + multiplier_std * (epsilon_std - kl_std.detach())
-    metrics = {"losses/policy": likelihood.detach(), "charts/kl_mean": kl_mean.detach(),
-               "charts/kl_std": kl_std.detach(), "charts/multiplier_mean": multiplier_mean.detach(),
-               "charts/multiplier_std": multiplier_std.detach()}
-    return policy_loss + multiplier_loss, metrics
-
-
-def project_duals(*duals: nn.Parameter, minimum: float = 1e-3) -> None:
-    """Keep temperature and multipliers positive after each Adam step: x = max(x, 0.001)."""
-    with torch.no_grad():
-        for dual in duals:
-            dual.clamp_(min=minimum)
-# --- end shared block ---
-
-
-class Agent(nn.Module):
-    """Every learned quantity of Algorithm 1: networks, target networks and dual variables."""
-
-    def __init__(self, obs_dim: int, act_dim: int, num_tasks: int, args: Args):
-        super().__init__()
-        heads = dict(num_heads=num_tasks, shared=args.shared_layers)
-        self.critic = Critic(obs_dim, act_dim, args.critic_layers, **heads)
-        self.prior = GaussianPolicy(obs_dim, act_dim, args.policy_layers, **heads) if args.prior != "none" else None
-        self.policy = GaussianPolicy(obs_dim, act_dim, args.policy_layers, **heads) if args.epsilon > 0 else None
-        # pi_i, the policy being evaluated: the RL policy, or the prior itself when epsilon = 0.
-        self.target_policy = copy.deepcopy(self.policy if self.policy is not None else self.prior)
-        self.target_critic = copy.deepcopy(self.critic)
-        self.target_policy.requires_grad_(False)
-        self.target_critic.requires_grad_(False)
-        self.temperature = nn.Parameter(torch.tensor(args.initial_temperature))
-        self.multiplier_mean = nn.Parameter(torch.tensor(args.initial_multiplier))
-        self.multiplier_std = nn.Parameter(torch.tensor(args.initial_multiplier))
-
-    def evaluated_policy(self) -> GaussianPolicy:
-        return self.policy if self.policy is not None else self.prior
-
-    def update_targets(self) -> None:
-        self.target_policy.load_state_dict(self.evaluated_policy().state_dict())
-        self.target_critic.load_state_dict(self.critic.state_dict())
-
-    def networks(self) -> list[nn.Module]:
-        return [net for net in (self.critic, self.prior, self.policy) if net is not None]
-
-    def duals(self) -> list[nn.Parameter]:
-        return [self.temperature, self.multiplier_mean, self.multiplier_std]
-
-
-def make_optimizer(agent: Agent, args: Args) -> torch.optim.Optimizer:
-    networks = [p for net in agent.networks() for p in net.parameters()]
-    return torch.optim.Adam([{"params": networks, "lr": args.learning_rate},
-                             {"params": agent.duals(), "lr": args.dual_learning_rate}])
-
-
-def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict, args: Args,
-           generator: torch.Generator, low: torch.Tensor, high: torch.Tensor) -> dict:
-    """One step of Algorithm 1 on one batch: gradients for Q, prior, policy and duals, then Adam."""
-    observation, action = batch["observation"], batch["action"]
-    batch_size, num_samples = observation.shape[1], args.num_action_samples
-    metrics = {}
-
-    if agent.prior is not None:
-        prior_mean, prior_std = agent.prior(observation)  # one pass for Eq. 3/4 and the E-step proposal
-
-    with torch.no_grad():
-        # Every Q(s, a_j) this step needs, scored in one critic pass (a_j ~ pi_i unless noted):
-        # V(s') for Eq. 1; V(s_t) and V(s_N) for the ABM weights of Eq. 4; the E-step's samples
-        # at s_t (Eq. 7), drawn from the prior, or from pi_i for plain MPO.
-        value_states = [batch["next_observation"]]
-        if args.prior == "abm":
-            value_states += [observation, batch["bootstrap_observation"]]
-        states = torch.cat(value_states, dim=1)  # [K, nB, obs]
-        actions = sample_actions(*agent.target_policy(states), num_samples, generator)  # [M, K, nB, act]
-        if args.epsilon > 0:
-            proposal = (prior_mean, prior_std) if agent.prior is not None else agent.target_policy(observation)
-            e_step_actions = sample_actions(*proposal, num_samples, generator)
-            states = torch.cat([states, observation], dim=1)
-            actions = torch.cat([actions, e_step_actions], dim=2)
-        with autocast(args.precision, observation.device):
-            q = q_values(agent.target_critic, states, actions, low, high)  # [M, K, (n+1)B], float32
-        values = q[:, :, : len(value_states) * batch_size].mean(0).split(batch_size, dim=1)
-        e_step_q = q[:, :, len(value_states) * batch_size:]
-
-    # Policy evaluation (Eq. 1).
-    loss, info = critic_loss(agent.critic(observation, action.clamp(low, high)), batch["reward"], batch["discount"],
-                             values[0], args.discount)
-    metrics.update(info)
-
-    # Prior learning (Eq. 3 or Eq. 4).
-    if agent.prior is not None:
-        if args.prior == "abm":
-            weights = advantage_weights(batch["snippet_return"], batch["bootstrap_discount"], values[2], values[1])
-            prior_loss, info = advantage_weighted_behaviour_model_loss(prior_mean, prior_std, action, weights)
-        else:
-            prior_loss, info = behaviour_model_loss(prior_mean, prior_std, action)
-        loss = loss + prior_loss
-        metrics.update(info)
-
-    # Policy improvement by MPO (Eq. 7, 9, 10).
-    if args.epsilon > 0:
-        temperature_loss, info = temperature_dual_loss(e_step_q, agent.temperature, args.epsilon)
-        metrics.update(info)
-        weights = e_step_weights(e_step_q, agent.temperature.detach())
-        with torch.no_grad():
-            target_mean, target_std = agent.target_policy(observation)
-        mean, std = agent.policy(observation)
-        policy_loss, info = weighted_mle_loss(e_step_actions, weights, mean, std, target_mean, target_std,
-                                              agent.multiplier_mean, agent.multiplier_std,
-                                              args.epsilon_mean, args.epsilon_stddev)
-        loss = loss + temperature_loss + policy_loss
-        metrics.update(info)
-
-    if not torch.isfinite(loss):
-        bad = [key for key, value in metrics.items() if key.startswith("losses/") and not torch.isfinite(value)]
-        raise FloatingPointError(f"non-finite loss {bad or ['total']}")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    for net in agent.networks():
-        nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
-    optimizer.step()
-    project_duals(*agent.duals())
-    return metrics
-
-
-def train(args: Args) -> dict:
-    """Algorithm 1 on a fixed dataset; returns the summary written to summary.json."""
-    if args.prior == "none" and args.epsilon == 0:
-        raise UserError("--prior none with --epsilon 0 learns nothing: with epsilon 0 the prior is the policy")
-    if min(args.total_steps, args.batch_size, args.num_action_samples, args.snippet_length) < 1:
-        raise UserError("--total-steps, --batch-size, --num-action-samples and --snippet-length must be positive")
-    run = prepare(args, "abm_mpo")
-
-    # Seeding in one place; all later randomness comes from these two generators.
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    generator = torch.Generator(device=run.device).manual_seed(args.seed)
-    agent = Agent(run.spec["obs_dim"], run.spec["act_dim"], len(run.tasks), args).to(run.device)
-    optimizer = make_optimizer(agent, args)
-    actors = {"return": gaussian_mean_actor(agent.evaluated_policy(), len(run.tasks), run.device)}
-    if agent.prior is not None and agent.policy is not None:
-        actors["prior_return"] = gaussian_mean_actor(agent.prior, len(run.tasks), run.device)
-
-    def update_step(batch: dict, step: int) -> dict:
-        metrics = update(agent, optimizer, batch, args, generator, run.low, run.high)
-        if step % args.target_update_period == 0:
-            agent.update_targets()
-        return metrics
-
-    return training_loop(args, run, "abm_mpo", {"agent": agent, "optimizer": optimizer}, rng, generator,
-                         update_step, actors, policy=PolicyMean(agent.evaluated_policy()))
 
 
 if __name__ == "__main__":
