@@ -39,6 +39,7 @@ VAE, critic, actor. Also:
     (`FixedLatentActor`): a deterministic function of the state that torch.export can trace.
 """
 
+import contextlib
 import copy
 import csv
 import hashlib
@@ -117,8 +118,6 @@ class Args:
     """perturbed VAE samples per next state, maximised over in the target"""
     num_eval_samples: int = 10
     """perturbed VAE samples per state when acting, argmax of Q_1 (the original uses 100)"""
-    snippet_length: int = 1
-    """N of the shared batch sampler; BCQ learns from single transitions"""
     discount: float = 0.99
     """discount factor gamma"""
     learning_rate: float = 2e-4
@@ -153,34 +152,6 @@ class Args:
         fill_observation_normalisation(self)
 
 
-# --- shared block: utilities ---
-class UserError(Exception):
-    """A problem with the user's input (arguments, files): reported in one sentence, exit 1."""
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but CUDA is not available")
-    return torch.device(name)
-
-
-def autocast(precision: str, device: torch.device):
-    """`--precision bf16`: matrix products inside this context run in bfloat16 (float32 weights,
-    float32 accumulation); `fp32`: a no-op context."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def main(train_fn: Callable, args) -> None:
-    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1."""
-    try:
-        train_fn(args)
-    except UserError as error:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
-# --- end shared block ---
-
-
 # --- shared block: paper networks ---
 # Hidden layers of the paper's networks: Tables 1-4 for the Control Suite, Table 5 for the Sawyer
 # multi-task experiments, where "a -> b" is a torso of `shared_layers` = 1 layer (a) shared by all
@@ -203,704 +174,7 @@ def fill_paper_layers(args) -> None:
 # --- end shared block ---
 
 
-# --- shared block: env ---
-CONTROL_SUITE_ALIASES = {
-    "hopper": "hopper-hop",
-    "cheetah": "cheetah-run",
-    "walker": "walker-walk",
-    "quadruped": "quadruped-run",
-}
-
-
-def default_gl_backend() -> None:
-    """dm_control reads MUJOCO_GL when imported; its default (glfw) needs a display. On Linux default
-    to EGL, which renders headless; elsewhere keep dm_control's choice. A user's MUJOCO_GL wins."""
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("MUJOCO_GL", "egl")
-
-
-class ControlSuiteEnv(gym.Env):
-    """A Control Suite task as a Gymnasium env: flat float32 observation, actions clipped to the
-    bounds, episodes end by time limit (`truncated`, the discount stays 1)."""
-
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
-
-    def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
-        default_gl_backend()
-        from dm_control import suite
-
-        self._load = lambda seed: suite.load(domain, task, task_kwargs={"random": seed})
-        self._env = self._load(None)
-        spec = self._env.action_spec()
-        self.action_space = gym.spaces.Box(
-            spec.minimum.astype(np.float32), spec.maximum.astype(np.float32), dtype=np.float32
-        )
-        size = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), dtype=np.float32)
-        self.render_mode = render_mode
-
-    def _flatten(self, observation) -> np.ndarray:
-        return np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
-
-    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
-        super().reset(seed=seed)
-        if seed is not None:
-            self._env = self._load(seed)
-        return self._flatten(self._env.reset().observation), {}
-
-    def step(self, action):
-        low, high = self.action_space.low, self.action_space.high
-        time_step = self._env.step(np.clip(action, low, high))
-        terminated = time_step.last() and time_step.discount == 0.0
-        truncated = time_step.last() and not terminated
-        reward = float(time_step.reward or 0.0)
-        return self._flatten(time_step.observation), reward, terminated, truncated, {}
-
-    def render(self):
-        return self._env.physics.render(height=240, width=320, camera_id=0)
-
-
-def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
-    """`hopper`-style alias, Control Suite `domain-task`, `sawyer`, or any gymnasium id (`module:EnvId`).
-
-    `sawyer` is sawyer_env.SawyerEnv(task) (task None: the Section 5.2 protocol, a random task per
-    episode) taking actions in [-1, 1]: its action dimensions differ in scale by 3600x (0.07 m/s to 255
-    finger units/s) while the Gaussian heads' minimum std is 0.1, so learners work in normalised actions
-    and RescaleAction maps them to the physical bounds (`env_action_bounds`)."""
-    if env_id == "sawyer":
-        if task is not None and task not in sawyer_env.ALL_TASKS:
-            raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
-        env = sawyer_env.SawyerEnv(task or "random", render_mode)
-        return gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))
-    name = CONTROL_SUITE_ALIASES.get(env_id, env_id)
-    domain, _, task = name.partition("-")
-    if task:
-        default_gl_backend()
-        from dm_control import suite
-
-        if (domain, task) in suite.ALL_TASKS:
-            return ControlSuiteEnv(domain, task, render_mode)
-    try:
-        return gym.make(env_id, render_mode=render_mode)
-    except Exception as error:  # gymnasium raises many types for an unknown or broken id
-        raise UserError(
-            f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
-            f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})"
-        ) from None
-
-
-def env_action_bounds(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
-    """The bounds of the actions the env itself takes (physical units for sawyer); the learner's
-    bounds are env.action_space. An exported policy maps a learner action a to env units with
-    env_low + (a + 1) / 2 * (env_high - env_low) when they differ."""
-    inner = env.env if isinstance(env, gym.wrappers.RescaleAction) else env
-    return inner.action_space.low, inner.action_space.high
-
-
-def normalise_actions(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Physical actions in [low, high] -> [-1, 1], the inverse of RescaleAction."""
-    return (2.0 * (np.asarray(action, dtype=np.float64) - low) / (high - low) - 1.0).astype(np.float32)
-# --- end shared block ---
-
-
-# --- shared block: dataset ---
-REQUIRED_ARRAYS = ("observation", "action", "reward", "discount", "episode_id", "step")
-
-
-def default_dataset_path(env_id: str) -> Path:
-    return Path("datasets") / (env_id.replace(":", "_").replace("/", "_") + ".npz")
-
-
-def ensure_dataset(args) -> Path:
-    """The dataset to learn from; the default one is generated by collect.py when missing."""
-    if args.dataset is not None:
-        return Path(args.dataset)
-    path = default_dataset_path(args.env)
-    if not path.exists():
-        collect = Path(__file__).resolve().parent / "collect.py"
-        minutes = "about 5" if args.env == "sawyer" else "about 20"
-        print(
-            f"No dataset at {path}: generating it with `python collect.py --env {args.env}` "
-            f"(default budget, {minutes} minutes on 2 CPU cores); pass --dataset PATH to use "
-            f"your own data.",
-            flush=True,
-        )
-        command = [sys.executable, str(collect), "--env", args.env, "--output", str(path)]
-        if subprocess.run(command).returncode != 0 or not path.exists():
-            raise UserError(f"collect.py failed to generate {path}; see its output above")
-    return path
-
-
-def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
-    """Load and validate a dataset (format: README "Datasets"). Returns the arrays (memory-mapped
-    for a directory of .npy files), `metadata`, and `episode_last` (index of the last transition
-    of each transition's episode), which trajectory snippets need."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"dataset {path} does not exist")
-    try:
-        if path.is_dir():
-            arrays = {f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in path.glob("*.npy")}
-            meta_file = path / "metadata.json"
-            metadata = json.loads(meta_file.read_text()) if meta_file.exists() else {}
-        else:
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {key: archive[key] for key in archive.files}
-            metadata = json.loads(str(arrays.pop("metadata", "{}")))
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"dataset {path} cannot be read, it is corrupt, truncated or pickled ({reason})") from None
-
-    missing = [key for key in REQUIRED_ARRAYS if key not in arrays]
-    if missing:
-        raise UserError(f"dataset {path} lacks the arrays {missing}; see README 'Datasets'")
-    if arrays["reward"].ndim == 1:
-        arrays["reward"] = arrays["reward"][:, None]
-    size = len(arrays["observation"])
-    expected_ndim = {"observation": 2, "action": 2, "reward": 2, "discount": 1, "episode_id": 1,
-                     "step": 1, "next_observation": 2, "run_id": 1, "task_id": 1}
-    for key, ndim in expected_ndim.items():
-        if key in arrays and (arrays[key].ndim != ndim or len(arrays[key]) != size):
-            raise UserError(
-                f"dataset {path}: array {key!r} has shape {arrays[key].shape}, expected {ndim} "
-                f"dimension(s) and {size} rows like 'observation'"
-            )
-    if size == 0:
-        raise UserError(f"dataset {path} holds no transitions")
-    if "next_observation" in arrays and arrays["next_observation"].shape != arrays["observation"].shape:
-        raise UserError(f"dataset {path}: 'next_observation' and 'observation' differ in shape")
-    for key in ("observation", "action", "reward", "discount", "next_observation"):
-        if key in arrays and not np.isfinite(arrays[key]).all():
-            raise UserError(f"dataset {path}: array {key!r} contains NaN or infinite values")
-
-    # Episodes must be stored back to back, steps in order, for snippets (Eq. 4) to exist.
-    episode_id, step = np.asarray(arrays["episode_id"]), np.asarray(arrays["step"])
-    starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
-    same_episode = episode_id[1:] == episode_id[:-1]
-    if len(np.unique(episode_id)) != len(starts) or np.any(np.diff(step)[same_episode] != 1):
-        raise UserError(f"dataset {path}: episodes must be stored back to back with consecutive steps")
-
-    keep = np.ones(size, dtype=bool)
-    if "next_observation" not in arrays:  # derive s' from the next row; an episode's last row has none
-        keep[np.r_[starts[1:] - 1, size - 1]] = False
-        arrays["next_observation"] = np.asarray(arrays["observation"])[np.minimum(np.arange(size) + 1, size - 1)]
-    if episodes_per_run is not None:
-        run_of_start = np.asarray(arrays["run_id"])[starts] if "run_id" in arrays else np.zeros(len(starts), int)
-        rank = np.zeros(len(starts), dtype=np.int64)
-        for run in np.unique(run_of_start):
-            rank[run_of_start == run] = np.arange(np.sum(run_of_start == run))
-        keep &= np.repeat(rank < episodes_per_run, np.diff(np.r_[starts, size]))
-    if not keep.all():
-        arrays = {key: np.asarray(value)[keep] for key, value in arrays.items()}
-        episode_id = arrays["episode_id"]
-        starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
-        size = len(episode_id)
-    lengths = np.diff(np.r_[starts, size])
-    arrays["episode_last"] = np.repeat(starts + lengths - 1, lengths)
-    arrays["metadata"] = metadata
-    return arrays
-
-
-def select_tasks(data: dict, task: str, env_id: Optional[str] = None) -> tuple[list[int], list[str]]:
-    """Reward columns to learn: every column for `all`, else the one named `task`. For sawyer, a task
-    the dataset has no column for (the new tasks `center`, `corner` of Section 5.2) is labelled from
-    the stored s' with sawyer_env's reward function, appended to data["reward"] as a new column."""
-    names = list(data["metadata"].get("tasks") or [f"task{i}" for i in range(data["reward"].shape[1])])
-    if len(names) != data["reward"].shape[1]:
-        raise UserError(f"dataset metadata names {len(names)} tasks but 'reward' has {data['reward'].shape[1]} columns")
-    if task == "all":
-        return list(range(len(names))), names
-    if task not in names and env_id == "sawyer" and task in sawyer_env.REWARD_FUNCTIONS:
-        reward = sawyer_env.REWARD_FUNCTIONS[task](np.asarray(data["next_observation"])).astype(np.float32)
-        data["reward"] = np.concatenate([np.asarray(data["reward"]), reward[:, None]], axis=1)
-        data["metadata"] = {**data["metadata"], "tasks": names + [task]}
-        return [len(names)], [task]
-    if task not in names:
-        raise UserError(f"task {task!r} is not in the dataset; its tasks are {names}")
-    return [names.index(task)], [task]
-
-
-def check_dataset_matches_env(data: dict, env: gym.Env, path: Path) -> None:
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    if data["observation"].shape[1] != obs_dim or data["action"].shape[1] != act_dim:
-        raise UserError(
-            f"dataset {path} has observation/action sizes {data['observation'].shape[1]}/"
-            f"{data['action'].shape[1]} but the env has {obs_dim}/{act_dim}; is it for another env?"
-        )
-
-
-def best_episode_returns(data: dict, columns: list[int]) -> list[float]:
-    """Best undiscounted episode return in the dataset, for each task column."""
-    starts = np.flatnonzero(np.r_[True, data["episode_id"][1:] != data["episode_id"][:-1]])
-    returns = np.add.reduceat(np.asarray(data["reward"][:, columns], dtype=np.float64), starts, axis=0)
-    return returns.max(axis=0).tolist()
-
-
-def sample_batch(data: dict, columns: list[int], batch_size: int, snippet_length: int,
-                 discount: float, rng: np.random.Generator) -> dict:
-    """Draw `batch_size` snippets (s_t, a_t, ..., s_{t+N}) for each task, independently per task.
-
-    Returns arrays [K, B, ...]: the first transition for TD learning (Eq. 1), and for Eq. 4 the
-    discounted reward sum of the snippet and the state and discount to bootstrap it with. A
-    snippet that reaches the end of its episode stops there and bootstraps from its last s'."""
-    num_tasks = len(columns)
-    index = rng.integers(0, len(data["observation"]), size=(num_tasks, batch_size))  # [K, B]
-    last = data["episode_last"][index][..., None]
-    positions = index[..., None] + np.arange(snippet_length)  # [K, B, N]
-    valid = positions <= last
-    positions = np.minimum(positions, last)
-    rewards = data["reward"][positions, np.asarray(columns)[:, None, None]]  # [K, B, N]
-    step_discount = np.where(valid, discount * data["discount"][positions], 1.0)
-    cumulative = np.cumprod(step_discount, axis=-1)
-    weights = np.concatenate([np.ones_like(cumulative[..., :1]), cumulative[..., :-1]], axis=-1) * valid
-    batch = {
-        "observation": data["observation"][index],
-        "action": data["action"][index],
-        "reward": rewards[..., 0],
-        "discount": data["discount"][index],
-        "next_observation": data["next_observation"][index],
-        "snippet_return": (weights * rewards).sum(-1),
-        "bootstrap_observation": data["next_observation"][positions[..., -1]],
-        "bootstrap_discount": cumulative[..., -1],
-    }
-    return {key: np.asarray(value, dtype=np.float32) for key, value in batch.items()}
-
-
-def to_torch(batch: dict, device: torch.device) -> dict:
-    return {key: torch.as_tensor(value, device=device) for key, value in batch.items()}
-# --- end shared block ---
-
-
-# --- shared block: checkpoint ---
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a crash leaves the previous checkpoint intact."""
-    temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def checkpoint_state(modules: dict, rng: np.random.Generator, generator: torch.Generator, **extra) -> dict:
-    """State dicts only (loadable with weights_only=True): modules, optimisers, random states."""
-    rng_state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "sampling": generator.get_state()}
-    return {**{name: module.state_dict() for name, module in modules.items()}, "rng": rng_state, **extra}
-
-
-def load_checkpoint(path: Path, device: torch.device, modules: dict, rng: np.random.Generator,
-                    generator: torch.Generator) -> dict:
-    """Restore what checkpoint_state saved; returns the whole state for its extra entries."""
-    state = torch.load(path, map_location=device, weights_only=True)
-    for name, module in modules.items():
-        module.load_state_dict(state[name])
-    rng.bit_generator.state = state["rng"]["numpy"]
-    torch.set_rng_state(state["rng"]["torch"])
-    generator.set_state(state["rng"]["sampling"])
-    return state
-# --- end shared block ---
-
-
-# --- shared block: run directory ---
-def make_run_dir(args, script: str) -> Path:
-    if args.resume:
-        run_dir = Path(args.resume)
-    elif args.run_dir:
-        run_dir = Path(args.run_dir)
-    else:
-        run_dir = Path("runs") / f"{script}__{args.env.replace(':', '_')}__{args.seed}__{int(time.time())}"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"run directory {run_dir} is not writable ({error.strerror})") from None
-    return run_dir
-
-
-def fill_observation_normalisation(args) -> None:
-    """Resolve --normalize-observations left at None (called by Args.__post_init__): on for sawyer, whose
-    observation scales differ ~2000x (finger angle std ~69 units, cube positions ~0.035 m), else off."""
-    if args.normalize_observations is None:
-        args.normalize_observations = args.env == "sawyer"
-
-
-# Smallest std an observation dimension is divided by (in its own units). A near-constant dimension would
-# otherwise blow up: sawyer's yellow cube height has std 3e-5 m in a 100-episode dataset (it rarely leaves
-# the table), so a 1 cm lift would read as 370 standard deviations (10 with the floor); CORL's and TD3+BC's
-# `std + 1e-3` bounds the gain the same way. A constant dimension is only centred.
-OBSERVATION_STD_FLOOR = 1e-3
-
-
-def observation_statistics(observation: np.ndarray, standardise: bool) -> tuple[list, list]:
-    """Per-dimension mean and std (floored at OBSERVATION_STD_FLOOR) of the dataset's observations, in float64
-    chunks (a memory-mapped dataset is read, never copied whole); the identity (0, 1) when `standardise` is off."""
-    size, dim = observation.shape
-    if not standardise:
-        return [0.0] * dim, [1.0] * dim
-    chunks = [slice(i, i + (1 << 16)) for i in range(0, size, 1 << 16)]
-    mean = sum(np.sum(observation[c], axis=0, dtype=np.float64) for c in chunks) / size
-    std = np.sqrt(sum(np.sum((observation[c] - mean) ** 2, axis=0) for c in chunks) / size)
-    return mean.astype(np.float32).tolist(), np.maximum(std, OBSERVATION_STD_FLOOR).astype(np.float32).tolist()
-
-
-RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "checkpoint_every",
-                     "device", "track", "wandb_project", "capture_video", "resume", "run_dir"}
-
-
-def check_resume(run_dir: Path, args, script: str) -> None:
-    """Refuse to resume a run of another script or another configuration."""
-    config_file, checkpoint = run_dir / "config.json", run_dir / "checkpoint.pt"
-    if not config_file.exists() or not checkpoint.exists():
-        raise UserError(f"cannot resume {run_dir}: it has no config.json and checkpoint.pt")
-    saved = json.loads(config_file.read_text())
-    if saved.get("script") != script:
-        raise UserError(f"cannot resume {run_dir}: it is a run of {saved.get('script')}, not {script}")
-    changed = [key for key, value in asdict(args).items()
-               if key not in RESUME_MAY_CHANGE and json.loads(json.dumps(value)) != saved["args"].get(key)]
-    if changed:
-        details = ", ".join(f"--{k.replace('_', '-')} was {saved['args'].get(k)!r}" for k in changed)
-        raise UserError(f"cannot resume {run_dir} with a different configuration: {details}")
-
-
-def file_checksum(path: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(path.glob("*")) if path.is_dir() else [path]:
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_config(run_dir: Path, args, script: str, dataset: Path, extra: dict) -> None:
-    import mujoco
-
-    config = {
-        "script": script,
-        "args": asdict(args),
-        "dataset": str(dataset),
-        "dataset_sha256": file_checksum(dataset),
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "numpy": np.__version__, "gymnasium": gym.__version__, "mujoco": mujoco.__version__},
-        **extra,
-    }
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-
-
-class MetricsLogger:
-    """One row per evaluation in metrics.csv, the same scalars in TensorBoard (and W&B)."""
-
-    def __init__(self, run_dir: Path, args, start_step: int = 0):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.path = run_dir / "metrics.csv"
-        self.columns = None
-        if self.path.exists():  # resuming: keep the rows up to the checkpoint's step
-            with open(self.path) as handle:
-                rows = list(csv.reader(handle))
-            self.columns = rows[0] if rows else None
-            with open(self.path, "w", newline="") as handle:
-                csv.writer(handle).writerows([row for row in rows if row and (row is rows[0] or int(row[0]) <= start_step)])
-        self.writer = SummaryWriter(str(run_dir))
-        self.wandb = None
-        if args.track:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--track needs Weights & Biases: pip install wandb") from None
-            config = json.loads((run_dir / "config.json").read_text())
-            self.wandb = wandb.init(project=args.wandb_project, config=config, dir=str(run_dir),
-                                    name=run_dir.name, resume="allow")
-
-    def log(self, step: int, metrics: dict) -> None:
-        row = {"step": step, **metrics}
-        if self.columns is None:
-            self.columns = list(row)
-            with open(self.path, "w", newline="") as handle:
-                csv.writer(handle).writerow(self.columns)
-        with open(self.path, "a", newline="") as handle:
-            csv.writer(handle).writerow([row.get(column, "") for column in self.columns])
-        for key, value in metrics.items():
-            self.writer.add_scalar(key, value, step)
-        self.writer.flush()
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-
-    def evaluations(self) -> list[dict]:
-        with open(self.path) as handle:
-            return list(csv.DictReader(handle))
-
-    def close(self) -> None:
-        self.writer.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def write_summary(run_dir: Path, evaluations: list[dict], best_in_data: dict) -> dict:
-    """Final return = mean over the last 10% of evaluations (the paper's Table 6 protocol); `per_task`
-    is Table 7's layout: per task the final return, the final prior return, the best return in the data."""
-    summary = {"evaluations": len(evaluations), "best_episode_return_in_dataset": best_in_data}
-    keys = [key for key in (evaluations[0] if evaluations else {}) if key.startswith("eval/")]
-    for key in keys:
-        values = [float(row[key]) for row in evaluations if row.get(key) not in (None, "")]
-        tail = values[-max(1, math.ceil(0.1 * len(values))):]
-        if tail:
-            summary["final/" + key.removeprefix("eval/")] = float(np.mean(tail))
-    per_task = {}
-    for task, best in best_in_data.items():
-        suffix = f"/{task}" if len(best_in_data) > 1 else ""
-        per_task[task] = {name: summary[f"final/{name}{suffix}"] for name in ("return", "prior_return")
-                          if f"final/{name}{suffix}" in summary}
-        per_task[task]["best_episode_return_in_dataset"] = best
-    summary["per_task"] = per_task
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-@dataclass
-class Setup:
-    """What every learning script needs before its first update."""
-
-    device: torch.device
-    env: gym.Env
-    run_dir: Path
-    data: dict
-    columns: list
-    tasks: list
-    spec: dict
-    low: torch.Tensor
-    high: torch.Tensor
-
-
-def prepare(args, script: str) -> Setup:
-    """Check the arguments, the env and the dataset, create (or reopen) the run directory."""
-    if args.eval_max_steps is not None and args.eval_max_steps < 1:
-        raise UserError("--eval-max-steps must be positive")
-    device = pick_device(args.device)
-    env = make_env(args.env)  # checks --env before anything is written
-    run_dir = make_run_dir(args, script)
-    if args.resume:
-        check_resume(run_dir, args, script)
-    dataset = ensure_dataset(args)
-    data = load_dataset(dataset, args.dataset_episodes)
-    check_dataset_matches_env(data, env, dataset)
-    columns, tasks = select_tasks(data, args.task, args.env)
-    low, high = env.action_space.low, env.action_space.high  # the learner's bounds
-    env_low, env_high = env_action_bounds(env)  # the env's (physical) bounds
-    if not (np.array_equal(low, env_low) and np.array_equal(high, env_high)):
-        stored = [data["metadata"].get(key) for key in ("action_low", "action_high")]
-        if None not in stored and not np.allclose(stored, [env_low, env_high]):
-            raise UserError(f"dataset {dataset} has action bounds {stored} but {args.env} takes actions in "
-                            f"{[env_low.tolist(), env_high.tolist()]}")
-        data["action"] = normalise_actions(data["action"], env_low, env_high)  # dataset actions are physical
-    spec = {"obs_dim": env.observation_space.shape[0], "act_dim": env.action_space.shape[0], "tasks": tasks,
-            "action_low": low.tolist(), "action_high": high.tolist(),
-            "env_action_low": env_low.tolist(), "env_action_high": env_high.tolist(),
-            **dict(zip(("observation_mean", "observation_std"),
-                       observation_statistics(data["observation"], args.normalize_observations))),
-            "best_episode_return_in_dataset": dict(zip(tasks, best_episode_returns(data, columns)))}
-    if not args.resume:
-        write_config(run_dir, args, script, dataset, {"spec": spec})
-    return Setup(device, env, run_dir, data, columns, tasks, spec,
-                 torch.as_tensor(low, device=device), torch.as_tensor(high, device=device))
-# --- end shared block ---
-
-
-# --- shared block: evaluation ---
-def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int,
-             max_steps: Optional[int] = None) -> list[float]:
-    """Undiscounted returns of `episodes` episodes; episode i starts from reset(seed=seed + i),
-    so every evaluation of a run sees the same initial states. `max_steps` cuts episodes short."""
-    returns = []
-    for episode in range(episodes):
-        observation, _ = env.reset(seed=seed + episode)
-        total, done, steps = 0.0, False, 0
-        while not done:
-            action = np.clip(act(observation), env.action_space.low, env.action_space.high)
-            observation, reward, terminated, truncated, _ = env.step(action)
-            total += float(reward)
-            steps += 1
-            done = terminated or truncated or steps == max_steps
-        returns.append(total)
-    return returns
-
-
-def gaussian_mean_actor(net: nn.Module, num_tasks: int, device: torch.device) -> Callable:
-    """act(observation, task) = the mean of a Gaussian policy's head for that task."""
-
-    @torch.no_grad()
-    def act(observation: np.ndarray, task: int) -> np.ndarray:
-        obs = torch.as_tensor(observation, dtype=torch.float32, device=device).expand(num_tasks, 1, -1)
-        return net(obs)[0][task, 0].float().cpu().numpy()
-
-    return act
-
-
-def evaluate_actors(actors: dict, envs: list, tasks: list, episodes: int, seed: int,
-                    max_steps: Optional[int] = None) -> dict:
-    """`eval/<name>` = mean return over tasks of each actor, and `eval/<name>/<task>` per task;
-    task k acts with head k in envs[k]."""
-    results = {}
-    for name, act in actors.items():
-        per_task = [np.mean(evaluate(lambda o: act(o, k), envs[k], episodes, seed, max_steps))
-                    for k in range(len(tasks))]
-        results[f"eval/{name}"] = float(np.mean(per_task))
-        if len(tasks) > 1:
-            results.update({f"eval/{name}/{task}": float(value) for task, value in zip(tasks, per_task)})
-    return results
-
-
-class StandardiseObservation(gym.ObservationWrapper):
-    """The learner's input from the env's raw observation: (observation - mean) / std."""
-
-    def __init__(self, env: gym.Env, mean: list, std: list):
-        super().__init__(env)
-        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, env.observation_space.shape, np.float32)
-
-    def observation(self, observation: np.ndarray) -> np.ndarray:
-        return (np.asarray(observation, np.float32) - self.mean) / self.std
-
-
-def make_eval_envs(args, run_dir: Path, tasks: list, spec: Optional[dict] = None) -> list:
-    """One evaluation env per task: SawyerEnv(task) for sawyer, else the one env for every reward column;
-    with --normalize-observations they return observations standardised by the spec's statistics."""
-    render_mode = "rgb_array" if args.capture_video else None
-    if args.capture_video:
-        try:
-            import moviepy  # noqa: F401  (RecordVideo writes mp4 files with it)
-        except ImportError:
-            raise UserError("--capture-video needs moviepy: pip install moviepy") from None
-    names = tasks if args.env == "sawyer" else tasks[:1]
-    envs = []
-    for task in names:
-        env = make_env(args.env, render_mode, task if args.env == "sawyer" else None)
-        if args.capture_video:
-            folder = run_dir / "videos" / task if len(names) > 1 else run_dir / "videos"
-            env = gym.wrappers.RecordVideo(env, str(folder), episode_trigger=lambda i: i % args.eval_episodes == 0,
-                                           disable_logger=True)
-        if args.normalize_observations and spec is not None:
-            env = StandardiseObservation(env, spec["observation_mean"], spec["observation_std"])
-        envs.append(env)
-    return envs if args.env == "sawyer" else envs * len(tasks)
-# --- end shared block ---
-
-
-# --- shared block: training loop ---
-OBSERVATION_KEYS = ("observation", "next_observation", "bootstrap_observation")  # the batch's states
-
-
-def training_loop(args, run: Setup, script: str, modules: dict, rng: np.random.Generator,
-                  generator: torch.Generator, update_step: Callable[[dict, int], dict], actors: dict,
-                  *, policy: nn.Module) -> dict:
-    """Algorithm 1's outer loop: sample a batch from the dataset, call `update_step(batch, step)`,
-    evaluate every actor and checkpoint now and then; resumable from checkpoint.pt. `policy`, the
-    acting module ([K, B, obs] -> [K, B, act]), is exported to policy.pt2 at every checkpoint."""
-    start = 0
-    if args.resume:
-        start = load_checkpoint(run.run_dir / "checkpoint.pt", run.device, modules, rng, generator)["step"]
-        print(f"Resuming {run.run_dir} from update {start}.", flush=True)
-    logger = MetricsLogger(run.run_dir, args, start)
-    eval_envs = make_eval_envs(args, run.run_dir, run.tasks, run.spec)
-    mean, std = (np.asarray(run.spec[key], np.float32) for key in ("observation_mean", "observation_std"))
-    sums, count, interval_start = {}, 0, time.time()
-    progress = tqdm(initial=start, total=args.total_steps, desc=script, disable=None)
-    for step in range(start + 1, args.total_steps + 1):
-        batch = sample_batch(run.data, run.columns, args.batch_size, args.snippet_length, args.discount, rng)
-        if args.normalize_observations:  # per batch: a memory-mapped dataset stays as it is on disk
-            batch = {key: (value - mean) / std if key in OBSERVATION_KEYS else value for key, value in batch.items()}
-        try:
-            metrics = update_step(to_torch(batch, run.device), step)
-        except FloatingPointError as error:
-            raise UserError(f"{error} at update {step}; stopped, {run.run_dir / 'checkpoint.pt'} "
-                            f"keeps the last good state") from None
-        sums = {key: sums.get(key, 0.0) + value for key, value in metrics.items()}
-        count += 1
-        progress.update()
-        if step % args.eval_every == 0 or step == args.total_steps:
-            row = {key: float(value) / count for key, value in sums.items()}
-            row["charts/updates_per_second"] = count / (time.time() - interval_start)
-            row.update(evaluate_actors(actors, eval_envs, run.tasks, args.eval_episodes, args.seed + 100,
-                                       args.eval_max_steps))
-            logger.log(step, row)
-            progress.set_postfix({k[5:]: f"{v:.1f}" for k, v in row.items() if k.startswith("eval/") and k.count("/") == 1})
-            sums, count, interval_start = {}, 0, time.time()
-        if step % args.checkpoint_every == 0 or step == args.total_steps:
-            save_checkpoint(run.run_dir / "checkpoint.pt", checkpoint_state(modules, rng, generator, step=step, spec=run.spec))
-            export_policy(policy, run.spec, args.env, run.run_dir / "policy.pt2")
-    progress.close()
-    logger.close()
-    summary = write_summary(run.run_dir, logger.evaluations(), run.spec["best_episode_return_in_dataset"])
-    print(json.dumps(summary, indent=2))
-    return summary
-# --- end shared block ---
-
-
-# --- shared block: export ---
-class PolicyMean(nn.Module):
-    """The acting module of a Gaussian policy: its mean, [K, N, obs] -> [K, N, act]."""
-
-    def __init__(self, policy: nn.Module):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:
-        return self.policy(observation)[0]
-
-
-class ExportedPolicy(nn.Module):
-    """observation [B, obs_dim] float32 (raw, the env's), task_index [B] int64 -> action [B, act_dim] in
-    the env's physical units, clipped. The observation is standardised with the learner's statistics
-    (observation_mean, observation_std; 0 and 1 when it learned from raw observations), then `actor`
-    maps [K, B, obs] -> [K, B, act] with one slice per task head. A learner working in [low, high]
-    (e.g. [-1, 1]) is mapped affinely onto [env_low, env_high]."""
-
-    def __init__(self, actor: nn.Module, num_tasks: int, low, high, env_low, env_high, observation_mean,
-                 observation_std):
-        super().__init__()
-        self.actor, self.num_tasks = actor, num_tasks
-        self.rescale = list(low) != list(env_low) or list(high) != list(env_high)
-        for name, value in (("low", low), ("high", high), ("env_low", env_low), ("env_high", env_high),
-                            ("observation_mean", observation_mean), ("observation_std", observation_std)):
-            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32))
-
-    def forward(self, observation: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
-        observation = (observation - self.observation_mean) / self.observation_std
-        actions = self.actor(observation.expand(self.num_tasks, -1, -1))  # [K, B, act]
-        action = torch.clamp(actions[task_index, torch.arange(observation.shape[0])], self.low, self.high)  # [B, act]
-        if self.rescale:  # env_low + (a + 1) / 2 * (env_high - env_low) for a learner in [-1, 1]
-            action = self.env_low + (action - self.low) / (self.high - self.low) * (self.env_high - self.env_low)
-        return torch.clamp(action, self.env_low, self.env_high)
-
-
-def export_policy(actor: nn.Module, spec: dict, env_id: str, path: Path) -> None:
-    """Write `path` (policy.pt2) with torch.export, atomically: a program that runs with torch
-    alone, `torch.export.load(path).module()(observation, task_index)`, with the spec it needs
-    (env, sizes, task names, action bounds, observation statistics) embedded as the extra file "policy.json"."""
-    low, high = spec["action_low"], spec["action_high"]
-    env_low, env_high = spec.get("env_action_low", low), spec.get("env_action_high", high)
-    mean = spec.get("observation_mean", [0.0] * spec["obs_dim"])
-    std = spec.get("observation_std", [1.0] * spec["obs_dim"])
-    module = ExportedPolicy(copy.deepcopy(actor).cpu().eval(), len(spec["tasks"]), low, high, env_low, env_high,
-                            mean, std)
-    batch = torch.export.Dim("batch", max=1 << 16)
-    example = (torch.zeros(2, spec["obs_dim"]), torch.zeros(2, dtype=torch.int64))
-    program = torch.export.export(module, example, dynamic_shapes=({0: batch}, {0: batch}))
-    metadata = {"env": env_id, "obs_dim": spec["obs_dim"], "act_dim": spec["act_dim"], "tasks": list(spec["tasks"]),
-                "action_low": list(env_low), "action_high": list(env_high),
-                "learner_action_low": list(low), "learner_action_high": list(high),
-                "observation_mean": list(mean), "observation_std": list(std),
-                "inputs": "observation [B, obs_dim] float32 raw (standardised inside with observation_mean/std), "
-                          "task_index [B] int64 (into tasks)",
-                "output": "action [B, act_dim] float32 in [action_low, action_high]"}
-    temporary = path.with_suffix(".tmp" + path.suffix)  # torch.export.save wants a name ending in .pt2
-    torch.export.save(program, temporary, extra_files={"policy.json": json.dumps(metadata)})
-    os.replace(temporary, path)
-# --- end shared block ---
-
-
 # --- shared block: networks ---
-MIN_STD = 0.1  # Table 1: minimum variance 0.01
-
-
 class MultiHeadLinear(nn.Module):
     """One linear layer per task head: x [K, N, in] -> [K, N, out], head k for slice k."""
 
@@ -938,18 +212,6 @@ class MultiHeadMLP(nn.Module):
             return self.head[-1](hidden.float())
 
 
-class GaussianPolicy(nn.Module):
-    """pi(a|s) = N(mu(s), diag(sigma(s)^2)), no tanh on the mean, sigma = softplus + MIN_STD."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple, num_heads: int, shared: int):
-        super().__init__()
-        self.net = MultiHeadMLP(obs_dim, hidden, 2 * act_dim, num_heads, shared)
-
-    def forward(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, pre_std = self.net(observation).chunk(2, dim=-1)
-        return mean, F.softplus(pre_std) + MIN_STD
-
-
 class Critic(nn.Module):
     """Q(s, a) for each task head: observation [K, N, obs], action [K, N, act] -> [K, N]."""
 
@@ -959,23 +221,21 @@ class Critic(nn.Module):
 
     def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([observation, action], dim=-1)).squeeze(-1)
+# --- end shared block ---
 
 
-def gaussian_log_prob(action: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """log N(action; mean, diag(std^2)), summed over the action dimensions."""
-    return (-0.5 * ((action - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
-
-
-def gaussian_kl(mean_p, std_p, mean_q, std_q) -> torch.Tensor:
-    """KL(N(mean_p, std_p^2) || N(mean_q, std_q^2)), in closed form, summed over action dimensions."""
-    return (torch.log(std_q / std_p) + (std_p**2 + (mean_p - mean_q) ** 2) / (2 * std_q**2) - 0.5).sum(-1)
-
-
-def sample_actions(mean: torch.Tensor, std: torch.Tensor, num_samples: int,
-                   generator: torch.Generator) -> torch.Tensor:
-    """M samples from N(mean, std^2): [K, B, act] -> [M, K, B, act]."""
-    noise = torch.randn((num_samples, *mean.shape), generator=generator, device=mean.device)
-    return mean + std * noise
+# --- shared block: transitions ---
+def sample_transitions(data: dict, columns: list[int], batch_size: int, rng: np.random.Generator) -> dict:
+    """Draw `batch_size` transitions (s, a, r, d, s') for each task, independently per task: arrays [K, B, ...]."""
+    index = rng.integers(0, len(data["observation"]), size=(len(columns), batch_size))  # [K, B]
+    batch = {
+        "observation": data["observation"][index],
+        "action": data["action"][index],
+        "reward": data["reward"][index, np.asarray(columns)[:, None]],
+        "discount": data["discount"][index],
+        "next_observation": data["next_observation"][index],
+    }
+    return {key: np.asarray(value, dtype=np.float32) for key, value in batch.items()}
 # --- end shared block ---
 
 
@@ -1029,15 +289,13 @@ class PerturbationModel(nn.Module):
 class TwinCritic(nn.Module):
     """Two independent Q functions (clipped double Q): [K, N, obs], [K, N, act] -> [2, K, N]."""
 
-    chunk_rows = 1024  # rows per pass and thread: a 256-unit activation is 1 MiB, a core's L2 (up to 2x faster)
-
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple, num_heads: int, shared: int):
         super().__init__()
         self.q1 = Critic(obs_dim, act_dim, hidden, num_heads, shared)
         self.q2 = Critic(obs_dim, act_dim, hidden, num_heads, shared)
 
     def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        rows = self.chunk_rows * torch.get_num_threads()
+        rows = CHUNK_ROWS * torch.get_num_threads()  # chunks as in q_values
         chunks = zip(observation.split(rows, dim=1), action.split(rows, dim=1))
         return torch.cat([torch.stack([self.q1(o, a), self.q2(o, a)]) for o, a in chunks], dim=-1)
 
@@ -1212,11 +470,69 @@ def vae_mean_actor(vae: VAE, num_tasks: int) -> Callable:
     return act
 
 
+# --- shared block: evaluation ---
+def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int,
+             max_steps: Optional[int] = None) -> list[float]:
+    """Undiscounted returns of `episodes` episodes; episode i starts from reset(seed=seed + i),
+    so every evaluation of a run sees the same initial states. `max_steps` cuts episodes short."""
+    returns = []
+    for episode in range(episodes):
+        observation, _ = env.reset(seed=seed + episode)
+        total, done, steps = 0.0, False, 0
+        while not done:
+            action = np.clip(act(observation), env.action_space.low, env.action_space.high)
+            observation, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            steps += 1
+            done = terminated or truncated or steps == max_steps
+        returns.append(total)
+    return returns
+
+
+def evaluate_actors(actors: dict, envs: list, tasks: list, episodes: int, seed: int,
+                    max_steps: Optional[int] = None) -> dict:
+    """`eval/<name>` = mean return over tasks of each actor, and `eval/<name>/<task>` per task;
+    task k acts with head k in envs[k]."""
+    results = {}
+    for name, act in actors.items():
+        per_task = [np.mean(evaluate(lambda o: act(o, k), envs[k], episodes, seed, max_steps))
+                    for k in range(len(tasks))]
+        results[f"eval/{name}"] = float(np.mean(per_task))
+        if len(tasks) > 1:
+            results.update({f"eval/{name}/{task}": float(value) for task, value in zip(tasks, per_task)})
+    return results
+# --- end shared block ---
+
+
+# --- shared block: summary ---
+def write_summary(run_dir: Path, evaluations: list[dict], best_in_data: dict) -> dict:
+    """Final return = mean over the last 10% of evaluations (the paper's Table 6 protocol); `per_task`
+    is Table 7's layout: per task the final return, the final prior return, the best return in the data."""
+    summary = {"evaluations": len(evaluations), "best_episode_return_in_dataset": best_in_data}
+    keys = [key for key in (evaluations[0] if evaluations else {}) if key.startswith("eval/")]
+    for key in keys:
+        values = [float(row[key]) for row in evaluations if row.get(key) not in (None, "")]
+        tail = values[-max(1, math.ceil(0.1 * len(values))):]
+        if tail:
+            summary["final/" + key.removeprefix("eval/")] = float(np.mean(tail))
+    per_task = {}
+    for task, best in best_in_data.items():
+        suffix = f"/{task}" if len(best_in_data) > 1 else ""
+        per_task[task] = {name: summary[f"final/{name}{suffix}"] for name in ("return", "prior_return")
+                          if f"final/{name}{suffix}" in summary}
+        per_task[task]["best_episode_return_in_dataset"] = best
+    summary["per_task"] = per_task
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return summary
+# --- end shared block ---
+
+
 def train(args: Args) -> dict:
     """BCQ on a fixed dataset; returns the summary written to summary.json."""
     if min(args.total_steps, args.batch_size, args.num_action_samples, args.num_eval_samples) < 1:
         raise UserError("--total-steps, --batch-size, --num-action-samples and --num-eval-samples must be positive")
-    run = prepare(args, "bcq")
+    run = prepare(args, "bcq")  # the env, the dataset and the run directory (plumbing, below the banner)
 
     # Seeding in one place; all later randomness comes from these generators.
     torch.manual_seed(args.seed)
@@ -1228,15 +544,649 @@ def train(args: Args) -> dict:
     optimizers = make_optimizers(agent, args)
     actors = {"return": bcq_actor(agent, args.num_eval_samples, num_tasks, eval_generator),
               "prior_return": vae_mean_actor(agent.vae, num_tasks)}
-
-    def update_step(batch: dict, step: int) -> dict:
-        metrics = update(agent, optimizers, batch, args, generator)
-        agent.update_targets(args.target_update_rate)
-        return metrics
-
     modules = {"agent": agent, **{f"{name}_optimizer": optimizer for name, optimizer in optimizers.items()}}
     policy = FixedLatentActor(agent, args.num_eval_samples, args.seed + 100).to(run.device)
-    return training_loop(args, run, "bcq", modules, rng, generator, update_step, actors, policy=policy)
+
+    start = run.start(modules, rng, generator)  # 0, or the checkpoint's step with --resume
+    with run.stop_on_non_finite_loss():
+        for step in range(start + 1, args.total_steps + 1):
+            batch = sample_transitions(run.data, run.columns, args.batch_size, rng)
+            metrics = update(agent, optimizers, run.to_device(batch), args, generator)
+            agent.update_targets(args.target_update_rate)  # soft, every update (the original BCQ)
+            run.record(step, metrics)
+            if step % args.eval_every == 0 or step == args.total_steps:
+                run.evaluate_and_log(step, actors)
+            if step % args.checkpoint_every == 0 or step == args.total_steps:
+                run.save(step, modules, rng, generator, policy=policy)
+    return write_summary(run.run_dir, run.finish(), run.spec["best_episode_return_in_dataset"])
+
+
+# ==================================================================================================
+# TRY NOT TO MODIFY: the plumbing below is the same in every script (utilities, environments, dataset
+# files, run directory, checkpoints, logging, export); nothing above the banner needs it to be followed.
+# tests/test_shared_blocks.py keeps the copies identical: edit abm_mpo.py, run tools/sync_blocks.py.
+# ==================================================================================================
+
+
+# --- shared block: utilities ---
+class UserError(Exception):
+    """A problem with the user's input (arguments, files): reported in one sentence, exit 1."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast(precision: str, device: torch.device):
+    """`--precision bf16`: matrix products inside this context run in bfloat16 (float32 weights,
+    float32 accumulation); `fp32`: a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+# State-action rows per critic pass and thread in q_values: 1024 rows of a 256-unit activation are 1 MiB,
+# a core's L2 cache; one pass over all M * B rows is up to 2x slower on a CPU.
+CHUNK_ROWS = 1024
+
+
+def to_torch(batch: dict, device: torch.device) -> dict:
+    return {key: torch.as_tensor(value, device=device) for key, value in batch.items()}
+
+
+def default_dataset_path(env_id: str) -> Path:
+    return Path("datasets") / (env_id.replace(":", "_").replace("/", "_") + ".npz")
+
+
+def main(train_fn: Callable, args) -> None:
+    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1."""
+    try:
+        train_fn(args)
+    except UserError as error:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+# --- end shared block ---
+
+
+# --- shared block: env ---
+CONTROL_SUITE_ALIASES = {
+    "hopper": "hopper-hop",
+    "cheetah": "cheetah-run",
+    "walker": "walker-walk",
+    "quadruped": "quadruped-run",
+}
+
+
+def default_gl_backend() -> None:
+    """dm_control reads MUJOCO_GL when imported; its default (glfw) needs a display. On Linux default
+    to EGL, which renders headless; elsewhere keep dm_control's choice. A user's MUJOCO_GL wins."""
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("MUJOCO_GL", "egl")
+
+
+class ControlSuiteEnv(gym.Env):
+    """A Control Suite task as a Gymnasium env: flat float32 observation, actions clipped to the
+    bounds, episodes end by time limit (`truncated`, the discount stays 1)."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
+
+    def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
+        default_gl_backend()
+        from dm_control import suite
+
+        self._load = lambda seed: suite.load(domain, task, task_kwargs={"random": seed})
+        self._env = self._load(None)
+        spec = self._env.action_spec()
+        self.action_space = gym.spaces.Box(
+            spec.minimum.astype(np.float32), spec.maximum.astype(np.float32), dtype=np.float32
+        )
+        size = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), dtype=np.float32)
+        self.render_mode = render_mode
+
+    def _flatten(self, observation) -> np.ndarray:
+        return np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._env = self._load(seed)
+        return self._flatten(self._env.reset().observation), {}
+
+    def step(self, action):
+        low, high = self.action_space.low, self.action_space.high
+        time_step = self._env.step(np.clip(action, low, high))
+        terminated = time_step.last() and time_step.discount == 0.0
+        truncated = time_step.last() and not terminated
+        reward = float(time_step.reward or 0.0)
+        return self._flatten(time_step.observation), reward, terminated, truncated, {}
+
+    def render(self):
+        return self._env.physics.render(height=240, width=320, camera_id=0)
+
+
+def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
+    """`hopper`-style alias, Control Suite `domain-task`, `sawyer`, or any gymnasium id (`module:EnvId`).
+
+    `sawyer` is sawyer_env.SawyerEnv(task) (task None: the Section 5.2 protocol, a random task per
+    episode) taking actions in [-1, 1]: its action dimensions differ in scale by 3600x (0.07 m/s to 255
+    finger units/s) while the Gaussian heads' minimum std is 0.1, so learners work in normalised actions
+    and RescaleAction maps them to the physical bounds (`env_action_bounds`)."""
+    if env_id == "sawyer":
+        if task is not None and task not in sawyer_env.ALL_TASKS:
+            raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
+        env = sawyer_env.SawyerEnv(task or "random", render_mode)
+        return gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))
+    name = CONTROL_SUITE_ALIASES.get(env_id, env_id)
+    domain, _, task = name.partition("-")
+    if task:
+        default_gl_backend()
+        from dm_control import suite
+
+        if (domain, task) in suite.ALL_TASKS:
+            return ControlSuiteEnv(domain, task, render_mode)
+    try:
+        return gym.make(env_id, render_mode=render_mode)
+    except Exception as error:  # gymnasium raises many types for an unknown or broken id
+        raise UserError(
+            f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
+            f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})"
+        ) from None
+
+
+def env_action_bounds(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
+    """The bounds of the actions the env itself takes (physical units for sawyer); the learner's
+    bounds are env.action_space. An exported policy maps a learner action a to env units with
+    env_low + (a + 1) / 2 * (env_high - env_low) when they differ."""
+    inner = env.env if isinstance(env, gym.wrappers.RescaleAction) else env
+    return inner.action_space.low, inner.action_space.high
+
+
+def normalise_actions(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Physical actions in [low, high] -> [-1, 1], the inverse of RescaleAction."""
+    return (2.0 * (np.asarray(action, dtype=np.float64) - low) / (high - low) - 1.0).astype(np.float32)
+# --- end shared block ---
+
+
+# --- shared block: dataset ---
+REQUIRED_ARRAYS = ("observation", "action", "reward", "discount", "episode_id", "step")
+
+
+def ensure_dataset(args) -> Path:
+    """The dataset to learn from; the default one is generated by collect.py when missing."""
+    if args.dataset is not None:
+        return Path(args.dataset)
+    path = default_dataset_path(args.env)
+    if not path.exists():
+        collect = Path(__file__).resolve().parent / "collect.py"
+        minutes = "about 5" if args.env == "sawyer" else "about 20"
+        print(
+            f"No dataset at {path}: generating it with `python collect.py --env {args.env}` "
+            f"(default budget, {minutes} minutes on 2 CPU cores); pass --dataset PATH to use "
+            f"your own data.",
+            flush=True,
+        )
+        command = [sys.executable, str(collect), "--env", args.env, "--output", str(path)]
+        if subprocess.run(command).returncode != 0 or not path.exists():
+            raise UserError(f"collect.py failed to generate {path}; see its output above")
+    return path
+
+
+def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
+    """Load and validate a dataset (format: README "Datasets"). Returns the arrays (memory-mapped
+    for a directory of .npy files), `metadata`, and `episode_last` (index of the last transition
+    of each transition's episode), which trajectory snippets need."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"dataset {path} does not exist")
+    try:
+        if path.is_dir():
+            arrays = {f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in path.glob("*.npy")}
+            meta_file = path / "metadata.json"
+            metadata = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        else:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+            metadata = json.loads(str(arrays.pop("metadata", "{}")))
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"dataset {path} cannot be read, it is corrupt, truncated or pickled ({reason})") from None
+
+    missing = [key for key in REQUIRED_ARRAYS if key not in arrays]
+    if missing:
+        raise UserError(f"dataset {path} lacks the arrays {missing}; see README 'Datasets'")
+    if arrays["reward"].ndim == 1:
+        arrays["reward"] = arrays["reward"][:, None]
+    size = len(arrays["observation"])
+    expected_ndim = {"observation": 2, "action": 2, "reward": 2, "discount": 1, "episode_id": 1,
+                     "step": 1, "next_observation": 2, "run_id": 1, "task_id": 1}
+    for key, ndim in expected_ndim.items():
+        if key in arrays and (arrays[key].ndim != ndim or len(arrays[key]) != size):
+            raise UserError(
+                f"dataset {path}: array {key!r} has shape {arrays[key].shape}, expected {ndim} "
+                f"dimension(s) and {size} rows like 'observation'"
+            )
+    if size == 0:
+        raise UserError(f"dataset {path} holds no transitions")
+    if "next_observation" in arrays and arrays["next_observation"].shape != arrays["observation"].shape:
+        raise UserError(f"dataset {path}: 'next_observation' and 'observation' differ in shape")
+    for key in ("observation", "action", "reward", "discount", "next_observation"):
+        if key in arrays and not np.isfinite(arrays[key]).all():
+            raise UserError(f"dataset {path}: array {key!r} contains NaN or infinite values")
+
+    # Episodes must be stored back to back, steps in order, for snippets (Eq. 4) to exist.
+    episode_id, step = np.asarray(arrays["episode_id"]), np.asarray(arrays["step"])
+    starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
+    same_episode = episode_id[1:] == episode_id[:-1]
+    if len(np.unique(episode_id)) != len(starts) or np.any(np.diff(step)[same_episode] != 1):
+        raise UserError(f"dataset {path}: episodes must be stored back to back with consecutive steps")
+
+    keep = np.ones(size, dtype=bool)
+    if "next_observation" not in arrays:  # derive s' from the next row; an episode's last row has none
+        keep[np.r_[starts[1:] - 1, size - 1]] = False
+        arrays["next_observation"] = np.asarray(arrays["observation"])[np.minimum(np.arange(size) + 1, size - 1)]
+    if episodes_per_run is not None:
+        run_of_start = np.asarray(arrays["run_id"])[starts] if "run_id" in arrays else np.zeros(len(starts), int)
+        rank = np.zeros(len(starts), dtype=np.int64)
+        for run in np.unique(run_of_start):
+            rank[run_of_start == run] = np.arange(np.sum(run_of_start == run))
+        keep &= np.repeat(rank < episodes_per_run, np.diff(np.r_[starts, size]))
+    if not keep.all():
+        arrays = {key: np.asarray(value)[keep] for key, value in arrays.items()}
+        episode_id = arrays["episode_id"]
+        starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
+        size = len(episode_id)
+    lengths = np.diff(np.r_[starts, size])
+    arrays["episode_last"] = np.repeat(starts + lengths - 1, lengths)
+    arrays["metadata"] = metadata
+    return arrays
+
+
+def select_tasks(data: dict, task: str, env_id: Optional[str] = None) -> tuple[list[int], list[str]]:
+    """Reward columns to learn: every column for `all`, else the one named `task`. For sawyer, a task
+    the dataset has no column for (the new tasks `center`, `corner` of Section 5.2) is labelled from
+    the stored s' with sawyer_env's reward function, appended to data["reward"] as a new column."""
+    names = list(data["metadata"].get("tasks") or [f"task{i}" for i in range(data["reward"].shape[1])])
+    if len(names) != data["reward"].shape[1]:
+        raise UserError(f"dataset metadata names {len(names)} tasks but 'reward' has {data['reward'].shape[1]} columns")
+    if task == "all":
+        return list(range(len(names))), names
+    if task not in names and env_id == "sawyer" and task in sawyer_env.REWARD_FUNCTIONS:
+        reward = sawyer_env.REWARD_FUNCTIONS[task](np.asarray(data["next_observation"])).astype(np.float32)
+        data["reward"] = np.concatenate([np.asarray(data["reward"]), reward[:, None]], axis=1)
+        data["metadata"] = {**data["metadata"], "tasks": names + [task]}
+        return [len(names)], [task]
+    if task not in names:
+        raise UserError(f"task {task!r} is not in the dataset; its tasks are {names}")
+    return [names.index(task)], [task]
+
+
+def check_dataset_matches_env(data: dict, env: gym.Env, path: Path) -> None:
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    if data["observation"].shape[1] != obs_dim or data["action"].shape[1] != act_dim:
+        raise UserError(
+            f"dataset {path} has observation/action sizes {data['observation'].shape[1]}/"
+            f"{data['action'].shape[1]} but the env has {obs_dim}/{act_dim}; is it for another env?"
+        )
+
+
+def best_episode_returns(data: dict, columns: list[int]) -> list[float]:
+    """Best undiscounted episode return in the dataset, for each task column."""
+    starts = np.flatnonzero(np.r_[True, data["episode_id"][1:] != data["episode_id"][:-1]])
+    returns = np.add.reduceat(np.asarray(data["reward"][:, columns], dtype=np.float64), starts, axis=0)
+    return returns.max(axis=0).tolist()
+# --- end shared block ---
+
+
+# --- shared block: checkpoint ---
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a crash leaves the previous checkpoint intact."""
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def checkpoint_state(modules: dict, rng: np.random.Generator, generator: torch.Generator, **extra) -> dict:
+    """State dicts only (loadable with weights_only=True): modules, optimisers, random states."""
+    rng_state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "sampling": generator.get_state()}
+    return {**{name: module.state_dict() for name, module in modules.items()}, "rng": rng_state, **extra}
+
+
+def load_checkpoint(path: Path, device: torch.device, modules: dict, rng: np.random.Generator,
+                    generator: torch.Generator) -> dict:
+    """Restore what checkpoint_state saved; returns the whole state for its extra entries."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+    rng.bit_generator.state = state["rng"]["numpy"]
+    torch.set_rng_state(state["rng"]["torch"])
+    generator.set_state(state["rng"]["sampling"])
+    return state
+# --- end shared block ---
+
+
+# --- shared block: run directory ---
+def fill_observation_normalisation(args) -> None:
+    """Resolve --normalize-observations left at None (called by Args.__post_init__): on for sawyer, whose
+    observation scales differ ~2000x (finger angle std ~69 units, cube positions ~0.035 m), else off."""
+    if args.normalize_observations is None:
+        args.normalize_observations = args.env == "sawyer"
+
+
+# Smallest std an observation dimension is divided by (in its own units). A near-constant dimension would
+# otherwise blow up: sawyer's yellow cube height has std 3e-5 m in a 100-episode dataset (it rarely leaves
+# the table), so a 1 cm lift would read as 370 standard deviations (10 with the floor); CORL's and TD3+BC's
+# `std + 1e-3` bounds the gain the same way. A constant dimension is only centred.
+OBSERVATION_STD_FLOOR = 1e-3
+OBSERVATION_KEYS = ("observation", "next_observation", "bootstrap_observation")  # the batch's states
+
+
+def observation_statistics(observation: np.ndarray, standardise: bool) -> tuple[list, list]:
+    """Per-dimension mean and std (floored at OBSERVATION_STD_FLOOR) of the dataset's observations, in float64
+    chunks (a memory-mapped dataset is read, never copied whole); the identity (0, 1) when `standardise` is off."""
+    size, dim = observation.shape
+    if not standardise:
+        return [0.0] * dim, [1.0] * dim
+    chunks = [slice(i, i + (1 << 16)) for i in range(0, size, 1 << 16)]
+    mean = sum(np.sum(observation[c], axis=0, dtype=np.float64) for c in chunks) / size
+    std = np.sqrt(sum(np.sum((observation[c] - mean) ** 2, axis=0) for c in chunks) / size)
+    return mean.astype(np.float32).tolist(), np.maximum(std, OBSERVATION_STD_FLOOR).astype(np.float32).tolist()
+
+
+RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "checkpoint_every",
+                     "device", "track", "wandb_project", "capture_video"}
+
+
+def load_saved_config(run_dir: Path, args, script: str) -> None:
+    """`--resume RUN_DIR`: every argument left at its default takes the run's saved value; one given
+    beside it may change only budgets, devices and logging (RESUME_MAY_CHANGE)."""
+    if not (run_dir / "config.json").exists() or not (run_dir / "checkpoint.pt").exists():
+        raise UserError(f"cannot resume {run_dir}: it has no config.json and checkpoint.pt")
+    saved = json.loads((run_dir / "config.json").read_text())
+    if saved.get("script") != script:
+        raise UserError(f"cannot resume {run_dir}: it is a run of {saved.get('script')}, not {script}")
+    defaults, changed = asdict(type(args)()), []
+    for key, value in asdict(args).items():
+        old = saved["args"].get(key, value)
+        if key in ("resume", "run_dir") or json.loads(json.dumps(value)) == old:
+            continue
+        if value == defaults[key]:
+            setattr(args, key, tuple(old) if isinstance(value, tuple) else old)
+        elif key not in RESUME_MAY_CHANGE:
+            changed.append(f"--{key.replace('_', '-')} was {old!r}")
+    if changed:
+        raise UserError(f"cannot resume {run_dir} with a different configuration: {', '.join(changed)}")
+
+
+def make_run_dir(args, script: str) -> Path:
+    run_dir = Path(args.resume or args.run_dir or
+                   f"runs/{script}__{args.env.replace(':', '_')}__{args.seed}__{int(time.time())}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ".write_test").write_text("")
+        (run_dir / ".write_test").unlink()
+    except OSError as error:
+        raise UserError(f"run directory {run_dir} is not writable ({error.strerror})") from None
+    return run_dir
+
+
+def write_config(run_dir: Path, args, script: str, dataset: Path, spec: dict) -> None:
+    import mujoco
+
+    digest = hashlib.sha256()
+    for file in sorted(dataset.glob("*")) if dataset.is_dir() else [dataset]:
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
+                "gymnasium": gym.__version__, "mujoco": mujoco.__version__}
+    config = {"script": script, "args": asdict(args), "dataset": str(dataset), "dataset_sha256": digest.hexdigest(),
+              "versions": versions, "spec": spec}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+class MetricsLogger:
+    """One row per evaluation in metrics.csv, the same scalars in TensorBoard (and W&B)."""
+
+    def __init__(self, run_dir: Path, args, start_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path, self.columns, self.wandb = run_dir / "metrics.csv", None, None
+        if self.path.exists():  # resuming: keep the rows up to the checkpoint's step
+            with open(self.path) as handle:
+                rows = list(csv.reader(handle))
+            self.columns = rows[0] if rows else None
+            with open(self.path, "w", newline="") as handle:
+                csv.writer(handle).writerows([row for row in rows if row and (row is rows[0] or int(row[0]) <= start_step)])
+        self.writer = SummaryWriter(str(run_dir))
+        if args.track:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--track needs Weights & Biases: pip install wandb") from None
+            config = json.loads((run_dir / "config.json").read_text())
+            self.wandb = wandb.init(project=args.wandb_project, config=config, dir=str(run_dir),
+                                    name=run_dir.name, resume="allow")
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **metrics}
+        if self.columns is None:
+            self.columns = list(row)
+            with open(self.path, "w", newline="") as handle:
+                csv.writer(handle).writerow(self.columns)
+        with open(self.path, "a", newline="") as handle:
+            csv.writer(handle).writerow([row.get(column, "") for column in self.columns])
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> list[dict]:
+        """Close the writers; returns every row of metrics.csv."""
+        self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        with open(self.path) as handle:
+            return list(csv.DictReader(handle))
+
+
+@dataclass
+class Run:
+    """What a learning script needs before its first update (made by `prepare`), and the bookkeeping of
+    its loop: resuming, the batch on the device, averaged metrics, evaluation rows, checkpoints."""
+
+    args: object
+    script: str
+    device: torch.device
+    env: gym.Env
+    run_dir: Path
+    data: dict
+    columns: list
+    tasks: list
+    spec: dict
+    low: torch.Tensor
+    high: torch.Tensor
+
+    def start(self, modules: dict, rng: np.random.Generator, generator: torch.Generator) -> int:
+        """The last update done: 0, or with --resume the checkpoint's step (modules and random states restored)."""
+        self.step = 0
+        if self.args.resume:
+            self.step = load_checkpoint(self.run_dir / "checkpoint.pt", self.device, modules, rng, generator)["step"]
+            print(f"Resuming {self.run_dir} from update {self.step}.", flush=True)
+        self.logger = MetricsLogger(self.run_dir, self.args, self.step)
+        self.eval_envs = make_eval_envs(self.args, self.run_dir, self.tasks, self.spec)
+        self.mean, self.std = (np.asarray(self.spec[key], np.float32) for key in ("observation_mean", "observation_std"))
+        self.sums, self.count, self.clock = {}, 0, time.time()
+        self.progress = tqdm(initial=self.step, total=self.args.total_steps, desc=self.script, disable=None)
+        return self.step
+
+    def to_device(self, batch: dict) -> dict:
+        """Standardise the batch's states with --normalize-observations (per batch: a memory-mapped dataset
+        stays as it is on disk) and move the batch to the device."""
+        if self.args.normalize_observations:
+            batch = {key: (value - self.mean) / self.std if key in OBSERVATION_KEYS else value
+                     for key, value in batch.items()}
+        return to_torch(batch, self.device)
+
+    @contextlib.contextmanager
+    def stop_on_non_finite_loss(self):
+        """An update that raises FloatingPointError stops the run in one sentence; checkpoint.pt keeps its state."""
+        try:
+            yield
+        except FloatingPointError as error:
+            raise UserError(f"{error} at update {self.step + 1}; stopped, {self.run_dir / 'checkpoint.pt'} "
+                            f"keeps the last good state") from None
+
+    def record(self, step: int, metrics: dict) -> None:
+        self.sums = {key: self.sums.get(key, 0.0) + value for key, value in metrics.items()}
+        self.step, self.count = step, self.count + 1
+        self.progress.update()
+
+    def evaluate_and_log(self, step: int, actors: dict) -> None:
+        """One metrics.csv row: the losses averaged since the last row, then the actors' returns."""
+        row = {key: float(value) / self.count for key, value in self.sums.items()}
+        row["charts/updates_per_second"] = self.count / (time.time() - self.clock)
+        row.update(evaluate_actors(actors, self.eval_envs, self.tasks, self.args.eval_episodes, self.args.seed + 100,
+                                   self.args.eval_max_steps))
+        self.logger.log(step, row)
+        self.progress.set_postfix({k[5:]: f"{v:.1f}" for k, v in row.items() if k.startswith("eval/") and k.count("/") == 1})
+        self.sums, self.count, self.clock = {}, 0, time.time()
+
+    def save(self, step: int, modules: dict, rng: np.random.Generator, generator: torch.Generator,
+             policy: nn.Module) -> None:
+        """checkpoint.pt (atomically) and policy.pt2, the acting module `policy` exported."""
+        save_checkpoint(self.run_dir / "checkpoint.pt", checkpoint_state(modules, rng, generator, step=step, spec=self.spec))
+        export_policy(policy, self.spec, self.args.env, self.run_dir / "policy.pt2")
+
+    def finish(self) -> list[dict]:
+        """Close the progress bar and the loggers; returns the evaluations (the rows of metrics.csv)."""
+        self.progress.close()
+        return self.logger.close()
+
+
+def prepare(args, script: str) -> Run:
+    """Check the arguments, the env and the dataset, create (or reopen) the run directory."""
+    if args.resume:
+        load_saved_config(Path(args.resume), args, script)
+    if args.eval_max_steps is not None and args.eval_max_steps < 1:
+        raise UserError("--eval-max-steps must be positive")
+    device = pick_device(args.device)
+    env = make_env(args.env)  # checks --env before anything is written
+    run_dir = make_run_dir(args, script)
+    dataset = ensure_dataset(args)
+    data = load_dataset(dataset, args.dataset_episodes)
+    check_dataset_matches_env(data, env, dataset)
+    columns, tasks = select_tasks(data, args.task, args.env)
+    low, high = env.action_space.low, env.action_space.high  # the learner's bounds
+    env_low, env_high = env_action_bounds(env)  # the env's (physical) bounds
+    if not (np.array_equal(low, env_low) and np.array_equal(high, env_high)):
+        stored = [data["metadata"].get(key) for key in ("action_low", "action_high")]
+        if None not in stored and not np.allclose(stored, [env_low, env_high]):
+            raise UserError(f"dataset {dataset} has action bounds {stored} but {args.env} takes actions in "
+                            f"{[env_low.tolist(), env_high.tolist()]}")
+        data["action"] = normalise_actions(data["action"], env_low, env_high)  # dataset actions are physical
+    spec = {"obs_dim": env.observation_space.shape[0], "act_dim": env.action_space.shape[0], "tasks": tasks,
+            "action_low": low.tolist(), "action_high": high.tolist(),
+            "env_action_low": env_low.tolist(), "env_action_high": env_high.tolist(),
+            **dict(zip(("observation_mean", "observation_std"),
+                       observation_statistics(data["observation"], args.normalize_observations))),
+            "best_episode_return_in_dataset": dict(zip(tasks, best_episode_returns(data, columns)))}
+    if not args.resume:
+        write_config(run_dir, args, script, dataset, spec)
+    return Run(args, script, device, env, run_dir, data, columns, tasks, spec,
+               torch.as_tensor(low, device=device), torch.as_tensor(high, device=device))
+# --- end shared block ---
+
+
+# --- shared block: eval envs ---
+class StandardiseObservation(gym.ObservationWrapper):
+    """The learner's input from the env's raw observation: (observation - mean) / std."""
+
+    def __init__(self, env: gym.Env, mean: list, std: list):
+        super().__init__(env)
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, env.observation_space.shape, np.float32)
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        return (np.asarray(observation, np.float32) - self.mean) / self.std
+
+
+def make_eval_envs(args, run_dir: Path, tasks: list, spec: Optional[dict] = None) -> list:
+    """One evaluation env per task: SawyerEnv(task) for sawyer, else the one env for every reward column;
+    with --normalize-observations they return observations standardised by the spec's statistics."""
+    render_mode = "rgb_array" if args.capture_video else None
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401  (RecordVideo writes mp4 files with it)
+        except ImportError:
+            raise UserError("--capture-video needs moviepy: pip install moviepy") from None
+    names = tasks if args.env == "sawyer" else tasks[:1]
+    envs = []
+    for task in names:
+        env = make_env(args.env, render_mode, task if args.env == "sawyer" else None)
+        if args.capture_video:
+            folder = run_dir / "videos" / task if len(names) > 1 else run_dir / "videos"
+            env = gym.wrappers.RecordVideo(env, str(folder), episode_trigger=lambda i: i % args.eval_episodes == 0,
+                                           disable_logger=True)
+        if args.normalize_observations and spec is not None:
+            env = StandardiseObservation(env, spec["observation_mean"], spec["observation_std"])
+        envs.append(env)
+    return envs if args.env == "sawyer" else envs * len(tasks)
+# --- end shared block ---
+
+
+# --- shared block: export ---
+class ExportedPolicy(nn.Module):
+    """observation [B, obs_dim] float32 (raw, the env's), task_index [B] int64 -> action [B, act_dim] in
+    the env's physical units, clipped. The observation is standardised with the learner's statistics
+    (observation_mean, observation_std; 0 and 1 when it learned from raw observations), then `actor`
+    maps [K, B, obs] -> [K, B, act] with one slice per task head. A learner working in [low, high]
+    (e.g. [-1, 1]) is mapped affinely onto [env_low, env_high]."""
+
+    def __init__(self, actor: nn.Module, num_tasks: int, low, high, env_low, env_high, observation_mean,
+                 observation_std):
+        super().__init__()
+        self.actor, self.num_tasks = actor, num_tasks
+        self.rescale = list(low) != list(env_low) or list(high) != list(env_high)
+        for name, value in (("low", low), ("high", high), ("env_low", env_low), ("env_high", env_high),
+                            ("observation_mean", observation_mean), ("observation_std", observation_std)):
+            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32))
+
+    def forward(self, observation: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
+        observation = (observation - self.observation_mean) / self.observation_std
+        actions = self.actor(observation.expand(self.num_tasks, -1, -1))  # [K, B, act]
+        action = torch.clamp(actions[task_index, torch.arange(observation.shape[0])], self.low, self.high)  # [B, act]
+        if self.rescale:  # env_low + (a + 1) / 2 * (env_high - env_low) for a learner in [-1, 1]
+            action = self.env_low + (action - self.low) / (self.high - self.low) * (self.env_high - self.env_low)
+        return torch.clamp(action, self.env_low, self.env_high)
+
+
+def export_policy(actor: nn.Module, spec: dict, env_id: str, path: Path) -> None:
+    """Write `path` (policy.pt2) with torch.export, atomically: a program that runs with torch
+    alone, `torch.export.load(path).module()(observation, task_index)`, with the spec it needs
+    (env, sizes, task names, action bounds, observation statistics) embedded as the extra file "policy.json"."""
+    low, high = spec["action_low"], spec["action_high"]
+    env_low, env_high = spec.get("env_action_low", low), spec.get("env_action_high", high)
+    mean = spec.get("observation_mean", [0.0] * spec["obs_dim"])
+    std = spec.get("observation_std", [1.0] * spec["obs_dim"])
+    module = ExportedPolicy(copy.deepcopy(actor).cpu().eval(), len(spec["tasks"]), low, high, env_low, env_high,
+                            mean, std)
+    batch = torch.export.Dim("batch", max=1 << 16)
+    example = (torch.zeros(2, spec["obs_dim"]), torch.zeros(2, dtype=torch.int64))
+    program = torch.export.export(module, example, dynamic_shapes=({0: batch}, {0: batch}))
+    metadata = {"env": env_id, "obs_dim": spec["obs_dim"], "act_dim": spec["act_dim"], "tasks": list(spec["tasks"]),
+                "action_low": list(env_low), "action_high": list(env_high),
+                "learner_action_low": list(low), "learner_action_high": list(high),
+                "observation_mean": list(mean), "observation_std": list(std),
+                "inputs": "observation [B, obs_dim] float32 raw (standardised inside with observation_mean/std), "
+                          "task_index [B] int64 (into tasks)",
+                "output": "action [B, act_dim] float32 in [action_low, action_high]"}
+    temporary = path.with_suffix(".tmp" + path.suffix)  # torch.export.save wants a name ending in .pt2
+    torch.export.save(program, temporary, extra_files={"policy.json": json.dumps(metadata)})
+    os.replace(temporary, path)
+# --- end shared block ---
 
 
 if __name__ == "__main__":
