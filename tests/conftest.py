@@ -1,39 +1,15 @@
-import json
+"""pytest's fixtures and session settings; the helpers tests import are in tests/helpers.py."""
+
 import os
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from tests.helpers import ROOT, SMOKE_ENV, write_random_dataset  # noqa: F401  (re-exported for older imports)
+
 os.environ.setdefault("MUJOCO_GL", "egl")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)  # tiny networks: one thread is as fast and never oversubscribes the CPU
-
-SMOKE_ENV = "cartpole-balance"  # Control Suite, obs 5, action 1; 1000-step episodes
-
-
-def write_random_dataset(path: Path, obs_dim: int = 5, act_dim: int = 1, episodes: int = 6,
-                         length: int = 40, seed: int = 0, tasks=("balance",)) -> Path:
-    """A small valid dataset of random numbers in the README format (episodes back to back)."""
-    rng = np.random.default_rng(seed)
-    size = episodes * length
-    observation = rng.standard_normal((size, obs_dim)).astype(np.float32)
-    arrays = {
-        "observation": observation,
-        "action": rng.uniform(-1, 1, (size, act_dim)).astype(np.float32),
-        "reward": rng.uniform(0, 1, (size, len(tasks))).astype(np.float32),
-        "discount": np.ones(size, np.float32),
-        "next_observation": np.roll(observation, -1, axis=0),
-        "episode_id": np.repeat(np.arange(episodes), length).astype(np.int64),
-        "step": np.tile(np.arange(length), episodes).astype(np.int64),
-        "run_id": np.repeat(np.arange(episodes) % 2, length).astype(np.int64),
-        "metadata": np.array(json.dumps({"env": SMOKE_ENV, "tasks": list(tasks)})),
-    }
-    np.savez(path, **arrays)
-    return path
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import abm_svg
-from tests.conftest import SMOKE_ENV
+from tests.helpers import SMOKE_ENV
 from tests.two_mode import ENV_ID, GOOD_ACTION, make_two_mode_dataset
 
 

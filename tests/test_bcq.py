@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bcq
-from tests.conftest import SMOKE_ENV
+from tests.helpers import SMOKE_ENV
 
 
 def tiny_args(tmp_path, dataset, **overrides) -> bcq.Args:

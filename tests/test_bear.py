@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bear
-from tests.conftest import SMOKE_ENV
+from tests.helpers import SMOKE_ENV
 
 
 def tiny_args(tmp_path, dataset, **overrides) -> bear.Args:

@@ -12,7 +12,7 @@ import pytest
 
 import abm_mpo as m
 import collect
-from tests.conftest import SMOKE_ENV, write_random_dataset
+from tests.helpers import SMOKE_ENV, write_random_dataset
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 
 import abm_mpo
 import bm_mpo
-from tests.conftest import ROOT, SMOKE_ENV, write_random_dataset
+from tests.helpers import ROOT, SMOKE_ENV, write_random_dataset
 
 TINY = ["--batch-size", "16", "--num-action-samples", "4", "--policy-layers", "32", "32",
         "--critic-layers", "32", "32", "--eval-episodes", "1", "--device", "cpu"]

@@ -1,18 +1,25 @@
 """The scripts are self-contained, so shared code is repeated between marker comments; abm_mpo.py
-holds the reference copy (bcq.py for the baselines' `twin critic`) and every other copy must be
-identical (`python tools/sync_blocks.py` rewrites them). A script imports no project file but sawyer_env.py and real_robot.py."""
+holds the reference copy (bcq.py for the baselines' `twin critic` and `transitions`) and every other copy
+must be identical (`python tools/sync_blocks.py` rewrites them). Each script carries only blocks it calls,
+the algorithm comes before one banner and the plumbing after it. A script imports no project file but
+sawyer_env.py and real_robot.py."""
 
 import ast
 import re
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tools.sync_blocks import reference_blocks
 
 BLOCK = re.compile(r"# --- shared block: (.*?) ---\n.*?# --- end shared block ---", re.S)
 SCRIPTS = ["abm_mpo.py", "abm_svg.py", "bm_mpo.py", "bcq.py", "bear.py", "collect.py"]
-LEARNING_BLOCKS = {"utilities", "env", "dataset", "checkpoint", "run directory", "evaluation", "training loop"}
+# Above the banner (the algorithm) and below it (the plumbing) in every learning script.
+ALGORITHM_BLOCKS = {"paper networks", "networks", "evaluation", "summary"}
+PLUMBING_BLOCKS = {"utilities", "env", "dataset", "checkpoint", "run directory", "eval envs", "export"}
+LEARNING_BLOCKS = ALGORITHM_BLOCKS | PLUMBING_BLOCKS
+BANNER = "# TRY NOT TO MODIFY"
+DEFINITION = re.compile(r"^(?:def|class) (\w+)|^([A-Z_]+) =", re.M)
 ALLOWED_PROJECT_IMPORTS = {"sawyer_env", "real_robot"}
 
 
@@ -38,6 +45,37 @@ def test_every_shared_block_is_shared():
     counts = {name: sum(name in blocks(script) for script in SCRIPTS) for name in reference_blocks()}
     assert all(count >= 2 for count in counts.values()), counts
     assert "twin critic" in blocks("bear.py")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_block_a_script_carries_is_called_by_it(script):
+    text = (ROOT / script).read_text()
+    for name, body in blocks(script).items():
+        defined = [a or b for a, b in DEFINITION.findall(body)]
+        used = [d for d in defined if len(re.findall(rf"\b{d}\b", text)) > len(re.findall(rf"\b{d}\b", body))
+                or len(re.findall(rf"\b{d}\b", body)) > 1]
+        assert used, f"{script} carries the block {name!r} but calls nothing in it"
+
+
+def test_bm_mpo_has_no_snippet_machinery_and_bcq_no_gaussian_policy():
+    assert "snippets" not in blocks("bm_mpo.py")
+    assert "snippet" not in (ROOT / "bm_mpo.py").read_text().split(BANNER)[0].lower()
+    assert "gaussian policy" not in blocks("bcq.py")
+    lines = {script: len((ROOT / script).read_text().splitlines()) for script in SCRIPTS[:5]}
+    assert lines["bm_mpo.py"] == min(lines.values()), lines
+
+
+@pytest.mark.parametrize("script", ["abm_mpo.py", "abm_svg.py", "bm_mpo.py", "bcq.py", "bear.py"])
+def test_algorithm_before_the_banner_and_plumbing_after_it_at_most_500_lines(script):
+    text = (ROOT / script).read_text()
+    assert text.count(BANNER) == 1, "one banner"
+    banner = text.index(BANNER)
+    positions = {name: text.index(f"# --- shared block: {name} ---") for name in blocks(script)}
+    assert all(positions[name] < banner for name in ALGORITHM_BLOCKS), "the algorithm comes before the banner"
+    assert all(positions[name] > banner for name in PLUMBING_BLOCKS), "the plumbing comes after the banner"
+    assert text.index("\ndef train(") < banner
+    plumbing = text[text.rindex("\n", 0, banner) + 1:].splitlines()
+    assert len(plumbing) <= 500, f"{len(plumbing)} lines of plumbing"
 
 
 @pytest.mark.parametrize("script", ["abm_mpo.py", "abm_svg.py", "bm_mpo.py", "bcq.py", "bear.py"])
