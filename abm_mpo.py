@@ -20,6 +20,14 @@ Differences from the paper (all stated choices where the paper is silent or self
   - ABM snippets are clipped at the episode end (bootstrapping from the last next-state), and
     the prior loss is the batch mean of weight * log-likelihood.
   - Gradients are clipped at global norm 40 per network (Acme's MPO default).
+  - The ABM prior (Eq. 4) learns from the first transition (s_t, a_t) of each sampled snippet, weighted
+    by the return of the full horizon N from t (clipped at the episode end); later transitions of a
+    snippet enter only its return.
+  - Algorithm 1 writes the alpha constraint of the policy step against the prior, while Eq. 10 and Acme
+    put the trust region on the previous policy: this file follows Eq. 10 and Acme (KL(pi_target || pi)
+    < eps_mu, eps_Sigma); the prior enters only as the proposal of the E-step samples (Eq. 7-9).
+  - Networks (Table 1): layer norm then ELU on the first layer, ELU after the others; Acme's MPO uses
+    tanh after its first-layer layer norm.
   - Minimum variance 0.01 (Table 1) is implemented as std = softplus(h) + 0.1.
   - `--env sawyer` (Section 5.2): networks of Table 5 (a torso shared by the tasks, one head per
     task); the learner's actions are normalised to [-1, 1] (the dataset's physical actions are

@@ -28,11 +28,17 @@ Differences from the paper (all stated choices where the paper is silent):
   - The prior is a constant in the KL term: it learns from Eq. 3 / Eq. 4 only.
   - The sums over the batch in Eq. 11 and Eq. 12 are means; theta and eta take one simultaneous
     Adam step per batch (eta constant in the policy loss, the KL constant in the eta loss) rather
-    than alternating steps. One eta for all tasks, as abm_mpo.py's temperature.
+    than alternating steps. One eta for all tasks.
   - ABM snippets are clipped at the episode end (bootstrapping from the last next-state), and
     the prior loss is the batch mean of weight * log-likelihood.
-  - Gradients are clipped at global norm 40 per network (Acme's default, as in abm_mpo.py).
+  - Gradients are clipped at global norm 40 per network (Acme's MPO default).
   - Minimum variance 0.01 (Table 2) is implemented as std = softplus(h) + 0.1.
+  - The Lagrange multiplier eta moves by Adam at the paper's rate 2e-4 (paper-literal), so at most
+    about 2e-4 per update: from 1 it needs thousands of updates to change by O(1).
+  - The ABM prior (Eq. 4) learns from the first transition (s_t, a_t) of each sampled snippet, weighted
+    by the return of the full horizon N from t (clipped at the episode end).
+  - Networks (Table 2): layer norm then ELU on the first layer, ELU after the others (Acme uses tanh
+    after its first-layer layer norm).
   - No `--epsilon 0` variant (the prior alone): use `abm_mpo.py --epsilon 0`.
   - `--env sawyer` (Section 5.2): networks of Table 5 (a torso shared by the tasks, one head per
     task); the learner's actions are normalised to [-1, 1] (the dataset's physical actions are

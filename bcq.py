@@ -19,7 +19,7 @@ Differences from the original (sfujim/BCQ), following the paper (Table 3, §5):
     head per task: encoder 256 -> 256-256, perturbation 256 -> 100, Q 400 -> 400; the decoder
     (256-256, drawn without a branch) shares all its hidden layers, only its output is per task.
     Sawyer actions are normalised to [-1, 1] and observations standardised by the dataset's mean and
-    std for learning (`--normalize-observations`, see abm_mpo.py).
+    std (floored at 1e-3) for learning (`--normalize-observations`, on for sawyer only).
   - Action selection takes the argmax over 10 samples (the issue's number; the original uses 100):
     `--num-eval-samples`.
 Where the paper is silent this file follows the original: soft target updates (tau = 0.005) of the
@@ -29,7 +29,7 @@ loss summed over both Qs, the actor maximising Q_1 only, one Adam per learner st
 VAE, critic, actor. Also:
   - The VAE fits clip(a, low, high): its decoder is bounded by tanh, the env clips the dataset
     actions it executed, and Q scores them clipped as well.
-  - Gradients are clipped at global norm 40 per network, as in abm_mpo.py (the original does not).
+  - Gradients are clipped at global norm 40 per network, Acme's MPO default (the original does not).
   - There is no prior to evaluate on its own: `eval/prior_return` is the VAE decoder's action at the
     latent mean z = 0 (behaviour cloning through the VAE), not a number the paper reports.
   - Evaluation draws its samples from its own generator (seed + 100), so evaluating does not change

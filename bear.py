@@ -24,7 +24,7 @@ Differences from the paper / from the original:
   - Networks as for every algorithm of the paper: ELU, layer norm on the first layer, 256-256 actor
     and prior, 256-256-256 Q; Gaussian heads with softplus std + 0.1 and no tanh (Table 4), so the
     actor is unbounded: Q scores clip(a, low, high), which is what the env executes, and the dataset
-    actions the prior fits stay unclipped (as in abm_mpo.py). The original squashes by tanh and
+    actions the prior fits stay unclipped. The original squashes by tanh and
     computes the MMD on pre-tanh actions; here the MMD is on the Gaussian samples themselves.
   - The prior is the paper's Gaussian behaviour model, not the original's VAE; the KL is computed
     in closed form between the two Gaussians. The original's "KL" mode is instead a cross-entropy
@@ -37,9 +37,14 @@ Differences from the paper / from the original:
     `--warmup-steps` updates (default 20 000, 2% of the 1M updates; the original uses its first 20
     training epochs); the multiplier is updated throughout. 0 switches the warm-up off.
   - The actor's Q term is the mean over its M samples of min(Q_1, Q_2), as the original.
+  - The KL multiplier alpha moves by Adam at the paper's rate 2e-4 (paper-literal), so at most about
+    2e-4 per update: from 1 it needs thousands of updates to change by O(1).
+  - Warm-up length against the reference code: the original warms up for its first 20 "epochs" of
+    5,000 updates each, 100k updates; `--warmup-steps` defaults to 20 000 here (2% of the paper's 1M
+    updates); `--warmup-steps 100000` gives the original's length.
   - Adam 2e-4 for every network and for the multiplier (Table 4; the original 1e-3), batch 512,
     one Adam per learner stepped in the order prior, critic, actor, multiplier; gradients clipped
-    at global norm 40 per network (as abm_mpo.py; the original does not clip).
+    at global norm 40 per network (Acme's MPO default; the original does not clip).
   - Evaluation draws its samples from its own generator (seed + 100); `eval/prior_return` is the
     prior's mean action, the behaviour model run on its own.
   - The exported policy (policy.pt2, for real_robot.py) is the actor's mean action, a deterministic
@@ -49,7 +54,7 @@ Differences from the paper / from the original:
     rescaled at load time, the env takes them through RescaleAction): the action dimensions differ
     in scale by 3600x, and a minimum std of 0.1 in physical units would swamp the 0.07 m/s ones.
   - Observations are standardised by the dataset's mean and std when `--normalize-observations` is
-    on (the default for `--env sawyer` only, see abm_mpo.py).
+    on (the default for `--env sawyer` only: its observation scales differ ~2000x; std floored at 1e-3).
 """
 
 import contextlib

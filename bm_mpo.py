@@ -10,10 +10,20 @@ reinforcement learning", ICLR 2020. Algorithm 1 with the simplest prior:
 abm_mpo.py adds the advantage-weighted prior (Eq. 4) and gives the same numbers as this file
 with `--prior bm` (a test checks it).
 
-Differences from the paper: as in abm_mpo.py (temperature dual minimised with the -log M term,
-Q scored at clipped actions, one multiplier per trust-region part, gradient clipping at 40,
-std = softplus + 0.1; `--env sawyer` learns in actions normalised to [-1, 1] with Table 5's networks
-and in observations standardised by the dataset's mean and std, `--normalize-observations`).
+Differences from the paper (stated choices where the paper is silent or self-contradictory):
+  - The temperature dual is *minimised* (the paper's text says "maximise g"), with the `- log M` term
+    of Acme/rlax that makes g(eta) the correct sample estimate of Eq. 8.
+  - Q(s, a) of a sampled action is scored at clip(a, low, high), as the env clips actions; the
+    likelihood terms use the unclipped a.
+  - One Lagrange multiplier for the mean KL and one for the covariance KL, each summed over action
+    dimensions. Algorithm 1 writes this constraint against the prior; this file follows Eq. 10 and
+    Acme, a trust region on the previous policy (the prior is the E-step's proposal).
+  - Gradients clipped at global norm 40 per network (Acme's MPO default); minimum variance 0.01
+    (Table 1) as std = softplus(h) + 0.1; layer norm then ELU on the first layer (Table 1), where
+    Acme uses tanh.
+  - `--env sawyer`: Table 5's networks, actions normalised to [-1, 1] for learning, observations
+    standardised by the dataset's mean and std (floored at 1e-3; `--normalize-observations`, on for
+    sawyer only).
 """
 
 import contextlib
