@@ -168,30 +168,7 @@ class Args:
     """first hidden layers shared by all tasks; the rest are one head per task (Table 5)"""
 
     def __post_init__(self):
-        fill_paper_layers(self)
-        fill_observation_normalisation(self)
-
-
-# --- shared block: paper networks ---
-# Hidden layers of the paper's networks: Tables 1-4 for the Control Suite, Table 5 for the Sawyer
-# multi-task experiments, where "a -> b" is a torso of `shared_layers` = 1 layer (a) shared by all
-# tasks, then one head per task (b), selected by the task id. A network field left at None in Args
-# takes the size for its env.
-PAPER_LAYERS = {
-    "policy_layers": {"default": (256, 256), "sawyer": (200, 300)},  # policy and prior: 200 -> 300
-    "critic_layers": {"default": (256, 256, 256), "sawyer": (400, 400)},  # Q: 400 -> 400
-    "encoder_layers": {"default": (256, 256), "sawyer": (256, 256, 256)},  # BCQ encoder: 256 -> 256-256
-    "decoder_layers": {"default": (256, 256), "sawyer": (256, 256)},  # BCQ decoder: 256-256, no branch
-    "perturbation_layers": {"default": (256, 256), "sawyer": (256, 100)},  # BCQ perturbation: 256 -> 100
-}
-
-
-def fill_paper_layers(args) -> None:
-    """Set every network size left at None to the paper's for `args.env` (called by Args.__post_init__)."""
-    for name, sizes in PAPER_LAYERS.items():
-        if hasattr(args, name) and getattr(args, name) is None:
-            setattr(args, name, sizes["sawyer" if args.env == "sawyer" else "default"])
-# --- end shared block ---
+        fill_defaults(self)
 
 
 # --- shared block: networks ---
@@ -513,64 +490,6 @@ def bear_actor(agent: Agent, num_samples: int, num_tasks: int, generator: torch.
     return act
 
 
-# --- shared block: evaluation ---
-def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int,
-             max_steps: Optional[int] = None) -> list[float]:
-    """Undiscounted returns of `episodes` episodes; episode i starts from reset(seed=seed + i),
-    so every evaluation of a run sees the same initial states. `max_steps` cuts episodes short."""
-    returns = []
-    for episode in range(episodes):
-        observation, _ = env.reset(seed=seed + episode)
-        total, done, steps = 0.0, False, 0
-        while not done:
-            action = np.clip(act(observation), env.action_space.low, env.action_space.high)
-            observation, reward, terminated, truncated, _ = env.step(action)
-            total += float(reward)
-            steps += 1
-            done = terminated or truncated or steps == max_steps
-        returns.append(total)
-    return returns
-
-
-def evaluate_actors(actors: dict, envs: list, tasks: list, episodes: int, seed: int,
-                    max_steps: Optional[int] = None) -> dict:
-    """`eval/<name>` = mean return over tasks of each actor, and `eval/<name>/<task>` per task;
-    task k acts with head k in envs[k]."""
-    results = {}
-    for name, act in actors.items():
-        per_task = [np.mean(evaluate(lambda o: act(o, k), envs[k], episodes, seed, max_steps))
-                    for k in range(len(tasks))]
-        results[f"eval/{name}"] = float(np.mean(per_task))
-        if len(tasks) > 1:
-            results.update({f"eval/{name}/{task}": float(value) for task, value in zip(tasks, per_task)})
-    return results
-# --- end shared block ---
-
-
-# --- shared block: gaussian actor ---
-def gaussian_mean_actor(net: nn.Module, num_tasks: int, device: torch.device) -> Callable:
-    """act(observation, task) = the mean of a Gaussian policy's head for that task."""
-
-    @torch.no_grad()
-    def act(observation: np.ndarray, task: int) -> np.ndarray:
-        obs = torch.as_tensor(observation, dtype=torch.float32, device=device).expand(num_tasks, 1, -1)
-        return net(obs)[0][task, 0].float().cpu().numpy()
-
-    return act
-
-
-class PolicyMean(nn.Module):
-    """The acting module of a Gaussian policy: its mean, [K, N, obs] -> [K, N, act]."""
-
-    def __init__(self, policy: nn.Module):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:
-        return self.policy(observation)[0]
-# --- end shared block ---
-
-
 # --- shared block: summary ---
 def write_summary(run_dir: Path, evaluations: list[dict], best_in_data: dict) -> dict:
     """Final return = mean over the last 10% of evaluations (the paper's Table 6 protocol); `per_task`
@@ -601,7 +520,7 @@ def train(args: Args) -> dict:
         raise UserError("--total-steps, --batch-size and --num-action-samples must be positive")
     if args.warmup_steps < 0 or args.mmd_sigma <= 0 or args.initial_multiplier <= 0:
         raise UserError("--warmup-steps must be >= 0, --mmd-sigma and --initial-multiplier positive")
-    run = prepare(args, "bear")  # the env, the dataset and the run directory (plumbing, below the banner)
+    run = Run(args, "bear")  # checks the env and the dataset, opens the run directory (plumbing, below the banner)
 
     # Seeding in one place; all later randomness comes from these generators.
     torch.manual_seed(args.seed)
@@ -642,6 +561,14 @@ class UserError(Exception):
     """A problem with the user's input (arguments, files): reported in one sentence, exit 1."""
 
 
+def main(train_fn: Callable, args) -> None:
+    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1."""
+    try:
+        train_fn(args)
+    except UserError as error:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -651,13 +578,12 @@ def pick_device(name: str) -> torch.device:
 
 
 def autocast(precision: str, device: torch.device):
-    """`--precision bf16`: matrix products inside this context run in bfloat16 (float32 weights,
-    float32 accumulation); `fp32`: a no-op context."""
+    """`--precision bf16`: matrix products inside run in bfloat16 (float32 weights and accumulation); fp32: no-op."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-# State-action rows per critic pass and thread in q_values: 1024 rows of a 256-unit activation are 1 MiB,
-# a core's L2 cache; one pass over all M * B rows is up to 2x slower on a CPU.
+# State-action rows per critic pass and thread (q_values, TwinCritic): 1024 rows of a 256-unit activation are
+# 1 MiB, a core's L2 cache; one pass over all M * B rows is up to 2x slower on a CPU.
 CHUNK_ROWS = 1024
 
 
@@ -667,36 +593,24 @@ def to_torch(batch: dict, device: torch.device) -> dict:
 
 def default_dataset_path(env_id: str) -> Path:
     return Path("datasets") / (env_id.replace(":", "_").replace("/", "_") + ".npz")
-
-
-def main(train_fn: Callable, args) -> None:
-    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1."""
-    try:
-        train_fn(args)
-    except UserError as error:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
 # --- end shared block ---
 
 
 # --- shared block: env ---
-CONTROL_SUITE_ALIASES = {
-    "hopper": "hopper-hop",
-    "cheetah": "cheetah-run",
-    "walker": "walker-walk",
-    "quadruped": "quadruped-run",
-}
+CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walker": "walker-walk",
+                         "quadruped": "quadruped-run"}
 
 
 def default_gl_backend() -> None:
-    """dm_control reads MUJOCO_GL when imported; its default (glfw) needs a display. On Linux default
-    to EGL, which renders headless; elsewhere keep dm_control's choice. A user's MUJOCO_GL wins."""
+    """dm_control reads MUJOCO_GL when imported, and its default (glfw) needs a display: on Linux default to EGL,
+    which renders headless; elsewhere keep dm_control's choice. A user's MUJOCO_GL wins."""
     if sys.platform.startswith("linux"):
         os.environ.setdefault("MUJOCO_GL", "egl")
 
 
 class ControlSuiteEnv(gym.Env):
-    """A Control Suite task as a Gymnasium env: flat float32 observation, actions clipped to the
-    bounds, episodes end by time limit (`truncated`, the discount stays 1)."""
+    """A Control Suite task as a Gymnasium env: flat float32 observation, actions clipped to the bounds,
+    episodes end by time limit (`truncated`, the discount stays 1)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
@@ -705,14 +619,11 @@ class ControlSuiteEnv(gym.Env):
         from dm_control import suite
 
         self._load = lambda seed: suite.load(domain, task, task_kwargs={"random": seed})
-        self._env = self._load(None)
-        spec = self._env.action_spec()
-        self.action_space = gym.spaces.Box(
-            spec.minimum.astype(np.float32), spec.maximum.astype(np.float32), dtype=np.float32
-        )
+        self._env, self.render_mode = self._load(None), render_mode
+        low, high = self._env.action_spec().minimum, self._env.action_spec().maximum
+        self.action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
         size = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), dtype=np.float32)
-        self.render_mode = render_mode
 
     def _flatten(self, observation) -> np.ndarray:
         return np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
@@ -724,12 +635,10 @@ class ControlSuiteEnv(gym.Env):
         return self._flatten(self._env.reset().observation), {}
 
     def step(self, action):
-        low, high = self.action_space.low, self.action_space.high
-        time_step = self._env.step(np.clip(action, low, high))
+        time_step = self._env.step(np.clip(action, self.action_space.low, self.action_space.high))
         terminated = time_step.last() and time_step.discount == 0.0
         truncated = time_step.last() and not terminated
-        reward = float(time_step.reward or 0.0)
-        return self._flatten(time_step.observation), reward, terminated, truncated, {}
+        return self._flatten(time_step.observation), float(time_step.reward or 0.0), terminated, truncated, {}
 
     def render(self):
         return self._env.physics.render(height=240, width=320, camera_id=0)
@@ -737,18 +646,14 @@ class ControlSuiteEnv(gym.Env):
 
 def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
     """`hopper`-style alias, Control Suite `domain-task`, `sawyer`, or any gymnasium id (`module:EnvId`).
-
-    `sawyer` is sawyer_env.SawyerEnv(task) (task None: the Section 5.2 protocol, a random task per
-    episode) taking actions in [-1, 1]: its action dimensions differ in scale by 3600x (0.07 m/s to 255
-    finger units/s) while the Gaussian heads' minimum std is 0.1, so learners work in normalised actions
-    and RescaleAction maps them to the physical bounds (`env_action_bounds`)."""
+    `sawyer` is sawyer_env.SawyerEnv(task) (None: a random task per episode, Section 5.2) taking actions in
+    [-1, 1] through RescaleAction: its action dimensions differ in scale by 3600x, the learners' minimum std is 0.1."""
     if env_id == "sawyer":
         if task is not None and task not in sawyer_env.ALL_TASKS:
             raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
         env = sawyer_env.SawyerEnv(task or "random", render_mode)
         return gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))
-    name = CONTROL_SUITE_ALIASES.get(env_id, env_id)
-    domain, _, task = name.partition("-")
+    domain, _, task = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
     if task:
         default_gl_backend()
         from dm_control import suite
@@ -758,16 +663,12 @@ def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str]
     try:
         return gym.make(env_id, render_mode=render_mode)
     except Exception as error:  # gymnasium raises many types for an unknown or broken id
-        raise UserError(
-            f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
-            f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})"
-        ) from None
+        raise UserError(f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
+                        f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})") from None
 
 
 def env_action_bounds(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
-    """The bounds of the actions the env itself takes (physical units for sawyer); the learner's
-    bounds are env.action_space. An exported policy maps a learner action a to env units with
-    env_low + (a + 1) / 2 * (env_high - env_low) when they differ."""
+    """The bounds of the actions the env itself takes (physical units for sawyer); the learner's: env.action_space."""
     inner = env.env if isinstance(env, gym.wrappers.RescaleAction) else env
     return inner.action_space.low, inner.action_space.high
 
@@ -780,32 +681,27 @@ def normalise_actions(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> 
 
 # --- shared block: dataset ---
 REQUIRED_ARRAYS = ("observation", "action", "reward", "discount", "episode_id", "step")
+ARRAY_DIMENSIONS = {"observation": 2, "action": 2, "reward": 2, "discount": 1, "episode_id": 1, "step": 1,
+                    "next_observation": 2, "run_id": 1, "task_id": 1}
 
 
 def ensure_dataset(args) -> Path:
     """The dataset to learn from; the default one is generated by collect.py when missing."""
-    if args.dataset is not None:
-        return Path(args.dataset)
-    path = default_dataset_path(args.env)
-    if not path.exists():
-        collect = Path(__file__).resolve().parent / "collect.py"
+    path = Path(args.dataset) if args.dataset is not None else default_dataset_path(args.env)
+    if args.dataset is None and not path.exists():
         minutes = "about 5" if args.env == "sawyer" else "about 20"
-        print(
-            f"No dataset at {path}: generating it with `python collect.py --env {args.env}` "
-            f"(default budget, {minutes} minutes on 2 CPU cores); pass --dataset PATH to use "
-            f"your own data.",
-            flush=True,
-        )
-        command = [sys.executable, str(collect), "--env", args.env, "--output", str(path)]
+        print(f"No dataset at {path}: generating it with `python collect.py --env {args.env}` (default budget, "
+              f"{minutes} minutes on 2 CPU cores); pass --dataset PATH to use your own data.", flush=True)
+        command = [sys.executable, str(Path(__file__).resolve().parent / "collect.py"), "--env", args.env,
+                   "--output", str(path)]
         if subprocess.run(command).returncode != 0 or not path.exists():
             raise UserError(f"collect.py failed to generate {path}; see its output above")
     return path
 
 
 def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
-    """Load and validate a dataset (format: README "Datasets"). Returns the arrays (memory-mapped
-    for a directory of .npy files), `metadata`, and `episode_last` (index of the last transition
-    of each transition's episode), which trajectory snippets need."""
+    """Load and validate a dataset (README "Datasets"): its arrays (memory-mapped for a directory of .npy files),
+    `metadata`, and `episode_last`, the index of the last transition of each transition's episode (for snippets)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"dataset {path} does not exist")
@@ -821,21 +717,16 @@ def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"dataset {path} cannot be read, it is corrupt, truncated or pickled ({reason})") from None
-
     missing = [key for key in REQUIRED_ARRAYS if key not in arrays]
     if missing:
         raise UserError(f"dataset {path} lacks the arrays {missing}; see README 'Datasets'")
     if arrays["reward"].ndim == 1:
         arrays["reward"] = arrays["reward"][:, None]
     size = len(arrays["observation"])
-    expected_ndim = {"observation": 2, "action": 2, "reward": 2, "discount": 1, "episode_id": 1,
-                     "step": 1, "next_observation": 2, "run_id": 1, "task_id": 1}
-    for key, ndim in expected_ndim.items():
+    for key, ndim in ARRAY_DIMENSIONS.items():
         if key in arrays and (arrays[key].ndim != ndim or len(arrays[key]) != size):
-            raise UserError(
-                f"dataset {path}: array {key!r} has shape {arrays[key].shape}, expected {ndim} "
-                f"dimension(s) and {size} rows like 'observation'"
-            )
+            raise UserError(f"dataset {path}: array {key!r} has shape {arrays[key].shape}, expected {ndim} "
+                            f"dimension(s) and {size} rows like 'observation'")
     if size == 0:
         raise UserError(f"dataset {path} holds no transitions")
     if "next_observation" in arrays and arrays["next_observation"].shape != arrays["observation"].shape:
@@ -843,19 +734,16 @@ def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
     for key in ("observation", "action", "reward", "discount", "next_observation"):
         if key in arrays and not np.isfinite(arrays[key]).all():
             raise UserError(f"dataset {path}: array {key!r} contains NaN or infinite values")
-
     # Episodes must be stored back to back, steps in order, for snippets (Eq. 4) to exist.
     episode_id, step = np.asarray(arrays["episode_id"]), np.asarray(arrays["step"])
     starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
-    same_episode = episode_id[1:] == episode_id[:-1]
-    if len(np.unique(episode_id)) != len(starts) or np.any(np.diff(step)[same_episode] != 1):
+    if len(np.unique(episode_id)) != len(starts) or np.any(np.diff(step)[episode_id[1:] == episode_id[:-1]] != 1):
         raise UserError(f"dataset {path}: episodes must be stored back to back with consecutive steps")
-
     keep = np.ones(size, dtype=bool)
     if "next_observation" not in arrays:  # derive s' from the next row; an episode's last row has none
         keep[np.r_[starts[1:] - 1, size - 1]] = False
         arrays["next_observation"] = np.asarray(arrays["observation"])[np.minimum(np.arange(size) + 1, size - 1)]
-    if episodes_per_run is not None:
+    if episodes_per_run is not None:  # --dataset-episodes: the first K episodes of each collecting run
         run_of_start = np.asarray(arrays["run_id"])[starts] if "run_id" in arrays else np.zeros(len(starts), int)
         rank = np.zeros(len(starts), dtype=np.int64)
         for run in np.unique(run_of_start):
@@ -863,9 +751,8 @@ def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
         keep &= np.repeat(rank < episodes_per_run, np.diff(np.r_[starts, size]))
     if not keep.all():
         arrays = {key: np.asarray(value)[keep] for key, value in arrays.items()}
-        episode_id = arrays["episode_id"]
+        episode_id, size = arrays["episode_id"], int(keep.sum())
         starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
-        size = len(episode_id)
     lengths = np.diff(np.r_[starts, size])
     arrays["episode_last"] = np.repeat(starts + lengths - 1, lengths)
     arrays["metadata"] = metadata
@@ -873,9 +760,9 @@ def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
 
 
 def select_tasks(data: dict, task: str, env_id: Optional[str] = None) -> tuple[list[int], list[str]]:
-    """Reward columns to learn: every column for `all`, else the one named `task`. For sawyer, a task
-    the dataset has no column for (the new tasks `center`, `corner` of Section 5.2) is labelled from
-    the stored s' with sawyer_env's reward function, appended to data["reward"] as a new column."""
+    """Reward columns to learn: every column for `all`, else the one named `task`. For sawyer, a task the dataset
+    has no column for (the new tasks `center`, `corner` of Section 5.2) is labelled from the stored s' with
+    sawyer_env's reward function, appended to data["reward"] as a new column."""
     names = list(data["metadata"].get("tasks") or [f"task{i}" for i in range(data["reward"].shape[1])])
     if len(names) != data["reward"].shape[1]:
         raise UserError(f"dataset metadata names {len(names)} tasks but 'reward' has {data['reward'].shape[1]} columns")
@@ -891,15 +778,6 @@ def select_tasks(data: dict, task: str, env_id: Optional[str] = None) -> tuple[l
     return [names.index(task)], [task]
 
 
-def check_dataset_matches_env(data: dict, env: gym.Env, path: Path) -> None:
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    if data["observation"].shape[1] != obs_dim or data["action"].shape[1] != act_dim:
-        raise UserError(
-            f"dataset {path} has observation/action sizes {data['observation'].shape[1]}/"
-            f"{data['action'].shape[1]} but the env has {obs_dim}/{act_dim}; is it for another env?"
-        )
-
-
 def best_episode_returns(data: dict, columns: list[int]) -> list[float]:
     """Best undiscounted episode return in the dataset, for each task column."""
     starts = np.flatnonzero(np.r_[True, data["episode_id"][1:] != data["episode_id"][:-1]])
@@ -910,10 +788,9 @@ def best_episode_returns(data: dict, columns: list[int]) -> list[float]:
 
 # --- shared block: checkpoint ---
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a crash leaves the previous checkpoint intact."""
-    temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    """Write atomically (a temporary file, then rename): a crash leaves the previous checkpoint intact."""
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
 
 
 def checkpoint_state(modules: dict, rng: np.random.Generator, generator: torch.Generator, **extra) -> dict:
@@ -936,17 +813,31 @@ def load_checkpoint(path: Path, device: torch.device, modules: dict, rng: np.ran
 
 
 # --- shared block: run directory ---
-def fill_observation_normalisation(args) -> None:
-    """Resolve --normalize-observations left at None (called by Args.__post_init__): on for sawyer, whose
-    observation scales differ ~2000x (finger angle std ~69 units, cube positions ~0.035 m), else off."""
+# Hidden layers of the paper's networks for a field of Args left at None: Tables 1-4 for the Control Suite, Table 5
+# for Sawyer, where "a -> b" is a torso of `shared_layers` = 1 layer (a) shared by all tasks, then one head per task (b).
+PAPER_LAYERS = {
+    "policy_layers": {"default": (256, 256), "sawyer": (200, 300)},  # policy and prior: 200 -> 300
+    "critic_layers": {"default": (256, 256, 256), "sawyer": (400, 400)},  # Q: 400 -> 400
+    "encoder_layers": {"default": (256, 256), "sawyer": (256, 256, 256)},  # BCQ encoder: 256 -> 256-256
+    "decoder_layers": {"default": (256, 256), "sawyer": (256, 256)},  # BCQ decoder: 256-256, no branch
+    "perturbation_layers": {"default": (256, 256), "sawyer": (256, 100)},  # BCQ perturbation: 256 -> 100
+}
+
+
+def fill_defaults(args) -> None:
+    """Resolve the fields of Args left at None (called by Args.__post_init__): the paper's network sizes for
+    `args.env` (PAPER_LAYERS), and --normalize-observations, on for sawyer only, whose observation scales differ
+    ~2000x (finger angle std ~69 units, cube positions ~0.035 m)."""
+    for name, sizes in PAPER_LAYERS.items():
+        if hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, sizes["sawyer" if args.env == "sawyer" else "default"])
     if args.normalize_observations is None:
         args.normalize_observations = args.env == "sawyer"
 
 
-# Smallest std an observation dimension is divided by (in its own units). A near-constant dimension would
-# otherwise blow up: sawyer's yellow cube height has std 3e-5 m in a 100-episode dataset (it rarely leaves
-# the table), so a 1 cm lift would read as 370 standard deviations (10 with the floor); CORL's and TD3+BC's
-# `std + 1e-3` bounds the gain the same way. A constant dimension is only centred.
+# Smallest std an observation dimension is divided by (in its own units): sawyer's yellow cube height has std
+# 3e-5 m in a 100-episode dataset, so a 1 cm lift would read as 370 standard deviations (10 with the floor);
+# CORL's and TD3+BC's `std + 1e-3` bound the gain the same way. A constant dimension is only centred.
 OBSERVATION_STD_FLOOR = 1e-3
 OBSERVATION_KEYS = ("observation", "next_observation", "bootstrap_observation")  # the batch's states
 
@@ -968,8 +859,8 @@ RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_ste
 
 
 def load_saved_config(run_dir: Path, args, script: str) -> None:
-    """`--resume RUN_DIR`: every argument left at its default takes the run's saved value; one given
-    beside it may change only budgets, devices and logging (RESUME_MAY_CHANGE)."""
+    """`--resume RUN_DIR`: every argument left at its default takes the run's saved value; one given beside it
+    may change only budgets, devices and logging (RESUME_MAY_CHANGE)."""
     if not (run_dir / "config.json").exists() or not (run_dir / "checkpoint.pt").exists():
         raise UserError(f"cannot resume {run_dir}: it has no config.json and checkpoint.pt")
     saved = json.loads((run_dir / "config.json").read_text())
@@ -989,8 +880,7 @@ def load_saved_config(run_dir: Path, args, script: str) -> None:
 
 
 def make_run_dir(args, script: str) -> Path:
-    run_dir = Path(args.resume or args.run_dir or
-                   f"runs/{script}__{args.env.replace(':', '_')}__{args.seed}__{int(time.time())}")
+    run_dir = Path(args.resume or args.run_dir or f"runs/{script}__{args.env.replace(':', '_')}__{args.seed}__{int(time.time())}")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / ".write_test").write_text("")
@@ -1015,76 +905,64 @@ def write_config(run_dir: Path, args, script: str, dataset: Path, spec: dict) ->
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
-class MetricsLogger:
-    """One row per evaluation in metrics.csv, the same scalars in TensorBoard (and W&B)."""
+class Run:
+    """A learning script's run: `Run(args, script)` checks the arguments, the env and the dataset and creates (or
+    reopens) the run directory; then the bookkeeping of the loop: resuming, batches on the device, averaged losses,
+    rows of metrics.csv / TensorBoard / W&B, checkpoints."""
 
-    def __init__(self, run_dir: Path, args, start_step: int = 0):
+    def __init__(self, args, script: str):
+        if args.resume:
+            load_saved_config(Path(args.resume), args, script)
+        if args.eval_max_steps is not None and args.eval_max_steps < 1:
+            raise UserError("--eval-max-steps must be positive")
+        self.args, self.script = args, script
+        self.device, env = pick_device(args.device), make_env(args.env)  # checks --env before anything is written
+        self.run_dir = make_run_dir(args, script)
+        dataset = ensure_dataset(args)
+        self.data = data = load_dataset(dataset, args.dataset_episodes)
+        (obs_dim,), (act_dim,) = env.observation_space.shape, env.action_space.shape
+        if data["observation"].shape[1] != obs_dim or data["action"].shape[1] != act_dim:
+            raise UserError(f"dataset {dataset} has observation/action sizes {data['observation'].shape[1]}/"
+                            f"{data['action'].shape[1]} but the env has {obs_dim}/{act_dim}; is it for another env?")
+        self.columns, self.tasks = select_tasks(data, args.task, args.env)
+        (low, high), (env_low, env_high) = (env.action_space.low, env.action_space.high), env_action_bounds(env)
+        if not (np.array_equal(low, env_low) and np.array_equal(high, env_high)):  # the learner's bounds, the env's
+            stored = [data["metadata"].get(key) for key in ("action_low", "action_high")]
+            if None not in stored and not np.allclose(stored, [env_low, env_high]):
+                raise UserError(f"dataset {dataset} has action bounds {stored} but {args.env} takes actions in "
+                                f"{[env_low.tolist(), env_high.tolist()]}")
+            data["action"] = normalise_actions(data["action"], env_low, env_high)  # dataset actions are physical
+        mean, std = observation_statistics(data["observation"], args.normalize_observations)
+        self.spec = {"obs_dim": obs_dim, "act_dim": act_dim, "tasks": self.tasks, "action_low": low.tolist(),
+                     "action_high": high.tolist(), "env_action_low": env_low.tolist(),
+                     "env_action_high": env_high.tolist(), "observation_mean": mean, "observation_std": std,
+                     "best_episode_return_in_dataset": dict(zip(self.tasks, best_episode_returns(data, self.columns)))}
+        if not args.resume:
+            write_config(self.run_dir, args, script, dataset, self.spec)
+        self.low, self.high = torch.as_tensor(low, device=self.device), torch.as_tensor(high, device=self.device)
+
+    def start(self, modules: dict, rng: np.random.Generator, generator: torch.Generator) -> int:
+        """The last update done: 0, or with --resume the checkpoint's (modules and random states restored)."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path, self.columns, self.wandb = run_dir / "metrics.csv", None, None
-        if self.path.exists():  # resuming: keep the rows up to the checkpoint's step
-            with open(self.path) as handle:
-                rows = list(csv.reader(handle))
-            self.columns = rows[0] if rows else None
-            with open(self.path, "w", newline="") as handle:
-                csv.writer(handle).writerows([row for row in rows if row and (row is rows[0] or int(row[0]) <= start_step)])
-        self.writer = SummaryWriter(str(run_dir))
-        if args.track:
+        self.step, self.wandb, self.metrics = 0, None, self.run_dir / "metrics.csv"
+        if self.args.resume:
+            self.step = load_checkpoint(self.run_dir / "checkpoint.pt", self.device, modules, rng, generator)["step"]
+            print(f"Resuming {self.run_dir} from update {self.step}.", flush=True)
+        rows = list(csv.reader(self.metrics.read_text().splitlines())) if self.metrics.exists() else []
+        self.columns = rows[0] if rows else None
+        if rows:  # resuming: keep the rows up to the checkpoint's step
+            with open(self.metrics, "w", newline="") as handle:
+                csv.writer(handle).writerows(rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= self.step])
+        self.writer = SummaryWriter(str(self.run_dir))
+        if self.args.track:
             try:
                 import wandb
             except ImportError:
                 raise UserError("--track needs Weights & Biases: pip install wandb") from None
-            config = json.loads((run_dir / "config.json").read_text())
-            self.wandb = wandb.init(project=args.wandb_project, config=config, dir=str(run_dir),
-                                    name=run_dir.name, resume="allow")
-
-    def log(self, step: int, metrics: dict) -> None:
-        row = {"step": step, **metrics}
-        if self.columns is None:
-            self.columns = list(row)
-            with open(self.path, "w", newline="") as handle:
-                csv.writer(handle).writerow(self.columns)
-        with open(self.path, "a", newline="") as handle:
-            csv.writer(handle).writerow([row.get(column, "") for column in self.columns])
-        for key, value in metrics.items():
-            self.writer.add_scalar(key, value, step)
-        self.writer.flush()
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-
-    def close(self) -> list[dict]:
-        """Close the writers; returns every row of metrics.csv."""
-        self.writer.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-        with open(self.path) as handle:
-            return list(csv.DictReader(handle))
-
-
-@dataclass
-class Run:
-    """What a learning script needs before its first update (made by `prepare`), and the bookkeeping of
-    its loop: resuming, the batch on the device, averaged metrics, evaluation rows, checkpoints."""
-
-    args: object
-    script: str
-    device: torch.device
-    env: gym.Env
-    run_dir: Path
-    data: dict
-    columns: list
-    tasks: list
-    spec: dict
-    low: torch.Tensor
-    high: torch.Tensor
-
-    def start(self, modules: dict, rng: np.random.Generator, generator: torch.Generator) -> int:
-        """The last update done: 0, or with --resume the checkpoint's step (modules and random states restored)."""
-        self.step = 0
-        if self.args.resume:
-            self.step = load_checkpoint(self.run_dir / "checkpoint.pt", self.device, modules, rng, generator)["step"]
-            print(f"Resuming {self.run_dir} from update {self.step}.", flush=True)
-        self.logger = MetricsLogger(self.run_dir, self.args, self.step)
+            config = json.loads((self.run_dir / "config.json").read_text())
+            self.wandb = wandb.init(project=self.args.wandb_project, config=config, dir=str(self.run_dir),
+                                    name=self.run_dir.name, resume="allow")
         self.eval_envs = make_eval_envs(self.args, self.run_dir, self.tasks, self.spec)
         self.mean, self.std = (np.asarray(self.spec[key], np.float32) for key in ("observation_mean", "observation_std"))
         self.sums, self.count, self.clock = {}, 0, time.time()
@@ -1092,8 +970,8 @@ class Run:
         return self.step
 
     def to_device(self, batch: dict) -> dict:
-        """Standardise the batch's states with --normalize-observations (per batch: a memory-mapped dataset
-        stays as it is on disk) and move the batch to the device."""
+        """Standardise the batch's states with --normalize-observations (per batch: a memory-mapped dataset stays
+        as it is on disk), then move the batch to the device."""
         if self.args.normalize_observations:
             batch = {key: (value - self.mean) / self.std if key in OBSERVATION_KEYS else value
                      for key, value in batch.items()}
@@ -1101,7 +979,7 @@ class Run:
 
     @contextlib.contextmanager
     def stop_on_non_finite_loss(self):
-        """An update that raises FloatingPointError stops the run in one sentence; checkpoint.pt keeps its state."""
+        """An update raising FloatingPointError stops the run in one sentence; checkpoint.pt keeps its state."""
         try:
             yield
         except FloatingPointError as error:
@@ -1114,12 +992,21 @@ class Run:
         self.progress.update()
 
     def evaluate_and_log(self, step: int, actors: dict) -> None:
-        """One metrics.csv row: the losses averaged since the last row, then the actors' returns."""
+        """One row of metrics.csv, TensorBoard and W&B: the losses averaged since the last row, the actors' returns."""
         row = {key: float(value) / self.count for key, value in self.sums.items()}
         row["charts/updates_per_second"] = self.count / (time.time() - self.clock)
         row.update(evaluate_actors(actors, self.eval_envs, self.tasks, self.args.eval_episodes, self.args.seed + 100,
                                    self.args.eval_max_steps))
-        self.logger.log(step, row)
+        with open(self.metrics, "a" if self.columns else "w", newline="") as handle:
+            if self.columns is None:
+                self.columns = ["step", *row]
+                csv.writer(handle).writerow(self.columns)
+            csv.writer(handle).writerow([{"step": step, **row}.get(column, "") for column in self.columns])
+        for key, value in row.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
         self.progress.set_postfix({k[5:]: f"{v:.1f}" for k, v in row.items() if k.startswith("eval/") and k.count("/") == 1})
         self.sums, self.count, self.clock = {}, 0, time.time()
 
@@ -1130,62 +1017,50 @@ class Run:
         export_policy(policy, self.spec, self.args.env, self.run_dir / "policy.pt2")
 
     def finish(self) -> list[dict]:
-        """Close the progress bar and the loggers; returns the evaluations (the rows of metrics.csv)."""
+        """Close the progress bar and the writers; returns the evaluations, the rows of metrics.csv."""
         self.progress.close()
-        return self.logger.close()
-
-
-def prepare(args, script: str) -> Run:
-    """Check the arguments, the env and the dataset, create (or reopen) the run directory."""
-    if args.resume:
-        load_saved_config(Path(args.resume), args, script)
-    if args.eval_max_steps is not None and args.eval_max_steps < 1:
-        raise UserError("--eval-max-steps must be positive")
-    device = pick_device(args.device)
-    env = make_env(args.env)  # checks --env before anything is written
-    run_dir = make_run_dir(args, script)
-    dataset = ensure_dataset(args)
-    data = load_dataset(dataset, args.dataset_episodes)
-    check_dataset_matches_env(data, env, dataset)
-    columns, tasks = select_tasks(data, args.task, args.env)
-    low, high = env.action_space.low, env.action_space.high  # the learner's bounds
-    env_low, env_high = env_action_bounds(env)  # the env's (physical) bounds
-    if not (np.array_equal(low, env_low) and np.array_equal(high, env_high)):
-        stored = [data["metadata"].get(key) for key in ("action_low", "action_high")]
-        if None not in stored and not np.allclose(stored, [env_low, env_high]):
-            raise UserError(f"dataset {dataset} has action bounds {stored} but {args.env} takes actions in "
-                            f"{[env_low.tolist(), env_high.tolist()]}")
-        data["action"] = normalise_actions(data["action"], env_low, env_high)  # dataset actions are physical
-    spec = {"obs_dim": env.observation_space.shape[0], "act_dim": env.action_space.shape[0], "tasks": tasks,
-            "action_low": low.tolist(), "action_high": high.tolist(),
-            "env_action_low": env_low.tolist(), "env_action_high": env_high.tolist(),
-            **dict(zip(("observation_mean", "observation_std"),
-                       observation_statistics(data["observation"], args.normalize_observations))),
-            "best_episode_return_in_dataset": dict(zip(tasks, best_episode_returns(data, columns)))}
-    if not args.resume:
-        write_config(run_dir, args, script, dataset, spec)
-    return Run(args, script, device, env, run_dir, data, columns, tasks, spec,
-               torch.as_tensor(low, device=device), torch.as_tensor(high, device=device))
+        self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        with open(self.metrics) as handle:
+            return list(csv.DictReader(handle))
 # --- end shared block ---
 
 
-# --- shared block: eval envs ---
-class StandardiseObservation(gym.ObservationWrapper):
-    """The learner's input from the env's raw observation: (observation - mean) / std."""
+# --- shared block: evaluation ---
+def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int,
+             max_steps: Optional[int] = None) -> list[float]:
+    """Undiscounted returns of `episodes` episodes; episode i starts from reset(seed=seed + i), so every
+    evaluation of a run sees the same initial states. `max_steps` cuts episodes short."""
+    returns = []
+    for episode in range(episodes):
+        observation, _ = env.reset(seed=seed + episode)
+        total, done, steps = 0.0, False, 0
+        while not done:
+            observation, reward, terminated, truncated, _ = env.step(
+                np.clip(act(observation), env.action_space.low, env.action_space.high))
+            total, steps = total + float(reward), steps + 1
+            done = terminated or truncated or steps == max_steps
+        returns.append(total)
+    return returns
 
-    def __init__(self, env: gym.Env, mean: list, std: list):
-        super().__init__(env)
-        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, env.observation_space.shape, np.float32)
 
-    def observation(self, observation: np.ndarray) -> np.ndarray:
-        return (np.asarray(observation, np.float32) - self.mean) / self.std
+def evaluate_actors(actors: dict, envs: list, tasks: list, episodes: int, seed: int,
+                    max_steps: Optional[int] = None) -> dict:
+    """`eval/<name>` = mean return over tasks of each actor, `eval/<name>/<task>` per task; task k acts with head k
+    in envs[k]."""
+    results = {}
+    for name, act in actors.items():
+        per_task = [np.mean(evaluate(lambda o: act(o, k), envs[k], episodes, seed, max_steps)) for k in range(len(tasks))]
+        results[f"eval/{name}"] = float(np.mean(per_task))
+        if len(tasks) > 1:
+            results.update({f"eval/{name}/{task}": float(value) for task, value in zip(tasks, per_task)})
+    return results
 
 
 def make_eval_envs(args, run_dir: Path, tasks: list, spec: Optional[dict] = None) -> list:
-    """One evaluation env per task: SawyerEnv(task) for sawyer, else the one env for every reward column;
-    with --normalize-observations they return observations standardised by the spec's statistics."""
-    render_mode = "rgb_array" if args.capture_video else None
+    """One evaluation env per task (SawyerEnv(task) for sawyer, else the one env for every reward column), recording
+    videos with --capture-video and standardising observations by the spec's statistics with --normalize-observations."""
     if args.capture_video:
         try:
             import moviepy  # noqa: F401  (RecordVideo writes mp4 files with it)
@@ -1194,33 +1069,56 @@ def make_eval_envs(args, run_dir: Path, tasks: list, spec: Optional[dict] = None
     names = tasks if args.env == "sawyer" else tasks[:1]
     envs = []
     for task in names:
-        env = make_env(args.env, render_mode, task if args.env == "sawyer" else None)
+        env = make_env(args.env, "rgb_array" if args.capture_video else None, task if args.env == "sawyer" else None)
         if args.capture_video:
             folder = run_dir / "videos" / task if len(names) > 1 else run_dir / "videos"
             env = gym.wrappers.RecordVideo(env, str(folder), episode_trigger=lambda i: i % args.eval_episodes == 0,
                                            disable_logger=True)
-        if args.normalize_observations and spec is not None:
-            env = StandardiseObservation(env, spec["observation_mean"], spec["observation_std"])
+        if args.normalize_observations and spec is not None:  # the learner's input: (observation - mean) / std
+            mean, std = (np.asarray(spec[key], np.float32) for key in ("observation_mean", "observation_std"))
+            space = gym.spaces.Box(-np.inf, np.inf, env.observation_space.shape, np.float32)
+            env = gym.wrappers.TransformObservation(env, lambda o, m=mean, s=std: (np.asarray(o, np.float32) - m) / s, space)
         envs.append(env)
     return envs if args.env == "sawyer" else envs * len(tasks)
 # --- end shared block ---
 
 
+# --- shared block: gaussian actor ---
+def gaussian_mean_actor(net: nn.Module, num_tasks: int, device: torch.device) -> Callable:
+    """act(observation, task) = the mean of a Gaussian policy's head for that task, for evaluation."""
+
+    @torch.no_grad()
+    def act(observation: np.ndarray, task: int) -> np.ndarray:
+        obs = torch.as_tensor(observation, dtype=torch.float32, device=device).expand(num_tasks, 1, -1)
+        return net(obs)[0][task, 0].float().cpu().numpy()
+
+    return act
+
+
+class PolicyMean(nn.Module):
+    """The acting module of a Gaussian policy for export: its mean, [K, N, obs] -> [K, N, act]."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        return self.policy(observation)[0]
+# --- end shared block ---
+
+
 # --- shared block: export ---
 class ExportedPolicy(nn.Module):
-    """observation [B, obs_dim] float32 (raw, the env's), task_index [B] int64 -> action [B, act_dim] in
-    the env's physical units, clipped. The observation is standardised with the learner's statistics
-    (observation_mean, observation_std; 0 and 1 when it learned from raw observations), then `actor`
-    maps [K, B, obs] -> [K, B, act] with one slice per task head. A learner working in [low, high]
-    (e.g. [-1, 1]) is mapped affinely onto [env_low, env_high]."""
+    """observation [B, obs_dim] float32 (raw, the env's), task_index [B] int64 -> action [B, act_dim] in the env's
+    physical units, clipped. The observation is standardised with the learner's statistics, `actor` maps
+    [K, B, obs] -> [K, B, act] with one slice per task head, and a learner acting in [low, high] (e.g. [-1, 1])
+    is mapped affinely onto [env_low, env_high]."""
 
-    def __init__(self, actor: nn.Module, num_tasks: int, low, high, env_low, env_high, observation_mean,
-                 observation_std):
+    def __init__(self, actor: nn.Module, num_tasks: int, **buffers):
         super().__init__()
         self.actor, self.num_tasks = actor, num_tasks
-        self.rescale = list(low) != list(env_low) or list(high) != list(env_high)
-        for name, value in (("low", low), ("high", high), ("env_low", env_low), ("env_high", env_high),
-                            ("observation_mean", observation_mean), ("observation_std", observation_std)):
+        self.rescale = buffers["low"] != buffers["env_low"] or buffers["high"] != buffers["env_high"]
+        for name, value in buffers.items():
             self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32))
 
     def forward(self, observation: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
@@ -1233,22 +1131,21 @@ class ExportedPolicy(nn.Module):
 
 
 def export_policy(actor: nn.Module, spec: dict, env_id: str, path: Path) -> None:
-    """Write `path` (policy.pt2) with torch.export, atomically: a program that runs with torch
-    alone, `torch.export.load(path).module()(observation, task_index)`, with the spec it needs
-    (env, sizes, task names, action bounds, observation statistics) embedded as the extra file "policy.json"."""
-    low, high = spec["action_low"], spec["action_high"]
-    env_low, env_high = spec.get("env_action_low", low), spec.get("env_action_high", high)
-    mean = spec.get("observation_mean", [0.0] * spec["obs_dim"])
-    std = spec.get("observation_std", [1.0] * spec["obs_dim"])
-    module = ExportedPolicy(copy.deepcopy(actor).cpu().eval(), len(spec["tasks"]), low, high, env_low, env_high,
-                            mean, std)
+    """Write `path` (policy.pt2) with torch.export, atomically: a program that runs with torch alone,
+    `torch.export.load(path).module()(observation, task_index)`, with the spec it needs (env, sizes, task names,
+    action bounds, observation statistics) embedded as the extra file "policy.json"."""
+    low, high = list(spec["action_low"]), list(spec["action_high"])
+    env_low, env_high = list(spec.get("env_action_low", low)), list(spec.get("env_action_high", high))
+    mean = list(spec.get("observation_mean", [0.0] * spec["obs_dim"]))
+    std = list(spec.get("observation_std", [1.0] * spec["obs_dim"]))
+    module = ExportedPolicy(copy.deepcopy(actor).cpu().eval(), len(spec["tasks"]), low=low, high=high, env_low=env_low,
+                            env_high=env_high, observation_mean=mean, observation_std=std)
     batch = torch.export.Dim("batch", max=1 << 16)
     example = (torch.zeros(2, spec["obs_dim"]), torch.zeros(2, dtype=torch.int64))
     program = torch.export.export(module, example, dynamic_shapes=({0: batch}, {0: batch}))
     metadata = {"env": env_id, "obs_dim": spec["obs_dim"], "act_dim": spec["act_dim"], "tasks": list(spec["tasks"]),
-                "action_low": list(env_low), "action_high": list(env_high),
-                "learner_action_low": list(low), "learner_action_high": list(high),
-                "observation_mean": list(mean), "observation_std": list(std),
+                "action_low": env_low, "action_high": env_high, "learner_action_low": low, "learner_action_high": high,
+                "observation_mean": mean, "observation_std": std,
                 "inputs": "observation [B, obs_dim] float32 raw (standardised inside with observation_mean/std), "
                           "task_index [B] int64 (into tasks)",
                 "output": "action [B, act_dim] float32 in [action_low, action_high]"}

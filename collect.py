@@ -117,6 +117,14 @@ class UserError(Exception):
     """A problem with the user's input (arguments, files): reported in one sentence, exit 1."""
 
 
+def main(train_fn: Callable, args) -> None:
+    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1."""
+    try:
+        train_fn(args)
+    except UserError as error:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,13 +134,12 @@ def pick_device(name: str) -> torch.device:
 
 
 def autocast(precision: str, device: torch.device):
-    """`--precision bf16`: matrix products inside this context run in bfloat16 (float32 weights,
-    float32 accumulation); `fp32`: a no-op context."""
+    """`--precision bf16`: matrix products inside run in bfloat16 (float32 weights and accumulation); fp32: no-op."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-# State-action rows per critic pass and thread in q_values: 1024 rows of a 256-unit activation are 1 MiB,
-# a core's L2 cache; one pass over all M * B rows is up to 2x slower on a CPU.
+# State-action rows per critic pass and thread (q_values, TwinCritic): 1024 rows of a 256-unit activation are
+# 1 MiB, a core's L2 cache; one pass over all M * B rows is up to 2x slower on a CPU.
 CHUNK_ROWS = 1024
 
 
@@ -142,36 +149,24 @@ def to_torch(batch: dict, device: torch.device) -> dict:
 
 def default_dataset_path(env_id: str) -> Path:
     return Path("datasets") / (env_id.replace(":", "_").replace("/", "_") + ".npz")
-
-
-def main(train_fn: Callable, args) -> None:
-    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1."""
-    try:
-        train_fn(args)
-    except UserError as error:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
 # --- end shared block ---
 
 
 # --- shared block: env ---
-CONTROL_SUITE_ALIASES = {
-    "hopper": "hopper-hop",
-    "cheetah": "cheetah-run",
-    "walker": "walker-walk",
-    "quadruped": "quadruped-run",
-}
+CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walker": "walker-walk",
+                         "quadruped": "quadruped-run"}
 
 
 def default_gl_backend() -> None:
-    """dm_control reads MUJOCO_GL when imported; its default (glfw) needs a display. On Linux default
-    to EGL, which renders headless; elsewhere keep dm_control's choice. A user's MUJOCO_GL wins."""
+    """dm_control reads MUJOCO_GL when imported, and its default (glfw) needs a display: on Linux default to EGL,
+    which renders headless; elsewhere keep dm_control's choice. A user's MUJOCO_GL wins."""
     if sys.platform.startswith("linux"):
         os.environ.setdefault("MUJOCO_GL", "egl")
 
 
 class ControlSuiteEnv(gym.Env):
-    """A Control Suite task as a Gymnasium env: flat float32 observation, actions clipped to the
-    bounds, episodes end by time limit (`truncated`, the discount stays 1)."""
+    """A Control Suite task as a Gymnasium env: flat float32 observation, actions clipped to the bounds,
+    episodes end by time limit (`truncated`, the discount stays 1)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
@@ -180,14 +175,11 @@ class ControlSuiteEnv(gym.Env):
         from dm_control import suite
 
         self._load = lambda seed: suite.load(domain, task, task_kwargs={"random": seed})
-        self._env = self._load(None)
-        spec = self._env.action_spec()
-        self.action_space = gym.spaces.Box(
-            spec.minimum.astype(np.float32), spec.maximum.astype(np.float32), dtype=np.float32
-        )
+        self._env, self.render_mode = self._load(None), render_mode
+        low, high = self._env.action_spec().minimum, self._env.action_spec().maximum
+        self.action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
         size = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), dtype=np.float32)
-        self.render_mode = render_mode
 
     def _flatten(self, observation) -> np.ndarray:
         return np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
@@ -199,12 +191,10 @@ class ControlSuiteEnv(gym.Env):
         return self._flatten(self._env.reset().observation), {}
 
     def step(self, action):
-        low, high = self.action_space.low, self.action_space.high
-        time_step = self._env.step(np.clip(action, low, high))
+        time_step = self._env.step(np.clip(action, self.action_space.low, self.action_space.high))
         terminated = time_step.last() and time_step.discount == 0.0
         truncated = time_step.last() and not terminated
-        reward = float(time_step.reward or 0.0)
-        return self._flatten(time_step.observation), reward, terminated, truncated, {}
+        return self._flatten(time_step.observation), float(time_step.reward or 0.0), terminated, truncated, {}
 
     def render(self):
         return self._env.physics.render(height=240, width=320, camera_id=0)
@@ -212,18 +202,14 @@ class ControlSuiteEnv(gym.Env):
 
 def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
     """`hopper`-style alias, Control Suite `domain-task`, `sawyer`, or any gymnasium id (`module:EnvId`).
-
-    `sawyer` is sawyer_env.SawyerEnv(task) (task None: the Section 5.2 protocol, a random task per
-    episode) taking actions in [-1, 1]: its action dimensions differ in scale by 3600x (0.07 m/s to 255
-    finger units/s) while the Gaussian heads' minimum std is 0.1, so learners work in normalised actions
-    and RescaleAction maps them to the physical bounds (`env_action_bounds`)."""
+    `sawyer` is sawyer_env.SawyerEnv(task) (None: a random task per episode, Section 5.2) taking actions in
+    [-1, 1] through RescaleAction: its action dimensions differ in scale by 3600x, the learners' minimum std is 0.1."""
     if env_id == "sawyer":
         if task is not None and task not in sawyer_env.ALL_TASKS:
             raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
         env = sawyer_env.SawyerEnv(task or "random", render_mode)
         return gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))
-    name = CONTROL_SUITE_ALIASES.get(env_id, env_id)
-    domain, _, task = name.partition("-")
+    domain, _, task = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
     if task:
         default_gl_backend()
         from dm_control import suite
@@ -233,16 +219,12 @@ def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str]
     try:
         return gym.make(env_id, render_mode=render_mode)
     except Exception as error:  # gymnasium raises many types for an unknown or broken id
-        raise UserError(
-            f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
-            f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})"
-        ) from None
+        raise UserError(f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
+                        f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})") from None
 
 
 def env_action_bounds(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
-    """The bounds of the actions the env itself takes (physical units for sawyer); the learner's
-    bounds are env.action_space. An exported policy maps a learner action a to env units with
-    env_low + (a + 1) / 2 * (env_high - env_low) when they differ."""
+    """The bounds of the actions the env itself takes (physical units for sawyer); the learner's: env.action_space."""
     inner = env.env if isinstance(env, gym.wrappers.RescaleAction) else env
     return inner.action_space.low, inner.action_space.high
 
@@ -255,10 +237,9 @@ def normalise_actions(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> 
 
 # --- shared block: checkpoint ---
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a crash leaves the previous checkpoint intact."""
-    temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    """Write atomically (a temporary file, then rename): a crash leaves the previous checkpoint intact."""
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
 
 
 def checkpoint_state(modules: dict, rng: np.random.Generator, generator: torch.Generator, **extra) -> dict:
