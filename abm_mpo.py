@@ -472,27 +472,10 @@ def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict, args: Ar
 
 
 
-# --- shared block: summary ---
-def write_summary(run_dir: Path, evaluations: list[dict], best_in_data: dict) -> dict:
-    """Final return = mean over the last 10% of evaluations (the paper's Table 6 protocol); `per_task`
-    is Table 7's layout: per task the final return, the final prior return, the best return in the data."""
-    summary = {"evaluations": len(evaluations), "best_episode_return_in_dataset": best_in_data}
-    keys = [key for key in (evaluations[0] if evaluations else {}) if key.startswith("eval/")]
-    for key in keys:
-        values = [float(row[key]) for row in evaluations if row.get(key) not in (None, "")]
-        tail = values[-max(1, math.ceil(0.1 * len(values))):]
-        if tail:
-            summary["final/" + key.removeprefix("eval/")] = float(np.mean(tail))
-    per_task = {}
-    for task, best in best_in_data.items():
-        suffix = f"/{task}" if len(best_in_data) > 1 else ""
-        per_task[task] = {name: summary[f"final/{name}{suffix}"] for name in ("return", "prior_return")
-                          if f"final/{name}{suffix}" in summary}
-        per_task[task]["best_episode_return_in_dataset"] = best
-    summary["per_task"] = per_task
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
-    return summary
+# --- shared block: final return ---
+def final_return(returns: list[float]) -> float:
+    # Table 6's protocol: a run's final return is the mean over its last 10% of evaluations.
+    return float(np.mean(returns[-max(1, math.ceil(0.1 * len(returns))):]))
 # --- end shared block ---
 
 
@@ -532,10 +515,8 @@ def train(args: Args) -> dict:
 
 
 # ==================================================================================================
-# TRY NOT TO MODIFY: the plumbing below is the same in every script (utilities, environments, dataset
-# files, checkpoints, run directory and logging, evaluation, export); the algorithm above never needs it
-# to be followed. tests/test_shared_blocks.py keeps the copies identical: edit abm_mpo.py, then run
-# tools/sync_blocks.py.
+# TRY NOT TO MODIFY: the plumbing every script shares (environments, dataset files, checkpoints, run directory,
+# logging, evaluation, export). Edit abm_mpo.py, run tools/sync_blocks.py; tests/test_shared_blocks.py checks.
 # ==================================================================================================
 
 
@@ -585,15 +566,13 @@ CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walk
 
 
 def default_gl_backend() -> None:
-    """dm_control reads MUJOCO_GL when imported, and its default (glfw) needs a display: on Linux default to EGL,
-    which renders headless; elsewhere keep dm_control's choice. A user's MUJOCO_GL wins."""
+    """dm_control reads MUJOCO_GL at import; its default, glfw, needs a display: default to headless EGL on Linux."""
     if sys.platform.startswith("linux"):
         os.environ.setdefault("MUJOCO_GL", "egl")
 
 
 class ControlSuiteEnv(gym.Env):
-    """A Control Suite task as a Gymnasium env: flat float32 observation, actions clipped to the bounds,
-    episodes end by time limit (`truncated`, the discount stays 1)."""
+    """A Control Suite task as a Gymnasium env: flat float32 observation, clipped actions, time limit = `truncated`."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
@@ -628,9 +607,8 @@ class ControlSuiteEnv(gym.Env):
 
 
 def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
-    """`hopper`-style alias, Control Suite `domain-task`, `sawyer`, or any gymnasium id (`module:EnvId`).
-    `sawyer` is sawyer_env.SawyerEnv(task) (None: a random task per episode, Section 5.2) taking actions in
-    [-1, 1] through RescaleAction: its action dimensions differ in scale by 3600x, the learners' minimum std is 0.1."""
+    """`hopper`-style alias, Control Suite `domain-task`, `sawyer` (SawyerEnv(task), task None: a random task per
+    episode, taking actions in [-1, 1]: its dimensions differ in scale by 3600x), or a gymnasium id (`module:EnvId`)."""
     if env_id == "sawyer":
         if task is not None and task not in sawyer_env.ALL_TASKS:
             raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
@@ -743,9 +721,8 @@ def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
 
 
 def select_tasks(data: dict, task: str, env_id: Optional[str] = None) -> tuple[list[int], list[str]]:
-    """Reward columns to learn: every column for `all`, else the one named `task`. For sawyer, a task the dataset
-    has no column for (the new tasks `center`, `corner` of Section 5.2) is labelled from the stored s' with
-    sawyer_env's reward function, appended to data["reward"] as a new column."""
+    """Reward columns to learn: every column for `all`, else the one named `task`; sawyer's new tasks (`center`,
+    `corner`, Section 5.2) are labelled from the stored s' and appended to data["reward"] as a new column."""
     names = list(data["metadata"].get("tasks") or [f"task{i}" for i in range(data["reward"].shape[1])])
     if len(names) != data["reward"].shape[1]:
         raise UserError(f"dataset metadata names {len(names)} tasks but 'reward' has {data['reward'].shape[1]} columns")
@@ -808,9 +785,8 @@ PAPER_LAYERS = {
 
 
 def fill_defaults(args) -> None:
-    """Resolve the fields of Args left at None (called by Args.__post_init__): the paper's network sizes for
-    `args.env` (PAPER_LAYERS), and --normalize-observations, on for sawyer only, whose observation scales differ
-    ~2000x (finger angle std ~69 units, cube positions ~0.035 m)."""
+    """Args' fields left at None (Args.__post_init__): the paper's network sizes for `args.env`, and
+    --normalize-observations, on for sawyer only (finger angle std ~69 units, cube positions ~0.035 m)."""
     for name, sizes in PAPER_LAYERS.items():
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, sizes["sawyer" if args.env == "sawyer" else "default"])
@@ -818,16 +794,14 @@ def fill_defaults(args) -> None:
         args.normalize_observations = args.env == "sawyer"
 
 
-# Smallest std an observation dimension is divided by (in its own units): sawyer's yellow cube height has std
-# 3e-5 m in a 100-episode dataset, so a 1 cm lift would read as 370 standard deviations (10 with the floor);
-# CORL's and TD3+BC's `std + 1e-3` bound the gain the same way. A constant dimension is only centred.
+# Smallest std an observation dimension is divided by: sawyer's yellow cube height has std 3e-5 m in 100 episodes,
+# a 1 cm lift would read as 370 stds (10 with the floor); CORL's and TD3+BC's `std + 1e-3` bound it the same way.
 OBSERVATION_STD_FLOOR = 1e-3
 OBSERVATION_KEYS = ("observation", "next_observation", "bootstrap_observation")  # the batch's states
 
 
 def observation_statistics(observation: np.ndarray, standardise: bool) -> tuple[list, list]:
-    """Per-dimension mean and std (floored at OBSERVATION_STD_FLOOR) of the dataset's observations, in float64
-    chunks (a memory-mapped dataset is read, never copied whole); the identity (0, 1) when `standardise` is off."""
+    """Per-dimension mean and floored std in float64 chunks (a memory-mapped dataset is never copied whole)."""
     size, dim = observation.shape
     if not standardise:
         return [0.0] * dim, [1.0] * dim
@@ -842,8 +816,8 @@ RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_ste
 
 
 def load_saved_config(run_dir: Path, args, script: str) -> None:
-    """`--resume RUN_DIR`: every argument left at its default takes the run's saved value; one given beside it
-    may change only budgets, devices and logging (RESUME_MAY_CHANGE)."""
+    """`--resume RUN_DIR`: arguments left at their defaults take the saved values; others may change only budgets,
+    devices and logging (RESUME_MAY_CHANGE)."""
     if not (run_dir / "config.json").exists() or not (run_dir / "checkpoint.pt").exists():
         raise UserError(f"cannot resume {run_dir}: it has no config.json and checkpoint.pt")
     saved = json.loads((run_dir / "config.json").read_text())
@@ -889,9 +863,8 @@ def write_config(run_dir: Path, args, script: str, dataset: Path, spec: dict) ->
 
 
 class Run:
-    """A learning script's run: `Run(args, script)` checks the arguments, the env and the dataset and creates (or
-    reopens) the run directory; then the bookkeeping of the loop: resuming, batches on the device, averaged losses,
-    rows of metrics.csv / TensorBoard / W&B, checkpoints."""
+    """`Run(args, script)` checks the arguments, the env and the dataset and opens the run directory; its methods
+    keep the loop's books: resuming, batches on the device, metrics.csv / TensorBoard / W&B rows, checkpoints."""
 
     def __init__(self, args, script: str):
         if args.resume:
@@ -933,7 +906,7 @@ class Run:
             self.step = load_checkpoint(self.run_dir / "checkpoint.pt", self.device, modules, rng, generator)["step"]
             print(f"Resuming {self.run_dir} from update {self.step}.", flush=True)
         rows = list(csv.reader(self.metrics.read_text().splitlines())) if self.metrics.exists() else []
-        self.columns = rows[0] if rows else None
+        self.header = rows[0] if rows else None
         if rows:  # resuming: keep the rows up to the checkpoint's step
             with open(self.metrics, "w", newline="") as handle:
                 csv.writer(handle).writerows(rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= self.step])
@@ -953,8 +926,7 @@ class Run:
         return self.step
 
     def to_device(self, batch: dict) -> dict:
-        """Standardise the batch's states with --normalize-observations (per batch: a memory-mapped dataset stays
-        as it is on disk), then move the batch to the device."""
+        """Standardise the states with --normalize-observations (per batch: a memory-mapped dataset stays on disk)."""
         if self.args.normalize_observations:
             batch = {key: (value - self.mean) / self.std if key in OBSERVATION_KEYS else value
                      for key, value in batch.items()}
@@ -980,11 +952,11 @@ class Run:
         row["charts/updates_per_second"] = self.count / (time.time() - self.clock)
         row.update(evaluate_actors(actors, self.eval_envs, self.tasks, self.args.eval_episodes, self.args.seed + 100,
                                    self.args.eval_max_steps))
-        with open(self.metrics, "a" if self.columns else "w", newline="") as handle:
-            if self.columns is None:
-                self.columns = ["step", *row]
-                csv.writer(handle).writerow(self.columns)
-            csv.writer(handle).writerow([{"step": step, **row}.get(column, "") for column in self.columns])
+        with open(self.metrics, "a" if self.header else "w", newline="") as handle:
+            if self.header is None:
+                self.header = ["step", *row]
+                csv.writer(handle).writerow(self.header)
+            csv.writer(handle).writerow([{"step": step, **row}.get(column, "") for column in self.header])
         for key, value in row.items():
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
@@ -1007,14 +979,33 @@ class Run:
             self.wandb.finish()
         with open(self.metrics) as handle:
             return list(csv.DictReader(handle))
+
+
+def write_summary(run_dir: Path, evaluations: list[dict], best_in_data: dict) -> dict:
+    """summary.json: the final return (final_return, Table 6) of every `eval/` column, and `per_task` in Table 7's
+    layout: per task the final return, the final prior return, the best episode return in the data."""
+    summary = {"evaluations": len(evaluations), "best_episode_return_in_dataset": best_in_data}
+    for key in [key for key in (evaluations[0] if evaluations else {}) if key.startswith("eval/")]:
+        returns = [float(row[key]) for row in evaluations if row.get(key) not in (None, "")]
+        if returns:
+            summary["final/" + key.removeprefix("eval/")] = final_return(returns)
+    per_task = {}
+    for task, best in best_in_data.items():
+        suffix = f"/{task}" if len(best_in_data) > 1 else ""
+        per_task[task] = {name: summary[f"final/{name}{suffix}"] for name in ("return", "prior_return")
+                          if f"final/{name}{suffix}" in summary}
+        per_task[task]["best_episode_return_in_dataset"] = best
+    summary["per_task"] = per_task
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return summary
 # --- end shared block ---
 
 
 # --- shared block: evaluation ---
 def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int,
              max_steps: Optional[int] = None) -> list[float]:
-    """Undiscounted returns of `episodes` episodes; episode i starts from reset(seed=seed + i), so every
-    evaluation of a run sees the same initial states. `max_steps` cuts episodes short."""
+    """Undiscounted returns; episode i starts from reset(seed=seed + i), the same states at every evaluation."""
     returns = []
     for episode in range(episodes):
         observation, _ = env.reset(seed=seed + episode)
@@ -1030,8 +1021,7 @@ def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: in
 
 def evaluate_actors(actors: dict, envs: list, tasks: list, episodes: int, seed: int,
                     max_steps: Optional[int] = None) -> dict:
-    """`eval/<name>` = mean return over tasks of each actor, `eval/<name>/<task>` per task; task k acts with head k
-    in envs[k]."""
+    """`eval/<name>`: mean return over tasks of each actor, `eval/<name>/<task>`: head k acting in envs[k]."""
     results = {}
     for name, act in actors.items():
         per_task = [np.mean(evaluate(lambda o: act(o, k), envs[k], episodes, seed, max_steps)) for k in range(len(tasks))]
@@ -1042,8 +1032,8 @@ def evaluate_actors(actors: dict, envs: list, tasks: list, episodes: int, seed: 
 
 
 def make_eval_envs(args, run_dir: Path, tasks: list, spec: Optional[dict] = None) -> list:
-    """One evaluation env per task (SawyerEnv(task) for sawyer, else the one env for every reward column), recording
-    videos with --capture-video and standardising observations by the spec's statistics with --normalize-observations."""
+    """One evaluation env per task (sawyer: SawyerEnv(task), else one env for every reward column), with videos
+    (--capture-video) and standardised observations (--normalize-observations)."""
     if args.capture_video:
         try:
             import moviepy  # noqa: F401  (RecordVideo writes mp4 files with it)
@@ -1092,10 +1082,8 @@ class PolicyMean(nn.Module):
 
 # --- shared block: export ---
 class ExportedPolicy(nn.Module):
-    """observation [B, obs_dim] float32 (raw, the env's), task_index [B] int64 -> action [B, act_dim] in the env's
-    physical units, clipped. The observation is standardised with the learner's statistics, `actor` maps
-    [K, B, obs] -> [K, B, act] with one slice per task head, and a learner acting in [low, high] (e.g. [-1, 1])
-    is mapped affinely onto [env_low, env_high]."""
+    """observation [B, obs_dim] raw, task_index [B] -> action [B, act_dim] in the env's units, clipped: standardise,
+    `actor` [K, B, obs] -> [K, B, act] (one slice per head), map a learner's [low, high] onto [env_low, env_high]."""
 
     def __init__(self, actor: nn.Module, num_tasks: int, **buffers):
         super().__init__()
@@ -1114,9 +1102,8 @@ class ExportedPolicy(nn.Module):
 
 
 def export_policy(actor: nn.Module, spec: dict, env_id: str, path: Path) -> None:
-    """Write `path` (policy.pt2) with torch.export, atomically: a program that runs with torch alone,
-    `torch.export.load(path).module()(observation, task_index)`, with the spec it needs (env, sizes, task names,
-    action bounds, observation statistics) embedded as the extra file "policy.json"."""
+    """policy.pt2, atomically: `torch.export.load(path).module()(observation, task_index)` runs with torch alone;
+    the spec it needs (env, sizes, tasks, action bounds, observation statistics) is the extra file "policy.json"."""
     low, high = list(spec["action_low"]), list(spec["action_high"])
     env_low, env_high = list(spec.get("env_action_low", low)), list(spec.get("env_action_high", high))
     mean = list(spec.get("observation_mean", [0.0] * spec["obs_dim"]))

@@ -158,15 +158,13 @@ CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walk
 
 
 def default_gl_backend() -> None:
-    """dm_control reads MUJOCO_GL when imported, and its default (glfw) needs a display: on Linux default to EGL,
-    which renders headless; elsewhere keep dm_control's choice. A user's MUJOCO_GL wins."""
+    """dm_control reads MUJOCO_GL at import; its default, glfw, needs a display: default to headless EGL on Linux."""
     if sys.platform.startswith("linux"):
         os.environ.setdefault("MUJOCO_GL", "egl")
 
 
 class ControlSuiteEnv(gym.Env):
-    """A Control Suite task as a Gymnasium env: flat float32 observation, actions clipped to the bounds,
-    episodes end by time limit (`truncated`, the discount stays 1)."""
+    """A Control Suite task as a Gymnasium env: flat float32 observation, clipped actions, time limit = `truncated`."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
@@ -201,9 +199,8 @@ class ControlSuiteEnv(gym.Env):
 
 
 def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
-    """`hopper`-style alias, Control Suite `domain-task`, `sawyer`, or any gymnasium id (`module:EnvId`).
-    `sawyer` is sawyer_env.SawyerEnv(task) (None: a random task per episode, Section 5.2) taking actions in
-    [-1, 1] through RescaleAction: its action dimensions differ in scale by 3600x, the learners' minimum std is 0.1."""
+    """`hopper`-style alias, Control Suite `domain-task`, `sawyer` (SawyerEnv(task), task None: a random task per
+    episode, taking actions in [-1, 1]: its dimensions differ in scale by 3600x), or a gymnasium id (`module:EnvId`)."""
     if env_id == "sawyer":
         if task is not None and task not in sawyer_env.ALL_TASKS:
             raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")

@@ -100,6 +100,15 @@ def test_resume_continues_from_the_saved_step_exactly(random_dataset, tmp_path):
                {k: v for k, v in row_b.items() if k != "charts/updates_per_second"}
 
 
+def test_resume_with_only_the_run_dir_continues_with_the_saved_configuration(random_dataset, tmp_path):
+    quiet(abm_mpo.train, tiny_args(abm_mpo, random_dataset, tmp_path / "straight"))
+    quiet(abm_mpo.train, tiny_args(abm_mpo, random_dataset, tmp_path / "resumed", total_steps=4))
+    quiet(abm_mpo.train, abm_mpo.Args(resume=str(tmp_path / "resumed"), total_steps=8))  # every other flag: saved
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert b["step"] == 8 and all(torch.equal(a["agent"][name], b["agent"][name]) for name in a["agent"])
+
+
 def test_bm_mpo_equals_abm_mpo_with_bm_prior(random_dataset, tmp_path):
     quiet(bm_mpo.train, tiny_args(bm_mpo, random_dataset, tmp_path / "bm_mpo"))
     quiet(abm_mpo.train, tiny_args(abm_mpo, random_dataset, tmp_path / "abm_mpo", prior="bm"))
