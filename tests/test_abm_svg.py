@@ -169,6 +169,7 @@ def two_mode_run(tmp_path, dataset, prior: str, seed: int) -> tuple[dict, abm_sv
     return summary, agent
 
 
+@pytest.mark.slow
 def test_abm_prior_and_policy_end_nearer_the_good_mode_than_bm(tmp_path):
     # Half the logged actions are good (+0.5), half bad (-0.5). After 500 updates, measured for seeds 0-3:
     # ABM prior and policy means within 0.02 of +0.5; the BM prior near 0 (between the modes), its
@@ -195,6 +196,7 @@ def read_metrics(run_dir) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_every_file_and_resumes(tmp_path, random_dataset):
     args = tiny_args(tmp_path, random_dataset)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -231,6 +233,7 @@ def test_smoke_run_writes_every_file_and_resumes(tmp_path, random_dataset):
         assert torch.equal(tensor, resumed["agent"][name]), name
 
 
+@pytest.mark.slow
 def test_resume_with_another_prior_is_a_user_error(tmp_path, random_dataset):
     with contextlib.redirect_stdout(io.StringIO()):
         abm_svg.train(tiny_args(tmp_path, random_dataset, total_steps=2))

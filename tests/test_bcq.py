@@ -141,6 +141,7 @@ def read_metrics(run_dir) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_every_file_and_resumes(tmp_path, random_dataset):
     args = tiny_args(tmp_path, random_dataset)
     summary = bcq.train(args)

@@ -122,6 +122,7 @@ def read_metrics(run_dir) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_every_file_and_resumes(tmp_path, random_dataset):
     args = tiny_args(tmp_path, random_dataset)
     summary = bear.train(args)
@@ -155,6 +156,7 @@ def test_smoke_run_writes_every_file_and_resumes(tmp_path, random_dataset):
         assert torch.equal(tensor, resumed["agent"][name]), name
 
 
+@pytest.mark.slow
 def test_smoke_mmd_run(tmp_path, random_dataset):
     bear.train(tiny_args(tmp_path, random_dataset, divergence="mmd", kernel="gaussian", total_steps=2))
     row = read_metrics(tmp_path / "run")[-1]

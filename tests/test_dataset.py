@@ -36,6 +36,7 @@ def episode_arrays(parts):
     return files, episodes
 
 
+@pytest.mark.slow
 def test_collect_round_trips_through_the_loader(collected):
     output, _ = collected
     data = m.load_dataset(output)
@@ -59,6 +60,7 @@ def test_collect_round_trips_through_the_loader(collected):
     assert metadata["episode_returns"][SMOKE_ENV] == pytest.approx(returns)
 
 
+@pytest.mark.slow
 def test_dataset_episodes_keeps_the_first_episodes_of_each_run(collected):
     output, _ = collected
     data = m.load_dataset(output, episodes_per_run=1)
@@ -66,6 +68,7 @@ def test_dataset_episodes_keeps_the_first_episodes_of_each_run(collected):
     assert np.unique(data["run_id"]).tolist() == [0, 1] and len(data["observation"]) == 2000
 
 
+@pytest.mark.slow
 def test_collect_rerun_appends_and_keeps_finished_episodes(collected, tmp_path):
     output, args = collected
     copy = tmp_path / "cartpole.npz"

@@ -44,6 +44,7 @@ def read_metrics(run_dir):
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_smoke_collect_then_abm_mpo_writes_the_whole_run_directory(tmp_path):
     dataset = tmp_path / "cartpole.npz"
     collected = run_script("collect.py", "--env", SMOKE_ENV, "--output", dataset, "--episodes", "2",
@@ -79,6 +80,7 @@ def test_smoke_collect_then_abm_mpo_writes_the_whole_run_directory(tmp_path):
     assert summary["best_episode_return_in_dataset"][SMOKE_ENV] == pytest.approx(episode_returns.max(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_step_exactly(random_dataset, tmp_path):
     straight = tiny_args(abm_mpo, random_dataset, tmp_path / "straight")
     quiet(abm_mpo.train, straight)
@@ -100,6 +102,7 @@ def test_resume_continues_from_the_saved_step_exactly(random_dataset, tmp_path):
                {k: v for k, v in row_b.items() if k != "charts/updates_per_second"}
 
 
+@pytest.mark.slow
 def test_resume_with_only_the_run_dir_continues_with_the_saved_configuration(random_dataset, tmp_path):
     quiet(abm_mpo.train, tiny_args(abm_mpo, random_dataset, tmp_path / "straight"))
     quiet(abm_mpo.train, tiny_args(abm_mpo, random_dataset, tmp_path / "resumed", total_steps=4))
@@ -109,6 +112,7 @@ def test_resume_with_only_the_run_dir_continues_with_the_saved_configuration(ran
     assert b["step"] == 8 and all(torch.equal(a["agent"][name], b["agent"][name]) for name in a["agent"])
 
 
+@pytest.mark.slow
 def test_bm_mpo_equals_abm_mpo_with_bm_prior(random_dataset, tmp_path):
     quiet(bm_mpo.train, tiny_args(bm_mpo, random_dataset, tmp_path / "bm_mpo"))
     quiet(abm_mpo.train, tiny_args(abm_mpo, random_dataset, tmp_path / "abm_mpo", prior="bm"))
@@ -120,6 +124,7 @@ def test_bm_mpo_equals_abm_mpo_with_bm_prior(random_dataset, tmp_path):
                 assert row_bm[key] == row_abm[key], key
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(random_dataset, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     quiet(abm_mpo.train, tiny_args(abm_mpo, random_dataset, run_dir, total_steps=4))
@@ -148,6 +153,7 @@ def one_line_error(result, phrase):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["abm_mpo.py", "bm_mpo.py", "abm_svg.py", "bcq.py", "bear.py"])
 def test_unknown_env_is_one_sentence(script, tmp_path):
     result = run_script(script, "--env", "no-such-env", "--run-dir", tmp_path / "run", *TINY[-2:])
@@ -155,6 +161,7 @@ def test_unknown_env_is_one_sentence(script, tmp_path):
     assert not (tmp_path / "run").exists()  # checked before anything is written
 
 
+@pytest.mark.slow
 def test_bad_dataset_inputs_are_one_sentence(tmp_path):
     result = run_script("abm_mpo.py", "--env", SMOKE_ENV, "--dataset", tmp_path / "absent.npz",
                         "--run-dir", tmp_path / "a", *TINY)
@@ -168,6 +175,7 @@ def test_bad_dataset_inputs_are_one_sentence(tmp_path):
     one_line_error(result, "cannot be read")
 
 
+@pytest.mark.slow
 def test_unwritable_run_dir_is_one_sentence(random_dataset, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me")
@@ -177,6 +185,7 @@ def test_unwritable_run_dir_is_one_sentence(random_dataset, tmp_path):
     assert blocker.read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_script_or_config(random_dataset, tmp_path):
     run_dir = tmp_path / "run"
     quiet(abm_mpo.train, tiny_args(abm_mpo, random_dataset, run_dir, total_steps=2))

@@ -20,6 +20,8 @@ import torch
 import abm_mpo as m
 from tests.two_mode import BAD_ACTION, ENV_ID, GOOD_ACTION, make_two_mode_dataset
 
+pytestmark = pytest.mark.slow  # every test here trains or collects for seconds
+
 SEEDS = (0, 1)
 
 

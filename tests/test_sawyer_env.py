@@ -242,6 +242,7 @@ def test_wrist_force_reads_zero_at_rest_and_pressing_into_the_table_terminates()
 # ----------------------------------------------------------------------------------------
 # Scripted behaviour
 # ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_scripted_stack_succeeds_in_most_episodes():
     env = se.SawyerEnv("stack")
     successes = [se.collect_episode(env, "stack", np.random.default_rng(s), 0.0, seed=s)

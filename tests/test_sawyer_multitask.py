@@ -17,6 +17,8 @@ import bear
 import collect
 import sawyer_env as se
 
+pytestmark = pytest.mark.slow  # every test here trains or collects for seconds
+
 
 def quiet(function, *args):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
