@@ -2,8 +2,8 @@
 
 The scripts are self-contained on purpose (one file per algorithm), so code that several of
 them need is repeated between `# --- shared block: NAME ---` and `# --- end shared block ---`.
-abm_mpo.py holds the reference copy of every block it has; bcq.py that of the blocks only the
-baselines share (`twin critic`). Edit a block in its reference file, run
+abm_mpo.py holds the reference copy of every block it has; bcq.py that of the blocks abm_mpo.py
+does not carry (`twin critic`, `transitions`). Edit a block in its reference file, run
 `python tools/sync_blocks.py`, and tests/test_shared_blocks.py checks that every copy is identical. A line `#@ NAME` in a
 script is replaced by that block (how a new script asks for one).
 """
