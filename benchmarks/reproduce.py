@@ -382,31 +382,61 @@ def run_grid(jobs: list[Job], preset: Preset, address: Optional[str] = None, num
 
 
 def follow(jobs: list[Job], preset: Preset, ray) -> dict:
+    """Collections go to Ray at once (a merge waits on its seeds' results through Ray). Learning runs go
+    to Ray once their dataset exists, in the grid's order, keeping at most `slots + 1` jobs in flight
+    (Ray's "limit pending tasks" pattern with ray.wait): so seed 0 of every column runs before seed 1
+    instead of in the order the datasets happened to finish."""
     resources = ray.cluster_resources()
     if preset.num_gpus and not resources.get("GPU"):
         raise SystemExit(f"preset {preset.name} asks for {preset.num_gpus} GPU per job and this Ray cluster has no GPU")
     remote = ray.remote(run_job)
-    outcome, refs, submitted = {}, {}, {}
+    slots = max(1, int(resources.get("CPU", 1) // max(preset.num_cpus, 1e-9)))
     threads = max(1, int(preset.num_cpus))
+    outcome, refs, submitted = {}, {}, {}
+    todo = []
     for job in jobs:
         if is_done(job):
             outcome[job.name] = {"status": "done before", "seconds": 0.0, "returncode": 0}
-            continue
+        else:
+            todo.append(job)
+    print(f"{len(jobs)} jobs: {len(outcome)} already done, {len(todo)} to run, {slots} at a time "
+          f"(Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs)", flush=True)
+    pending: dict = {}  # ObjectRef -> job name
+
+    def submit(job: Job) -> None:
         command = prepare_command(job)
-        needed = [refs[name] for name in job.needs if name in refs]
-        log_size = job.log.stat().st_size if job.log.exists() else 0
-        refs[job.name] = remote.options(num_cpus=preset.num_cpus, num_gpus=preset.num_gpus,
-                                        name=job.name, max_retries=0).remote(
+        needed = [refs[name] for name in job.needs if name in refs and name not in outcome]
+        submitted[job.name] = (job, command, job.log.stat().st_size if job.log.exists() else 0)
+        refs[job.name] = remote.options(num_cpus=preset.num_cpus, num_gpus=preset.num_gpus, name=job.name,
+                                        max_retries=0).remote(
             command, str(job.log), str(ROOT), threads, [str(p) for p in job.links],
             str(job.dataset) if job.dataset else "", *needed)
-        submitted[job.name] = (job, command, log_size)
-    slots = max(1, int(resources.get("CPU", 1) // max(preset.num_cpus, 1e-9)))
-    print(f"{len(jobs)} jobs: {len(outcome)} already done, {len(refs)} to run, {slots} at a time "
-          f"(Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs)", flush=True)
-    pending = {ref: name for name, ref in refs.items()}
+        pending[refs[job.name]] = job.name
+
+    for job in [job for job in todo if job.kind != "train"]:
+        submit(job)
+    queue = [job for job in todo if job.kind == "train"]
     start, last_print = time.time(), 0.0
     try:
-        while pending:
+        while pending or queue:
+            for job in list(queue):  # the grid's order, among the runs whose dataset is ready
+                if sum(1 for name in pending.values() if submitted[name][0].kind != "merge") > slots:
+                    break
+                states = [outcome.get(name, {}).get("status") for name in job.needs]
+                if any(state in ("failed", "skipped") for state in states):
+                    queue.remove(job)
+                    outcome[job.name] = {"status": "skipped", "seconds": 0.0, "returncode": SKIPPED,
+                                         "command": shlex.join(job.command), "log": shown(job.log)}
+                    print(f"skipped: {job.name} (its dataset failed)", flush=True)
+                elif all(state in ("done", "done before") for state in states):
+                    queue.remove(job)
+                    submit(job)
+            if not pending:  # nothing runs and nothing could start: the rest need jobs outside the grid
+                for job in queue:
+                    outcome[job.name] = {"status": "skipped", "seconds": 0.0, "returncode": SKIPPED,
+                                         "command": shlex.join(job.command), "log": shown(job.log)}
+                    print(f"skipped: {job.name} (needs {', '.join(job.needs)}, which did not run)", flush=True)
+                break
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=20)
             for ref in ready:
                 name = pending.pop(ref)
@@ -422,10 +452,11 @@ def follow(jobs: list[Job], preset: Preset, ray) -> dict:
                 line = f"{status}: {name} ({result['seconds']:.0f} s)"
                 if status == "failed":
                     line += f", exit code {code}\n    command: {shlex.join(command)}\n    log: {shown(job.log)}"
-                print(progress_line(outcome, submitted, pending, slots, time.time() - start) + "  " + line, flush=True)
+                print(progress_line(outcome, submitted, pending, queue, slots, time.time() - start) + "  " + line,
+                      flush=True)
                 last_print = time.time()
             if not ready and time.time() - last_print > 120:
-                print(progress_line(outcome, submitted, pending, slots, time.time() - start), flush=True)
+                print(progress_line(outcome, submitted, pending, queue, slots, time.time() - start), flush=True)
                 last_print = time.time()
     except KeyboardInterrupt:
         for ref in pending:
@@ -436,7 +467,7 @@ def follow(jobs: list[Job], preset: Preset, ray) -> dict:
     return outcome
 
 
-def progress_line(outcome: dict, submitted: dict, pending: dict, slots: int, elapsed: float) -> str:
+def progress_line(outcome: dict, submitted: dict, pending: dict, queue: list, slots: int, elapsed: float) -> str:
     """[done/total, running, failed] and an ETA from the mean duration of this session's finished jobs."""
     names = set(pending.values())
     running = sum(1 for name in names if submitted[name][0].log.exists()
@@ -448,13 +479,12 @@ def progress_line(outcome: dict, submitted: dict, pending: dict, slots: int, ela
         if result["status"] == "done" and name in submitted:
             durations.setdefault(submitted[name][0].kind, []).append(result["seconds"])
     remaining = 0.0
-    for name in names:
-        kind = submitted[name][0].kind
-        known = durations.get(kind) or durations.get("train") or []
+    for kind in [submitted[name][0].kind for name in names] + [job.kind for job in queue]:
+        known = durations.get(kind) or []
         remaining += np.mean(known) if known else float("nan")
     eta = remaining / slots
-    eta_text = "ETA after the first finished job" if np.isnan(eta) else f"ETA {eta / 60:.0f} min"
-    total = len(outcome) + len(names)
+    eta_text = "ETA once a job of each kind has finished" if np.isnan(eta) else f"ETA {eta / 60:.0f} min"
+    total = len(outcome) + len(names) + len(queue)
     return (f"[{counts['done'] + counts['done before']}/{total} done, {running} running, {counts['failed']} failed, "
             f"{counts['skipped']} skipped; {elapsed / 60:.0f} min, {eta_text}]")
 
