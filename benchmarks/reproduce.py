@@ -130,11 +130,11 @@ PAPER_SCALE = ("Table 6: 10k episodes per task from each of 5 collecting runs, 1
 PRESETS = {
     "smoke": Preset(
         name="smoke", purpose="plumbing check for tests and CI, seconds per job; its numbers mean nothing",
-        control_tasks=("cartpole-balance",), collect_episodes=3, collect_seeds=(0,),
+        control_tasks=("cartpole-balance",), collect_episodes=2, collect_seeds=(0,),
         collect_flags=("--steps-per-update", "50", "--warmup-steps", "500", "--batch-size", "32",
                        "--num-action-samples", "4", "--policy-layers", "32", "32", "--critic-layers", "32", "32"),
         regimes=(("full", None),), control_columns=("ABM+MPO", "BCQ"),
-        sawyer_tasks=("lift",), sawyer_episodes=20, sawyer_columns=("ABM+MPO",),
+        sawyer_tasks=("lift",), sawyer_episodes=8, sawyer_columns=("ABM+MPO",),
         seeds=(0, 1), updates=20, batch=16, sawyer_updates=10, sawyer_batch=16, action_samples=4,
         eval_every=10, eval_episodes=1, sawyer_eval_every=10,
         extra_train_flags=("--eval-max-steps", "30"),
@@ -220,17 +220,21 @@ def shown(path: Path) -> str:
 
 
 def collection_jobs(env: str, preset: Preset, episodes: int, flags: tuple, work: Path) -> list[Job]:
-    """One collect.py job per collecting seed (its own part directory), then the merge into one dataset."""
-    jobs, folder = [], work / "datasets" / env
-    for seed in preset.collect_seeds:
-        output = folder / f"seed{seed}.npz"
-        command = ["python", "collect.py", "--env", env, "--seeds", str(seed), "--episodes", str(episodes),
-                   *flags, "--output", shown(output)]
-        jobs.append(Job(f"collect-{env}-seed{seed}", "collect", command, work / "logs" / f"collect-{env}-seed{seed}.log",
-                        dataset=output, episodes=episodes))
+    """One collect.py job per collecting seed (each its own part directory), then a merge into one dataset
+    (collect.py with every seed, over links to the seeds' episode files); one seed writes the dataset itself."""
     merged = work / "datasets" / f"{env}.npz"
     command = ["python", "collect.py", "--env", env, "--seeds", *map(str, preset.collect_seeds), "--episodes",
                str(episodes), *flags, "--output", shown(merged)]
+    if len(preset.collect_seeds) == 1:
+        return [Job(f"dataset-{env}", "collect", command, work / "logs" / f"dataset-{env}.log", dataset=merged,
+                    episodes=episodes)]
+    jobs = []
+    for seed in preset.collect_seeds:
+        output = work / "datasets" / env / f"seed{seed}.npz"
+        jobs.append(Job(f"collect-{env}-seed{seed}", "collect",
+                        ["python", "collect.py", "--env", env, "--seeds", str(seed), "--episodes", str(episodes),
+                         *flags, "--output", shown(output)],
+                        work / "logs" / f"collect-{env}-seed{seed}.log", dataset=output, episodes=episodes))
     jobs.append(Job(f"dataset-{env}", "merge", command, work / "logs" / f"dataset-{env}.log",
                     needs=tuple(job.name for job in jobs), dataset=merged,
                     episodes=episodes * len(preset.collect_seeds),
