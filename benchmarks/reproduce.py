@@ -656,10 +656,16 @@ def write_manifest(preset: Preset, out: Path, jobs: list[Job], outcome: dict, st
     return manifest
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def reproduce(preset: Preset, out: Path, work: Path, address: Optional[str] = None, num_cpus: Optional[int] = None,
               jobs: Optional[list] = None) -> Path:
     """The whole pipeline; returns the path of table.md. `jobs` replaces the preset's grid (tests)."""
     started = time.time()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, kill, or a background shell that ignored SIGINT
+        signal.signal(signum, _interrupt)
     jobs = build_grid(preset, work) if jobs is None else jobs
     for folder in (out, work / "logs"):
         folder.mkdir(parents=True, exist_ok=True)
