@@ -664,8 +664,17 @@ def reproduce(preset: Preset, out: Path, work: Path, address: Optional[str] = No
               jobs: Optional[list] = None) -> Path:
     """The whole pipeline; returns the path of table.md. `jobs` replaces the preset's grid (tests)."""
     started = time.time()
-    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, kill, or a background shell that ignored SIGINT
-        signal.signal(signum, _interrupt)
+    # Ctrl-C, kill, or a background shell's ignored SIGINT: cancel the jobs cleanly (the caller's handlers come back)
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _reproduce(preset, out, work, address, num_cpus, jobs, started)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], num_cpus: Optional[int],
+               jobs: Optional[list], started: float) -> Path:
     jobs = build_grid(preset, work) if jobs is None else jobs
     for folder in (out, work / "logs"):
         folder.mkdir(parents=True, exist_ok=True)
