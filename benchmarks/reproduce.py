@@ -1,0 +1,720 @@
+"""Reproduce the paper's Table 6 (Control Suite) and Table 7 (Sawyer) grid with one command, on Ray.
+
+    python benchmarks/reproduce.py --preset smoke|cpu|gpu|paper [--address ADDR] [--out results/<preset>]
+                                   [--work runs/reproduce/<preset>]
+
+1. Datasets the paper's way (§5.1, §5.2): one `collect.py` job per task and collecting seed (an
+   online MPO run storing every transition; Sawyer: noisy scripted policies), then one job per
+   task that merges the seeds' episode files into one dataset (`collect.py` with all the seeds,
+   which finds every episode done and only writes the file).
+2. The grid: every column of the preset on every task, data regime (`--dataset-episodes`, the first
+   K episodes of each collecting run) and seed, one learning-script job each.
+3. `<out>/table.md` in the paper's layout (mean +- std over seeds, the best episode in the data,
+   the paper's number beside ours), `<out>/curves_*.png`, `<out>/runs/*` (each run's
+   summary.json, metrics.csv, config.json and job.json, what the table is built from) and
+   `<out>/manifest.json` (budgets, machine, wall time, every command).
+
+Every job is a Ray task (`ray.init()` starts a local instance; `--address` joins a cluster whose
+nodes see this checkout at the same path) with its CPU and GPU share declared, and runs the
+script's own command line, exactly what a user would type, as a subprocess whose output goes to
+`<work>/logs/<job>.log`. Reruns skip finished runs (summary.json present) and finished datasets,
+continue interrupted runs with `--resume` (from their last checkpoint) and interrupted collections
+(collect.py redoes its unfinished episode files). A failed job is reported with its command and log
+and does not stop the others; jobs that needed its output are reported as skipped.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plot import collect_panels, plot_panels  # noqa: E402  (benchmarks/plot.py, the same drawing for users)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The paper's numbers, transcribed from paper.md (Appendix D.3). Table 6: final episode return on the
+# Control Suite when learning from 10k episodes (mean over the final 10% of evaluations). Columns:
+# ABM+MPO, its prior, BM+MPO, its prior, MPO, ABM+SVG, BM+SVG, SVG, BCQ, BEAR, ABM (eps = 0, |tau| = 2).
+PAPER_TABLE_6_COLUMNS = ("ABM+MPO", "ABM+MPO prior", "BM+MPO", "BM+MPO prior", "MPO", "ABM+SVG", "BM+SVG", "SVG",
+                         "BCQ", "BEAR", "ABM eps=0")
+PAPER_TABLE_6 = {  # Table 6, 10k-episode regime
+    "cheetah": (907.4, 888.7, 891.8, 465.3, 496.2, 920.7, 924.1, 726.1, 914.9, 843, 884.3),
+    "hopper": (539.3, 454.8, 453.8, 237.2, 599.2, 651.6, 634.7, 544.1, 341.2, 425, 451.8),
+    "quadruped": (786.6, 733.4, 710.8, 398.8, 465.6, 856.5, 818.7, 472.7, 621.4, 674, 733.6),
+    "walker": (843.0, 835.9, 817.7, 684.8, 891.9, 896.5, 895.6, 891.0, 869.5, 814, 838.1),
+}
+# Table 7: returns per simulated Sawyer task (all seven learned together, one multi-task run).
+PAPER_TABLE_7_COLUMNS = ("ABM+MPO", "ABM+MPO prior", "BM+MPO", "BM+MPO prior", "MPO", "BCQ", "BEAR")
+PAPER_TABLE_7 = {
+    "reach": (182.3, 180.8, 178.3, 172.9, 178.3, 172.6, 176.9),
+    "grasp": (123.7, 111.7, 114.6, 89.1, 86.0, 104.7, 116.3),
+    "lift": (147.1, 144.9, 144.2, 122.5, 121.4, 126.4, 137.9),
+    "place_wide": (137.9, 122.3, 124.4, 67.2, 98.0, 68.0, 93.2),
+    "place_narrow": (126.3, 106.1, 111.3, 46.7, 65.3, 58.3, 64.1),
+    "stack": (109.9, 78.8, 86.9, 20.1, 17.5, 39.3, 67.8),
+    "stack_and_leave": (77.9, 47.3, 53.5, 3.5, 0.2, 5.2, 34.6),  # "Full Task"
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of Table 6/7: a learning script and its flags; `prior` adds the prior's own return."""
+
+    script: str
+    flags: tuple = ()
+    prior: bool = False
+
+
+COLUMNS = {
+    "ABM+MPO": Column("abm_mpo.py", ("--prior", "abm"), prior=True),
+    "BM+MPO": Column("abm_mpo.py", ("--prior", "bm"), prior=True),
+    "MPO": Column("abm_mpo.py", ("--prior", "none")),
+    "ABM+SVG": Column("abm_svg.py", ("--prior", "abm")),
+    "BM+SVG": Column("abm_svg.py", ("--prior", "bm")),
+    "SVG": Column("abm_svg.py", ("--prior", "none")),
+    "BCQ": Column("bcq.py"),
+    "BEAR": Column("bear.py", ("--divergence", "kl")),
+    # The paper's "ABM (eps = 0, |tau| = 2)": no policy improvement, snippets of length 2.
+    "ABM eps=0": Column("abm_mpo.py", ("--prior", "abm", "--epsilon", "0", "--snippet-length", "2")),
+}
+TABLE_6_ORDER = ("ABM+MPO", "BM+MPO", "MPO", "ABM+SVG", "BM+SVG", "SVG", "BCQ", "BEAR", "ABM eps=0")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The grid's budgets. Control Suite: `control_tasks` x `regimes` x `control_columns` x `seeds`;
+    Sawyer: `sawyer_tasks` (values of --task) x `sawyer_columns` x `seeds`."""
+
+    name: str
+    purpose: str
+    control_tasks: tuple
+    collect_episodes: int  # per collecting run (paper: 10,000)
+    collect_seeds: tuple  # one collecting run each (paper: 5)
+    collect_flags: tuple  # collect.py's learner: update ratio, batch
+    regimes: tuple  # (label, K): learn from the first K episodes of each collecting run (None: all)
+    control_columns: tuple
+    sawyer_tasks: tuple
+    sawyer_episodes: int  # per collecting seed
+    sawyer_columns: tuple
+    seeds: tuple  # seeds of the learning runs
+    updates: int
+    batch: int
+    sawyer_updates: int
+    sawyer_batch: int
+    action_samples: int  # M
+    eval_every: int
+    eval_episodes: int
+    sawyer_eval_every: int
+    num_cpus: float = 1.0  # Ray resources per job
+    num_gpus: float = 0.0
+    extra_train_flags: tuple = ()  # smoke only: shortened evaluation episodes
+    differences: tuple = ()  # settings that differ from the paper, named in the table header
+    run_here: str = ""
+
+
+PAPER_SCALE = ("Table 6: 10k episodes per task from each of 5 collecting runs, 1M updates, batch 512, M = 20; "
+               "learning seeds not stated in the paper (5 here)")
+
+PRESETS = {
+    "smoke": Preset(
+        name="smoke", purpose="plumbing check for tests and CI, seconds per job; its numbers mean nothing",
+        control_tasks=("cartpole-balance",), collect_episodes=2, collect_seeds=(0,),
+        collect_flags=("--steps-per-update", "50", "--warmup-steps", "500", "--batch-size", "32",
+                       "--num-action-samples", "4", "--policy-layers", "32", "32", "--critic-layers", "32", "32"),
+        regimes=(("full", None),), control_columns=("ABM+MPO", "BCQ"),
+        sawyer_tasks=("lift",), sawyer_episodes=8, sawyer_columns=("ABM+MPO",),
+        seeds=(0, 1), updates=20, batch=16, sawyer_updates=10, sawyer_batch=16, action_samples=4,
+        eval_every=10, eval_episodes=1, sawyer_eval_every=10,
+        extra_train_flags=("--eval-max-steps", "30"),
+        differences=("every budget is tiny; cartpole-balance instead of the paper's tasks",
+                     "evaluation episodes cut at 30 steps"),
+        run_here="by tests/test_reproduce.py"),
+    "cpu": Preset(
+        name="cpu", purpose="a subset that answers the question on a 2-core CPU in about 100 minutes "
+                            "(at most 3 hours, over several runs of the command)",
+        control_tasks=("walker",), collect_episodes=50, collect_seeds=(0,),
+        # 1 update per environment step, batch 64: the walker learner goes from ~31 to ~200 within
+        # ~23 episodes (measured); the default 1 per 8 steps does not learn in 44 episodes.
+        collect_flags=("--steps-per-update", "1", "--batch-size", "64"),
+        regimes=(("all 50", None),), control_columns=("ABM+MPO", "BM+MPO", "MPO", "BCQ", "BEAR"),
+        # Sawyer lift: needs reach, grasp and raise, so the data's tasks disagree on it (the paper's
+        # ABM and BM priors differ there, 144.9 vs 122.5), yet its reward is shaped from 3 to 10 cm,
+        # unlike stack, which scored 0.0 in every column after 6,000 CPU updates.
+        sawyer_tasks=("lift",), sawyer_episodes=500, sawyer_columns=("ABM+MPO", "BM+MPO", "MPO", "BCQ", "BEAR"),
+        seeds=(0, 1, 2), updates=4000, batch=128, sawyer_updates=4000, sawyer_batch=64, action_samples=20,
+        eval_every=400, eval_episodes=3, sawyer_eval_every=400,
+        differences=("walker only (no cheetah, hopper, quadruped), one data regime",
+                     "data: 1 collecting run of 50 episodes (paper: 5 runs of 10k), collect.py at 1 update "
+                     "per step with batch 64",
+                     "4,000 updates (paper: 1M), batch 128 walker / 64 Sawyer (paper: 512)",
+                     "3 evaluation episodes every 400 updates (paper: 10 every 10k); final return = mean of "
+                     "the last 10% of evaluations, i.e. the last one",
+                     "Sawyer: one task learned alone (lift) from 500 noisy scripted episodes, not the "
+                     "paper's learner data or seven-task run",
+                     "columns ABM+SVG, BM+SVG, SVG and ABM eps=0 left out",
+                     "BEAR's warm-up 2% of the updates, as the original's 20k of 1M (80 here)"),
+        run_here="on this project's 2-core CPU"),
+    "gpu": Preset(
+        name="gpu", purpose="all tasks and columns in at most 20 minutes of one H100 with 16 CPU cores "
+                            "(budgets estimated, not yet run)",
+        control_tasks=("cheetah", "hopper", "quadruped", "walker"), collect_episodes=50, collect_seeds=(0, 1),
+        collect_flags=("--steps-per-update", "1", "--batch-size", "64"),
+        regimes=(("first 10 of 50", 10), ("all 50", None)), control_columns=TABLE_6_ORDER,
+        sawyer_tasks=("all", "center", "corner"), sawyer_episodes=500,
+        sawyer_columns=("ABM+MPO", "BM+MPO", "MPO", "BCQ", "BEAR"),
+        seeds=(0, 1), updates=10000, batch=256, sawyer_updates=5000, sawyer_batch=128, action_samples=20,
+        eval_every=1000, eval_episodes=3, sawyer_eval_every=500, num_cpus=1.0, num_gpus=0.125,
+        differences=("data: 2 collecting runs of 50 episodes (paper: 5 runs of 10k); regimes 10 and 50 "
+                     "episodes per run stand for 2k and 10k",
+                     "10,000 updates (paper: 1M), batch 256 (paper: 512); Sawyer 5,000 updates, batch 128",
+                     "Sawyer data from noisy scripted policies, not the paper's learners",
+                     "BEAR's warm-up 2% of the updates, as the original's 20k of 1M"),
+        run_here="not yet run (no GPU in this session)"),
+    "paper": Preset(
+        name="paper", purpose="the paper's scale; documentation of what full reproduction takes, never run here",
+        control_tasks=("cheetah", "hopper", "quadruped", "walker"), collect_episodes=10000,
+        collect_seeds=(0, 1, 2, 3, 4), collect_flags=("--steps-per-update", "1"),
+        regimes=(("2k", 2000), ("10k", None)), control_columns=TABLE_6_ORDER,
+        sawyer_tasks=("all", "center", "corner"), sawyer_episodes=10000,
+        sawyer_columns=("ABM+MPO", "BM+MPO", "MPO", "BCQ", "BEAR"),
+        seeds=(0, 1, 2, 3, 4), updates=1_000_000, batch=512, sawyer_updates=1_000_000, sawyer_batch=512,
+        action_samples=20, eval_every=10000, eval_episodes=10, sawyer_eval_every=10000, num_cpus=2.0, num_gpus=0.25,
+        differences=("Sawyer data from noisy scripted policies, not the paper's learners",),
+        run_here="never (1M updates per run: days per run on a CPU)"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The grid: one Job per collection, merge and learning run
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    name: str  # also the file name of its log and run directory
+    kind: str  # "collect", "merge" or "train"
+    command: list  # what a user would type, run from the repository root
+    log: Path
+    needs: tuple = ()  # names of the jobs whose output it reads
+    run_dir: Optional[Path] = None  # train
+    dataset: Optional[Path] = None  # collect, merge: the file it writes
+    episodes: int = 0  # collect, merge: the episodes that file must hold when done
+    links: tuple = ()  # merge: the seeds' part directories to link into the merged one
+    labels: dict = field(default_factory=dict)  # train: env, task, regime, column, seed
+
+
+def shown(path: Path) -> str:
+    """A path as the command line shows it: relative to the repository root when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def collection_jobs(env: str, preset: Preset, episodes: int, flags: tuple, work: Path) -> list[Job]:
+    """One collect.py job per collecting seed (each its own part directory), then a merge into one dataset
+    (collect.py with every seed, over links to the seeds' episode files); one seed writes the dataset itself."""
+    merged = work / "datasets" / f"{env}.npz"
+    command = ["python", "collect.py", "--env", env, "--seeds", *map(str, preset.collect_seeds), "--episodes",
+               str(episodes), *flags, "--output", shown(merged)]
+    if len(preset.collect_seeds) == 1:
+        return [Job(f"dataset-{env}", "collect", command, work / "logs" / f"dataset-{env}.log", dataset=merged,
+                    episodes=episodes)]
+    jobs = []
+    for seed in preset.collect_seeds:
+        output = work / "datasets" / env / f"seed{seed}.npz"
+        jobs.append(Job(f"collect-{env}-seed{seed}", "collect",
+                        ["python", "collect.py", "--env", env, "--seeds", str(seed), "--episodes", str(episodes),
+                         *flags, "--output", shown(output)],
+                        work / "logs" / f"collect-{env}-seed{seed}.log", dataset=output, episodes=episodes))
+    jobs.append(Job(f"dataset-{env}", "merge", command, work / "logs" / f"dataset-{env}.log",
+                    needs=tuple(job.name for job in jobs), dataset=merged,
+                    episodes=episodes * len(preset.collect_seeds),
+                    links=tuple(job.dataset.with_suffix(".episodes") for job in jobs)))
+    return jobs
+
+
+def train_job(preset: Preset, work: Path, env: str, task: str, regime: tuple, column: str, seed: int) -> Job:
+    sawyer = env == "sawyer"
+    label, episodes = regime
+    parts = (env, task) if sawyer else (env, label)
+    name = "-".join([*parts, column, f"seed{seed}"]).replace(" ", "").replace("+", "_").replace("=", "")
+    run_dir = work / "runs" / name
+    command = ["python", COLUMNS[column].script, "--env", env, *(["--task", task] if sawyer else []),
+               "--dataset", shown(work / "datasets" / f"{env}.npz"),
+               *(["--dataset-episodes", str(episodes)] if episodes else []),
+               *COLUMNS[column].flags, "--seed", str(seed),
+               "--total-steps", str(preset.sawyer_updates if sawyer else preset.updates),
+               "--batch-size", str(preset.sawyer_batch if sawyer else preset.batch),
+               # BCQ keeps its own M = 10 (Table 3) unless the preset asks for fewer
+               "--num-action-samples", str(min(preset.action_samples, 10) if column == "BCQ" else preset.action_samples),
+               *bear_warmup(preset, sawyer, column),
+               "--eval-every", str(preset.sawyer_eval_every if sawyer else preset.eval_every),
+               "--checkpoint-every", str(preset.sawyer_eval_every if sawyer else preset.eval_every),
+               "--eval-episodes", str(preset.eval_episodes), *preset.extra_train_flags,
+               "--run-dir", shown(run_dir)]
+    return Job(name, "train", command, work / "logs" / f"{name}.log", needs=(f"dataset-{env}",), run_dir=run_dir,
+               labels={"env": env, "task": task, "regime": label if not sawyer else "", "regime_episodes": episodes,
+                       "column": column, "seed": seed})
+
+
+def bear_warmup(preset: Preset, sawyer: bool, column: str) -> list:
+    """BEAR's warm-up (20k updates of the actor matching the prior, 2% of the original 1M) scaled to the
+    preset's updates, so a short run is not all warm-up."""
+    updates = preset.sawyer_updates if sawyer else preset.updates
+    return ["--warmup-steps", str(updates // 50)] if column == "BEAR" and updates < 1_000_000 else []
+
+
+def build_grid(preset: Preset, work: Path) -> list[Job]:
+    """Collections first, then the learning runs in the order that informs soonest: seed 0 of every
+    column on every task before seed 1; within a seed, the largest data regime first."""
+    jobs = []
+    for env in preset.control_tasks:
+        jobs += collection_jobs(env, preset, preset.collect_episodes, preset.collect_flags, work)
+    if preset.sawyer_tasks:
+        jobs += collection_jobs("sawyer", preset, preset.sawyer_episodes, (), work)
+    regimes = sorted(preset.regimes, key=lambda regime: -(regime[1] or float("inf")))
+    for seed in preset.seeds:
+        for regime in regimes:
+            for env in preset.control_tasks:
+                for column in preset.control_columns:
+                    jobs.append(train_job(preset, work, env, "all", regime, column, seed))
+        for task in preset.sawyer_tasks:
+            for column in preset.sawyer_columns:
+                jobs.append(train_job(preset, work, "sawyer", task, ("", None), column, seed))
+    return jobs
+
+
+def dataset_episodes(path: Path) -> int:
+    """Episodes in a dataset file (0 when missing or unreadable)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            episode_id = data["episode_id"]
+            return int(len(np.unique(episode_id)))
+    except (OSError, KeyError, ValueError, EOFError):
+        return 0
+
+
+def is_done(job: Job) -> bool:
+    if job.kind == "train":
+        return (job.run_dir / "summary.json").exists()
+    return dataset_episodes(job.dataset) >= job.episodes
+
+
+def prepare_command(job: Job) -> list:
+    """The command to run now: with `--resume RUN_DIR` when an interrupted run left a checkpoint;
+    a run directory without one is started again from scratch."""
+    if job.kind != "train" or not job.run_dir.exists():
+        return job.command
+    if (job.run_dir / "checkpoint.pt").exists() and (job.run_dir / "config.json").exists():
+        return [*job.command, "--resume", shown(job.run_dir)]
+    shutil.rmtree(job.run_dir)
+    return job.command
+
+
+# ----------------------------------------------------------------------------------------------
+# One job on a Ray worker: the command as a subprocess, its output appended to the job's log
+# ----------------------------------------------------------------------------------------------
+SKIPPED = -1000  # return code of a job whose inputs failed
+
+
+def _die_with_parent() -> None:
+    """Linux: the job's process gets SIGTERM when the Ray worker running it dies (a cancelled or
+    interrupted grid), so no orphan keeps computing; its last checkpoint is resumed on the rerun."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_job(command: list, log: str, cwd: str, threads: int, links: list, merged: str, *needed: int) -> dict:
+    """Runs on a Ray worker. `needed` are the results of the jobs this one reads (Ray waits for them)."""
+    start = time.time()
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as handle:
+        if any(result["returncode"] != 0 for result in needed):
+            handle.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} skipped: a job it needs failed\n")
+            return {"returncode": SKIPPED, "seconds": 0.0}
+        if links:  # merge: every seed's finished episode files (symlinks) in the merged dataset's part directory
+            parts = Path(merged).with_suffix(".episodes")
+            parts.mkdir(parents=True, exist_ok=True)
+            for source in map(Path, links):
+                for file in source.iterdir():
+                    target = parts / file.name
+                    if not target.is_symlink() and not target.exists():
+                        target.symlink_to(os.path.relpath(file, parts))
+        handle.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.node()}\n$ {shlex.join(command)}\n")
+        handle.flush()
+        environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                       "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYTHONUNBUFFERED": "1"}
+        process = subprocess.run([sys.executable, *command[1:]], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, env=environment, preexec_fn=_die_with_parent)
+        handle.write(f"# exit code {process.returncode} after {time.time() - start:.0f} s\n")
+    return {"returncode": process.returncode, "seconds": time.time() - start}
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver: submit everything to Ray, follow progress, then publish
+# ----------------------------------------------------------------------------------------------
+def run_grid(jobs: list[Job], preset: Preset, address: Optional[str] = None, num_cpus: Optional[int] = None) -> dict:
+    """Run every unfinished job on Ray; returns name -> {"status", "seconds", "returncode"}."""
+    import ray
+
+    if __name__ != "__main__":  # imported (tests): ship run_job by value, workers need not import this file
+        import ray.cloudpickle
+
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        import plot
+
+        ray.cloudpickle.register_pickle_by_value(plot)
+    local = {} if address else {"num_cpus": num_cpus, "object_store_memory": 200 * 2**20}  # jobs pass no data
+    ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False, **local)
+    try:
+        return follow(jobs, preset, ray)
+    finally:
+        ray.shutdown()
+
+
+def follow(jobs: list[Job], preset: Preset, ray) -> dict:
+    """Collections go to Ray at once (a merge waits on its seeds' results through Ray). Learning runs go
+    to Ray once their dataset exists, in the grid's order, keeping at most `slots + 1` jobs in flight
+    (Ray's "limit pending tasks" pattern with ray.wait): so seed 0 of every column runs before seed 1
+    instead of in the order the datasets happened to finish."""
+    resources = ray.cluster_resources()
+    if preset.num_gpus and not resources.get("GPU"):
+        raise SystemExit(f"preset {preset.name} asks for {preset.num_gpus} GPU per job and this Ray cluster has no GPU")
+    remote = ray.remote(run_job)
+    slots = max(1, int(resources.get("CPU", 1) // max(preset.num_cpus, 1e-9)))
+    threads = max(1, int(preset.num_cpus))
+    outcome, refs, submitted = {}, {}, {}
+    todo = []
+    for job in jobs:
+        if is_done(job):
+            outcome[job.name] = {"status": "done before", "seconds": 0.0, "returncode": 0}
+        else:
+            todo.append(job)
+    print(f"{len(jobs)} jobs: {len(outcome)} already done, {len(todo)} to run, {slots} at a time "
+          f"(Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs)", flush=True)
+    pending: dict = {}  # ObjectRef -> job name
+
+    def submit(job: Job) -> None:
+        command = prepare_command(job)
+        needed = [refs[name] for name in job.needs if name in refs and name not in outcome]
+        submitted[job.name] = (job, command, job.log.stat().st_size if job.log.exists() else 0)
+        refs[job.name] = remote.options(num_cpus=preset.num_cpus, num_gpus=preset.num_gpus, name=job.name,
+                                        max_retries=0).remote(
+            command, str(job.log), str(ROOT), threads, [str(p) for p in job.links],
+            str(job.dataset) if job.dataset else "", *needed)
+        pending[refs[job.name]] = job.name
+
+    for job in [job for job in todo if job.kind != "train"]:
+        submit(job)
+    queue = [job for job in todo if job.kind == "train"]
+    start, last_print = time.time(), 0.0
+    try:
+        while pending or queue:
+            for job in list(queue):  # the grid's order, among the runs whose dataset is ready
+                if sum(1 for name in pending.values() if submitted[name][0].kind != "merge") > slots:
+                    break
+                states = [outcome.get(name, {}).get("status") for name in job.needs]
+                if any(state in ("failed", "skipped") for state in states):
+                    queue.remove(job)
+                    outcome[job.name] = {"status": "skipped", "seconds": 0.0, "returncode": SKIPPED,
+                                         "command": shlex.join(job.command), "log": shown(job.log)}
+                    print(f"skipped: {job.name} (its dataset failed)", flush=True)
+                elif all(state in ("done", "done before") for state in states):
+                    queue.remove(job)
+                    submit(job)
+            if not pending:  # nothing runs and nothing could start: the rest need jobs outside the grid
+                for job in queue:
+                    outcome[job.name] = {"status": "skipped", "seconds": 0.0, "returncode": SKIPPED,
+                                         "command": shlex.join(job.command), "log": shown(job.log)}
+                    print(f"skipped: {job.name} (needs {', '.join(job.needs)}, which did not run)", flush=True)
+                break
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=20)
+            for ref in ready:
+                name = pending.pop(ref)
+                job, command, _ = submitted[name]
+                try:
+                    result = ray.get(ref)
+                except Exception as error:  # the worker died: report it like a failed command
+                    result = {"returncode": None, "seconds": 0.0, "error": str(error).splitlines()[0]}
+                code = result["returncode"]
+                status = "done" if code == 0 else "skipped" if code == SKIPPED else "failed"
+                outcome[name] = {"status": status, "seconds": result["seconds"], "returncode": code,
+                                 "command": shlex.join(command), "log": shown(job.log)}
+                line = f"{status}: {name} ({result['seconds']:.0f} s)"
+                if status == "failed":
+                    line += f", exit code {code}\n    command: {shlex.join(command)}\n    log: {shown(job.log)}"
+                print(progress_line(outcome, submitted, pending, queue, slots, time.time() - start) + "  " + line,
+                      flush=True)
+                last_print = time.time()
+            if not ready and time.time() - last_print > 120:
+                print(progress_line(outcome, submitted, pending, queue, slots, time.time() - start), flush=True)
+                last_print = time.time()
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        print("\nInterrupted: finished runs are kept; rerun the same command to continue "
+              "(interrupted runs resume from their last checkpoint).", flush=True)
+        raise SystemExit(130) from None
+    return outcome
+
+
+def progress_line(outcome: dict, submitted: dict, pending: dict, queue: list, slots: int, elapsed: float) -> str:
+    """[done/total, running, failed] and an ETA from the mean duration of this session's finished jobs."""
+    names = set(pending.values())
+    running = sum(1 for name in names if submitted[name][0].log.exists()
+                  and submitted[name][0].log.stat().st_size > submitted[name][2])
+    counts = {status: sum(1 for o in outcome.values() if o["status"] == status)
+              for status in ("done", "done before", "failed", "skipped")}
+    durations = {}
+    for name, result in outcome.items():
+        if result["status"] == "done" and name in submitted:
+            durations.setdefault(submitted[name][0].kind, []).append(result["seconds"])
+    remaining = 0.0
+    for kind in [submitted[name][0].kind for name in names] + [job.kind for job in queue]:
+        known = durations.get(kind) or []
+        remaining += np.mean(known) if known else float("nan")
+    eta = remaining / slots
+    eta_text = "ETA once a job of each kind has finished" if np.isnan(eta) else f"ETA {eta / 60:.0f} min"
+    total = len(outcome) + len(names) + len(queue)
+    return (f"[{counts['done'] + counts['done before']}/{total} done, {running} running, {counts['failed']} failed, "
+            f"{counts['skipped']} skipped; {elapsed / 60:.0f} min, {eta_text}]")
+
+
+# ----------------------------------------------------------------------------------------------
+# Publishing: per-run summaries, table.md, curves, manifest
+# ----------------------------------------------------------------------------------------------
+def publish_runs(jobs: list[Job], outcome: dict, out: Path) -> list[Path]:
+    """Copy each finished run's small files (summary.json, metrics.csv, config.json) and its job.json
+    (command, grid labels) to <out>/runs/<job>; the table and curves are built from these copies."""
+    copies = []
+    for job in jobs:
+        if job.kind != "train" or not (job.run_dir / "summary.json").exists():
+            continue
+        target = out / "runs" / job.name
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("summary.json", "metrics.csv", "config.json"):
+            shutil.copyfile(job.run_dir / name, target / name)
+        seconds = outcome.get(job.name, {}).get("seconds")
+        (target / "job.json").write_text(json.dumps({**job.labels, "command": shlex.join(job.command),
+                                                     "log": shown(job.log), "seconds": seconds}, indent=2))
+        copies.append(target)
+    return copies
+
+
+def load_published(out: Path) -> list[dict]:
+    """Every published run: job.json's labels with the summary's per-task numbers."""
+    runs = []
+    for folder in sorted((out / "runs").glob("*")):
+        if (folder / "job.json").exists() and (folder / "summary.json").exists():
+            runs.append({**json.loads((folder / "job.json").read_text()),
+                         "summary": json.loads((folder / "summary.json").read_text()), "folder": folder})
+    return runs
+
+
+def mean_std(values: list) -> str:
+    if not values:
+        return "-"
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f} ({len(values)})"
+
+
+def table_rows(runs: list[dict], columns: list[str]) -> dict:
+    """(row label, paper key) -> {"best": [...], column or "<column> prior": [values over seeds]}."""
+    rows = {}
+    for run in runs:
+        for task, numbers in run["summary"]["per_task"].items():
+            if run["env"] == "sawyer":
+                key = (f"{task} ({'all seven' if run['task'] == 'all' else 'alone'})", task if run["task"] == "all" else None)
+            else:
+                key = (f"{run['env']} ({run['regime']})", run["env"] if not run["regime_episodes"] else None)
+            row = rows.setdefault(key, {"best": []})
+            row["best"].append(numbers["best_episode_return_in_dataset"])
+            if "return" in numbers:
+                row.setdefault(run["column"], []).append(numbers["return"])
+            if COLUMNS[run["column"]].prior and "prior_return" in numbers:
+                row.setdefault(f"{run['column']} prior", []).append(numbers["prior_return"])
+    return rows
+
+
+def markdown_table(rows: dict, columns: list[str], paper: dict, paper_columns: tuple) -> list[str]:
+    headers = [c for column in columns for c in ([column, f"{column} prior"] if COLUMNS[column].prior else [column])]
+    lines = ["| task (data) | best episode in the data | " + " | ".join(headers) + " |",
+             "|---|---|" + "---|" * len(headers)]
+    for (label, paper_key), row in rows.items():
+        lines.append(f"| {label} | {max(row['best']):.1f} | " + " | ".join(mean_std(row.get(h, [])) for h in headers) + " |")
+        if paper_key in paper:
+            numbers = dict(zip(paper_columns, paper[paper_key]))
+            lines.append("| paper | - | " + " | ".join(f"{numbers[h]:g}" if h in numbers else "-" for h in headers) + " |")
+    return lines
+
+
+def write_table(preset: Preset, out: Path, wall: dict) -> Path:
+    runs = load_published(out)
+    control = [r for r in runs if r["env"] != "sawyer"]
+    sawyer = [r for r in runs if r["env"] == "sawyer"]
+    lines = [f"# Results: preset `{preset.name}`", "",
+             f"Command: `python benchmarks/reproduce.py --preset {preset.name}`. {preset.purpose}.", "",
+             "Cells: final return, mean ± std over seeds (n seeds); final = mean of the last 10% of "
+             "evaluations (the paper's protocol). `prior` = the prior run on its own. The `paper` row is the "
+             "paper's number for the same column (Table 6: 10k-episode regime; Table 7: seven-task run).", "",
+             "Budgets: " + budgets_text(preset), "",
+             "**Settings that differ from the paper:**", *[f"- {d}" for d in preset.differences], "",
+             f"Wall time: {wall['this_run_minutes']:.1f} min this run of the command, "
+             f"{wall['total_minutes']:.1f} min over all runs of it. Machine: {machine()['cpu']}, "
+             f"GPU: {machine()['gpu']}.", ""]
+    if control:
+        columns = [c for c in TABLE_6_ORDER if any(r["column"] == c for r in control)]
+        lines += ["## Control Suite (Table 6 layout)", "",
+                  *markdown_table(table_rows(control, columns), columns, PAPER_TABLE_6, PAPER_TABLE_6_COLUMNS), ""]
+    if sawyer:
+        columns = [c for c in TABLE_6_ORDER if any(r["column"] == c for r in sawyer)]
+        lines += ["## Simulated Sawyer (Table 7 layout)", "",
+                  *markdown_table(table_rows(sawyer, columns), columns, PAPER_TABLE_7, PAPER_TABLE_7_COLUMNS), ""]
+    lines += ["Learning curves: " + ", ".join(f"`{p.name}`" for p in sorted(out.glob("curves_*.png"))), "",
+              "Per-run numbers: `runs/<job>/summary.json` (and `metrics.csv`, `config.json`, `job.json` "
+              "with the exact command)."]
+    path = out / "table.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_curves(out: Path) -> list[Path]:
+    """One PNG per environment: every task (and data regime) a panel, every column a curve."""
+    runs = load_published(out)
+    figures = []
+    for env in sorted({r["env"] for r in runs}):
+        chosen = [r for r in runs if r["env"] == env]
+        panels = collect_panels([r["folder"] for r in chosen], labels=[r["column"] for r in chosen])
+        for panel in panels.values():  # the paper's column order in the legend
+            ordered = {c: panel[c] for c in TABLE_6_ORDER if c in panel}
+            panel.clear()
+            panel.update(ordered)
+        figures.append(plot_panels(panels, out / f"curves_{env}.png", title=f"{env}: return against updates"))
+    return figures
+
+
+def budgets_text(preset: Preset) -> str:
+    control = (f"Control Suite {', '.join(preset.control_tasks)}: {len(preset.collect_seeds)} collecting run(s) x "
+               f"{preset.collect_episodes} episodes (collect.py {' '.join(preset.collect_flags)}), regimes "
+               + ", ".join(f"{label} (--dataset-episodes {k})" if k else f"{label} (all episodes)" for label, k in preset.regimes)
+               + f"; {preset.updates} updates, batch {preset.batch}")
+    sawyer = (f"Sawyer --task {', '.join(preset.sawyer_tasks)}: {preset.sawyer_episodes} scripted episodes per "
+              f"collecting seed; {preset.sawyer_updates} updates, batch {preset.sawyer_batch}") if preset.sawyer_tasks else ""
+    return (f"{control}. {sawyer}. M = {preset.action_samples}, {len(preset.seeds)} seeds "
+            f"({', '.join(map(str, preset.seeds))}), evaluation every {preset.eval_every} updates "
+            f"(Sawyer {preset.sawyer_eval_every}) with {preset.eval_episodes} episodes; Ray: {preset.num_cpus:g} CPU"
+            f"{f', {preset.num_gpus:g} GPU' if preset.num_gpus else ''} per job. Paper: {PAPER_SCALE}.")
+
+
+def machine() -> dict:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu = platform.processor() or cpu
+    gpu = "none"
+    if shutil.which("nvidia-smi"):
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        gpu = ", ".join(query.stdout.split("\n")[:-1]) or "none"
+    return {"cpu": f"{cpu}, {os.cpu_count()} logical cores", "gpu": gpu, "python": platform.python_version()}
+
+
+def git_commit() -> str:
+    query = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return query.stdout.strip() or "unknown"
+
+
+def write_manifest(preset: Preset, out: Path, jobs: list[Job], outcome: dict, started: float) -> dict:
+    """manifest.json: budgets, machine, the wall time of every run of the command, every job's command."""
+    path = out / "manifest.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    sessions = previous.get("sessions", []) + [{"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                                                "wall_seconds": round(time.time() - started, 1),
+                                                "commit": git_commit(), "machine": machine()}]
+    import ray
+
+    manifest = {"preset": asdict(preset), "budgets": budgets_text(preset), "ray": ray.__version__,
+                "sessions": sessions, "total_wall_seconds": round(sum(s["wall_seconds"] for s in sessions), 1),
+                "jobs": {job.name: {"kind": job.kind, "command": shlex.join(job.command), "log": shown(job.log),
+                                    **outcome.get(job.name, {"status": "not run"})} for job in jobs}}
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def reproduce(preset: Preset, out: Path, work: Path, address: Optional[str] = None, num_cpus: Optional[int] = None,
+              jobs: Optional[list] = None) -> Path:
+    """The whole pipeline; returns the path of table.md. `jobs` replaces the preset's grid (tests)."""
+    started = time.time()
+    # Ctrl-C, kill, or a background shell's ignored SIGINT: cancel the jobs cleanly (the caller's handlers come back)
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _reproduce(preset, out, work, address, num_cpus, jobs, started)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], num_cpus: Optional[int],
+               jobs: Optional[list], started: float) -> Path:
+    jobs = build_grid(preset, work) if jobs is None else jobs
+    for folder in (out, work / "logs"):
+        folder.mkdir(parents=True, exist_ok=True)
+    print(f"Preset {preset.name}: {preset.purpose}.\nBudgets: {budgets_text(preset)}", flush=True)
+    outcome = run_grid(jobs, preset, address, num_cpus)
+    publish_runs(jobs, outcome, out)
+    manifest = write_manifest(preset, out, jobs, outcome, started)
+    write_curves(out)
+    table = write_table(preset, out, {"this_run_minutes": manifest["sessions"][-1]["wall_seconds"] / 60,
+                                      "total_minutes": manifest["total_wall_seconds"] / 60})
+    failed = {name: o for name, o in outcome.items() if o["status"] in ("failed", "skipped")}
+    if failed:
+        print(f"\n{len(failed)} job(s) did not finish (rerun the command to retry them):")
+        for name, o in failed.items():
+            print(f"- {o['status']}: {name}\n    command: {o['command']}\n    log: {o['log']}")
+    print(f"\nTable: {shown(table)}", flush=True)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), required=True,
+                        help="smoke: seconds per job (tests); cpu: ~100 min on 2 cores; gpu: <= 20 min on one "
+                             "H100 + 16 CPUs; paper: the paper's scale (documentation)")
+    parser.add_argument("--address", default=None, help="join this Ray cluster (default: start a local Ray)")
+    parser.add_argument("--out", type=Path, default=None, help="published results (default: results/<preset>)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="datasets, run directories and logs, kept out of git (default: runs/reproduce/<preset>)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    parser.add_argument("--dry-run", action="store_true", help="print every job's command and whether it is done")
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    out = args.out or ROOT / "results" / preset.name
+    work = args.work or ROOT / "runs" / "reproduce" / preset.name
+    if args.dry_run:
+        for job in build_grid(preset, work):
+            print(f"{'done' if is_done(job) else 'todo'}  {job.name}: {shlex.join(job.command)}")
+        return
+    reproduce(preset, out, work, args.address, args.num_cpus)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""benchmarks/reproduce.py: the smoke preset end to end on a local Ray (collections, merges and
+learning runs as Ray tasks), a job killed mid-run that the rerun continues with --resume, a failing
+job that is reported while the rest finish, and a table and curves whose numbers are those of the
+per-run summaries. Plus the grids of the other presets, checked without running them."""
+
+import contextlib
+import csv
+import dataclasses
+import importlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+pytest.importorskip("ray")
+import plot  # noqa: E402
+import reproduce  # noqa: E402
+
+SMOKE = reproduce.PRESETS["smoke"]
+KILLED = dataclasses.replace(SMOKE, updates=300, eval_every=25)  # a longer run, checkpointed every 25 updates
+
+
+def run_reproduce(out: Path, work: Path, jobs: list) -> str:
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        reproduce.reproduce(SMOKE, out, work, num_cpus=2, jobs=jobs)
+    return printed.getvalue()
+
+
+def kill_after_checkpoint(job: reproduce.Job, updates_logged: int = 2) -> int:
+    """Run a job's command outside Ray and SIGKILL it once it has checkpointed; returns the last
+    update in metrics.csv at that moment."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, *job.command[1:]], cwd=ROOT, env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics, deadline = job.run_dir / "metrics.csv", time.time() + 60
+    try:
+        while time.time() < deadline and process.poll() is None:
+            if (job.run_dir / "checkpoint.pt").exists() and metrics.exists() and \
+                    len(metrics.read_text().splitlines()) > updates_logged:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the run finished before it could be killed"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    with open(metrics) as handle:
+        return int(list(csv.DictReader(handle))[-1]["step"])
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Run 1: the smoke grid plus a job that fails. Then a longer run killed after its first checkpoints,
+    and run 2: the grid again (all done) plus the killed run, which must continue."""
+    work, out = tmp_path_factory.mktemp("work"), tmp_path_factory.mktemp("results")
+    grid = reproduce.build_grid(SMOKE, work)
+    model = next(job for job in grid if job.kind == "train" and job.labels["env"] != "sawyer")
+    broken = dataclasses.replace(model, name="broken", log=work / "logs" / "broken.log", run_dir=work / "runs" / "broken",
+                                 command=[*model.command[:-2], "--dataset", str(work / "missing.npz"),
+                                          "--run-dir", str(work / "runs" / "broken")])
+    started = time.time()
+    first = run_reproduce(out, work, grid + [broken])
+    first_manifest = json.loads((out / "manifest.json").read_text())
+    killed = reproduce.train_job(KILLED, work, "cartpole-balance", "all",
+                                 ("full", None), "ABM+MPO", 2)
+    killed_at = kill_after_checkpoint(killed)
+    second = run_reproduce(out, work, grid + [killed])
+    return {"work": work, "out": out, "grid": grid, "broken": broken, "killed": killed, "killed_at": killed_at,
+            "first": first, "second": second, "first_manifest": first_manifest,
+            "manifest": json.loads((out / "manifest.json").read_text()), "seconds": time.time() - started}
+
+
+def test_smoke_grid_jobs_run_on_ray(smoke):
+    statuses = {name: job["status"] for name, job in smoke["first_manifest"]["jobs"].items()}
+    assert {statuses[job.name] for job in smoke["grid"]} == {"done"}
+    assert all((job.run_dir / "summary.json").exists() for job in smoke["grid"] if job.kind == "train")
+    datasets = [job for job in smoke["grid"] if job.name.startswith("dataset-")]
+    assert {reproduce.dataset_episodes(job.dataset) for job in datasets} == {SMOKE.collect_episodes, SMOKE.sawyer_episodes}
+    log = smoke["grid"][-1].log.read_text()
+    assert f"$ {' '.join(smoke['grid'][-1].command)}" in log  # the job ran the command a user would type
+
+
+def test_failing_job_is_reported_and_the_rest_finish(smoke):
+    statuses = {name: job["status"] for name, job in smoke["first_manifest"]["jobs"].items()}
+    assert statuses["broken"] == "failed"
+    assert "failed: broken" in smoke["first"]
+    assert str(smoke["work"] / "missing.npz") in smoke["first"]  # its command
+    assert "broken.log" in smoke["first"]  # and its log
+    assert "does not exist" in smoke["broken"].log.read_text()
+
+
+def test_rerun_skips_finished_runs_and_resumes_the_killed_one(smoke):
+    killed, killed_at = smoke["killed"], smoke["killed_at"]
+    assert f"{len(smoke['grid'])} already done, 1 to run" in smoke["second"]
+    assert 0 < killed_at < KILLED.updates
+    log = killed.log.read_text()
+    assert f"--resume {killed.run_dir}" in log
+    resumed_from = int(log.split("from update ")[1].split(".")[0])
+    assert killed_at - KILLED.eval_every <= resumed_from <= killed_at  # the last checkpoint, at most one interval back
+    with open(killed.run_dir / "metrics.csv") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle)]
+    assert steps == list(range(KILLED.eval_every, KILLED.updates + 1, KILLED.eval_every))  # every evaluation exactly once
+    assert smoke["manifest"]["jobs"][killed.name]["status"] == "done"
+    assert len(smoke["manifest"]["sessions"]) == 2
+
+
+def read_markdown_tables(text: str) -> list[dict]:
+    """Each markdown table as {row label: {header: cell}} (a `paper` row is keyed `<label> paper`)."""
+    tables, current, headers, last = [], None, None, None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            current = None
+            continue
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if current is None:
+            current, headers = {}, cells
+            tables.append(current)
+        elif not set(line) <= set("|-"):
+            last = f"{last} paper" if cells[0] == "paper" else cells[0]
+            current[last] = dict(zip(headers, cells))
+    return tables
+
+
+def test_table_numbers_equal_the_run_summaries(smoke):
+    out = smoke["out"]
+    control, sawyer = read_markdown_tables((out / "table.md").read_text())
+    expected = {}
+    for folder in (out / "runs").iterdir():
+        job, summary = (json.loads((folder / name).read_text()) for name in ("job.json", "summary.json"))
+        for task, numbers in summary["per_task"].items():
+            row = f"{task} (alone)" if job["env"] == "sawyer" else f"{job['env']} ({job['regime']})"
+            cells = expected.setdefault(row, {})
+            cells.setdefault(job["column"], []).append(numbers["return"])
+            cells.setdefault(job["column"] + " prior", []).append(numbers["prior_return"])
+            cells.setdefault("best episode in the data", []).append(numbers["best_episode_return_in_dataset"])
+    table = {**control, **sawyer}
+    assert set(table) == set(expected)
+    for row, cells in expected.items():
+        for header, values in cells.items():
+            if header == "best episode in the data":
+                assert table[row][header] == f"{max(values):.1f}"
+            elif header in table[row]:
+                assert table[row][header] == f"{np.mean(values):.1f} ± {np.std(values):.1f} ({len(values)})"
+    assert table["cartpole-balance (full)"]["ABM+MPO"].endswith("(3)")  # seeds 0, 1 and the resumed seed 2
+    assert "BCQ prior" not in table["cartpole-balance (full)"]  # only ABM and BM priors are Table 6 columns
+    assert "Budgets:" in (out / "table.md").read_text()
+
+
+def test_curves_are_written_from_the_same_runs(smoke, tmp_path):
+    out = smoke["out"]
+    for env in ("cartpole-balance", "sawyer"):
+        assert (out / f"curves_{env}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    folders = sorted((out / "runs").iterdir())
+    panels = plot.collect_panels(folders, labels=[json.loads((f / "job.json").read_text())["column"] for f in folders])
+    for folder in folders:  # the mean of each curve's last 10% of points is the run's final return
+        summary, job = (json.loads((folder / name).read_text()) for name in ("summary.json", "job.json"))
+        curves = [c for name, by_label in panels.items() for label, cs in by_label.items() if label == job["column"]
+                  for c in cs if ("sawyer" in name) == (job["env"] == "sawyer")]
+        finals = [np.mean(c.policy[-int(np.ceil(0.1 * len(c.policy))):]) for c in curves]
+        assert summary["final/return"] in [pytest.approx(final) for final in finals]
+    figure = tmp_path / "mine.png"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot.py"), *map(str, folders[:2]), "--out", str(figure)],
+                   check=True, capture_output=True)
+    assert figure.stat().st_size > 10_000
+
+
+def test_every_preset_command_parses_with_its_script():
+    """The commands of the cpu, gpu and paper grids (never run in the tests) are valid for their scripts."""
+    import tyro
+
+    modules = {}
+    for preset in reproduce.PRESETS.values():
+        for job in reproduce.build_grid(preset, Path("/tmp/grid")):
+            script = job.command[1].removesuffix(".py")
+            module = modules.setdefault(script, importlib.import_module(script))
+            args = tyro.cli(module.Args, args=job.command[2:])
+            if job.kind == "train" and job.labels["column"] == "ABM eps=0":
+                assert (args.epsilon, args.snippet_length) == (0.0, 2)
+
+
+def test_grids_cover_the_paper_columns_and_order_seed_zero_first():
+    cpu = [job for job in reproduce.build_grid(reproduce.PRESETS["cpu"], Path("/tmp/grid")) if job.kind == "train"]
+    assert {(j.labels["env"], j.labels["column"]) for j in cpu} == {
+        (env, column) for env in ("walker", "sawyer") for column in ("ABM+MPO", "BM+MPO", "MPO", "BCQ", "BEAR")}
+    assert len(cpu) == 2 * 5 * 3
+    gpu = [job for job in reproduce.build_grid(reproduce.PRESETS["gpu"], Path("/tmp/grid")) if job.kind == "train"]
+    assert {j.labels["column"] for j in gpu} == set(reproduce.TABLE_6_ORDER)
+    assert {j.labels["env"] for j in gpu} == {"cheetah", "hopper", "quadruped", "walker", "sawyer"}
+    assert {j.labels["task"] for j in gpu if j.labels["env"] == "sawyer"} == {"all", "center", "corner"}
+    for grid in (cpu, gpu):
+        seeds = [job.labels["seed"] for job in grid]
+        assert seeds == sorted(seeds)  # every column's seed 0 before any seed 1
+
+
+def test_paper_numbers_transcribed():
+    assert all(len(row) == len(reproduce.PAPER_TABLE_6_COLUMNS) for row in reproduce.PAPER_TABLE_6.values())
+    assert all(len(row) == len(reproduce.PAPER_TABLE_7_COLUMNS) for row in reproduce.PAPER_TABLE_7.values())
+    walker = dict(zip(reproduce.PAPER_TABLE_6_COLUMNS, reproduce.PAPER_TABLE_6["walker"]))
+    assert (walker["ABM+MPO"], walker["BM+MPO prior"], walker["ABM eps=0"]) == (843.0, 684.8, 838.1)
+    lift = dict(zip(reproduce.PAPER_TABLE_7_COLUMNS, reproduce.PAPER_TABLE_7["lift"]))
+    assert (lift["ABM+MPO prior"], lift["BM+MPO prior"], lift["BEAR"]) == (144.9, 122.5, 137.9)
