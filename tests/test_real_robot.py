@@ -938,26 +938,18 @@ def test_a_killed_process_keeps_its_last_saved_second_flagged_incomplete(tmp_pat
 # Signals, deadline, overruns, what is logged, and the log's durability
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("signame", ("SIGTERM", "SIGHUP"))
-def test_sigterm_and_sighup_stop_the_arm_like_ctrl_c(tmp_path, monkeypatch, signame):
+def test_sigterm_and_sighup_stop_the_arm_like_ctrl_c(tmp_path, no_default_signal_handlers, signame):
     number = getattr(signal, signame)
+    backend = FaultyBackend()
+    env = RealSawyerEnv(backend, "reach", log=EpisodeLog(tmp_path / "log.npz"), episode_steps=20, deadline=10.0)
 
-    def unhandled(signum, frame):  # what this test sees if real_robot installs no handler (not a kill)
-        raise RuntimeError(f"{signame} reached the default handler")
+    def act(observation, task):
+        if backend.episodes == 1 and backend.steps == 5:
+            os.kill(os.getpid(), number)
+        return np.array([0.01, 0.0, -0.01, 0.2, 50.0])
 
-    previous = signal.signal(number, unhandled)
-    try:
-        backend = FaultyBackend()
-        env = RealSawyerEnv(backend, "reach", log=EpisodeLog(tmp_path / "log.npz"), episode_steps=20, deadline=10.0)
-
-        def act(observation, task):
-            if backend.episodes == 1 and backend.steps == 5:
-                os.kill(os.getpid(), number)
-            return np.array([0.01, 0.0, -0.01, 0.2, 50.0])
-
-        results = run_evaluation(env, act, list(ALL_TASKS), ["reach"], 3, seed=0, output=tmp_path / "r.json")
-        assert signal.getsignal(number) is unhandled  # restored after the run
-    finally:
-        signal.signal(number, previous)
+    results = run_evaluation(env, act, list(ALL_TASKS), ["reach"], 3, seed=0, output=tmp_path / "r.json")
+    assert signal.getsignal(number) is no_default_signal_handlers  # restored after the run
     assert results["interrupted"] == signame and len(results["episodes"]) == 2
     assert results["episodes"][1]["reason"] == f"interrupted ({signame})" and results["episodes"][1]["steps"] == 5
     assert min(s for e, s in backend.stops_at if e == 1) == 5  # stopped in the handler, at the step it came
@@ -1084,8 +1076,22 @@ def test_a_rerun_adds_to_the_results_file_instead_of_overwriting_it(tmp_path):
     assert output.read_text() == "not json"
 
 
+@pytest.fixture
+def no_default_signal_handlers():
+    """SIGTERM and SIGHUP raise in the test instead of killing pytest, should real_robot not handle them"""
+    def unhandled(signum, frame):
+        raise RuntimeError(f"{signal.Signals(signum).name} reached the default handler")
+
+    numbers = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP")]
+    previous = {number: signal.signal(number, unhandled) for number in numbers}
+    yield unhandled
+    for number, handler in previous.items():
+        signal.signal(number, handler)
+
+
 @pytest.mark.parametrize("signame, status", (("SIGINT", 130), ("SIGTERM", 143)))
-def test_main_exits_with_the_shells_status_for_the_signal(tmp_path, monkeypatch, signame, status):
+def test_main_exits_with_the_shells_status_for_the_signal(tmp_path, monkeypatch, no_default_signal_handlers,
+                                                          signame, status):
     calls = []
 
     def act(observation, task_index):
