@@ -13,35 +13,44 @@ policy (policy.pt2, written by every learning script) and writes the returns per
 
 Safety layer (every step, whatever the backend):
   1. a non-finite action, or one beyond ABSURD_FACTOR x its limit, is a broken policy: stop,
-     the episode ends, logged and flagged incomplete;
+     the episode ends, logged and flagged incomplete; so is invalid state (a non-finite
+     observation, a wrist quaternion of norm far from 1), which could not bound a command;
   2. the action is clipped to the Appendix C.3 limits (0.07 m/s, 1 rad/s, 255 units/s);
   3. a Cartesian velocity component that would carry the pinch point out of the workspace box
      (sawyer_env.WORKSPACE_CENTER +- WORKSPACE_HALF) within one control step is zeroed, and so is
      a wrist rate turning past sawyer_env.WRIST_YAW_LIMIT;
-  4. a wrist force above 20 N on any axis stops the arm and terminates the episode (Appendix C.3;
-     an MDP termination, discount 0, logged complete with end "wrist_force");
-  5. control deadline: a policy step (observation returned -> next action given) longer than
-     50 ms sends a zero-velocity command instead of the late action and is counted; the policy for
-     repeated misses is MAX_CONSECUTIVE_MISSES (3) in a row (150 ms without a fresh command) ends
-     the episode, stopped and flagged incomplete;
-  6. any exception (backend, policy, logging) and Ctrl-C (SIGINT) send a stop command first; the
-     episode in progress is logged and flagged incomplete, earlier episodes are untouched. A first
-     Ctrl-C stops the arm at once and ends the run after logging; a second one raises.
-A stopped backend ignores commands until it is sent home again, so nothing can restart the arm
-between a stop and the end of the episode.
+  4. a wrist force of magnitude above 20 N stops the arm and terminates the episode (an MDP
+     termination, discount 0, logged complete with end "wrist_force"). Appendix C.3 says "on any
+     axis"; the magnitude implies it and also stops a diagonal push (34.6 N passes per axis). On the
+     real arm every sensor reading is checked as it arrives and stops the arm at once; a NaN
+     reading, or a force sensor or joint-state stream silent for SENSOR_TIMEOUT, is a fault;
+  5. control deadline: a step (observation read -> next command sent: rewards, checks, log writes
+     and the policy) longer than 50 ms sends a zero-velocity command instead of the late action and
+     is counted; MAX_CONSECUTIVE_MISSES (3) in a row (150 ms without a fresh command) end the
+     episode, stopped and flagged incomplete; a control period that overran is flagged and counted;
+  6. any exception (backend, policy, logging) and Ctrl-C, SIGTERM or SIGHUP send a stop command
+     first; the episode in progress is logged and flagged incomplete, earlier episodes are
+     untouched. The first signal stops the arm at once (a move home too) and ends the run after
+     logging (exit status 128 + the signal: 130 for Ctrl-C); a second one raises.
+A backend starts stopped, and a stop latches: no velocity command leaves until a move home has
+succeeded and a new command has passed the safety layer.
 
 Conventions invented here (the paper's cell is not published; change them in InteraConfig):
   - Cube poses arrive as geometry_msgs/PoseStamped in the robot base frame (= sawyer_env's world
     frame) on `/cube_tracker/<cube>/pose`; velocities are finite differences between control
     steps; a cube not seen keeps its last pose with zero velocity.
   - The FT300 wrench (`robotiq_ft_wrench`, geometry_msgs/WrenchStamped) is taken as given in the
-    sawyer_env sensor frame (axes of the hand frame) and zeroed at every move home.
+    sawyer_env sensor frame (axes of the hand frame) and zeroed at every move home, only when it
+    reads at most TARE_MAX_FORCE (no contact); otherwise the move home fails.
+  - The move home is the SDK's joint-position move at HOME_SPEED_RATIO, aborted at its next 100 Hz
+    check by a stop (signal, force, silent sensor) or a collision; not arriving within 15 s fails.
   - The Intera endpoint (`right_hand`) is sawyer_env's wrist frame; the base frame is its world frame.
   - Cartesian velocities become joint velocities with sawyer_env's own controller (damped least
     squares on the MuJoCo model's Jacobian at the measured joint angles, tool held pointing down,
-    null-space posture), recomputed and re-sent at 100 Hz; a held command older than
-    COMMAND_TIMEOUT is replaced by zero velocity (watchdog), and the SDK's command timeout is set
-    to the same value so a dead process leaves the arm holding position.
+    null-space posture), recomputed and re-sent at 100 Hz on a fixed schedule; a zero command, and
+    a held command older than COMMAND_TIMEOUT (watchdog), are sent as exactly zero joint velocity
+    (not the controller's orientation and posture terms); the SDK's command timeout is kept at
+    COMMAND_TIMEOUT (also when stopping) so a dead process leaves the arm holding position.
   - The gripper's velocity action becomes the position target clip(gPO + v * 0.05, 0, 255)
     (sawyer_facts.md); a stop leaves the gripper's last target (a held cube is not dropped).
   - Between episodes the arm moves to a start pose drawn like sawyer_env's (same distribution,
@@ -49,13 +58,17 @@ Conventions invented here (the paper's cell is not published; change them in Int
 
 Episode log (`EpisodeLog`): one file per episode in `<log>.episodes/`, written atomically when the
 episode ends (and every second while it runs, as a flagged `.partial` file), then the whole log
-`<log>.npz` rewritten atomically; it loads with the learning scripts' load_dataset. Per transition:
-`observation`, `action` = the command actually executed (after the safety layer: the truth for
-learning), `policy_action` = what the policy asked, `reward` = all nine task rewards of the next
+`<log>.npz` rewritten atomically (unique temporary file, fsync, rename, fsync of the folder) and
+rebuilt from the episode files at every start; episode numbers are reserved, so two processes on
+one log never write the same file. It loads with the learning scripts' load_dataset. Per transition:
+`observation`, `action` = the command the arm executed (after the safety layer, and the time
+average over the step when the watchdog or a stop zeroed it: the truth for learning),
+`policy_action` = what the policy asked, `reward` = all nine task rewards of the next
 observation (sawyer_env.compute_rewards), `discount` (0 after a 20 N stop), `next_observation`,
 `episode_id`, `step`, `safety_flags` (bit mask, SAFETY_FLAGS). Per episode, in the metadata: task,
 seed, steps, returns of every task, `end` ("time_limit", "wrist_force", "aborted"), `reason`,
-`complete` (False only for aborted episodes), deadline misses; `incomplete_episodes` lists them.
+`complete` (False only for aborted episodes), deadline misses, overruns; `incomplete_episodes`
+lists them. The results file of the command line is added to by a rerun, never overwritten.
 """
 
 import json
