@@ -176,7 +176,17 @@ def test_smoke_sawyer_new_task_learns_and_evaluates_on_its_own_env(sawyer_data, 
     starts = np.flatnonzero(np.r_[True, np.diff(data["episode_id"]) != 0])
     assert summary["per_task"]["corner"]["best_episode_return_in_dataset"] == pytest.approx(
         np.add.reduceat(corner, starts).max(), rel=1e-5)
-    assert 0.0 <= summary["final/return"] <= 5.0
+    # the final return is the exported policy's (physical units) replayed on SawyerEnv from the evaluation seed
+    extra = {"policy.json": ""}
+    policy = torch.export.load(str(tmp_path / "run" / "policy.pt2"), extra_files=extra).module()
+    env = se.SawyerEnv("corner")
+    observation, _ = env.reset(seed=100)
+    replayed = 0.0
+    for _ in range(5):
+        action = policy(torch.as_tensor(observation)[None], torch.zeros(1, dtype=torch.int64))[0].detach().numpy()
+        observation, reward, *_ = env.step(action)
+        replayed += reward
+    assert summary["final/return"] == pytest.approx(replayed, rel=1e-4, abs=1e-6)
 
 
 def test_smoke_sawyer_run_resumes_with_the_paper_default_networks(sawyer_data, tmp_path):
