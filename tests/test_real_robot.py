@@ -264,7 +264,8 @@ def test_the_wrist_stops_at_plus_minus_90_degrees_and_may_turn_back(side):
     mujoco.mju_mat2Quat(quat, (rotation @ sawyer_env.quat_to_matrix(env.data.xquat[hand])).ravel())
     observation = env._observation()
     observation[OBS_INDEX["wrist_quat"]] = quat
-    assert sawyer_env.wrist_yaw(observation.astype(np.float64)) == pytest.approx(side * (np.pi / 2 - np.radians(1)), abs=1e-4)
+    heading = side * (np.pi / 2 - np.radians(1))
+    assert sawyer_env.wrist_yaw(observation.astype(np.float64)) == pytest.approx(heading, abs=1e-4)
     command, flags = safety.filter(np.array([0, 0, 0, side * 1.0, 0]), observation)  # 2.9 degrees in a step: past 90
     assert command[3] == 0.0 and flags == real_robot.SAFETY_FLAGS["wrist_limit"]
     assert safety.filter(np.array([0, 0, 0, side * 0.3, 0]), observation)[0][3] == pytest.approx(side * 0.3)  # 0.86 deg
@@ -838,7 +839,8 @@ def test_a_failed_home_move_stops_and_is_reported_in_one_sentence(monkeypatch, f
         backend.move_home(seed=1)
     message = str(error.value)
     assert message.startswith("the move home failed: ") and message.count(". ") == 0 and "\n" not in message
-    assert {"collision": "collision", "stuck": "not reached within 15 s", "force": "wrist force 25.0 N"}[failure] in message
+    expected = {"collision": "collision", "stuck": "not reached within 15 s", "force": "wrist force 25.0 N"}
+    assert expected[failure] in message
     assert len(cycles) == (1500 if failure == "stuck" else 3)  # stopped at the fault, not after the SDK's 15 s
     assert backend.stopped and rec.named("service") == [("robotiq_ft_sensor_acc", 8)]  # not zeroed again
     assert rec.calls[-2:] == [("exit_control_mode",), ("set_command_timeout", real_robot.COMMAND_TIMEOUT)]
@@ -908,7 +910,8 @@ def test_a_nan_or_silent_sensor_is_a_fault_that_stops_the_arm(monkeypatch, fault
         deliver("wrench")
         expected = "invalid wrist force reading [nan, 30.0, 0.0]"
     else:  # the driver stays alive but stops publishing (FT300 serial link lost)
-        clock.on_sleep = lambda: [deliver(topic) for topic in ("Gripper", "cube", "joint_states" if fault == "silent_force" else "wrench")]
+        alive = ("Gripper", "cube", "joint_states" if fault == "silent_force" else "wrench")
+        clock.on_sleep = lambda: [deliver(topic) for topic in alive]
         clock.advance(0.15)
         backend.resend_once()  # the command thread notices
         expected = "no wrist force sensor reading" if fault == "silent_force" else "no joint state stream reading"
@@ -1068,7 +1071,7 @@ def test_a_rerun_adds_to_the_results_file_instead_of_overwriting_it(tmp_path):
         run_evaluation(env, policy, list(ALL_TASKS), ["reach"], 2, seed=0, output=output, header={"run": run})
     results = json.loads(output.read_text())
     assert len(results["returns"]["reach"]) == 4 and len(results["episodes"]) == 4
-    assert [r["run"] for r in results["runs"]] == [0, 1] and [r["started_at_episode"] for r in results["runs"]] == [0, 2]
+    assert [(r["run"], r["started_at_episode"]) for r in results["runs"]] == [(0, 0), (1, 2)]
     assert [e["seed"] for e in results["episodes"]] == [0, 1, 2, 3]  # new start poses, not the same four again
     output.write_text("not json")
     with pytest.raises(RobotError, match="not a results file"):
