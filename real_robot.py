@@ -394,8 +394,8 @@ class InteraBackend(Backend):
         self._gripper = rospy.Publisher(config.gripper_command_topic, GripperCommand, queue_size=1)
         self._zero_wrench = lambda: rospy.ServiceProxy(config.wrench_zero_service, sensor_accessor)(
             sensor_accessorRequest(command_id=sensor_accessorRequest.COMMAND_SET_ZERO))
-        self._wait_for_messages()
-        self._publish_gripper(int(self._latest["gripper"].gPO))  # activate, hold the current opening
+        self._wait_for_messages()  # the gripper is activated by the first move home, not here: activating
+        # a 2F-85 makes it open and close fully, which is motion before an episode
         self._shutdown = threading.Event()
         self._thread = threading.Thread(target=self._resend_loop, daemon=True) if start_thread else None
         if self._thread is not None:
@@ -544,7 +544,7 @@ class InteraBackend(Backend):
         if why:
             self._stop()
             raise RobotError(f"the move home failed: {why[0]}; the arm holds where it is")
-        self._publish_gripper(0)  # open
+        self._publish_gripper(0)  # activate (rACT=1) and open
         self.rospy.sleep(0.5)  # let the arm and the gripper settle before taring
         reason = self.home_interrupted() or self._check_streams(time.monotonic())
         force = self._force()

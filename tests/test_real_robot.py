@@ -753,6 +753,7 @@ def test_nothing_moves_the_arm_before_an_episode_starts_and_close_ends_the_threa
     time.sleep(0.15)
     assert backend.resend_once() is None
     assert rec.named("set_joint_velocities") == [] and rec.named("set_joint_positions") == []
+    assert rec.named("publish") == []  # no gripper command either (activating a 2F-85 moves its fingers)
     backend.close()
     assert not backend._thread.is_alive() and backend.thread_error is None
     assert rec.calls[-2:] == [("exit_control_mode",), ("set_command_timeout", real_robot.COMMAND_TIMEOUT)]
