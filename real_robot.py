@@ -748,8 +748,11 @@ class EpisodeLog:
         """rewrite `path` from every episode file (episodes with no transition are in metadata only)"""
         episodes, records = [], []
         for file in self._files().values():
-            with np.load(file, allow_pickle=False) as archive:
-                episode = {key: archive[key] for key in archive.files}
+            try:
+                with np.load(file, allow_pickle=False) as archive:
+                    episode = {key: archive[key] for key in archive.files}
+            except FileNotFoundError:  # a partial file another process on this log just replaced
+                continue
             records += json.loads(str(episode.pop("metadata")))["episodes"]
             episodes.append(episode)
         if sum(len(e["step"]) for e in episodes) == 0:
@@ -931,8 +934,11 @@ def stop_on_signals(env: RealSawyerEnv):
             raise KeyboardInterrupt
         name = signal.Signals(signum).name
         env.request_stop(name)
-        print(f"\nreal_robot.py: {name}, arm stopped; ending the episode ({name} or Ctrl-C again to force).",
-              file=sys.stderr)
+        try:  # after SIGHUP the terminal may be gone
+            print(f"\nreal_robot.py: {name}, arm stopped; ending the episode ({name} or Ctrl-C again to force).",
+                  file=sys.stderr)
+        except OSError:
+            pass
 
     previous = {number: signal.signal(number, handler) for number in STOP_SIGNALS}
     try:
