@@ -780,7 +780,7 @@ def test_no_command_leaves_between_a_stop_and_the_next_approved_command(monkeypa
     backend.move_home(seed=0)
     backend.send_command(np.array([0.05, 0.0, 0.0, 0.0, 0.0]))
     assert backend.resend_once() is not None
-    backend.stop("test")
+    backend.stop()
     stopped_at = len(rec.calls)
     resent = []
     state["during_move"].append(lambda: resent.append(backend.resend_once()))  # the thread runs during the move
@@ -813,7 +813,7 @@ def test_the_home_move_sets_its_speed_watches_the_arm_and_keeps_the_command_time
     calls = [c[0] for c in rec.calls]
     assert rec.named("set_joint_position_speed") == [(real_robot.HOME_SPEED_RATIO,)]
     assert calls.index("set_joint_position_speed") < calls.index("move_to_joint_positions")
-    backend.stop("test")
+    backend.stop()
     backend.move_home(seed=1)
     assert {t for (t,) in rec.named("set_command_timeout")} == {real_robot.COMMAND_TIMEOUT}  # never the SDK's 0.2 s
 
@@ -822,7 +822,7 @@ def test_the_home_move_sets_its_speed_watches_the_arm_and_keeps_the_command_time
 def test_a_failed_home_move_stops_and_is_reported_in_one_sentence(monkeypatch, failure):
     backend, rec, state, deliver, clock = intera_backend(monkeypatch)
     backend.move_home(seed=0)
-    backend.stop("episode end")
+    backend.stop()
     cycles = []
 
     def during_move():
