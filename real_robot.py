@@ -222,6 +222,8 @@ class Backend:
         command = ZERO_ACTION.copy() if self.stopped else np.asarray(command, np.float64).copy()
         self._held, self._held_at, self._zeroed_at = command, time.monotonic(), None
         self._send(command)
+        if self.stopped and self._zeroed_at is None:  # a stop from another thread came in between
+            self._zeroed_at = self._held_at
 
     def executed_command(self) -> tuple[np.ndarray, bool]:
         """the held command as executed since it was sent: the arm part is the time average of
