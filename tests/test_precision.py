@@ -4,8 +4,10 @@ Q targets of Eq. 1 and the E-step weights of Eq. 7 from the bf16 Q pass stay clo
 Tolerances, and why: under bf16 autocast the critic's weights and hidden activations are rounded
 to 8 significant bits (relative 2^-9, 0.2%), products accumulate in fp32, the output layer, means,
 softmax and losses run in fp32. On a critic whose Q values are on hopper's scale (about 30) the
-per-sample Q error measured 0.2% of the Q scale on average and 0.8% at most, and V(s') (mean over
-M = 20) 0.5% at most: the Q targets are checked to 1% of the target scale. The E-step weights
+per-sample Q error measured 0.23 at most and V(s') (mean over M = 20) 0.13, 1.1% of the spread of Q
+(its standard deviation over states and samples, 12; the error does not depend on the output bias,
+which bf16 holds exactly): the Q targets are checked to 2% of that spread, about the bound of four
+layers each rounded to 2^-8. The E-step weights
 softmax(Q / eta) move by about weight * dQ / eta: at the initial eta = 3 they are checked to 0.02
 absolute (measured 0.008) with the same best sample for at least 90% of the states, the
 temperature dual (Eq. 9) to 1%. At small eta (0.3: weight errors up to 0.09) bf16 visibly moves
@@ -54,10 +56,13 @@ def test_bf16_q_targets_stay_within_one_percent(scored):
     for precision, q in scored.items():
         next_value = q[:, :, :BATCH].mean(0)  # V(s') of Eq. 1
         targets[precision] = reward + 0.99 * discount * next_value
-    scale = targets["fp32"].abs().mean()
+    # bf16 rounds what varies with the input (weights, activations), never the constant 30 of the output
+    # bias (exact in bf16): the error is measured against the spread of Q over states and samples
+    # (about 12), not against its level, which the hand-set bias makes 28
+    spread = scored["fp32"].std()
     error = (targets["bf16"] - targets["fp32"]).abs().max()
-    assert scale > 10, scale  # the test means something only on a realistic Q scale
-    assert error < 1e-2 * scale, (error, scale)
+    assert spread > 10, spread  # the test means something only on a realistic Q scale
+    assert error < 2e-2 * spread, (error, spread)  # measured 1.1%; 2^-8 per rounded layer, 4 layers: 1.6%
 
 
 def test_bf16_e_step_weights_stay_within_0_02_at_the_initial_temperature(scored):

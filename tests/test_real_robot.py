@@ -227,7 +227,80 @@ def test_safety_layer_clips_and_zeroes_what_would_leave_the_workspace(start_obse
     assert safety.action_fault(np.array([0.69, 0, 0, 9.9, -2549.0])) is None  # < 10x the limits
     forced = start_observation.copy()
     forced[OBS_INDEX["wrist_force"]] = [0.0, -20.5, 3.0]
-    assert safety.force_fault(forced) == "wrist force -20.5 N on axis y exceeds 20 N"
+    assert safety.force_fault(forced) == "wrist force 20.7 N (x +0.0, y -20.5, z +3.0) exceeds 20 N"
+
+
+@pytest.mark.parametrize("axis", range(3))
+@pytest.mark.parametrize("side", (-1, 1))
+def test_every_face_of_the_workspace_box_stops_outward_motion_only(start_observation, axis, side):
+    safety = SafetyLayer()
+    observation = start_observation.copy()
+    pinch = sawyer_env.pinch_position(observation.astype(np.float64))
+    face = sawyer_env.WORKSPACE_CENTER[axis] + side * sawyer_env.WORKSPACE_HALF[axis]
+    observation[OBS_INDEX["wrist_pos"].start + axis] += face - pinch[axis] - side * 0.001  # 1 mm inside the face
+    assert np.all(np.abs(sawyer_env.pinch_position(observation.astype(np.float64)) - sawyer_env.WORKSPACE_CENTER)
+                  <= sawyer_env.WORKSPACE_HALF)
+    outward = np.zeros(5)
+    outward[axis] = side * 0.05  # 2.5 mm in a step: would cross the face
+    command, flags = safety.filter(outward, observation)
+    assert command[axis] == 0.0 and flags == real_robot.SAFETY_FLAGS["workspace"]
+    slow = outward.copy()
+    slow[axis] = side * 0.01  # 0.5 mm in a step: stays inside
+    assert safety.filter(slow, observation)[0][axis] == pytest.approx(side * 0.01)
+    assert safety.filter(-outward, observation)[0][axis] == pytest.approx(-side * 0.05)  # inward kept
+
+
+@pytest.mark.parametrize("side", (-1, 1))
+def test_the_wrist_stops_at_plus_minus_90_degrees_and_may_turn_back(side):
+    env = sawyer_env.SawyerEnv("reach")
+    env.reset(seed=0)
+    safety = SafetyLayer()
+    # turn the hand about the vertical so that the tool's heading is 1 degree short of +-90
+    yaw = sawyer_env.wrist_yaw(env._observation().astype(np.float64))
+    turn = side * (np.pi / 2 - np.radians(1)) - yaw
+    hand = env._hand
+    rotation = np.array([[np.cos(turn), -np.sin(turn), 0], [np.sin(turn), np.cos(turn), 0], [0, 0, 1]])
+    quat = np.empty(4)
+    mujoco.mju_mat2Quat(quat, (rotation @ sawyer_env.quat_to_matrix(env.data.xquat[hand])).ravel())
+    observation = env._observation()
+    observation[OBS_INDEX["wrist_quat"]] = quat
+    heading = side * (np.pi / 2 - np.radians(1))
+    assert sawyer_env.wrist_yaw(observation.astype(np.float64)) == pytest.approx(heading, abs=1e-4)
+    command, flags = safety.filter(np.array([0, 0, 0, side * 1.0, 0]), observation)  # 2.9 degrees in a step: past 90
+    assert command[3] == 0.0 and flags == real_robot.SAFETY_FLAGS["wrist_limit"]
+    assert safety.filter(np.array([0, 0, 0, side * 0.3, 0]), observation)[0][3] == pytest.approx(side * 0.3)  # 0.86 deg
+    assert safety.filter(np.array([0, 0, 0, -side * 1.0, 0]), observation)[0][3] == pytest.approx(-side * 1.0)
+
+
+def test_the_20_newton_stop_is_on_the_force_magnitude_and_a_nan_reading_is_a_fault(start_observation):
+    safety = SafetyLayer()
+    assert safety.force_fault([12.0, 12.0, 12.0]).startswith("wrist force 20.8 N")  # every axis under 20 N
+    assert safety.force_fault([11.0, 11.0, 11.0]) is None  # 19.1 N
+    assert safety.force_fault([np.nan, 30.0, 0.0]).startswith("invalid wrist force reading")
+    observation = start_observation.copy()
+    observation[OBS_INDEX["wrist_force"]] = [np.nan, 30.0, 0.0]
+    assert "wrist_force" in safety.state_fault(observation)
+
+
+@pytest.mark.parametrize("quat", ([np.nan, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]))
+def test_invalid_wrist_orientation_is_a_fault_and_lets_no_command_through(start_observation, quat):
+    safety = SafetyLayer()
+    observation = start_observation.copy()
+    observation[OBS_INDEX["wrist_quat"]] = quat
+    observation[OBS_INDEX["wrist_pos"].start + 2] = 10.0  # 10 m up: far outside the box
+    assert safety.state_fault(observation).startswith("invalid robot state")
+    command, _ = safety.filter(np.array([0.07, 0.07, 0.07, 1.0, 0.0]), observation)
+    np.testing.assert_array_equal(command[:4], 0.0)
+    backend = FaultyBackend("quat", episode=0, step=3)
+    backend.bad_quat = quat
+    env = RealSawyerEnv(backend, "reach", deadline=10.0)
+    env.reset(seed=0)
+    for step in range(5):
+        _, _, _, truncated, info = env.step(np.array([0.02, 0.0, 0.0, 0.5, 0.0]))
+        if truncated:
+            break
+    assert step == 3 and info["aborted"].startswith("invalid robot state")  # the step after the bad reading
+    assert len(backend.executed) == 4 and backend.stopped  # no command went out once the state was invalid
 
 
 class FaultyBackend(SimBackend):
@@ -236,7 +309,8 @@ class FaultyBackend(SimBackend):
     def __init__(self, fault=None, episode=1, step=5):
         super().__init__()
         self.fault, self.fault_episode, self.fault_step = fault, episode, step
-        self.episodes, self.steps = -1, 0
+        self.episodes, self.steps, self.stops_at = -1, 0, []  # (episode, steps taken) at every stop
+        self.executed_in = []  # the episode of every executed command
 
     def _move_home(self, seed):
         self.episodes, self.steps = self.episodes + 1, 0
@@ -248,8 +322,16 @@ class FaultyBackend(SimBackend):
         if armed and self.fault == "raise":
             raise RuntimeError("joint state stream lost")
         super().wait_for_next_step()
+        self.executed_in.append(self.episodes)
         if armed and self.fault == "force":
             self._observation[OBS_INDEX["wrist_force"].start + 2] = 25.0
+        if armed and self.fault == "quat":
+            self._observation[OBS_INDEX["wrist_quat"]] = self.bad_quat
+        return False
+
+    def stop(self, reason=""):
+        self.stops_at.append((self.episodes, self.steps))
+        super().stop(reason)
 
 
 def faulty_policy(fault, backend, fault_episode=1, fault_step=5):
@@ -272,20 +354,20 @@ def faulty_policy(fault, backend, fault_episode=1, fault_step=5):
     return act
 
 
-FAULTS = {  # fault: (raises, end, reason fragment, steps logged in the faulty episode)
-    "raise": (RuntimeError, "aborted", "RuntimeError: joint state stream lost", 5),
-    "policy_raise": (ValueError, "aborted", "ValueError: policy crashed", 5),
-    "sleep": (None, "aborted", "3 control deadlines missed in a row", 7),
-    "force": (None, "wrist_force", "wrist force +25.0 N on axis z exceeds 20 N", 6),
-    "absurd": (None, "aborted", "absurd action [1000000.0", 5),
-    "nan": (None, "aborted", "non-finite action [0.0, nan", 5),
-    "sigint": (None, "aborted", "interrupted (SIGINT)", 5),
+FAULTS = {  # fault: (raises, end, reason fragment, steps logged in the faulty episode, backend steps at the stop)
+    "raise": (RuntimeError, "aborted", "RuntimeError: joint state stream lost", 5, 6),
+    "policy_raise": (ValueError, "aborted", "ValueError: policy crashed", 5, 5),
+    "sleep": (None, "aborted", "3 control deadlines missed in a row", 7, 7),
+    "force": (None, "wrist_force", "wrist force 25.0 N (x +0.0, y +0.0, z +25.0) exceeds 20 N", 6, 6),
+    "absurd": (None, "aborted", "absurd action [1000000.0", 5, 5),
+    "nan": (None, "aborted", "non-finite action [0.0, nan", 5, 5),
+    "sigint": (None, "aborted", "interrupted (SIGINT)", 5, 5),
 }
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_a_fault_stops_the_arm_and_logs_the_partial_episode_flagged(fault, tmp_path, capsys):
-    raises, end, reason, steps = FAULTS[fault]
+    raises, end, reason, steps, stopped_at_step = FAULTS[fault]
     backend = FaultyBackend(fault if fault in ("raise", "force") else None)
     env = RealSawyerEnv(backend, "reach", log=EpisodeLog(tmp_path / "log.npz"), episode_steps=20)
     act = faulty_policy(fault, backend)
@@ -299,9 +381,12 @@ def test_a_fault_stops_the_arm_and_logs_the_partial_episode_flagged(fault, tmp_p
     faulty = results["episodes"][1]
     assert (faulty["end"], faulty["steps"]) == (end, steps) and reason in faulty["reason"]
     assert faulty["complete"] == (end == "wrist_force")  # a 20 N stop is an MDP termination, not a crash
-    assert backend.stopped and backend.stop_count >= 2  # stopped after episode 0 and at the fault
-    stopped_at = len(backend.executed) if end == "aborted" else None
-    assert backend.executed[20:stopped_at]  # the faulty episode ran before the fault
+    # the first stop of the faulty episode is at the fault itself (not at a later episode end)
+    assert backend.stops_at[0] == (0, 20)
+    assert min(s for e, s in backend.stops_at if e == 1) == stopped_at_step
+    assert backend.executed_in.count(1) == stopped_at_step - (fault == "raise")  # nothing ran after the fault
+    executed = np.asarray(backend.executed)  # nothing absurd reached the physics
+    assert np.all(np.isfinite(executed)) and np.all(np.abs(executed) <= ACTION_HIGH + 1e-6)
     data = abm_mpo.load_dataset(tmp_path / "log.npz")
     episodes = data["metadata"]["episodes"]
     assert [e["steps"] for e in episodes[:2]] == [20, steps] and episodes[0]["complete"]
@@ -309,8 +394,11 @@ def test_a_fault_stops_the_arm_and_logs_the_partial_episode_flagged(fault, tmp_p
     np.testing.assert_array_equal(np.bincount(data["episode_id"])[:2], [20, steps])
     np.testing.assert_allclose(data["reward"], compute_rewards(data["next_observation"]), atol=1e-6)
     assert np.all(np.abs(data["action"]) <= ACTION_HIGH + 1e-6)  # nothing absurd reached the backend
-    if raises or fault == "sigint":  # the run ends; a policy fault ends its episode only
-        assert len(results["episodes"]) == 2 and results.get("error", "interrupted")
+    if raises:  # the run ends; a policy fault ends its episode only
+        assert len(results["episodes"]) == 2 and results["error"] == f"{raises.__name__}: {reason.split(': ')[1]}"
+        assert "interrupted" not in results
+    elif fault == "sigint":
+        assert len(results["episodes"]) == 2 and results["interrupted"] == "SIGINT" and "error" not in results
     else:
         assert len(results["episodes"]) == 3 and results["episodes"][2]["complete"]
     if fault == "force":
@@ -361,11 +449,14 @@ def point(x, y, z):
 
 def fake_ros(monkeypatch, sim: sawyer_env.SawyerEnv):
     """rospy, intera_interface and the Robotiq drivers, recording every call; the arm and cube
-    states come from `sim` (a SawyerEnv after reset), so observations can be compared with it."""
+    states come from `sim` (a SawyerEnv after reset), so observations can be compared with it.
+    `state` drives the stand-in: "force" (the FT300 reading), "collided", "stuck" (the home move
+    never arrives), "during_move" (callables run at each 100 Hz cycle of the home move)."""
     rec, subscribers = Recorder(), {}
     d, m = sim.data, sim.model
     hand = sim._hand
-    state = {"q": d.qpos[sim._arm_qpos].copy(), "collided": False, "gPO": 100, "gOBJ": 2, "stamp": 10.0}
+    state = {"q": d.qpos[sim._arm_qpos].copy(), "collided": False, "gPO": 100, "gOBJ": 2, "stamp": 10.0,
+             "force": (1.0, 2.0, 3.0), "stuck": False, "during_move": []}
 
     def cube_message(cube):
         body = sim._cube_body[sawyer_env.CUBES.index(cube)]
@@ -374,12 +465,16 @@ def fake_ros(monkeypatch, sim: sawyer_env.SawyerEnv):
         return message(header=message(stamp=stamp), pose=message(position=point(*d.xpos[body]),
                                                                    orientation=message(x=x, y=y, z=z, w=w)))
 
-    def deliver():
+    def deliver(only=None):
         for topic, callback in subscribers.items():
+            if only is not None and only not in topic:
+                continue
             if "Gripper" in topic:
                 callback(message(gPO=state["gPO"], gOBJ=state["gOBJ"]))
             elif "wrench" in topic:
-                callback(message(wrench=message(force=point(1, 2, 3), torque=point(0.1, 0.2, 0.3))))
+                callback(message(wrench=message(force=point(*state["force"]), torque=point(0.1, 0.2, 0.3))))
+            elif "joint_states" in topic:
+                callback(message(name=list(sawyer_env.JOINT_NAMES), position=list(state["q"])))
             else:
                 callback(cube_message(topic.split("/")[2]))
 
@@ -404,6 +499,8 @@ def fake_ros(monkeypatch, sim: sawyer_env.SawyerEnv):
     rospy.sleep = lambda seconds: None
 
     class Limb:
+        """the calls of intera_interface.Limb this file uses, with the SDK's semantics where they matter"""
+
         def __init__(self, name):
             rec.record("Limb", name)
 
@@ -429,11 +526,29 @@ def fake_ros(monkeypatch, sim: sawyer_env.SawyerEnv):
         def set_joint_velocities(self, velocities):
             rec.record("set_joint_velocities", dict(velocities))
 
-        def exit_control_mode(self):
-            rec.record("exit_control_mode")
+        def set_joint_positions(self, positions):
+            rec.record("set_joint_positions", dict(positions))
 
-        def move_to_joint_positions(self, positions):
+        def set_joint_position_speed(self, speed=0.3):
+            rec.record("set_joint_position_speed", speed)
+
+        def exit_control_mode(self, timeout=0.2):  # the SDK sets the command timeout here too
+            rec.record("exit_control_mode")
+            self.set_command_timeout(timeout)
+
+        def move_to_joint_positions(self, positions, timeout=15.0, threshold=0.008726646, test=None):
+            """the SDK's loop at 100 Hz: stop on a collision, on test() or on arrival; otherwise re-send
+            the target (and move 0.05 rad per joint toward it unless stuck); silent on a timeout"""
             rec.record("move_to_joint_positions", dict(positions))
+            target = np.array([positions[name] for name in sawyer_env.JOINT_NAMES])
+            for _ in range(int(timeout * 100)):
+                for hook in state["during_move"]:
+                    hook()
+                if self.has_collided() or (callable(test) and test()) or np.all(np.abs(state["q"] - target) < threshold):
+                    return
+                self.set_joint_positions(positions)
+                if not state["stuck"]:
+                    state["q"] = state["q"] + np.clip(target - state["q"], -0.05, 0.05)
 
         def has_collided(self):
             return state["collided"]
@@ -451,6 +566,7 @@ def fake_ros(monkeypatch, sim: sawyer_env.SawyerEnv):
 
     modules = {"rospy": rospy, "intera_interface": intera}
     for name, attributes in (("geometry_msgs.msg", {"PoseStamped": Msg, "WrenchStamped": Msg}),
+                             ("sensor_msgs.msg", {"JointState": Msg}),
                              ("robotiq_2f_gripper_control.msg", {"Robotiq2FGripper_robot_input": Msg,
                                                                  "Robotiq2FGripper_robot_output": Msg}),
                              ("robotiq_ft_sensor.srv", {"sensor_accessor": Msg, "sensor_accessorRequest": Request})):
@@ -464,6 +580,31 @@ def fake_ros(monkeypatch, sim: sawyer_env.SawyerEnv):
     return rec, state, deliver
 
 
+class FakeTime:
+    """a clock for real_robot's `time`: sleep() advances it (and runs `on_sleep` every 10 ms of it)"""
+
+    def __init__(self, start=1000.0):
+        self.now, self.on_sleep = start, None
+
+    def monotonic(self):
+        return self.now
+
+    perf_counter = monotonic
+
+    def time(self):
+        return self.now
+
+    def advance(self, seconds, step=0.01):
+        end = self.now + seconds
+        while self.now < end - 1e-12:
+            self.now = min(self.now + step, end)
+            if self.on_sleep is not None:
+                self.on_sleep()
+
+    def sleep(self, seconds):
+        self.advance(seconds)
+
+
 def test_intera_backend_without_the_sdk_is_one_sentence():
     with pytest.raises(RobotError, match=r"^--backend intera needs rospy, the Intera SDK \(intera_interface\)"):
         real_robot.InteraBackend(start_thread=False)
@@ -473,11 +614,13 @@ def test_intera_backend_drives_the_right_arm_by_joint_velocities_and_the_gripper
     sim = sawyer_env.SawyerEnv("reach")
     sim_observation, _ = sim.reset(seed=3)
     rec, state, deliver = fake_ros(monkeypatch, sim)
+    clock = FakeTime()
+    monkeypatch.setattr(real_robot, "time", clock)
     backend = real_robot.InteraBackend(start_thread=False)
     assert rec.named("Limb") == [("right",)] and rec.named("enable") == [()]
     assert rec.named("init_node")[0][1]["disable_signals"] is True
     assert rec.named("set_command_timeout") == [(real_robot.COMMAND_TIMEOUT,)]
-    assert {t for (t,) in rec.named("subscribe")} == {"Robotiq2FGripperRobotInput", "robotiq_ft_wrench",
+    assert {t for (t,) in rec.named("subscribe")} == {"robot/joint_states", "Robotiq2FGripperRobotInput", "robotiq_ft_wrench",
                                                        "/cube_tracker/green/pose", "/cube_tracker/yellow/pose",
                                                        "/cube_tracker/blue/pose"}
 
@@ -507,8 +650,7 @@ def test_intera_backend_drives_the_right_arm_by_joint_velocities_and_the_gripper
     # a Cartesian command becomes right_j* velocities that move the pinch point at that velocity
     backend.send_command(np.array([0.07, 0.0, -0.03, 0.0, 255.0]))
     assert rec.named("publish")[-1][1].rPR == 123  # 110 + 255 units/s x 0.05 s, rounded
-    now = time.monotonic()
-    velocities = backend.resend_once(now)
+    velocities = backend.resend_once()
     (sent,) = rec.named("set_joint_velocities")[-1]
     assert list(sent) == list(sawyer_env.JOINT_NAMES)
     np.testing.assert_allclose(list(sent.values()), velocities)
@@ -517,16 +659,19 @@ def test_intera_backend_drives_the_right_arm_by_joint_velocities_and_the_gripper
     mujoco.mj_jacSite(sim.model, sim.data, jacobian_position, None, sim._pinch)
     np.testing.assert_allclose(jacobian_position[:, sim._arm_dof] @ velocities, [0.07, 0.0, -0.03], atol=2e-3)
     assert np.all(np.abs(velocities) <= sawyer_env.JOINT_VELOCITY_LIMITS + 1e-9)
-    # watchdog: a command older than COMMAND_TIMEOUT is not re-sent; zero Cartesian velocity is
-    stale = backend.resend_once(now + real_robot.COMMAND_TIMEOUT + 0.01)
-    np.testing.assert_allclose(jacobian_position[:, sim._arm_dof] @ stale, 0.0, atol=2e-3)
+    # watchdog: a command older than COMMAND_TIMEOUT is not re-sent; exactly zero joint velocity is
+    clock.advance(real_robot.COMMAND_TIMEOUT + 0.01)
+    deliver()  # the sensors are alive
+    stale = backend.resend_once()
+    np.testing.assert_array_equal(stale, 0.0)
+    assert rec.named("set_joint_velocities")[-1] == (dict.fromkeys(sawyer_env.JOINT_NAMES, 0.0),)
     assert backend.watchdog_zeroed == 1
 
     # stop: zero joint velocities at once, position mode, and nothing more until the next move home
     publishes = len(rec.named("publish"))
     backend.stop()
     assert rec.named("set_joint_velocities")[-1] == (dict.fromkeys(sawyer_env.JOINT_NAMES, 0.0),)
-    assert rec.calls[-1] == ("exit_control_mode",)
+    assert rec.calls[-2:] == [("exit_control_mode",), ("set_command_timeout", real_robot.COMMAND_TIMEOUT)]
     backend.send_command(np.array([0.07, 0.0, 0.0, 0.0, 255.0]))
     assert backend.resend_once() is None and len(rec.named("publish")) == publishes
     assert backend.check_fault() is None
@@ -538,12 +683,17 @@ def test_intera_backend_paces_the_control_loop_at_20_hz(monkeypatch):
     sim = sawyer_env.SawyerEnv("reach")
     sim.reset(seed=0)
     fake_ros(monkeypatch, sim)
+    clock = FakeTime()
+    monkeypatch.setattr(real_robot, "time", clock)
     backend = real_robot.InteraBackend(start_thread=False)
     backend.move_home(seed=0)
-    start = time.monotonic()
-    for _ in range(4):
-        backend.wait_for_next_step()
-    assert 0.19 <= time.monotonic() - start < 0.3 and backend.overruns == 0
+    start = clock.now
+    assert [backend.wait_for_next_step() for _ in range(4)] == [False] * 4
+    assert clock.now - start == pytest.approx(0.2, abs=1e-9) and backend.overruns == 0
+    clock.now += 0.03  # work of 30 ms: the tick absorbs it
+    assert backend.wait_for_next_step() is False and clock.now - start == pytest.approx(0.25, abs=1e-9)
+    clock.now += 0.07  # work of 70 ms: an overrun, counted, and the schedule restarts from now
+    assert backend.wait_for_next_step() is True and backend.overruns == 1
 
 
 def test_real_env_has_sawyer_env_spaces_and_passes_the_gymnasium_checker():
@@ -559,18 +709,217 @@ def test_real_env_has_sawyer_env_spaces_and_passes_the_gymnasium_checker():
     assert reward == info["rewards"][ALL_TASKS.index("stack")] and info["rewards"].shape == (len(ALL_TASKS),)
 
 
-def test_intera_command_thread_resends_at_about_100_hz_and_stops_with_close(monkeypatch):
+def intera_backend(monkeypatch, seed=0, start_thread=False, tilt=0.0):
+    """an InteraBackend on the stand-in and a fake clock; tilt [rad] turns joint 5 from the start pose"""
+    sim = sawyer_env.SawyerEnv("reach")
+    sim.reset(seed=seed)
+    if tilt:
+        sim.data.qpos[sim._arm_qpos[5]] += tilt
+        mujoco.mj_forward(sim.model, sim.data)
+    rec, state, deliver = fake_ros(monkeypatch, sim)
+    clock = FakeTime()
+    monkeypatch.setattr(real_robot, "time", clock)
+    return real_robot.InteraBackend(start_thread=start_thread), rec, state, deliver, clock
+
+
+def test_intera_command_thread_resends_at_exactly_100_hz_whatever_its_work_takes(monkeypatch):
+    backend, rec, state, deliver, clock = intera_backend(monkeypatch)
+    backend.move_home(seed=0)
+    backend.send_command(np.array([0.0, 0.0, 0.05, 0.0, 0.0]))
+    send = backend.limb.set_joint_velocities
+
+    def slow_send(velocities):  # each re-send takes 4 ms
+        send(velocities)
+        clock.now += 0.004
+
+    backend.limb.set_joint_velocities = slow_send
+    start, before = clock.now, len(rec.named("set_joint_velocities"))
+
+    def tick():
+        deliver()  # the sensors publish
+        if clock.now - start >= 1.0 - 1e-9:
+            backend._shutdown.set()
+
+    clock.on_sleep = tick
+    backend._resend_loop()  # the command thread's body, on the fake clock
+    assert len(rec.named("set_joint_velocities")) - before == 100 and backend.thread_error is None
+
+
+def test_nothing_moves_the_arm_before_an_episode_starts_and_close_ends_the_thread(monkeypatch):
     sim = sawyer_env.SawyerEnv("reach")
     sim.reset(seed=0)
     rec, _, _ = fake_ros(monkeypatch, sim)
-    backend = real_robot.InteraBackend()
-    backend.move_home(seed=0)
-    backend.send_command(np.array([0.0, 0.0, 0.05, 0.0, 0.0]))
-    time.sleep(0.2)
-    sent = len(rec.named("set_joint_velocities"))
+    backend = real_robot.InteraBackend()  # command thread running, on the real clock
+    time.sleep(0.15)
+    assert backend.resend_once() is None
+    assert rec.named("set_joint_velocities") == [] and rec.named("set_joint_positions") == []
+    assert rec.named("publish") == []  # no gripper command either (activating a 2F-85 moves its fingers)
     backend.close()
-    assert 5 <= sent <= 25 and backend.thread_error is None  # 20 at 100 Hz; loose for a loaded machine
-    assert not backend._thread.is_alive() and rec.calls[-1] == ("exit_control_mode",)
+    assert not backend._thread.is_alive() and backend.thread_error is None
+    assert rec.calls[-2:] == [("exit_control_mode",), ("set_command_timeout", real_robot.COMMAND_TIMEOUT)]
+
+
+@pytest.mark.parametrize("tilt", (0.0, 0.5))
+def test_a_zero_or_stale_command_is_exactly_zero_joint_velocity(monkeypatch, tilt):
+    backend, rec, state, deliver, clock = intera_backend(monkeypatch, tilt=tilt)
+    backend.move_home(seed=0)
+    state["q"][5] += tilt  # the measured arm is tilted from the tool-down start pose
+    deliver()
+    backend.send_command(np.zeros(5))  # what a missed deadline sends
+    np.testing.assert_array_equal(backend.resend_once(), 0.0)
+    backend.send_command(np.array([0.0, 0.0, 0.03, 0.0, 0.0]))
+    assert np.any(backend.resend_once() != 0.0)
+    clock.advance(real_robot.COMMAND_TIMEOUT + 0.01, step=0.05)
+    deliver()
+    np.testing.assert_array_equal(backend.resend_once(), 0.0)  # the watchdog: not the posture/orientation terms
+    assert rec.named("set_joint_velocities")[-1] == (dict.fromkeys(sawyer_env.JOINT_NAMES, 0.0),)
+
+
+def test_no_command_leaves_between_a_stop_and_the_next_approved_command(monkeypatch):
+    backend, rec, state, deliver, clock = intera_backend(monkeypatch)
+    backend.move_home(seed=0)
+    backend.send_command(np.array([0.05, 0.0, 0.0, 0.0, 0.0]))
+    assert backend.resend_once() is not None
+    backend.stop()
+    stopped_at = len(rec.calls)
+    resent = []
+    state["during_move"].append(lambda: resent.append(backend.resend_once()))  # the thread runs during the move
+    backend.move_home(seed=1)
+    resent.append(backend.resend_once())  # after the move, before the next command
+    assert resent and all(r is None for r in resent)
+    assert [c for c in rec.calls[stopped_at:] if c[0] == "set_joint_velocities"] == []
+    backend.send_command(np.array([0.05, 0.0, 0.0, 0.0, 0.0]))
+    assert backend.resend_once() is not None
+
+
+def test_the_command_thread_and_the_home_move_use_separate_physics_state(monkeypatch):
+    backend, rec, state, deliver, clock = intera_backend(monkeypatch)
+    used = {"resend": set(), "home": set()}
+    joint_velocities, start_pose = real_robot._Kinematics.joint_velocities, real_robot._Kinematics.start_pose
+    monkeypatch.setattr(real_robot._Kinematics, "joint_velocities",
+                        lambda self, *a: used["resend"].add(id(self.env.data)) or joint_velocities(self, *a))
+    monkeypatch.setattr(real_robot._Kinematics, "start_pose",
+                        lambda self, *a: used["home"].add(id(self.env.data)) or start_pose(self, *a))
+    for seed in range(2):
+        backend.move_home(seed=seed)
+        backend.send_command(np.array([0.05, 0.0, 0.0, 0.0, 0.0]))
+        backend.resend_once()
+    assert used["resend"] and used["home"] and not used["resend"] & used["home"]
+
+
+def test_the_home_move_sets_its_speed_watches_the_arm_and_keeps_the_command_timeout(monkeypatch):
+    backend, rec, state, deliver, clock = intera_backend(monkeypatch)
+    backend.move_home(seed=0)
+    calls = [c[0] for c in rec.calls]
+    assert rec.named("set_joint_position_speed") == [(real_robot.HOME_SPEED_RATIO,)]
+    assert calls.index("set_joint_position_speed") < calls.index("move_to_joint_positions")
+    backend.stop()
+    backend.move_home(seed=1)
+    assert {t for (t,) in rec.named("set_command_timeout")} == {real_robot.COMMAND_TIMEOUT}  # never the SDK's 0.2 s
+
+
+@pytest.mark.parametrize("failure", ("collision", "stuck", "force"))
+def test_a_failed_home_move_stops_and_is_reported_in_one_sentence(monkeypatch, failure):
+    backend, rec, state, deliver, clock = intera_backend(monkeypatch)
+    backend.move_home(seed=0)
+    backend.stop()
+    cycles = []
+
+    def during_move():
+        cycles.append(1)
+        if len(cycles) == 3:
+            if failure == "collision":
+                state["collided"] = True
+            if failure == "force":
+                state["force"] = (0.0, 0.0, 25.0)
+                deliver("wrench")
+
+    state["during_move"].append(during_move)
+    state["stuck"] = failure == "stuck"
+    with pytest.raises(RobotError) as error:
+        backend.move_home(seed=1)
+    message = str(error.value)
+    assert message.startswith("the move home failed: ") and message.count(". ") == 0 and "\n" not in message
+    expected = {"collision": "collision", "stuck": "not reached within 15 s", "force": "wrist force 25.0 N"}
+    assert expected[failure] in message
+    assert len(cycles) == (1500 if failure == "stuck" else 3)  # stopped at the fault, not after the SDK's 15 s
+    assert backend.stopped and rec.named("service") == [("robotiq_ft_sensor_acc", 8)]  # not zeroed again
+    assert rec.calls[-2:] == [("exit_control_mode",), ("set_command_timeout", real_robot.COMMAND_TIMEOUT)]
+
+
+def test_the_force_sensor_is_not_zeroed_while_the_wrist_touches_something(monkeypatch):
+    backend, rec, state, deliver, clock = intera_backend(monkeypatch)
+    state["force"] = (0.0, 9.0, 12.0)  # 15 N contact: zeroing it would move the 20 N stop to 35 N
+    deliver("wrench")
+    with pytest.raises(RobotError, match="reads 15.0 N at the start pose .* not zeroed"):
+        backend.move_home(seed=0)
+    assert rec.named("service") == [] and backend.stopped
+    state["force"] = (0.5, 0.5, 0.5)
+    deliver("wrench")
+    backend.move_home(seed=0)
+    assert rec.named("service") == [("robotiq_ft_sensor_acc", 8)] and not backend.stopped
+
+
+def test_the_first_ctrl_c_stops_the_home_move_and_ends_the_run(monkeypatch, tmp_path):
+    backend, rec, state, deliver, clock = intera_backend(monkeypatch)
+    cycles = []
+
+    def during_move():
+        cycles.append(1)
+        if len(cycles) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    state["during_move"].append(during_move)
+    clock.on_sleep = deliver
+    env = RealSawyerEnv(backend, "reach", log=EpisodeLog(tmp_path / "log.npz"))
+    policy = lambda observation, task: np.zeros(5)  # noqa: E731
+    results = run_evaluation(env, policy, list(ALL_TASKS), ["reach"], 2, seed=5, output=tmp_path / "r.json")
+    assert results["interrupted"] == "SIGINT" and "error" not in results
+    assert len(cycles) == 3  # the SDK's move loop ended at its next check
+    stop = [c[0] for c in rec.calls].index("set_joint_velocities")  # the stop sent by the signal handler
+    assert rec.calls[stop + 1] == ("exit_control_mode",)
+    after = [c for c in rec.calls[stop:] if c[0] in ("set_joint_positions", "set_joint_velocities")]
+    assert all(c == ("set_joint_velocities", dict.fromkeys(sawyer_env.JOINT_NAMES, 0.0)) for c in after)
+    assert rec.named("service") == [] and backend.stopped
+
+
+def test_every_force_reading_is_checked_and_stops_the_arm_at_once(monkeypatch):
+    backend, rec, state, deliver, clock = intera_backend(monkeypatch)
+    env = RealSawyerEnv(backend, "reach", deadline=10.0)
+    env.reset(seed=0)
+    clock.on_sleep = deliver  # the sensors publish at 100 Hz while the control loop waits
+    env.step(np.array([0.0, 0.0, -0.02, 0.0, 0.0]))
+    state["force"] = (0.0, 0.0, 25.0)  # one reading between two control steps...
+    deliver("wrench")
+    assert backend.stopped and rec.calls[-2:] == [("exit_control_mode",), ("set_command_timeout", 0.1)]
+    state["force"] = (0.0, 0.0, 1.0)  # ...then back under the limit before the next observation
+    _, _, terminated, _, info = env.step(np.array([0.0, 0.0, -0.02, 0.0, 0.0]))
+    assert terminated and info["episode"]["end"] == "wrist_force" and "25.0 N" in info["episode"]["reason"]
+    assert info["wrist_force"][2] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("fault", ("nan", "silent_force", "silent_joints"))
+def test_a_nan_or_silent_sensor_is_a_fault_that_stops_the_arm(monkeypatch, fault):
+    backend, rec, state, deliver, clock = intera_backend(monkeypatch)
+    env = RealSawyerEnv(backend, "reach", deadline=10.0)
+    env.reset(seed=0)
+    clock.on_sleep = deliver
+    env.step(np.array([0.0, 0.0, -0.02, 0.0, 0.0]))
+    if fault == "nan":
+        clock.on_sleep = None
+        state["force"] = (np.nan, 30.0, 0.0)
+        deliver("wrench")
+        expected = "invalid wrist force reading [nan, 30.0, 0.0]"
+    else:  # the driver stays alive but stops publishing (FT300 serial link lost)
+        alive = ("Gripper", "cube", "joint_states" if fault == "silent_force" else "wrench")
+        clock.on_sleep = lambda: [deliver(topic) for topic in alive]
+        clock.advance(0.15)
+        backend.resend_once()  # the command thread notices
+        expected = "no wrist force sensor reading" if fault == "silent_force" else "no joint state stream reading"
+    assert backend.stopped
+    _, _, terminated, truncated, info = env.step(np.array([0.0, 0.0, -0.02, 0.0, 0.0]))
+    assert truncated and not terminated and info["aborted"].startswith(expected)
+    assert info["episode"]["complete"] is False
 
 
 def test_a_killed_process_keeps_its_last_saved_second_flagged_incomplete(tmp_path):
@@ -587,3 +936,187 @@ def test_a_killed_process_keeps_its_last_saved_second_flagged_incomplete(tmp_pat
     last = data["metadata"]["episodes"][1]
     assert (last["complete"], last["steps"]) == (False, 20) and "process ended" in last["reason"]
     assert data["metadata"]["incomplete_episodes"] == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals, deadline, overruns, what is logged, and the log's durability
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("signame", ("SIGTERM", "SIGHUP"))
+def test_sigterm_and_sighup_stop_the_arm_like_ctrl_c(tmp_path, no_default_signal_handlers, signame):
+    number = getattr(signal, signame)
+    backend = FaultyBackend()
+    env = RealSawyerEnv(backend, "reach", log=EpisodeLog(tmp_path / "log.npz"), episode_steps=20, deadline=10.0)
+
+    def act(observation, task):
+        if backend.episodes == 1 and backend.steps == 5:
+            os.kill(os.getpid(), number)
+        return np.array([0.01, 0.0, -0.01, 0.2, 50.0])
+
+    results = run_evaluation(env, act, list(ALL_TASKS), ["reach"], 3, seed=0, output=tmp_path / "r.json")
+    assert signal.getsignal(number) is no_default_signal_handlers  # restored after the run
+    assert results["interrupted"] == signame and len(results["episodes"]) == 2
+    assert results["episodes"][1]["reason"] == f"interrupted ({signame})" and results["episodes"][1]["steps"] == 5
+    assert min(s for e, s in backend.stops_at if e == 1) == 5  # stopped in the handler, at the step it came
+
+
+def test_the_deadline_times_the_whole_step_not_only_the_policy(monkeypatch):
+    clock = FakeTime()
+    monkeypatch.setattr(real_robot, "time", clock)
+    env = RealSawyerEnv(SimBackend(), "reach", episode_steps=5)
+    env.reset(seed=0)
+    action = np.array([0.05, 0.0, 0.0, 0.0, 0.0])
+    real_add = real_robot.compute_rewards
+
+    def slow_rewards(observation):  # reward computation and log writes after the read take 60 ms
+        clock.now += 0.06
+        return real_add(observation)
+
+    monkeypatch.setattr(real_robot, "compute_rewards", slow_rewards)
+    infos = [env.step(action)[4] for _ in range(2)]
+    assert [i["deadline_missed"] for i in infos] == [False, True]  # the policy itself took no time
+    np.testing.assert_array_equal(env.backend.executed[-1], 0.0)  # the late command was replaced by zero
+
+
+def test_control_loop_overruns_are_flagged_and_counted_in_the_log(tmp_path):
+    class OverrunningBackend(SimBackend):
+        def wait_for_next_step(self):
+            super().wait_for_next_step()
+            return len(self.executed) in (2, 3)
+
+    env = RealSawyerEnv(OverrunningBackend(), "reach", log=EpisodeLog(tmp_path / "log.npz"), episode_steps=4,
+                        deadline=10.0)
+    run_evaluation(env, lambda o, t: np.zeros(5), list(ALL_TASKS), ["reach"], 1, seed=0)
+    data = abm_mpo.load_dataset(tmp_path / "log.npz")
+    assert data["metadata"]["episodes"][0]["overruns"] == 2
+    np.testing.assert_array_equal(data["safety_flags"] & real_robot.SAFETY_FLAGS["overrun"], [0, 32, 32, 0])
+
+
+def test_the_logged_action_is_what_the_arm_executed_watchdog_included(monkeypatch, tmp_path):
+    backend, rec, state, deliver, clock = intera_backend(monkeypatch)
+    env = RealSawyerEnv(backend, "reach", log=EpisodeLog(tmp_path / "log.npz"), deadline=10.0, episode_steps=2)
+    env.reset(seed=0)
+
+    def thread_tick():  # the command thread and the sensors, every 10 ms of the fake clock
+        deliver()
+        backend.resend_once()
+
+    clock.on_sleep = thread_tick
+    wait = backend.wait_for_next_step
+    slow = {"on": True}
+
+    def stalled_wait():  # the first control period stretches to 150 ms (a stalled process)
+        if slow.pop("on", False):
+            clock.advance(0.15)
+            return True
+        return wait()
+
+    backend.wait_for_next_step = stalled_wait
+    command = np.array([0.03, 0.0, 0.0, 0.0, 100.0])
+    _, _, _, _, info = env.step(command)
+    assert info["safety_flags"] & real_robot.SAFETY_FLAGS["watchdog"] and backend.watchdog_zeroed == 1
+    # held for the 100 ms of COMMAND_TIMEOUT out of 150 ms, zero after; the gripper target was sent
+    np.testing.assert_allclose(info["executed"], [0.02, 0.0, 0.0, 0.0, 100.0], atol=1e-9)
+    env.step(command)
+    data = abm_mpo.load_dataset(tmp_path / "log.npz")
+    np.testing.assert_allclose(data["action"], [[0.02, 0.0, 0.0, 0.0, 100.0], command], atol=1e-7)
+    np.testing.assert_allclose(data["policy_action"], [command, command])
+
+
+def test_log_writes_fsync_the_directory_after_the_rename(tmp_path, monkeypatch):
+    import stat
+
+    synced_dirs, fsync = [], os.fsync
+    monkeypatch.setattr(real_robot.os, "fsync", lambda fd: (synced_dirs.append(os.fstat(fd).st_mode), fsync(fd))[1])
+    env = RealSawyerEnv(SimBackend(), "reach", log=EpisodeLog(tmp_path / "log.npz"), episode_steps=3)
+    synced_dirs.clear()
+    run_evaluation(env, lambda o, t: np.zeros(5), list(ALL_TASKS), ["reach"], 1, seed=0, output=tmp_path / "r.json")
+    kinds = ["dir" if stat.S_ISDIR(mode) else "file" for mode in synced_dirs]
+    # the episode file, the whole log, the results after the episode and at the end: each file, then its folder
+    assert kinds == ["file", "dir"] * 4
+
+
+def test_a_stale_whole_log_is_rebuilt_by_the_next_run(tmp_path):
+    policy = lambda observation, task: np.zeros(5)  # noqa: E731
+    env = RealSawyerEnv(SimBackend(), "reach", log=EpisodeLog(tmp_path / "log.npz"), episode_steps=3)
+    run_evaluation(env, policy, list(ALL_TASKS), ["reach"], 1, seed=0)
+    stale = (tmp_path / "log.npz").read_bytes()
+    run_evaluation(env, policy, list(ALL_TASKS), ["reach"], 1, seed=1)
+    (tmp_path / "log.npz").write_bytes(stale)  # killed during the rewrite after episode 1: only episode 0
+    EpisodeLog(tmp_path / "log.npz")  # the next run, no .partial file anywhere
+    data = abm_mpo.load_dataset(tmp_path / "log.npz")
+    np.testing.assert_array_equal(np.bincount(data["episode_id"]), [3, 3])
+
+
+def test_two_processes_on_one_log_never_write_the_same_file(tmp_path):
+    first, second = EpisodeLog(tmp_path / "log.npz"), EpisodeLog(tmp_path / "log.npz")
+    first.begin("reach", 0)
+    second.begin("reach", 1)
+    assert first._record["episode"] != second._record["episode"]
+    other = tmp_path / "log.npz.tmp"  # another process's temporary file, mid-write (the old fixed name)
+    other.write_bytes(b"half written")
+    for log in (first, second):
+        for _ in range(2):
+            log.add(observation=np.zeros(OBS_DIM), action=np.zeros(5), policy_action=np.zeros(5),
+                    reward=np.zeros(len(ALL_TASKS)), discount=1.0, next_observation=np.zeros(OBS_DIM), safety_flags=0)
+        log.end("time_limit", "", True)
+    assert other.read_bytes() == b"half written" and not list(tmp_path.glob(".*.tmp"))
+    data = abm_mpo.load_dataset(tmp_path / "log.npz")
+    np.testing.assert_array_equal(np.bincount(data["episode_id"]), [2, 2])
+
+
+def test_a_rerun_adds_to_the_results_file_instead_of_overwriting_it(tmp_path):
+    output = tmp_path / "eval.json"
+    policy = lambda observation, task: np.zeros(5)  # noqa: E731
+    for run in range(2):
+        env = RealSawyerEnv(SimBackend(), "reach", log=EpisodeLog(tmp_path / "log.npz"), episode_steps=3)
+        run_evaluation(env, policy, list(ALL_TASKS), ["reach"], 2, seed=0, output=output, header={"run": run})
+    results = json.loads(output.read_text())
+    assert len(results["returns"]["reach"]) == 4 and len(results["episodes"]) == 4
+    assert [(r["run"], r["started_at_episode"]) for r in results["runs"]] == [(0, 0), (1, 2)]
+    assert [e["seed"] for e in results["episodes"]] == [0, 1, 2, 3]  # new start poses, not the same four again
+    output.write_text("not json")
+    with pytest.raises(RobotError, match="not a results file"):
+        run_evaluation(env, policy, list(ALL_TASKS), ["reach"], 1, seed=0, output=output)
+    assert output.read_text() == "not json"
+
+
+@pytest.fixture
+def no_default_signal_handlers():
+    """SIGTERM and SIGHUP raise in the test instead of killing pytest, should real_robot not handle them"""
+    def unhandled(signum, frame):
+        raise RuntimeError(f"{signal.Signals(signum).name} reached the default handler")
+
+    numbers = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP")]
+    previous = {number: signal.signal(number, unhandled) for number in numbers}
+    yield unhandled
+    for number, handler in previous.items():
+        signal.signal(number, handler)
+
+
+@pytest.mark.parametrize("signame, status", (("SIGINT", 130), ("SIGTERM", 143)))
+def test_main_exits_with_the_shells_status_for_the_signal(tmp_path, monkeypatch, no_default_signal_handlers,
+                                                          signame, status):
+    calls = []
+
+    def act(observation, task_index):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), getattr(signal, signame))
+        return np.zeros(5)
+
+    monkeypatch.setattr(real_robot, "load_policy", lambda path: (act, {**SAWYER_SPEC, "env": "sawyer"}))
+    args = real_robot.Args(policy=str(tmp_path / "policy.pt2"), task="reach", episodes=2, deadline=10.0)
+    with pytest.raises(SystemExit) as exit_:
+        real_robot.main(args)
+    assert exit_.value.code == status
+    results = json.loads((tmp_path / "eval_sim_reach.json").read_text())
+    assert results["interrupted"] == signame and results["episodes"][0]["steps"] == 2
+
+
+def test_a_file_that_is_not_a_policy_is_one_sentence(tmp_path):
+    not_policy = tmp_path / "checkpoint.pt"
+    torch.save({"agent": {"w": torch.zeros(2)}}, not_policy)
+    result = subprocess.run([sys.executable, "real_robot.py", "--policy", str(not_policy), "--episodes", "1"],
+                            capture_output=True, text=True, cwd=os.path.dirname(real_robot.__file__), timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("real_robot.py: error: cannot load policy")

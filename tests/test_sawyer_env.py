@@ -153,12 +153,36 @@ def test_new_task_rewards():
 
 def test_rewards_are_batched_and_bounded():
     rng = np.random.default_rng(0)
-    batch = np.stack([make_observation(green=rng.uniform([0.4, -0.2, 0.0], [0.8, 0.2, 0.3]),
-                                       flag=rng.choice([1.0, 2.0, 3.0])) for _ in range(50)])
+    greens = rng.uniform([0.45, -0.15, 0.07], [0.75, 0.15, 0.25], (50, 3))
+    flags = rng.choice([1.0, 2.0, 3.0], 50)
+    greens[:10] = [0.7, 0.1, 0.13] + rng.uniform(-0.01, 0.01, (10, 3))  # near "on yellow" and the corner
+    flags[:5] = se.GRASP_NONE
+    batch = np.stack([make_observation(green=g, flag=f) for g, f in zip(greens, flags)])
     rewards = se.compute_rewards(batch)
     assert rewards.shape == (50, 9)
     assert np.all((rewards >= 0) & (rewards <= 1))
     np.testing.assert_array_equal(rewards[7], se.compute_rewards(batch[7]))
+    # every column against Appendix C.3 written out here with dm_control's tolerance, row by row
+    from dm_control.utils import rewards as dm_rewards
+
+    def stol(v, eps, r):
+        return 1.0 if abs(v) < eps else float(dm_rewards.tolerance(abs(v), bounds=(0, 0), margin=r,
+                                                                    sigmoid="tanh_squared", value_at_margin=0.05))
+
+    yellow, pinch = np.array([0.7, 0.1, 0.09]), np.array([0.6, 0.0, 0.25])
+    corner = np.array([0.70, 0.10, 0.07 + 0.02])
+    for green, flag, row in zip(greens, flags, rewards):
+        grasp = float(flag == 2.0)
+        stacked = float(np.linalg.norm(green[:2] - yellow[:2]) < 0.03 and abs(yellow[2] - green[2] + 0.04) < 0.01) * (1 - grasp)
+        hover = np.linalg.norm(green - yellow - [0, 0, 0.05])
+        expected = {"reach": stol(np.linalg.norm(green - pinch), 0.02, 0.15), "grasp": grasp,
+                    "lift": min(max((green[2] - 0.02 - 0.07 - 0.03) / 0.07, 0.0), 1.0),
+                    "place_wide": stol(hover, 0.01, 0.20), "place_narrow": stol(hover, 0.0, 0.01),
+                    "stack": stacked, "stack_and_leave": stol(green[2] - pinch[2] + 0.10, 0.03, 0.10) * stacked,
+                    "center": stol(np.linalg.norm(green - [0.6, 0.0, 0.09]), 0.02, 0.15),
+                    "corner": stol(np.linalg.norm(green - corner), 0.02, 0.25)}
+        np.testing.assert_allclose(row, [expected[task] for task in se.ALL_TASKS], atol=1e-5)  # float32 positions
+    assert rewards[:, TASK["stack"]].sum() >= 1 and 0 < rewards[:, TASK["lift"]].mean() < 1  # the cases were hit
     for task, column in TASK.items():
         np.testing.assert_array_equal(se.REWARD_FUNCTIONS[task](batch), rewards[:, column])
 
@@ -175,9 +199,11 @@ def _clear_the_cubes(env):
 
 @pytest.mark.parametrize("axis, speed", [(0, 0.05), (1, -0.035), (2, -0.07)])
 def test_controller_follows_commanded_velocity(axis, speed):
-    """after 4 steps of acceleration the pinch point moves v*dt per control step within 10%
-    along the commanded axis (measured 0.93-1.07 over seeds 0-9) and less than 15% of |v*dt|
-    across it (measured at most 12%: the joint servos' transient)"""
+    """after 4 steps of acceleration the pinch point moves, on average over the next 7 steps,
+    v*dt per control step within 5% along the commanded axis (what a policy integrates; measured
+    0.958-1.032 over seeds 0-9) and drifts less than 10% of |v*dt| across it (measured at most
+    7.8%); single steps wobble more (0.93-1.07 along, 12% across: the joint servos' transient)
+    and are only checked against twice that"""
     for seed in range(3):
         env = se.SawyerEnv("reach")
         env.reset(seed=seed)
@@ -190,8 +216,10 @@ def test_controller_follows_commanded_velocity(axis, speed):
             positions.append(se.pinch_position(observation))
         steps = np.diff(np.array(positions[4:]), axis=0)  # [7, 3]
         expected = speed * se.CONTROL_TIMESTEP
-        np.testing.assert_allclose(steps[:, axis], expected, rtol=0.10)
-        assert np.max(np.abs(np.delete(steps, axis, axis=1))) < 0.15 * abs(expected)
+        assert steps[:, axis].mean() == pytest.approx(expected, rel=0.05)
+        assert np.max(np.abs(np.delete(steps, axis, axis=1).mean(0))) < 0.10 * abs(expected)
+        np.testing.assert_allclose(steps[:, axis], expected, rtol=0.15)
+        assert np.max(np.abs(np.delete(steps, axis, axis=1))) < 0.25 * abs(expected)
 
 
 def test_commands_beyond_the_limits_are_clipped():
@@ -361,12 +389,14 @@ def test_check_env_passes(task):
 
 
 def test_render_rgb_array():
+    try:  # only a machine without an OpenGL context skips; an error of render() itself fails
+        mujoco.GLContext(64, 64).free()
+    except Exception as error:
+        pytest.skip(f"headless rendering unavailable (MUJOCO_GL={os.environ.get('MUJOCO_GL')}): {error}")
     env = se.SawyerEnv("stack", render_mode="rgb_array")
     env.reset(seed=0)
     try:
         image = env.render()
-    except Exception as error:  # no EGL/OSMesa on this machine
-        pytest.skip(f"headless rendering unavailable: {error}")
     finally:
         env.close()
     assert image.shape == (480, 640, 3) and image.dtype == np.uint8 and image.std() > 10
@@ -380,7 +410,8 @@ def test_unknown_task_is_rejected():
 
 
 def test_wrist_rate_turns_the_tool_about_the_vertical_within_its_limit():
-    """0.5 rad/s turns the tool 0.025 rad per step within 10% after 4 steps (measured 1-3%);
+    """0.5 rad/s turns the tool 0.025 rad per step within 10% after 4 steps (measured 0.8-6.6%: still
+    settling) and within 5% over the last three of them (measured 1.8%);
     holding 1 rad/s for 4 s stops at the +-pi/2 wrist limit (within 0.05 rad; measured 0.022)
     with the tool still pointing down (tool z within 0.05 of -z)"""
     env = se.SawyerEnv("reach")
@@ -391,6 +422,7 @@ def test_wrist_rate_turns_the_tool_about_the_vertical_within_its_limit():
         observation, *_ = env.step(np.array([0, 0, 0, 0.5, 0], np.float32))
         yaws.append(float(se.wrist_yaw(observation)))
     np.testing.assert_allclose(np.diff(yaws[4:]), 0.5 * se.CONTROL_TIMESTEP, rtol=0.10)
+    assert np.diff(yaws[4:])[-3:].mean() == pytest.approx(0.5 * se.CONTROL_TIMESTEP, rel=0.05)
     for _ in range(80):
         observation, *_ = env.step(np.array([0, 0, 0, 1.0, 0], np.float32))
     assert abs(float(se.wrist_yaw(observation)) - se.WRIST_YAW_LIMIT) < 0.05

@@ -155,6 +155,10 @@ def test_smoke_sawyer_all_tasks_writes_per_task_metrics_and_table(module, sawyer
         for name in ("return", "prior_return"):
             value = float(rows[0][f"eval/{name}/{task}"])
             assert 0.0 <= value <= 5.0  # rewards are in [0, 1], 5 steps
+        if module in (abm_mpo, abm_svg):  # the policy mean is both evaluated and exported: replay it
+            # (BCQ and BEAR evaluate a sampled argmax/max, which the exported deterministic policy is not)
+            assert float(rows[0][f"eval/return/{task}"]) == pytest.approx(
+                replay_exported(tmp_path / "run" / "policy.pt2", task, steps=5), rel=1e-4, abs=1e-6)
     assert float(rows[0]["eval/return"]) == pytest.approx(np.mean([float(rows[0][f"eval/return/{t}"]) for t in se.TASKS]))
     data = abm_mpo.load_dataset(sawyer_data[0])
     best = abm_mpo.best_episode_returns(data, list(range(7)))
@@ -165,6 +169,21 @@ def test_smoke_sawyer_all_tasks_writes_per_task_metrics_and_table(module, sawyer
         assert row["best_episode_return_in_dataset"] == pytest.approx(best_return)
     spec = json.loads((tmp_path / "run" / "config.json").read_text())["spec"]
     assert spec["action_low"] == [-1.0] * 5 and spec["env_action_high"] == se.ACTION_HIGH.tolist()
+
+
+def replay_exported(path, task, steps, seed=100):
+    """return of the exported policy (physical units) on SawyerEnv(task) from reset(seed), `steps` steps"""
+    extra = {"policy.json": ""}
+    policy = torch.export.load(str(path), extra_files=extra).module()
+    task_index = torch.tensor([json.loads(extra["policy.json"])["tasks"].index(task)])
+    env = se.SawyerEnv(task)
+    observation, _ = env.reset(seed=seed)
+    total = 0.0
+    for _ in range(steps):
+        action = policy(torch.as_tensor(observation)[None], task_index)[0].detach().numpy()
+        observation, reward, *_ = env.step(action)
+        total += reward
+    return total
 
 
 def test_smoke_sawyer_new_task_learns_and_evaluates_on_its_own_env(sawyer_data, tmp_path):
@@ -178,7 +197,9 @@ def test_smoke_sawyer_new_task_learns_and_evaluates_on_its_own_env(sawyer_data, 
     starts = np.flatnonzero(np.r_[True, np.diff(data["episode_id"]) != 0])
     assert summary["per_task"]["corner"]["best_episode_return_in_dataset"] == pytest.approx(
         np.add.reduceat(corner, starts).max(), rel=1e-5)
-    assert 0.0 <= summary["final/return"] <= 5.0
+    # the final return is the exported policy's replayed on SawyerEnv from the evaluation seed
+    assert summary["final/return"] == pytest.approx(replay_exported(tmp_path / "run" / "policy.pt2", "corner", 5),
+                                                    rel=1e-4, abs=1e-6)
 
 
 def test_smoke_sawyer_run_resumes_with_the_paper_default_networks(sawyer_data, tmp_path):

@@ -1,0 +1,131 @@
+"""collect.py's crash and Ctrl-C promises (README "Datasets"): a killed collection resumes with the
+learner's state and gives the data of a run that never stopped; Ctrl-C writes the consolidated file
+of what was finished; a Sawyer crash loses at most the block in progress, redone bit-identically.
+Only the command line, collect.train(collect.Args(...)) and the files written are used."""
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import collect
+import sawyer_env
+from tests.conftest import ROOT, SMOKE_ENV
+
+ARRAYS = ("observation", "action", "reward", "discount", "next_observation", "episode_id", "step")
+LEARNER = ["--warmup-steps", "500", "--steps-per-update", "100", "--batch-size", "32",
+           "--policy-layers", "32", "32", "--critic-layers", "32", "32"]
+
+
+def command(output, episodes):
+    return [sys.executable, str(ROOT / "collect.py"), "--env", SMOKE_ENV, "--output", str(output),
+            "--episodes", str(episodes), *LEARNER]
+
+
+def environment():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "egl"}
+
+
+def interrupt_after_episodes(output, episodes, wanted, signum):
+    """start the collection, send `signum` once `wanted` episode files exist; returns the process"""
+    parts = output.with_suffix(".episodes")
+    process = subprocess.Popen(command(output, episodes), cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(list(parts.glob("run*_episode*.npz"))) < wanted and process.poll() is None:
+        assert time.monotonic() < deadline, "collection too slow"
+        time.sleep(0.05)
+    process.send_signal(signum)
+    process.communicate(timeout=300)
+    return process
+
+
+def load(path):
+    with np.load(path, allow_pickle=False) as archive:
+        return {key: archive[key] for key in ARRAYS}
+
+
+@pytest.mark.slow
+def test_a_killed_collection_resumes_with_the_learners_state(tmp_path):
+    straight = tmp_path / "straight.npz"
+    assert subprocess.run(command(straight, 3), cwd=ROOT, env=environment(), capture_output=True,
+                          timeout=600).returncode == 0
+    resumed = tmp_path / "resumed.npz"
+    killed = interrupt_after_episodes(resumed, 3, 1, signal.SIGKILL)  # no handler runs: a crash
+    assert killed.returncode == -signal.SIGKILL
+    done = len(list(resumed.with_suffix(".episodes").glob("run*_episode*.npz")))
+    assert 1 <= done < 3 and not resumed.exists()
+    rerun = subprocess.run(command(resumed, 3), cwd=ROOT, env=environment(), capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    a, b = load(straight), load(resumed)
+    assert len(np.unique(a["episode_id"])) == 3
+    for key in ARRAYS:  # the episodes after the kill are those of the learner that never stopped
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_the_consolidated_file_of_the_finished_episodes(tmp_path):
+    output = tmp_path / "data.npz"
+    process = interrupt_after_episodes(output, 50, 1, signal.SIGINT)
+    assert process.returncode == 130
+    files = sorted(output.with_suffix(".episodes").glob("run*_episode*.npz"))
+    data = load(output)
+    assert len(np.unique(data["episode_id"])) == len(files) >= 1
+    first = np.load(files[0])
+    np.testing.assert_array_equal(data["observation"][: len(first["observation"])], first["observation"])
+
+
+def quiet(function, *args):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return function(*args)
+
+
+@pytest.fixture
+def small_sawyer_blocks(monkeypatch):
+    """Blocks of 2 episodes of 20 steps instead of 20 of 200, so a crash in the second block is cheap;
+    the protocol's re-randomisation period and the block size stay the same number"""
+    monkeypatch.setattr(sawyer_env, "ROBOT_RESET_PERIOD", 2)
+    monkeypatch.setattr(sawyer_env, "EPISODE_STEPS", 20)
+
+
+def sawyer_args(output, episodes=4):
+    return collect.Args(env="sawyer", output=str(output), episodes=episodes)
+
+
+@pytest.mark.parametrize("interruption", (RuntimeError, KeyboardInterrupt))
+def test_a_sawyer_crash_loses_at_most_one_block_and_the_rerun_redoes_it_exactly(
+        tmp_path, monkeypatch, small_sawyer_blocks, interruption):
+    straight = tmp_path / "straight.npz"
+    quiet(collect.train, sawyer_args(straight))
+    real_episode, calls = sawyer_env.collect_episode, []
+
+    def crashing_episode(*args, **kwargs):  # the 4th episode (the second of block 1) fails mid-way
+        calls.append(1)
+        if len(calls) == 4:
+            raise interruption("crash")
+        return real_episode(*args, **kwargs)
+
+    monkeypatch.setattr(sawyer_env, "collect_episode", crashing_episode)
+    output = tmp_path / "data.npz"
+    with pytest.raises(SystemExit if interruption is KeyboardInterrupt else RuntimeError) as error:
+        quiet(collect.train, sawyer_args(output))
+    blocks = sorted(output.with_suffix(".episodes").glob("run*_block*.npz"))
+    assert [f.name for f in blocks] == ["run000_block00000.npz"]  # block 1 lost, block 0 kept
+    if interruption is KeyboardInterrupt:  # Ctrl-C: exit 130 and the consolidated file of block 0
+        assert error.value.code == 130
+        data = load(output)
+        assert len(np.unique(data["episode_id"])) == 2
+    else:
+        assert not output.exists()
+    monkeypatch.setattr(sawyer_env, "collect_episode", real_episode)
+    quiet(collect.train, sawyer_args(output))
+    a, b = load(straight), load(output)
+    for key in ARRAYS:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
