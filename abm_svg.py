@@ -848,8 +848,9 @@ class Run:
                 import wandb
             except ImportError:
                 raise UserError("--track needs Weights & Biases: pip install wandb") from None
-            self.wandb = wandb.init(project=self.args.wandb_project, config=json.loads((self.run_dir / "config.json")
-                                    .read_text()), dir=str(self.run_dir), name=self.run_dir.name, resume="allow")
+            config = json.loads((self.run_dir / "config.json").read_text())
+            self.wandb = wandb.init(project=self.args.wandb_project, config=config, dir=str(self.run_dir),
+                                    name=self.run_dir.name, resume="allow")
         self.eval_envs = make_eval_envs(self.args, self.run_dir, self.tasks, self.spec)
         self.mean, self.std = (np.asarray(self.spec[key], np.float32) for key in ("observation_mean", "observation_std"))
         self.sums, self.count, self.clock = {}, 0, time.time()
@@ -917,14 +918,15 @@ def write_summary(run_dir: Path, evaluations: list[dict], best_in_data: dict) ->
     layout: per task the final return, the final prior return, the best episode return in the data."""
     summary = {"evaluations": len(evaluations), "best_episode_return_in_dataset": best_in_data}
     for key in [key for key in (evaluations or [{}])[0] if key.startswith("eval/")]:
-        returns = [float(row[key]) for row in evaluations if row.get(key)]  # a column may start after a resume
+        returns = [float(row[key]) for row in evaluations if row.get(key)]
         if returns:
             summary["final/" + key.removeprefix("eval/")] = final_return(returns)
     summary["per_task"] = {}
     for task, best in best_in_data.items():
-        keys = {name: f"final/{name}/{task}" if len(best_in_data) > 1 else f"final/{name}" for name in ("return", "prior_return")}
-        summary["per_task"][task] = {**{name: summary[key] for name, key in keys.items() if key in summary},
-                                     "best_episode_return_in_dataset": best}
+        suffix = f"/{task}" if len(best_in_data) > 1 else ""
+        summary["per_task"][task] = {name: summary[f"final/{name}{suffix}"] for name in ("return", "prior_return")
+                                     if f"final/{name}{suffix}" in summary}
+        summary["per_task"][task]["best_episode_return_in_dataset"] = best
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return summary
@@ -981,17 +983,6 @@ def make_eval_envs(args, run_dir: Path, tasks: list, spec: Optional[dict] = None
 
 
 # --- shared block: gaussian actor ---
-class PolicyMean(nn.Module):
-    """The acting module of a Gaussian policy, its mean: [K, N, obs] -> [K, N, act] (exported by Run.save)."""
-
-    def __init__(self, policy: nn.Module):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:
-        return self.policy(observation)[0]
-
-
 def gaussian_mean_actor(net: nn.Module, num_tasks: int, device: torch.device) -> Callable:
     """act(observation, task) = the mean of a Gaussian policy's head for that task, for evaluation."""
 
@@ -1001,6 +992,17 @@ def gaussian_mean_actor(net: nn.Module, num_tasks: int, device: torch.device) ->
         return net(obs)[0][task, 0].float().cpu().numpy()
 
     return act
+
+
+class PolicyMean(nn.Module):
+    """The acting module of a Gaussian policy for export: its mean, [K, N, obs] -> [K, N, act]."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        return self.policy(observation)[0]
 # --- end shared block ---
 
 
