@@ -934,24 +934,27 @@ def write_summary(run_dir: Path, evaluations: list[dict], best_in_data: dict) ->
 
 
 # --- shared block: evaluation ---
+def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int,
+             max_steps: Optional[int] = None) -> list[float]:
+    """Undiscounted returns; episode i starts from reset(seed=seed + i), the same states at every evaluation."""
+    returns = []
+    for episode in range(episodes):
+        (observation, _), total, done, steps = env.reset(seed=seed + episode), 0.0, False, 0
+        while not done:
+            action = np.clip(act(observation), env.action_space.low, env.action_space.high)
+            observation, reward, terminated, truncated, _ = env.step(action)
+            total, steps = total + float(reward), steps + 1
+            done = terminated or truncated or steps == max_steps
+        returns.append(total)
+    return returns
+
+
 def evaluate_actors(actors: dict, envs: list, tasks: list, episodes: int, seed: int,
                     max_steps: Optional[int] = None) -> dict:
-    """`eval/<name>`: each actor's undiscounted return, averaged over episodes and tasks; `eval/<name>/<task>`: head k
-    acting in envs[k]. Episode i starts from reset(seed=seed + i), the same states at every evaluation."""
+    """`eval/<name>`: mean return over tasks of each actor, `eval/<name>/<task>`: head k acting in envs[k]."""
     results = {}
     for name, act in actors.items():
-        per_task = []
-        for k, env in enumerate(envs[:len(tasks)]):
-            returns = []
-            for episode in range(episodes):
-                (observation, _), total, done, steps = env.reset(seed=seed + episode), 0.0, False, 0
-                while not done:
-                    action = np.clip(act(observation, k), env.action_space.low, env.action_space.high)
-                    observation, reward, terminated, truncated, _ = env.step(action)
-                    total, steps = total + float(reward), steps + 1
-                    done = terminated or truncated or steps == max_steps
-                returns.append(total)
-            per_task.append(np.mean(returns))
+        per_task = [np.mean(evaluate(lambda o: act(o, k), envs[k], episodes, seed, max_steps)) for k in range(len(tasks))]
         results[f"eval/{name}"] = float(np.mean(per_task))
         if len(tasks) > 1:
             results.update({f"eval/{name}/{task}": float(value) for task, value in zip(tasks, per_task)})
