@@ -157,10 +157,13 @@ CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walk
                          "quadruped": "quadruped-run"}
 
 
-def default_gl_backend() -> None:
-    """dm_control reads MUJOCO_GL at import; its default, glfw, needs a display: default to headless EGL on Linux."""
+def control_suite():
+    """dm_control's suite, imported with MUJOCO_GL defaulting to headless EGL on Linux (its glfw needs a display)."""
     if sys.platform.startswith("linux"):
         os.environ.setdefault("MUJOCO_GL", "egl")
+    from dm_control import suite
+
+    return suite
 
 
 class ControlSuiteEnv(gym.Env):
@@ -169,10 +172,7 @@ class ControlSuiteEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
     def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
-        default_gl_backend()
-        from dm_control import suite
-
-        self._load = lambda seed: suite.load(domain, task, task_kwargs={"random": seed})
+        self._load = lambda seed: control_suite().load(domain, task, task_kwargs={"random": seed})
         self._env, self.render_mode = self._load(None), render_mode
         low, high = self._env.action_spec().minimum, self._env.action_spec().maximum
         self.action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
@@ -199,55 +199,36 @@ class ControlSuiteEnv(gym.Env):
 
 
 def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
-    """`hopper`-style alias, Control Suite `domain-task`, `sawyer` (SawyerEnv(task), task None: a random task per
-    episode, taking actions in [-1, 1]: its dimensions differ in scale by 3600x), or a gymnasium id (`module:EnvId`)."""
+    """`hopper`-style alias, Control Suite `domain-task`, `sawyer` (sawyer_env.learner_env(task): actions in [-1, 1],
+    task None = a random task per episode), or a gymnasium id (`module:EnvId`). env.unwrapped takes physical actions."""
     if env_id == "sawyer":
         if task is not None and task not in sawyer_env.ALL_TASKS:
             raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
-        env = sawyer_env.SawyerEnv(task or "random", render_mode)
-        return gym.wrappers.RescaleAction(env, np.float32(-1), np.float32(1))
+        return sawyer_env.learner_env(task or "random", render_mode)
     domain, _, task = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
-    if task:
-        default_gl_backend()
-        from dm_control import suite
-
-        if (domain, task) in suite.ALL_TASKS:
-            return ControlSuiteEnv(domain, task, render_mode)
+    if task and (domain, task) in control_suite().ALL_TASKS:
+        return ControlSuiteEnv(domain, task, render_mode)
     try:
         return gym.make(env_id, render_mode=render_mode)
     except Exception as error:  # gymnasium raises many types for an unknown or broken id
         raise UserError(f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
                         f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})") from None
-
-
-def env_action_bounds(env: gym.Env) -> tuple[np.ndarray, np.ndarray]:
-    """The bounds of the actions the env itself takes (physical units for sawyer); the learner's: env.action_space."""
-    inner = env.env if isinstance(env, gym.wrappers.RescaleAction) else env
-    return inner.action_space.low, inner.action_space.high
-
-
-def normalise_actions(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Physical actions in [low, high] -> [-1, 1], the inverse of RescaleAction."""
-    return (2.0 * (np.asarray(action, dtype=np.float64) - low) / (high - low) - 1.0).astype(np.float32)
 # --- end shared block ---
 
 
 # --- shared block: checkpoint ---
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically (a temporary file, then rename): a crash leaves the previous checkpoint intact."""
-    torch.save(state, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
-
-
-def checkpoint_state(modules: dict, rng: np.random.Generator, generator: torch.Generator, **extra) -> dict:
-    """State dicts only (loadable with weights_only=True): modules, optimisers, random states."""
+def save_checkpoint(path: Path, modules: dict, rng: np.random.Generator, generator: torch.Generator, **extra) -> None:
+    """State dicts only (loadable with weights_only=True): modules, optimisers, random states, `extra`; written
+    atomically (a temporary file, then rename), so a crash leaves the previous checkpoint intact."""
     rng_state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "sampling": generator.get_state()}
-    return {**{name: module.state_dict() for name, module in modules.items()}, "rng": rng_state, **extra}
+    torch.save({**{name: module.state_dict() for name, module in modules.items()}, "rng": rng_state, **extra},
+               path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
 
 
 def load_checkpoint(path: Path, device: torch.device, modules: dict, rng: np.random.Generator,
                     generator: torch.Generator) -> dict:
-    """Restore what checkpoint_state saved; returns the whole state for its extra entries."""
+    """Restore what save_checkpoint saved; returns the whole state for its extra entries."""
     state = torch.load(path, map_location=device, weights_only=True)
     for name, module in modules.items():
         module.load_state_dict(state[name])
@@ -571,8 +552,8 @@ def collect_seed(args: Args, seed: int, parts: Path, device: torch.device) -> No
                 if updates % args.target_update_period == 0:
                     agent.update_targets()
         write_atomically(parts / f"run{seed:03d}_episode{index:06d}.npz", {**episode, "run_id": np.int64(seed)})
-        save_checkpoint(learner_file, checkpoint_state({"agent": agent, "optimizer": optimizer}, rng, generator,
-                                                       updates=updates, env_steps=env_steps, episodes=index + 1))
+        save_checkpoint(learner_file, {"agent": agent, "optimizer": optimizer}, rng, generator,
+                        updates=updates, env_steps=env_steps, episodes=index + 1)
         progress.set_postfix(episode_return=f"{episode['reward'].sum():.1f}", updates=updates)
 
 

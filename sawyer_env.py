@@ -31,10 +31,10 @@ Differences from the paper:
 - The paper's data came from MPO learners; `scripted_policy` is this project's behaviour
   policy for collecting data quickly (success rates: benchmarks/sawyer_speed.py).
 
-Public API: SawyerEnv(task, render_mode); OBS_INDEX / OBS_DIM / ACT_DIM / ACTION_LOW /
-ACTION_HIGH / TASKS / NEW_TASKS / ALL_TASKS; named getters (cube_position, pinch_position,
-...); stol, btol, compute_rewards, compute_success, task_reward, REWARD_FUNCTIONS;
-scripted_policy, collect_episode, env_spec.
+Public API: SawyerEnv(task, render_mode); learner_env, normalise_actions (actions in [-1, 1]);
+OBS_INDEX / OBS_DIM / ACT_DIM / ACTION_LOW / ACTION_HIGH / TASKS / NEW_TASKS / ALL_TASKS; named
+getters (cube_position, pinch_position, ...); stol, btol, compute_rewards, compute_success,
+task_reward, REWARD_FUNCTIONS; scripted_policy, collect_episode, env_spec.
 
 Controller (the paper's cell is not published; sawyer_facts.md): the Cartesian twist of the
 pinch point -> joint velocities by damped least squares on the site Jacobian + a null-space
@@ -754,6 +754,18 @@ class SawyerEnv(gym.Env):
         if self._renderer is not None:
             self._renderer.close()
             self._renderer = None
+
+
+def learner_env(task: str = "random", render_mode=None) -> gym.Env:
+    """SawyerEnv(task) taking actions in [-1, 1], as the learning scripts do (the action dimensions differ
+    in scale by 3600x); `.unwrapped` takes physical actions, normalise_actions maps those onto [-1, 1]."""
+    return gym.wrappers.RescaleAction(SawyerEnv(task, render_mode), np.float32(-1), np.float32(1))
+
+
+def normalise_actions(action: np.ndarray) -> np.ndarray:
+    """Physical actions in [ACTION_LOW, ACTION_HIGH] -> [-1, 1], the inverse of learner_env's RescaleAction."""
+    action = np.asarray(action, dtype=np.float64)
+    return (2.0 * (action - ACTION_LOW) / (ACTION_HIGH - ACTION_LOW) - 1.0).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------

@@ -90,13 +90,13 @@ def test_new_tasks_are_labelled_from_the_stored_next_observation(sawyer_data):
 
 def test_action_normalisation_round_trip():
     env = abm_mpo.make_env("sawyer", task="stack")
-    low, high = abm_mpo.env_action_bounds(env)
+    low, high = env.unwrapped.action_space.low, env.unwrapped.action_space.high
     np.testing.assert_array_equal(low, se.ACTION_LOW)
     assert env.action_space.low.tolist() == [-1.0] * 5 and env.action_space.high.tolist() == [1.0] * 5
     physical = np.random.default_rng(0).uniform(se.ACTION_LOW, se.ACTION_HIGH, (100, 5)).astype(np.float32)
-    learner = abm_mpo.normalise_actions(physical, low, high)
+    learner = se.normalise_actions(physical)
     assert learner.min() >= -1 and learner.max() <= 1
-    np.testing.assert_array_equal(abm_mpo.normalise_actions(np.stack([low, high]), low, high), [[-1] * 5, [1] * 5])
+    np.testing.assert_array_equal(se.normalise_actions(np.stack([low, high])), [[-1] * 5, [1] * 5])
     # the convention of an exported policy, and the wrapper the learners act through, both invert it
     np.testing.assert_allclose(low + (learner + 1) / 2 * (high - low), physical, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.stack([env.action(a) for a in learner]), physical, rtol=1e-5, atol=1e-5)
