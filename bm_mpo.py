@@ -669,31 +669,27 @@ def best_episode_returns(data: dict, columns: list[int]) -> list[float]:
 
 # --- shared block: minari ---
 def minari_npz(dataset: Optional[str]) -> Optional[Path]:
-    """Where the .npz copy of a Minari --dataset goes: datasets/minari/<id>.npz for `minari:<id>`, datasets/minari/<its
-    absolute path>.npz for a directory without .npy files; None for any other dataset."""
-    if dataset is None or not dataset.startswith("minari:") and not (Path(dataset).is_dir() and not any(Path(dataset).glob("*.npy"))):
-        return None
-    name = dataset.removeprefix("minari:") if dataset.startswith("minari:") else str(Path(dataset).resolve()).lstrip("/")
-    return Path("datasets", "minari", name + ".npz")
+    """Where the .npz copy of a Minari --dataset (`minari:<id>`, or a directory without .npy files) goes, else None."""
+    if dataset and (dataset.startswith("minari:") or Path(dataset).is_dir() and not any(Path(dataset).glob("*.npy"))):
+        name = dataset.removeprefix("minari:") if dataset.startswith("minari:") else str(Path(dataset).resolve())[1:]
+        return Path("datasets", "minari", name + ".npz")
+    return None
 
 
 def minari_env(args) -> gym.Env:
-    """make_env(args.env); first, for a Minari --dataset, `minari_io.py import` (a subprocess: only it imports minari)
-    writes its .npz copy (again when the source changed) and checks --env against it; left out, --env is the env the
-    dataset stores, made from its stored EnvSpec (kwargs and time limit as recorded)."""
-    path = minari_npz(args.dataset)
-    if path is not None:
+    """make_env(args.env), once `minari_io.py import` (a subprocess: only it imports minari) wrote the .npz copy of a
+    Minari --dataset (again if the source changed) and checked --env; left out, --env is the env the dataset stores."""
+    if (path := minari_npz(args.dataset)) is not None:
         command = [sys.executable, str(Path(__file__).resolve().parent / "minari_io.py"), "import", args.dataset,
                    "--output", str(path), *(["--env", args.env] if args.env else [])]
         result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
-        if result.returncode != 0:  # minari_io.py's one sentence, else its whole output
+        if result.returncode != 0:  # minari_io.py's one sentence
             raise UserError(result.stderr.partition("minari_io.py: error: ")[2].strip() or result.stderr.strip())
         metadata = json.loads(str(np.load(path, allow_pickle=False)["metadata"]))
-        if metadata.get("env_spec") and args.env in (None, metadata["env"]):
-            gym.registry[metadata["env"]] = gym.envs.registration.EnvSpec.from_json(metadata["env_spec"])
-        if args.env is None:
-            args.env = metadata["env"]
-            args.__post_init__()  # fill_defaults: the paper's network sizes for that env
+        args.env = args.env or metadata["env"]
+        args.__post_init__()  # fill_defaults: the paper's network sizes for the dataset's env
+        if metadata.get("env_spec") and args.env == metadata["env"]:  # the stored kwargs and time limit
+            gym.registry[args.env] = gym.envs.registration.EnvSpec.from_json(metadata["env_spec"])
     return make_env(args.env)
 # --- end shared block ---
 
@@ -739,13 +735,11 @@ PAPER_LAYERS = {
 def fill_defaults(args) -> None:
     """Args' fields left at None (Args.__post_init__): the paper's network sizes for `args.env`, and
     --normalize-observations, on for sawyer only (finger angle std ~69 units, cube positions ~0.035 m)."""
-    args.env = args.env or (None if minari_npz(args.dataset) else "hopper")
-    if args.env is None:  # a Minari dataset's own env, known when the run starts (minari_env fills these then)
-        return
+    args.env = args.env or (None if minari_npz(args.dataset) else "hopper")  # a Minari dataset's env: minari_env
     for name, sizes in PAPER_LAYERS.items():
-        if hasattr(args, name) and getattr(args, name) is None:
+        if args.env and hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, sizes["sawyer" if args.env == "sawyer" else "default"])
-    if args.normalize_observations is None:
+    if args.env and args.normalize_observations is None:
         args.normalize_observations = args.env == "sawyer"
 
 
