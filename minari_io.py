@@ -1,0 +1,557 @@
+"""minari_io.py: Minari datasets in and out (Minari is Farama's offline-RL format, the successor of D4RL).
+
+`import`: a Minari dataset -> the .npz format of the README ("Datasets"). The learning scripts run it themselves, as
+a subprocess, for `--dataset minari:<id>` or a Minari dataset directory, so that only this file imports minari. Each
+episode's observations s_0..s_T become `observation` s_0..s_{T-1} and `next_observation` s_1..s_T, `terminations`
+give discount 0 (`truncations` are time limits, the discount stays 1), rewards [T] become [T, 1] (multi-task [T, K]
+stay), episodes stay in their stored order (Eq. 4's snippets), `infos` `episode_id`, `step`, `run_id`, `task_id` are
+kept. The metadata says what a learning script needs: `env` (our alias for a dataset this file exported, else the
+gymnasium id of the stored eval/env spec, with `env_spec`, its JSON, so evaluation uses the stored kwargs and time
+limit), `reference_scores` [ref_min_score, ref_max_score] where the dataset has them, `action_low`/`action_high`,
+and `source`, the data files' sizes and modification times: an output made from an unchanged source is kept.
+
+`export`: a dataset of ours (collect.py's Control Suite or Sawyer data) -> a Minari dataset in the Minari root, every
+array kept (`import` gives it back identically) and the .npz metadata whole as the entry `abm_metadata`. Minari
+stores the env as a gymnasium EnvSpec with a string entry point: Control Suite tasks as
+`ControlSuite/<domain>-<task>-v0` made by `minari_io:ControlSuiteEnv`, the Sawyer as `Sawyer/multitask-v0` made by
+`sawyer_env:SawyerEnv` (physical action units, as in the data), so `recover_environment()` works where this
+repository is importable. Reference scores: --ref-min-score/--ref-max-score, by default for Control Suite and Sawyer
+data the bounds of the episode return, 0 and the episode length (rewards are in [0, 1] per step).
+
+  python minari_io.py export --dataset datasets/sawyer.npz --dataset-id abm/sawyer/scripted-v0
+  python minari_io.py import minari:abm/sawyer/scripted-v0 --output datasets/minari/abm/sawyer/scripted-v0.npz
+"""
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import warnings
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Callable, Optional, Union
+
+import gymnasium as gym
+import numpy as np
+import torch
+import tyro
+
+import sawyer_env
+
+
+@dataclass
+class Import:
+    """Convert a Minari dataset to the .npz format of the learning scripts."""
+
+    source: tyro.conf.Positional[str]
+    """`minari:<dataset_id>` (in MINARI_DATASETS_PATH, default ~/.minari/datasets) or a Minari dataset directory"""
+    output: Optional[str] = None
+    """the .npz to write; default datasets/minari/<id>.npz; kept when it was made from the unchanged source"""
+    env: Optional[str] = None
+    """check that this env (a learning script's --env) fits the dataset's observation and action spaces"""
+
+
+@dataclass
+class Export:
+    """Write a dataset of this project as a Minari dataset in the Minari root."""
+
+    dataset: str
+    """the dataset to write, in this project's format (.npz or a directory of .npy files)"""
+    dataset_id: str
+    """the Minari id to write it under, `(namespace/)name-v<version>`, e.g. `abm/sawyer/scripted-v0`"""
+    ref_min_score: Optional[float] = None
+    """return of the normalised score's 0 (default: 0 for Control Suite and Sawyer data, else none)"""
+    ref_max_score: Optional[float] = None
+    """return of the normalised score's 100 (default: the episode length for Control Suite and Sawyer data)"""
+    author: Optional[str] = None
+    """author name stored in the Minari metadata"""
+    author_email: Optional[str] = None
+    """author contact stored in the Minari metadata"""
+    code_permalink: Optional[str] = None
+    """link to the code (e.g. a commit of this repository) that made the data"""
+
+
+# --- shared block: utilities ---
+class UserError(Exception):
+    """A problem with the user's input (arguments, files): reported in one sentence, exit 1."""
+
+
+def main(train_fn: Callable, args) -> None:
+    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1."""
+    try:
+        train_fn(args)
+    except UserError as error:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast(precision: str, device: torch.device):
+    """`--precision bf16`: matrix products inside run in bfloat16 (float32 weights and accumulation); fp32: no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+# State-action rows per critic pass and thread (q_values, TwinCritic): 1024 rows of a 256-unit activation are
+# 1 MiB, a core's L2 cache; one pass over all M * B rows is up to 2x slower on a CPU.
+CHUNK_ROWS = 1024
+
+
+def to_torch(batch: dict, device: torch.device) -> dict:
+    return {key: torch.as_tensor(value, device=device) for key, value in batch.items()}
+
+
+def default_dataset_path(env_id: str) -> Path:
+    return Path("datasets") / (env_id.replace(":", "_").replace("/", "_") + ".npz")
+# --- end shared block ---
+
+
+# --- shared block: env ---
+CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walker": "walker-walk",
+                         "quadruped": "quadruped-run"}
+
+
+def control_suite():
+    """dm_control's suite, imported with MUJOCO_GL defaulting to headless EGL on Linux (its glfw needs a display)."""
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("MUJOCO_GL", "egl")
+    from dm_control import suite
+
+    return suite
+
+
+class ControlSuiteEnv(gym.Env):
+    """A Control Suite task as a Gymnasium env: flat float32 observation, clipped actions, time limit = `truncated`."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
+
+    def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
+        self._load = lambda seed: control_suite().load(domain, task, task_kwargs={"random": seed})
+        self._env, self.render_mode = self._load(None), render_mode
+        low, high = self._env.action_spec().minimum, self._env.action_spec().maximum
+        self.action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
+        size = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), dtype=np.float32)
+
+    def _flatten(self, observation) -> np.ndarray:
+        return np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._env = self._load(seed)
+        return self._flatten(self._env.reset().observation), {}
+
+    def step(self, action):
+        time_step = self._env.step(np.clip(action, self.action_space.low, self.action_space.high))
+        terminated = time_step.last() and time_step.discount == 0.0
+        truncated = time_step.last() and not terminated
+        return self._flatten(time_step.observation), float(time_step.reward or 0.0), terminated, truncated, {}
+
+    def render(self):
+        return self._env.physics.render(height=240, width=320, camera_id=0)
+
+
+def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
+    """`hopper`-style alias, Control Suite `domain-task`, `sawyer` (sawyer_env.learner_env(task): actions in [-1, 1],
+    task None = a random task per episode), or a gymnasium id (`module:EnvId`). env.unwrapped takes physical actions."""
+    if env_id == "sawyer":
+        if task is not None and task not in sawyer_env.ALL_TASKS:
+            raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
+        return sawyer_env.learner_env(task or "random", render_mode)
+    domain, _, task = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
+    if task and (domain, task) in control_suite().ALL_TASKS:
+        return ControlSuiteEnv(domain, task, render_mode)
+    try:
+        return gym.make(env_id, render_mode=render_mode)
+    except Exception as error:  # gymnasium raises many types for an unknown or broken id
+        raise UserError(f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
+                        f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})") from None
+# --- end shared block ---
+
+
+# --- shared block: dataset ---
+ARRAY_DIMENSIONS = {"observation": 2, "action": 2, "reward": 2, "discount": 1, "episode_id": 1, "step": 1,
+                    "next_observation": 2, "run_id": 1, "task_id": 1}  # the first six are required
+
+
+def ensure_dataset(args) -> Path:
+    """The dataset to learn from; the default one is generated by collect.py when missing."""
+    path = minari_npz(args.dataset) or Path(args.dataset or default_dataset_path(args.env))
+    if args.dataset is None and not path.exists():
+        print(f"No dataset at {path}: generating it with `python collect.py --env {args.env}` (default budget, about "
+              f"{5 if args.env == 'sawyer' else 20} minutes on 2 CPU cores); pass --dataset PATH to use your own data.",
+              flush=True)
+        command = [sys.executable, str(Path(__file__).resolve().parent / "collect.py"), "--env", args.env,
+                   "--output", str(path)]
+        if subprocess.run(command).returncode != 0 or not path.exists():
+            raise UserError(f"collect.py failed to generate {path}; see its output above")
+    return path
+
+
+def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
+    """Load and validate a dataset (README "Datasets"): its arrays (memory-mapped for a directory of .npy files),
+    `metadata`, and `episode_last`, the index of the last transition of each transition's episode (for snippets)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"dataset {path} does not exist")
+    try:
+        if path.is_dir():
+            arrays = {f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in path.glob("*.npy")}
+            metadata = json.loads((path / "metadata.json").read_text()) if (path / "metadata.json").exists() else {}
+        else:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+            metadata = json.loads(str(arrays.pop("metadata", "{}")))
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"dataset {path} cannot be read, it is corrupt, truncated or pickled ({reason})") from None
+    missing = [key for key in list(ARRAY_DIMENSIONS)[:6] if key not in arrays]
+    if missing:
+        raise UserError(f"dataset {path} lacks the arrays {missing}; see README 'Datasets'")
+    if arrays["reward"].ndim == 1:
+        arrays["reward"] = arrays["reward"][:, None]
+    size = len(arrays["observation"])
+    for key, ndim in ARRAY_DIMENSIONS.items():
+        if key in arrays and (arrays[key].ndim != ndim or len(arrays[key]) != size):
+            raise UserError(f"dataset {path}: array {key!r} has shape {arrays[key].shape}, expected {ndim} "
+                            f"dimension(s) and {size} rows like 'observation'")
+    if size == 0:
+        raise UserError(f"dataset {path} holds no transitions")
+    if "next_observation" in arrays and arrays["next_observation"].shape != arrays["observation"].shape:
+        raise UserError(f"dataset {path}: 'next_observation' and 'observation' differ in shape")
+    for key in ("observation", "action", "reward", "discount", "next_observation"):
+        if key in arrays and not np.isfinite(arrays[key]).all():
+            raise UserError(f"dataset {path}: array {key!r} contains NaN or infinite values")
+    # Episodes must be stored back to back, steps in order, for snippets (Eq. 4) to exist.
+    episode_id, step = np.asarray(arrays["episode_id"]), np.asarray(arrays["step"])
+    starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
+    if len(np.unique(episode_id)) != len(starts) or np.any(np.diff(step)[episode_id[1:] == episode_id[:-1]] != 1):
+        raise UserError(f"dataset {path}: episodes must be stored back to back with consecutive steps")
+    keep = np.ones(size, dtype=bool)
+    if "next_observation" not in arrays:  # derive s' from the next row; an episode's last row has none
+        keep[np.r_[starts[1:] - 1, size - 1]] = False
+        arrays["next_observation"] = np.asarray(arrays["observation"])[np.minimum(np.arange(size) + 1, size - 1)]
+    if episodes_per_run is not None:  # --dataset-episodes: the first K episodes of each collecting run
+        run_of_start = np.asarray(arrays["run_id"])[starts] if "run_id" in arrays else np.zeros(len(starts), int)
+        rank = np.zeros(len(starts), dtype=np.int64)
+        for run in np.unique(run_of_start):
+            rank[run_of_start == run] = np.arange(np.sum(run_of_start == run))
+        keep &= np.repeat(rank < episodes_per_run, np.diff(np.r_[starts, size]))
+    if not keep.all():
+        arrays = {key: np.asarray(value)[keep] for key, value in arrays.items()}
+        episode_id, size = arrays["episode_id"], int(keep.sum())
+        starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
+    lengths = np.diff(np.r_[starts, size])
+    return {**arrays, "episode_last": np.repeat(starts + lengths - 1, lengths), "metadata": metadata}
+
+
+def select_tasks(data: dict, task: str, env_id: Optional[str] = None) -> tuple[list[int], list[str]]:
+    """Reward columns to learn: every column for `all`, else the one named `task`; sawyer's new tasks (`center`,
+    `corner`, Section 5.2) are labelled from the stored s' and appended to data["reward"] as a new column."""
+    names = list(data["metadata"].get("tasks") or [f"task{i}" for i in range(data["reward"].shape[1])])
+    if len(names) != data["reward"].shape[1]:
+        raise UserError(f"dataset metadata names {len(names)} tasks but 'reward' has {data['reward'].shape[1]} columns")
+    if task not in names and env_id == "sawyer" and task in sawyer_env.REWARD_FUNCTIONS:
+        reward = sawyer_env.REWARD_FUNCTIONS[task](np.asarray(data["next_observation"])).astype(np.float32)
+        data["reward"] = np.concatenate([np.asarray(data["reward"]), reward[:, None]], axis=1)
+        names.append(task)
+        data["metadata"] = {**data["metadata"], "tasks": names}
+    if task != "all" and task not in names:
+        raise UserError(f"task {task!r} is not in the dataset; its tasks are {names}")
+    return (list(range(len(names))), names) if task == "all" else ([names.index(task)], [task])
+
+
+def best_episode_returns(data: dict, columns: list[int]) -> list[float]:
+    """Best undiscounted episode return in the dataset, for each task column."""
+    starts = np.flatnonzero(np.r_[True, data["episode_id"][1:] != data["episode_id"][:-1]])
+    returns = np.add.reduceat(np.asarray(data["reward"][:, columns], dtype=np.float64), starts, axis=0)
+    return returns.max(axis=0).tolist()
+# --- end shared block ---
+
+
+# --- shared block: minari ---
+def minari_npz(dataset: Optional[str]) -> Optional[Path]:
+    """Where the .npz copy of a Minari --dataset (`minari:<id>`, or a directory without .npy files) goes, else None."""
+    if dataset and (dataset.startswith("minari:") or Path(dataset).is_dir() and not any(Path(dataset).glob("*.npy"))):
+        name = dataset.removeprefix("minari:") if dataset.startswith("minari:") else str(Path(dataset).resolve())[1:]
+        return Path("datasets", "minari", name + ".npz")
+    return None
+
+
+def minari_env(args) -> gym.Env:
+    """make_env(args.env), once `minari_io.py import` (a subprocess: only it imports minari) wrote the .npz copy of a
+    Minari --dataset (again if the source changed) and checked --env; left out, --env is the env the dataset stores."""
+    if (path := minari_npz(args.dataset)) is not None:
+        command = [sys.executable, str(Path(__file__).resolve().parent / "minari_io.py"), "import", args.dataset,
+                   "--output", str(path), *(["--env", args.env] if args.env else [])]
+        result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:  # minari_io.py's one sentence
+            raise UserError(result.stderr.partition("minari_io.py: error: ")[2].strip() or result.stderr.strip())
+        metadata = json.loads(str(np.load(path, allow_pickle=False)["metadata"]))
+        args.env = args.env or metadata["env"]
+        args.__post_init__()  # fill_defaults: the paper's network sizes for the dataset's env
+        if metadata.get("env_spec") and args.env == metadata["env"]:  # the stored kwargs and time limit
+            gym.registry[args.env] = gym.envs.registration.EnvSpec.from_json(metadata["env_spec"])
+    return make_env(args.env)
+# --- end shared block ---
+
+
+MINARI_INFOS = ("episode_id", "step", "run_id", "task_id")  # per-step arrays of ours that Minari keeps in `infos`
+FLOAT_ARRAYS = ("observation", "next_observation", "action", "reward", "discount")
+
+
+def minari_root() -> Path:
+    return Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets")
+
+
+def minari_data_dir(source: str) -> Path:
+    """The directory holding a Minari dataset's metadata.json and data: `minari:<id>` looked up in the Minari root,
+    or a dataset directory (`<root>/<id>`) or its `data` directory."""
+    if source.startswith("minari:"):
+        dataset_id = source.removeprefix("minari:")
+        path = minari_root() / dataset_id
+        if not dataset_id or not (path / "data" / "metadata.json").exists():
+            raise UserError(f"Minari dataset {dataset_id!r} is not in {minari_root()} (MINARI_DATASETS_PATH); "
+                            f"download it first with `minari download {dataset_id}`")
+    else:
+        path = Path(source)
+    path = path / "data" if (path / "data" / "metadata.json").is_file() else path
+    try:
+        metadata = json.loads((path / "metadata.json").read_text())
+        assert isinstance(metadata, dict) and "minari_version" in metadata
+    except (OSError, ValueError, AssertionError):
+        raise UserError(f"{source} is neither a Minari dataset (no data/metadata.json of Minari) "
+                        f"nor a directory of .npy files") from None
+    if metadata.get("data_format", "hdf5") != "hdf5":
+        raise UserError(f"Minari dataset {source} is stored as {metadata['data_format']}; only HDF5 datasets "
+                        f"(minari[hdf5], the format `minari download` gives) are read")
+    return path
+
+
+def stored_env_spec(metadata: dict) -> Optional[gym.envs.registration.EnvSpec]:
+    """The env a Minari dataset stores for evaluation (eval_env_spec, else env_spec), as a gymnasium EnvSpec."""
+    text = metadata.get("eval_env_spec") or metadata.get("env_spec")
+    if not text:
+        return None
+    for old in ('"order_enforce": true,', '"apply_api_compatibility": false,', '"autoreset": false, '):
+        text = text.replace(old, "")  # fields of older gymnasium specs, dropped as minari itself does
+    return gym.envs.registration.EnvSpec.from_json(text)
+
+
+def per_step(value, length: int) -> np.ndarray:
+    """A per-step info of an episode of `length` transitions: Minari's DataCollector keeps length + 1 (one per
+    observation, the reset's first); entry t belongs to the transition from s_t."""
+    value = np.asarray(value)
+    if len(value) not in (length, length + 1):
+        raise ValueError(f"an info of {len(value)} entries in an episode of {length} steps")
+    return value[:length]
+
+
+def source_signature(data_dir: Path) -> dict:
+    """What tells a changed source: the data directory and each file's size and modification time."""
+    files = sorted(path for path in data_dir.rglob("*") if path.is_file())
+    return {"path": str(data_dir.resolve()),
+            "files": {str(f.relative_to(data_dir)): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}}
+
+
+def read_minari(source: str, data_dir: Path) -> tuple[dict, dict]:
+    """A Minari dataset as the .npz arrays and metadata (see the module docstring)."""
+    import minari
+
+    try:
+        dataset = minari.MinariDataset(data_dir)
+        for name, space in (("observation", dataset.observation_space), ("action", dataset.action_space)):
+            if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+                raise UserError(f"Minari dataset {source} has a {space} {name} space; the networks take "
+                                f"flat vectors (a one-dimensional Box), not images or dictionaries")
+        episodes = []
+        for index, episode in enumerate(dataset.iterate_episodes()):
+            length, observations = len(episode.rewards), np.asarray(episode.observations, np.float32)
+            if len(observations) != length + 1:
+                raise ValueError(f"episode {episode.id} has {len(observations)} observations for {length} steps")
+            infos = episode.infos or {}
+            arrays = {"observation": observations[:-1], "next_observation": observations[1:],
+                      "action": np.asarray(episode.actions, np.float32),
+                      "reward": np.asarray(episode.rewards, np.float32).reshape(length, -1),
+                      "discount": 1.0 - np.asarray(episode.terminations, np.float32),
+                      "episode_id": np.full(length, index, np.int64), "step": np.arange(length, dtype=np.int64)}
+            arrays.update({key: per_step(infos[key], length).astype(np.int64) for key in MINARI_INFOS if key in infos})
+            episodes.append(arrays)
+        if not episodes:
+            raise ValueError("it holds no episodes")
+        arrays = {key: np.concatenate([e[key] for e in episodes]) for key in episodes[0]}
+        metadata = json.loads((data_dir / "metadata.json").read_text())
+        spec = stored_env_spec(metadata)
+    except UserError:
+        raise
+    except Exception as error:  # h5py, minari, gymnasium and numpy raise many types for a broken dataset
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"Minari dataset {source} cannot be read ({reason})") from None
+    for key in FLOAT_ARRAYS:
+        if not np.isfinite(arrays[key]).all():
+            raise UserError(f"Minari dataset {source} has NaN or infinite values in its {key}s")
+    ours = json.loads(metadata.get("abm_metadata", "{}"))  # the .npz metadata of a dataset `export` wrote
+    references = [metadata.get("ref_min_score"), metadata.get("ref_max_score")]
+    out = {"env": spec.id if spec else None, "env_spec": spec.to_json() if spec and not ours else None,
+           "action_low": dataset.action_space.low.tolist(), "action_high": dataset.action_space.high.tolist(), **ours,
+           "reference_scores": None if None in references or references[0] == references[1] else references,
+           "minari": {"dataset_id": dataset.id, "source": source_signature(data_dir),
+                      **{key: metadata[key] for key in ("algorithm_name", "author", "code_permalink") if key in metadata}}}
+    return arrays, out
+
+
+def check_env(metadata: dict, source: str, env_id: str) -> None:
+    """--env must fit the dataset: its observation size, action size and action bounds (the env's own units)."""
+    if metadata.get("env_spec") and env_id == metadata["env"]:  # the stored kwargs, as the learning scripts make it
+        gym.registry[env_id] = gym.envs.registration.EnvSpec.from_json(metadata["env_spec"])
+    env = make_env(env_id)
+    low, high = env.unwrapped.action_space.low, env.unwrapped.action_space.high  # the env's (physical) bounds
+    stored_low, stored_high = np.asarray(metadata["action_low"]), np.asarray(metadata["action_high"])
+    fits = env.observation_space.shape == (metadata["obs_dim"],) and stored_low.shape == low.shape
+    if not (fits and np.allclose(stored_low, low) and np.allclose(stored_high, high)):
+        bounds = lambda low, high: f"{np.round(low, 4).tolist()}..{np.round(high, 4).tolist()}"  # noqa: E731
+        raise UserError(f"Minari dataset {source} has observations of size {metadata['obs_dim']} and actions in "
+                        f"{bounds(stored_low, stored_high)}, but env {env_id} has observations of shape "
+                        f"{env.observation_space.shape} and actions in {bounds(low, high)}; its spaces do not fit the env")
+
+
+def import_dataset(args: Import) -> Path:
+    """Write args.source as .npz (unless args.output already holds it from the unchanged source); returns its path."""
+    data_dir = minari_data_dir(args.source)
+    output = Path(args.output or minari_npz(args.source) or minari_npz(str(data_dir)))
+    metadata = None
+    if output.exists():
+        try:
+            with np.load(output, allow_pickle=False) as archive:
+                metadata = json.loads(str(archive["metadata"]))
+            if metadata["minari"]["source"] != source_signature(data_dir):
+                metadata = None
+        except Exception:  # an output that cannot be read, or of another source: made again
+            metadata = None
+    if metadata is None:
+        print(f"Converting Minari dataset {args.source} to {output} (once; kept while the source is unchanged).",
+              flush=True)
+        arrays, metadata = read_minari(args.source, data_dir)
+        metadata["obs_dim"] = arrays["observation"].shape[1]
+        output.parent.mkdir(parents=True, exist_ok=True)
+        temporary = output.with_name(f"{output.name}.{os.getpid()}.tmp.npz")
+        np.savez(temporary, **arrays, metadata=np.array(json.dumps(metadata)))
+        os.replace(temporary, output)  # atomic: runs converting the same dataset at once see whole files
+    if args.env:
+        check_env(metadata, args.source, args.env)
+    elif not metadata.get("env"):
+        raise UserError(f"Minari dataset {args.source} stores no environment; pass --env")
+    return output
+
+
+def minari_env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
+    """The gymnasium EnvSpec, with a string entry point, of the env a dataset of ours was collected in."""
+    if env_id == "sawyer":
+        return gym.envs.registration.EnvSpec("Sawyer/multitask-v0", "sawyer_env:SawyerEnv", kwargs={"task": "random"})
+    env = make_env(env_id)
+    if isinstance(env, ControlSuiteEnv):
+        domain, _, task = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
+        return gym.envs.registration.EnvSpec(f"ControlSuite/{domain}-{task}-v0", "minari_io:ControlSuiteEnv",
+                                             kwargs={"domain": domain, "task": task})
+    if env.spec is None or not isinstance(env.spec.entry_point, str):
+        raise UserError(f"env {env_id} has no string entry point, which Minari needs to store it")
+    return env.spec
+
+
+def episode_buffers(data: dict) -> list:
+    """One Minari EpisodeBuffer per episode of the dataset arrays (see the module docstring)."""
+    from minari.data_collector import EpisodeBuffer
+
+    episode_id = np.asarray(data["episode_id"])
+    starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
+    buffers = []
+    for index, (start, end) in enumerate(zip(starts, np.r_[starts[1:], len(episode_id)])):
+        rows = slice(start, end)
+        observation, next_observation = np.asarray(data["observation"][rows]), np.asarray(data["next_observation"][rows])
+        if not np.array_equal(observation[1:], next_observation[:-1]):
+            raise UserError(f"episode {episode_id[start]} of the dataset has a next_observation that is not the next "
+                            f"step's observation; Minari stores one observation sequence per episode")
+        reward = np.asarray(data["reward"][rows])
+        terminated = np.asarray(data["discount"][rows]) == 0
+        truncated = np.zeros_like(terminated)
+        truncated[-1] = not terminated[-1]  # an episode that ends without terminating ends by a time limit
+        infos = {key: np.r_[data[key][rows], data[key][end - 1]] for key in MINARI_INFOS if key in data}  # T + 1
+        buffers.append(EpisodeBuffer(
+            id=index, observations=np.concatenate([observation, next_observation[-1:]]),
+            actions=np.asarray(data["action"][rows]), rewards=reward[:, 0] if reward.shape[1] == 1 else reward,
+            terminations=terminated, truncations=truncated, infos=infos))
+    return buffers
+
+
+def export_dataset(args: Export) -> Path:
+    """Write args.dataset as the Minari dataset args.dataset_id; returns its data directory."""
+    import minari
+    from minari.dataset.minari_dataset import parse_dataset_id
+
+    try:
+        parse_dataset_id(args.dataset_id)
+    except (ValueError, TypeError):  # TypeError: no version
+        raise UserError(f"--dataset-id {args.dataset_id!r} is not a Minari id: (namespace/)name-v<version>") from None
+    data = load_dataset(Path(args.dataset))
+    metadata = data["metadata"]
+    if not np.isin(data["discount"], (0.0, 1.0)).all():
+        raise UserError(f"dataset {args.dataset} has discounts other than 0 and 1, which Minari's terminations cannot hold")
+    env_id = metadata.get("env")
+    if not env_id:
+        raise UserError(f"dataset {args.dataset} names no env in its metadata ('env'), which Minari stores")
+    spec = minari_env_spec(env_id)
+    env = gym.make(spec)
+    if data["observation"].shape[1:] != env.observation_space.shape or data["action"].shape[1:] != env.action_space.shape:
+        raise UserError(f"dataset {args.dataset} has observation/action sizes {data['observation'].shape[1]}/"
+                        f"{data['action'].shape[1]} but {spec.id} has {env.observation_space.shape}/{env.action_space.shape}")
+    stored = [metadata.get("action_low"), metadata.get("action_high")]
+    if None not in stored and not np.allclose(stored, [env.action_space.low, env.action_space.high]):
+        raise UserError(f"dataset {args.dataset} has action bounds {stored} but {spec.id} takes "
+                        f"{[env.action_space.low.tolist(), env.action_space.high.tolist()]}")
+    ref_min, ref_max = args.ref_min_score, args.ref_max_score
+    bounded = env_id == "sawyer" or spec.entry_point == "minari_io:ControlSuiteEnv"  # rewards in [0, 1] per step
+    if ref_min is None and ref_max is None and bounded:
+        ref_min, ref_max = 0.0, float(np.max(data["episode_last"] - np.arange(len(data["episode_last"])) + 1))
+    if (ref_min is None) != (ref_max is None):
+        raise UserError("give both --ref-min-score and --ref-max-score, or neither")
+    collection = metadata.get("collection", {})
+    requirements = [f"{name}=={importlib.metadata.version(name)}" for name in ("mujoco", "dm_control")
+                    if name == "mujoco" or env_id != "sawyer"]
+    description = (f"Made by collect.py of the reference implementation of 'Keep doing what worked' (Siegel et al., "
+                   f"ICLR 2020): {collection.get('method', 'unknown collection')}. Tasks {metadata.get('tasks')}; "
+                   f"the full metadata is the JSON entry `abm_metadata`.")
+    if bounded and args.ref_min_score is None:
+        description += " ref_min_score/ref_max_score are the bounds of the episode return (rewards in [0, 1] per step)."
+    try:  # an id already taken is refused by minari before it writes anything
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # minari warns about every optional field left out
+            dataset = minari.create_dataset_from_buffers(
+                args.dataset_id, episode_buffers(data), env=spec,
+                algorithm_name=collection.get("method", "").split(",")[0] or None,
+                author=args.author, author_email=args.author_email, code_permalink=args.code_permalink,
+                ref_min_score=ref_min, ref_max_score=ref_max, description=description, requirements=requirements)
+    except ValueError as error:
+        raise UserError(f"cannot write Minari dataset {args.dataset_id}: {str(error).splitlines()[0]}") from None
+    dataset.storage.update_metadata({"abm_metadata": json.dumps(metadata)})
+    data_dir = Path(dataset.storage.data_path)
+    print(f"Wrote Minari dataset {args.dataset_id} to {data_dir.parent}: {dataset.total_episodes} episodes, "
+          f"{dataset.total_steps} steps, env {spec.id}" + (f", reference scores {ref_min}..{ref_max}" if ref_max else ""))
+    return data_dir
+
+
+def run(command: Union[Import, Export]) -> Path:
+    return import_dataset(command) if isinstance(command, Import) else export_dataset(command)
+
+
+if __name__ == "__main__":
+    main(run, tyro.cli(Union[Annotated[Import, tyro.conf.subcommand("import")],
+                               Annotated[Export, tyro.conf.subcommand("export")]]))
