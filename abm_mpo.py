@@ -887,11 +887,11 @@ class Run:
         self.columns, self.tasks = select_tasks(data, args.task, args.env)
         (low, high), env_space = (env.action_space.low, env.action_space.high), env.unwrapped.action_space
         env_low, env_high = env_space.low, env_space.high  # the env's own units: physical for sawyer
+        stored = [data["metadata"].get(key) for key in ("action_low", "action_high")]  # the dataset's physical bounds
+        if None not in stored and not np.allclose(stored, [env_low, env_high]):
+            raise UserError(f"dataset {dataset} has action bounds {stored} but {args.env} takes actions in "
+                            f"{[env_low.tolist(), env_high.tolist()]}")
         if args.env == "sawyer":  # the dataset's actions are physical, the learner's in [-1, 1]
-            stored = [data["metadata"].get(key) for key in ("action_low", "action_high")]
-            if None not in stored and not np.allclose(stored, [env_low, env_high]):
-                raise UserError(f"dataset {dataset} has action bounds {stored} but {args.env} takes actions in "
-                                f"{[env_low.tolist(), env_high.tolist()]}")
             data["action"] = sawyer_env.normalise_actions(data["action"])
         mean, std = observation_statistics(data["observation"], args.normalize_observations)
         self.spec = {"obs_dim": obs_dim, "act_dim": act_dim, "tasks": self.tasks, "action_low": low.tolist(),

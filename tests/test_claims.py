@@ -99,9 +99,6 @@ def test_a_sawyer_dataset_with_other_action_bounds_is_refused_in_one_sentence(tm
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="learning-script bug reported: the stored action bounds are compared only "
-                                       "when the learner's bounds differ from the env's (sawyer), never for the "
-                                       "Control Suite, although the README says they are checked against the env's")
 def test_a_control_suite_dataset_with_other_action_bounds_is_refused(tmp_path):
     dataset = write_random_dataset(tmp_path / "data.npz")
     with np.load(dataset) as archive:
