@@ -545,11 +545,15 @@ def table_rows(runs: list[dict], columns: list[str]) -> dict:
                 row.setdefault(run["column"], []).append(numbers["return"])
             if COLUMNS[run["column"]].prior and "prior_return" in numbers:
                 row.setdefault(f"{run['column']} prior", []).append(numbers["prior_return"])
+            for name, suffix in (("normalised_return", ""), ("normalised_prior_return", " prior")):
+                if name in numbers:  # a Minari dataset's reference scores: 100 (R - R_min) / (R_max - R_min)
+                    row.setdefault(f"{run['column']}{suffix} normalised", []).append(numbers[name])
     return rows
 
 
 def markdown_table(rows: dict, columns: list[str], paper: dict, paper_columns: tuple) -> list[str]:
     headers = [c for column in columns for c in ([column, f"{column} prior"] if COLUMNS[column].prior else [column])]
+    headers = [c for h in headers for c in [h, f"{h} normalised"] if c == h or any(c in row for row in rows.values())]
     lines = ["| task (data) | best episode in the data | " + " | ".join(headers) + " |",
              "|---|---|" + "---|" * len(headers)]
     for (label, paper_key), row in rows.items():

@@ -208,3 +208,19 @@ def test_paper_numbers_transcribed():
     assert (walker["ABM+MPO"], walker["BM+MPO prior"], walker["ABM eps=0"]) == (843.0, 684.8, 838.1)
     lift = dict(zip(reproduce.PAPER_TABLE_7_COLUMNS, reproduce.PAPER_TABLE_7["lift"]))
     assert (lift["ABM+MPO prior"], lift["BM+MPO prior"], lift["BEAR"]) == (144.9, 122.5, 137.9)
+
+
+def test_table_reports_the_normalised_score_where_a_dataset_has_reference_scores():
+    def run(seed, normalised):
+        numbers = {"return": 50.0 + seed, "prior_return": 40.0, "best_episode_return_in_dataset": 90.0}
+        if normalised:
+            numbers.update(normalised_return=5.0 + seed, normalised_prior_return=4.0)
+        return {"env": "walker", "regime": "all", "regime_episodes": None, "task": "all", "column": "ABM+MPO",
+                "summary": {"per_task": {"walk": numbers}}}
+
+    with_scores = reproduce.markdown_table(reproduce.table_rows([run(0, True), run(2, True)], ["ABM+MPO"]),
+                                           ["ABM+MPO"], {}, ())
+    assert "| ABM+MPO | ABM+MPO normalised | ABM+MPO prior | ABM+MPO prior normalised |" in with_scores[0]
+    assert with_scores[2].endswith("| 51.0 ± 1.0 (2) | 6.0 ± 1.0 (2) | 40.0 ± 0.0 (2) | 4.0 ± 0.0 (2) |")
+    without = reproduce.markdown_table(reproduce.table_rows([run(0, False)], ["ABM+MPO"]), ["ABM+MPO"], {}, ())
+    assert "normalised" not in without[0]
