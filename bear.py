@@ -57,7 +57,6 @@ Differences from the paper / from the original:
     on (the default for `--env sawyer` only: its observation scales differ ~2000x; std floored at 1e-3).
 """
 
-import contextlib
 import copy
 import csv
 import hashlib
@@ -267,6 +266,19 @@ def sample_transitions(data: dict, columns: list[int], batch_size: int, rng: np.
         "next_observation": data["next_observation"][index],
     }
     return {key: np.asarray(value, dtype=np.float32) for key, value in batch.items()}
+
+
+def sample_transitions_on_device(data: dict, batch_size: int, generator: torch.Generator,
+                                 index: Optional[torch.Tensor] = None) -> dict:
+    """sample_transitions on tensors held on the device (Run.device_data: states standardised, the learned reward
+    columns only), indices drawn by `generator`: no host round trip. `index` [K, B]: those transitions instead."""
+    num_tasks = data["reward"].shape[1]
+    if index is None:
+        index = torch.randint(len(data["observation"]), (num_tasks, batch_size), generator=generator,
+                              device=generator.device)  # [K, B]
+    return {"observation": data["observation"][index], "action": data["action"][index],
+            "reward": data["reward"][index, torch.arange(num_tasks, device=index.device)[:, None]],
+            "discount": data["discount"][index], "next_observation": data["next_observation"][index]}
 # --- end shared block ---
 
 
@@ -313,10 +325,9 @@ def twin_critic_loss(q: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
     return loss, {"losses/critic": loss.detach(), "charts/q": q.detach().mean()}
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float, name: str) -> None:
-    """Adam step of one learner (one optimiser per network, as the originals), gradients clipped."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {name}")
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float) -> None:
+    """Adam step of one learner (one optimiser per network, as the originals), gradients clipped. No finiteness
+    check here (a host sync): every loss is also a `losses/` metric, which Run.record checks on the device."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], max_grad_norm)
@@ -443,7 +454,7 @@ def update(agent: Agent, optimizers: dict, batch: dict, args: Args, generator: t
 
     # Prior: the behaviour model, by maximum likelihood of the dataset actions (Eq. 3).
     loss, metrics = behaviour_model_loss(*agent.prior(observation), action)
-    optimizer_step(optimizers["prior"], loss, args.max_grad_norm, "losses/prior")
+    optimizer_step(optimizers["prior"], loss, args.max_grad_norm)
 
     # Critic: soft clipped double Q, maximised over M samples of the target actor at s'.
     with torch.no_grad():
@@ -455,7 +466,7 @@ def update(agent: Agent, optimizers: dict, batch: dict, args: Args, generator: t
     metrics.update(info)
     loss, info = twin_critic_loss(agent.critic(observation, action.clamp(low, high)), target)
     metrics.update(info)
-    optimizer_step(optimizers["critic"], loss, args.max_grad_norm, "losses/critic")
+    optimizer_step(optimizers["critic"], loss, args.max_grad_norm)
 
     # Actor: E[min_i Q_i] under the divergence constraint (the critic is held fixed for this step).
     mean, std = agent.policy(observation)
@@ -468,7 +479,7 @@ def update(agent: Agent, optimizers: dict, batch: dict, args: Args, generator: t
     loss, info = bear_actor_loss(q, divergence, agent.multiplier(), warmup=step <= args.warmup_steps)
     metrics.update(info)
     metrics[f"charts/{args.divergence}"] = divergence.detach().mean()
-    optimizer_step(optimizers["policy"], loss, args.max_grad_norm, "losses/actor")
+    optimizer_step(optimizers["policy"], loss, args.max_grad_norm)
 
     # Lagrange multiplier (Eq. 12), on the divergence before this actor step.
     threshold = args.epsilon if args.divergence == "kl" else args.mmd_threshold
@@ -518,17 +529,19 @@ def train(args: Args) -> dict:
     modules = {"agent": agent, **{f"{name}_optimizer": optimizer for name, optimizer in optimizers.items()}}
 
     start = run.start(modules, rng, generator)  # 0, or the checkpoint's step with --resume
-    with run.stop_on_non_finite_loss():
-        for step in range(start + 1, args.total_steps + 1):
-            batch = sample_transitions(run.data, run.columns, args.batch_size, rng)
-            metrics = update(agent, optimizers, run.to_device(batch), args, generator, step)
-            if step % args.target_update_period == 0:
-                agent.update_targets()
-            run.record(step, metrics)
-            if step % args.eval_every == 0 or step == args.total_steps:
-                run.evaluate_and_log(step, actors)
-            if step % args.checkpoint_every == 0 or step == args.total_steps:
-                run.save(step, modules, rng, generator, policy=PolicyMean(agent.policy))
+    for step in range(start + 1, args.total_steps + 1):
+        if run.device_data:  # CUDA: the dataset lives on the GPU and batches are drawn there
+            batch = sample_transitions_on_device(run.device_data, args.batch_size, generator)
+        else:
+            batch = run.to_device(sample_transitions(run.data, run.columns, args.batch_size, rng))
+        metrics = update(agent, optimizers, batch, args, generator, step)
+        if step % args.target_update_period == 0:
+            agent.update_targets()
+        run.record(step, metrics)  # sums on the device; a non-finite loss stops the run at the next log or checkpoint
+        if step % args.eval_every == 0 or step == args.total_steps:
+            run.evaluate_and_log(step, actors)
+        if step % args.checkpoint_every == 0 or step == args.total_steps:
+            run.save(step, modules, rng, generator, policy=PolicyMean(agent.policy))
     return write_summary(run.run_dir, run.finish(), run.spec["best_episode_return_in_dataset"])
 
 
@@ -831,7 +844,7 @@ def observation_statistics(observation: np.ndarray, standardise: bool) -> tuple[
 
 
 RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "checkpoint_every",
-                     "device", "track", "wandb_project", "capture_video"}
+                     "device", "compile", "track", "wandb_project", "capture_video"}
 
 
 def load_saved_config(run_dir: Path, args, script: str) -> None:
@@ -881,6 +894,20 @@ def write_config(run_dir: Path, args, script: str, dataset: Path, spec: dict) ->
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def data_on_device(data: dict, columns: list, mean: list, std: list, device: torch.device) -> Optional[dict]:
+    """The arrays batches are drawn from as tensors on `device` (states standardised, the learned reward columns),
+    or None where they would fill more than half its free memory (batches are then drawn on the host)."""
+    keys = ("observation", "action", "reward", "discount", "next_observation", "episode_last")
+    size = sum(np.asarray(data[key]).nbytes for key in keys)
+    if device.type == "cuda" and size > torch.cuda.mem_get_info(device)[0] / 2:
+        return None
+    arrays = {key: torch.as_tensor(np.asarray(data[key], np.int64 if key == "episode_last" else np.float32),
+                                   device=device) for key in keys}
+    arrays["reward"] = arrays["reward"][:, columns]
+    mean, std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
+    return {**arrays, **{key: (arrays[key] - mean) / std for key in ("observation", "next_observation")}}
+
+
 class Run:
     """`Run(args, script)` checks the arguments, the env and the dataset and opens the run directory; its methods
     keep the loop's books: resuming, batches on the device, metrics.csv / TensorBoard / W&B rows, checkpoints."""
@@ -915,6 +942,7 @@ class Run:
         if not args.resume:
             write_config(self.run_dir, args, script, dataset, self.spec)
         self.low, self.high = torch.as_tensor(low, device=self.device), torch.as_tensor(high, device=self.device)
+        self.device_data = data_on_device(data, self.columns, mean, std, self.device) if self.device.type == "cuda" else None
 
     def start(self, modules: dict, rng: np.random.Generator, generator: torch.Generator) -> int:
         """The last update done: 0, or with --resume the checkpoint's (modules and random states restored)."""
@@ -941,6 +969,7 @@ class Run:
         self.eval_envs = make_eval_envs(self.args, self.run_dir, self.tasks, self.spec)
         self.mean, self.std = (np.asarray(self.spec[key], np.float32) for key in ("observation_mean", "observation_std"))
         self.sums, self.count, self.clock = {}, 0, time.time()
+        self.bad_step, self.bad = torch.tensor(0, device=self.device), torch.tensor(False, device=self.device)
         self.progress = tqdm(initial=self.step, total=self.args.total_steps, desc=self.script, disable=None)
         return self.step
 
@@ -951,22 +980,26 @@ class Run:
                      for key, value in batch.items()}
         return to_torch(batch, self.device)
 
-    @contextlib.contextmanager
-    def stop_on_non_finite_loss(self):
-        """An update raising FloatingPointError stops the run in one sentence; checkpoint.pt keeps its state."""
-        try:
-            yield
-        except FloatingPointError as error:
-            raise UserError(f"{error} at update {self.step + 1}; stopped, {self.run_dir / 'checkpoint.pt'} "
-                            f"keeps the last good state") from None
-
     def record(self, step: int, metrics: dict) -> None:
+        """Sum the metrics on the device and note there the first update with a non-finite one: no host sync."""
         self.sums = {key: self.sums.get(key, 0.0) + value for key, value in metrics.items()}
-        self.step, self.count = step, self.count + 1
+        bad = ~torch.isfinite(torch.stack(list(metrics.values())))
+        first = (self.bad_step == 0) & bad.any()
+        self.bad_step, self.bad = torch.where(first, step, self.bad_step), torch.where(first, bad, self.bad)
+        self.step, self.count, self.keys = step, self.count + 1, list(metrics)
         self.progress.update()
+
+    def check_finite(self) -> None:
+        """Before a row or checkpoint is written (the one host sync): a non-finite loss stops the run in one sentence."""
+        if int(self.bad_step):
+            names = [key for key, bad in zip(self.keys, self.bad.tolist()) if bad]
+            raise UserError(f"non-finite loss {[k for k in names if k.startswith('losses/')] or names} at update "
+                            f"{int(self.bad_step)} (checked at update {self.step}); stopped, "
+                            f"{self.run_dir / 'checkpoint.pt'} keeps the last good state")
 
     def evaluate_and_log(self, step: int, actors: dict) -> None:
         """One row of metrics.csv, TensorBoard and W&B: the losses averaged since the last row, the actors' returns."""
+        self.check_finite()
         row = {key: float(value) / self.count for key, value in self.sums.items()}
         row["charts/updates_per_second"] = self.count / (time.time() - self.clock)
         row.update(evaluate_actors(actors, self.eval_envs, self.tasks, self.args.eval_episodes, self.args.seed + 100,
@@ -987,6 +1020,7 @@ class Run:
     def save(self, step: int, modules: dict, rng: np.random.Generator, generator: torch.Generator,
              policy: nn.Module) -> None:
         """checkpoint.pt (atomically) and policy.pt2, the acting module `policy` exported."""
+        self.check_finite()
         save_checkpoint(self.run_dir / "checkpoint.pt", checkpoint_state(modules, rng, generator, step=step, spec=self.spec))
         export_policy(policy, self.spec, self.args.env, self.run_dir / "policy.pt2")
 
