@@ -113,8 +113,9 @@ class Args:
     """transitions (trajectory snippets) per gradient update and task"""
     num_action_samples: int = 20
     """M, action samples per state for V(s) (Eq. 1) and the E-step (Eq. 7)"""
-    snippet_length: int = 10
-    """N, length of the trajectory snippets whose return weights the ABM prior (Eq. 4)"""
+    snippet_length: Optional[int] = None
+    """N, length of the trajectory snippets whose return weights the ABM prior (Eq. 4); default 10, and 2 with
+    `--epsilon 0` (the paper's eps = 0 column is labelled |tau| = 2)"""
     discount: float = 0.99
     """discount factor gamma"""
     learning_rate: float = 2e-4
@@ -144,6 +145,8 @@ class Args:
 
     def __post_init__(self):
         fill_defaults(self)
+        if self.snippet_length is None:
+            self.snippet_length = 2 if self.epsilon == 0 else 10
 
 
 # --- shared block: networks ---
