@@ -298,6 +298,26 @@ def sample_batch_on_device(data: dict, batch_size: int, snippet_length: int, dis
 # --- end shared block ---
 
 
+# --- shared block: device data ---
+def data_on_device(data: dict, columns: list, mean: list, std: list, device: torch.device,
+                   on_cpu: bool = False) -> Optional[dict]:
+    """On CUDA, the arrays batches are drawn from as tensors on the GPU (states standardised by `mean` and `std`,
+    the learned reward `columns` only), for sample_*_on_device. None on a CPU (unless `on_cpu`: tests), where
+    the numpy samplers keep the CPU's numbers bit-identical, and where the arrays would fill more than half
+    of the GPU's free memory (batches are then drawn on the host and copied)."""
+    keys = ("observation", "action", "reward", "discount", "next_observation", "episode_last")
+    size = sum(np.asarray(data[key]).nbytes for key in keys)
+    too_big = device.type == "cuda" and size > torch.cuda.mem_get_info(device)[0] / 2
+    if (device.type == "cpu" and not on_cpu) or too_big:
+        return None
+    arrays = {key: torch.as_tensor(np.asarray(data[key], np.int64 if key == "episode_last" else np.float32),
+                                   device=device) for key in keys}
+    arrays["reward"] = arrays["reward"][:, columns]
+    mean, std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
+    return {**arrays, **{key: (arrays[key] - mean) / std for key in ("observation", "next_observation")}}
+# --- end shared block ---
+
+
 # --- shared block: policy evaluation ---
 def q_values(critic: nn.Module, observation: torch.Tensor, actions: torch.Tensor,
              low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -512,7 +532,8 @@ def train(args: Args) -> dict:
     start = run.start(modules, rng, generator)  # 0, or the checkpoint's step with --resume
     for step in range(start + 1, args.total_steps + 1):
         if run.device_data:  # CUDA: the dataset lives on the GPU and batches are drawn there
-            batch = sample_batch_on_device(run.device_data, args.batch_size, args.snippet_length, args.discount, generator)
+            batch = sample_batch_on_device(run.device_data, args.batch_size, args.snippet_length, args.discount,
+                                           generator)
         else:
             batch = run.to_device(sample_batch(run.data, run.columns, args.batch_size, args.snippet_length,
                                                args.discount, rng))
@@ -876,20 +897,6 @@ def write_config(run_dir: Path, args, script: str, dataset: Path, spec: dict) ->
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def data_on_device(data: dict, columns: list, mean: list, std: list, device: torch.device) -> Optional[dict]:
-    """The arrays batches are drawn from as tensors on `device` (states standardised, the learned reward columns),
-    or None where they would fill more than half its free memory (batches are then drawn on the host)."""
-    keys = ("observation", "action", "reward", "discount", "next_observation", "episode_last")
-    size = sum(np.asarray(data[key]).nbytes for key in keys)
-    if device.type == "cuda" and size > torch.cuda.mem_get_info(device)[0] / 2:
-        return None
-    arrays = {key: torch.as_tensor(np.asarray(data[key], np.int64 if key == "episode_last" else np.float32),
-                                   device=device) for key in keys}
-    arrays["reward"] = arrays["reward"][:, columns]
-    mean, std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
-    return {**arrays, **{key: (arrays[key] - mean) / std for key in ("observation", "next_observation")}}
-
-
 class Run:
     """`Run(args, script)` checks the arguments, the env and the dataset and opens the run directory; its methods
     keep the loop's books: resuming, batches on the device, metrics.csv / TensorBoard / W&B rows, checkpoints."""
@@ -924,7 +931,7 @@ class Run:
         if not args.resume:
             write_config(self.run_dir, args, script, dataset, self.spec)
         self.low, self.high = torch.as_tensor(low, device=self.device), torch.as_tensor(high, device=self.device)
-        self.device_data = data_on_device(data, self.columns, mean, std, self.device) if self.device.type == "cuda" else None
+        self.device_data = data_on_device(data, self.columns, mean, std, self.device)  # CUDA: the data on the GPU
 
     def start(self, modules: dict, rng: np.random.Generator, generator: torch.Generator) -> int:
         """The last update done: 0, or with --resume the checkpoint's (modules and random states restored)."""
@@ -972,7 +979,7 @@ class Run:
         self.progress.update()
 
     def check_finite(self) -> None:
-        """Before a row or checkpoint is written (the one host sync): a non-finite loss stops the run in one sentence."""
+        """Before a row or checkpoint is written (one host sync): a non-finite loss stops the run in one sentence."""
         if int(self.bad_step):
             names = [key for key, bad in zip(self.keys, self.bad.tolist()) if bad]
             raise UserError(f"non-finite loss {[k for k in names if k.startswith('losses/')] or names} at update "

@@ -295,7 +295,7 @@ def main() -> None:
                         if device != "cpu" and threads != options.threads[0]:
                             continue  # a GPU row is timed once, at the first thread count
                         update = make_update(module, precision, compile=compile, device=device, **overrides)[1]
-                        name = row + (" compiled" if compile == "on" else "") + (f" {device}" if device != "cpu" else "")
+                        name = " ".join([row] + ["compiled"] * (compile == "on") + [device] * (device != "cpu"))
                         if update is not None:
                             configurations[f"{name}/{precision}/{threads}"] = (name, threads, precision, update, device)
         baseline, reason = load_baseline(options.baseline, module.__name__) if options.baseline else (None, "")
@@ -317,7 +317,8 @@ def main() -> None:
             update(batch)
         synchronise(device)
         if " compiled" in row:
-            print(f"{name}: compiled in {time.perf_counter() - start:.1f} s (first 2 updates)", file=sys.stderr, flush=True)
+            print(f"{name}: compiled in {time.perf_counter() - start:.1f} s (first 2 updates)", file=sys.stderr,
+                  flush=True)
     flops.update({row: flops[row.split(" ")[0]] for _, (row, *_rest) in configurations.items() if row not in flops})
 
     samples = {name: [] for name in configurations}

@@ -38,7 +38,7 @@ def host_batch(batch: dict, mean: np.ndarray, std: np.ndarray) -> dict:
 @pytest.mark.parametrize("snippet_length", [1, 4, 10])
 def test_device_snippet_sampler_matches_the_numpy_sampler(data, snippet_length):
     columns, mean, std = [1], [0.5] * 5, [2.0] * 5
-    device_data = abm_mpo.data_on_device(data, columns, mean, std, torch.device("cpu"))
+    device_data = abm_mpo.data_on_device(data, columns, mean, std, torch.device("cpu"), on_cpu=True)
     batch = abm_mpo.sample_batch(data, columns, 32, snippet_length, 0.9, np.random.default_rng(7))
     index = torch.as_tensor(np.random.default_rng(7).integers(0, len(data["observation"]), size=(1, 32)))
     on_device = abm_mpo.sample_batch_on_device(device_data, 32, snippet_length, 0.9, None, index=index)
@@ -50,7 +50,7 @@ def test_device_snippet_sampler_matches_the_numpy_sampler(data, snippet_length):
 
 def test_device_transition_sampler_matches_the_numpy_sampler(data):
     columns, mean, std = [0, 1], [0.0] * 5, [1.0] * 5
-    device_data = bcq.data_on_device(data, columns, mean, std, torch.device("cpu"))
+    device_data = bcq.data_on_device(data, columns, mean, std, torch.device("cpu"), on_cpu=True)
     batch = bcq.sample_transitions(data, columns, 16, np.random.default_rng(3))
     index = torch.as_tensor(np.random.default_rng(3).integers(0, len(data["observation"]), size=(2, 16)))
     on_device = bcq.sample_transitions_on_device(device_data, 16, None, index=index)
@@ -59,7 +59,8 @@ def test_device_transition_sampler_matches_the_numpy_sampler(data):
 
 
 def test_device_sampler_draws_with_the_generator_on_its_device(data):
-    device_data = abm_mpo.data_on_device(data, [0], [0.0] * 5, [1.0] * 5, torch.device("cpu"))
+    device_data = abm_mpo.data_on_device(data, [0], [0.0] * 5, [1.0] * 5, torch.device("cpu"), on_cpu=True)
+    assert abm_mpo.data_on_device(data, [0], [0.0] * 5, [1.0] * 5, torch.device("cpu")) is None  # CPU: numpy
     first = abm_mpo.sample_batch_on_device(device_data, 8, 3, 0.99, torch.Generator().manual_seed(0))
     again = abm_mpo.sample_batch_on_device(device_data, 8, 3, 0.99, torch.Generator().manual_seed(0))
     assert first["observation"].shape == (1, 8, 5) and first["snippet_return"].shape == (1, 8)
@@ -102,8 +103,8 @@ def test_compiled_losses_equal_the_eager_losses(name, data):
                for _ in range(3)]
     torch._dynamo.reset()
     eager, compiled = run_updates(module, overrides, "off", batches), run_updates(module, overrides, "on", batches)
-    assert module.compile_losses(module.update_losses, module.Args(compile="auto", total_steps=8), torch.device("cpu")) \
-        is module.update_losses  # short CPU runs stay eager under `auto`
+    short_run = module.Args(compile="auto", total_steps=8)
+    assert module.compile_losses(module.update_losses, short_run, torch.device("cpu")) is module.update_losses
     for eager_row, compiled_row in zip(eager, compiled):
         assert compiled_row == pytest.approx(eager_row, rel=1e-4, abs=1e-5)
 
