@@ -115,8 +115,8 @@ class Args:
     """`bf16`: the batched Q passes over M sampled actions run their matrix products in bfloat16
     (autocast, float32 weights and losses); fast only on CPUs/GPUs with native bf16"""
     compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile the update's loss computation (on CUDA with CUDA graphs); `auto`: on for CUDA, and on a
-    CPU for runs of at least 20,000 updates (compiling takes 3-20 s); `off`: the eager code"""
+    """torch.compile the update's loss computation (on CUDA with CUDA graphs); `auto`: on for CUDA only (on a
+    CPU it measured no faster, README "Performance"); `off`: the eager code"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "behaviour-priors"
@@ -488,14 +488,12 @@ def update_losses(agent: Agent, batch: dict, noise: list, args: Args, low: torch
 
 
 # --- shared block: compile ---
-COMPILE_MIN_STEPS = 20_000  # `--compile auto` on a CPU: shorter runs (tests, smoke checks) skip the compile time
-
-
 def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
     """`--compile`: an update's loss function through torch.compile (CUDA: mode `reduce-overhead`, CUDA graphs),
-    or as it is. The noise it needs is drawn outside it, so the random streams are those of the eager code."""
-    if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"
-                                 and args.total_steps < COMPILE_MIN_STEPS):
+    or as it is. The noise it needs is drawn outside it, so the random streams are those of the eager code.
+    `auto` compiles on CUDA only: on a CPU whole compiled updates measured within noise of eager ones (README
+    "Performance") while compiling costs 3-150 s."""
+    if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"):
         return losses
     return torch.compile(losses, mode="reduce-overhead" if device.type == "cuda" else None)
 # --- end shared block ---
