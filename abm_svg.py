@@ -970,7 +970,7 @@ class Run:
     def record(self, step: int, metrics: dict) -> None:
         """Sum the metrics on the device and note there the first update with a non-finite one: no host sync."""
         self.sums = {key: self.sums.get(key, 0.0) + value for key, value in metrics.items()}
-        bad = ~torch.isfinite(torch.stack(list(metrics.values())))
+        bad = ~torch.isfinite(torch.stack(list(metrics.values()))) if metrics else self.bad
         first = (self.bad_step == 0) & bad.any()
         self.bad_step, self.bad = torch.where(first, step, self.bad_step), torch.where(first, bad, self.bad)
         self.step, self.count, self.keys = step, self.count + 1, list(metrics)

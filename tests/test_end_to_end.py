@@ -70,6 +70,9 @@ def test_smoke_collect_then_abm_mpo_writes_the_whole_run_directory(tmp_path):
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert state["step"] == 6 and {"agent", "optimizer", "rng", "spec"} <= set(state)
     assert not list(run_dir.glob("*.tmp"))
+    policy = torch.export.load(str(run_dir / "policy.pt2")).module()  # exported from the run's device, acts on a CPU
+    action = policy(torch.zeros(3, 5), torch.zeros(3, dtype=torch.int64))
+    assert action.shape == (3, 1) and torch.isfinite(action).all()
     summary = json.loads((run_dir / "summary.json").read_text())
     # Final return = mean of the last 10% of evaluations, here the last one of two.
     assert summary["evaluations"] == 2

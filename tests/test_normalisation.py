@@ -14,9 +14,9 @@ import abm_svg
 import bcq
 import bear
 import bm_mpo
-from tests.helpers import SMOKE_ENV, TEST_DEVICE, write_random_dataset
+from tests.helpers import SMOKE_ENV, write_random_dataset
 
-TINY = dict(policy_layers=(16, 16), critic_layers=(16, 16), num_action_samples=2, device=TEST_DEVICE)
+TINY = dict(policy_layers=(16, 16), critic_layers=(16, 16), num_action_samples=2, device="cpu")
 
 
 def quiet(function, *args):
