@@ -37,11 +37,9 @@ VAE, critic, actor. Also:
   - The exported policy (policy.pt2, for real_robot.py) is the same argmax rule with its
     `--num-eval-samples` latents drawn once (generator seeded with seed + 100) and then frozen
     (`FixedLatentActor`): a deterministic function of the state that torch.export can trace.
-No `--compile` (issue 14, not done yet): an update is three Adam steps in sequence (VAE, critic, actor), each
-loss computed with the weights the previous step left, and its sampling noise is drawn inside the networks'
-sampling calls; compiling it means one compiled loss per step with the noise drawn outside, as abm_mpo.py's
-`update_losses`. Without it the update runs eager, with no host synchronisation (a non-finite loss is flagged
-on the device) and, on CUDA, batches drawn on the GPU.
+`--compile` (issue 14): the VAE's, the critic's and the actor's losses (`vae_step_loss`, `critic_step_loss`,
+`actor_step_loss`) are compiled, each a pure function of the weights the previous step left and of latent
+noise drawn beforehand by the explicit generator (same random streams as eager).
 """
 
 import copy
@@ -108,6 +106,9 @@ class Args:
     precision: Literal["fp32", "bf16"] = "fp32"
     """`bf16`: the batched Q passes over M sampled actions run their matrix products in bfloat16
     (autocast, float32 weights and losses); fast only on CPUs/GPUs with native bf16"""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the update's VAE, critic and actor losses (on CUDA with CUDA graphs); `auto`: on for CUDA
+    only (on a CPU it measured no faster, README "Performance"); `off`: the eager code"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "behaviour-priors"
@@ -398,42 +399,68 @@ def make_optimizers(agent: Agent, args: Args) -> dict[str, torch.optim.Optimizer
             for name in ("vae", "critic", "perturbation")}
 
 
-def update(agent: Agent, optimizers: dict, batch: dict, args: Args, generator: torch.Generator) -> dict:
-    """One BCQ update on one batch: VAE, then critic, then perturbation model (targets: see train)."""
-    observation, next_observation = batch["observation"], batch["next_observation"]
-    low, high = agent.perturbation.low, agent.perturbation.high
-    action = batch["action"].clamp(low, high)  # the action the env executed
-    num_samples = args.num_action_samples
+def update(agent: Agent, optimizers: dict, batch: dict, args: Args, generator: torch.Generator,
+           losses: Optional[dict] = None) -> dict:
+    """One BCQ update on one batch: the sampling noise, then VAE, critic and perturbation model steps, each on
+    its loss (`vae_step_loss`, `critic_step_loss`, `actor_step_loss`, or (`losses`) their compiled forms from
+    `compile_losses`; targets: see train)."""
+    losses = losses or {"vae": vae_step_loss, "critic": critic_step_loss, "actor": actor_step_loss}
+    (num_tasks, batch_size, _), latent_size = batch["observation"].shape, agent.vae.latent_size
+    # The latent noise of every sample this update draws (the VAE's reparameterised latents, the latents of the
+    # M decoded actions per next state, those of the actor's decoded actions), in the eager code's order by the
+    # explicit generator, outside the (compilable) losses.
+    noise = [torch.randn((num_tasks, n * batch_size, latent_size), generator=generator,
+                         device=batch["observation"].device) for n in (1, args.num_action_samples, 1)]
 
     # Variational auto-encoder training.
-    latent_mean, latent_std = agent.vae.encode(observation, action)
-    latent = latent_mean + latent_std * torch.randn(latent_mean.shape, generator=generator, device=latent_mean.device)
-    loss, metrics = vae_loss(agent.vae.decode(observation, latent), action, latent_mean, latent_std,
-                             args.vae_kl_weight)
+    loss, metrics = losses["vae"](agent, batch, noise[0], args)
     optimizer_step(optimizers["vae"], loss, args.max_grad_norm)
 
     # Critic training: soft clipped double Q-learning over M perturbed VAE samples per next state.
-    with torch.no_grad():
-        next_states = repeat_states(next_observation, num_samples)  # [K, M * B, obs]
-        next_actions = agent.target_perturbation(next_states, agent.vae.sample(next_states, generator))
-        with autocast(args.precision, observation.device):
-            next_q = per_sample(agent.target_critic(next_states, next_actions).float(), num_samples)  # [2, M, K, B]
-        target, info = clipped_double_q_target(next_q, batch["reward"], batch["discount"], args.discount,
-                                               args.double_q_lambda)
-    metrics.update(info)
-    loss, info = twin_critic_loss(agent.critic(observation, action), target)
+    loss, info = losses["critic"](agent, batch, noise[1], args)
     metrics.update(info)
     optimizer_step(optimizers["critic"], loss, args.max_grad_norm)
 
     # Perturbation model training through Q_1 (the critic is held fixed for this step).
-    with torch.no_grad():
-        sampled_actions = agent.vae.sample(observation, generator)  # [K, B, act]
     agent.critic.requires_grad_(False)
-    loss, info = perturbation_actor_loss(agent.critic.q1(observation, agent.perturbation(observation, sampled_actions)))
+    loss, info = losses["actor"](agent, batch, noise[2], args)
     agent.critic.requires_grad_(True)
     metrics.update(info)
     optimizer_step(optimizers["perturbation"], loss, args.max_grad_norm)
     return metrics
+
+
+def vae_step_loss(agent: Agent, batch: dict, noise: torch.Tensor, args: Args) -> tuple[torch.Tensor, dict]:
+    """The VAE's loss on the dataset actions, clip(a, low, high) (the actions the env executed); pure."""
+    observation = batch["observation"]
+    action = batch["action"].clamp(agent.perturbation.low, agent.perturbation.high)
+    latent_mean, latent_std = agent.vae.encode(observation, action)
+    latent = latent_mean + latent_std * noise  # [K, B, latent]
+    return vae_loss(agent.vae.decode(observation, latent), action, latent_mean, latent_std, args.vae_kl_weight)
+
+
+def critic_step_loss(agent: Agent, batch: dict, noise: torch.Tensor, args: Args) -> tuple[torch.Tensor, dict]:
+    """The twin critic's loss: soft clipped double Q over M perturbed VAE samples per next state; pure."""
+    observation, num_samples = batch["observation"], args.num_action_samples
+    action = batch["action"].clamp(agent.perturbation.low, agent.perturbation.high)
+    with torch.no_grad():
+        next_states = repeat_states(batch["next_observation"], num_samples)  # [K, M * B, obs]
+        latent = noise.clamp(-agent.vae.latent_clip, agent.vae.latent_clip)  # [K, M * B, latent]
+        next_actions = agent.target_perturbation(next_states, agent.vae.decode(next_states, latent))
+        with autocast(args.precision, observation.device):
+            next_q = per_sample(agent.target_critic(next_states, next_actions).float(), num_samples)  # [2, M, K, B]
+        target, metrics = clipped_double_q_target(next_q, batch["reward"], batch["discount"], args.discount,
+                                                  args.double_q_lambda)
+    loss, info = twin_critic_loss(agent.critic(observation, action), target)
+    return loss, {**metrics, **info}
+
+
+def actor_step_loss(agent: Agent, batch: dict, noise: torch.Tensor, args: Args) -> tuple[torch.Tensor, dict]:
+    """The perturbation model's loss, -Q_1(s, xi(s, a)) for a decoded VAE sample a per state; pure."""
+    observation = batch["observation"]
+    with torch.no_grad():
+        sampled_actions = agent.vae.decode(observation, noise.clamp(-agent.vae.latent_clip, agent.vae.latent_clip))
+    return perturbation_actor_loss(agent.critic.q1(observation, agent.perturbation(observation, sampled_actions)))
 
 
 def bcq_actor(agent: Agent, num_samples: int, num_tasks: int, generator: torch.Generator) -> Callable:
@@ -483,6 +510,19 @@ def vae_mean_actor(vae: VAE, num_tasks: int) -> Callable:
     return act
 
 
+# --- shared block: compile ---
+def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
+    """`--compile`: an update's loss function through torch.compile (CUDA: mode `reduce-overhead`, CUDA graphs),
+    or as it is. The noise it needs is drawn outside it, so the random streams are those of the eager code.
+    `auto` compiles on CUDA only: on a CPU whole compiled updates measured within noise of eager ones (README
+    "Performance") while compiling costs 3-150 s."""
+    if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"):
+        return losses
+    return torch.compile(losses, mode="reduce-overhead" if device.type == "cuda" else None)
+# --- end shared block ---
+
+
+
 # --- shared block: final return ---
 def final_return(returns: list[float]) -> float:
     # Table 6's protocol: a run's final return is the mean over its last 10% of evaluations.
@@ -507,6 +547,8 @@ def train(args: Args) -> dict:
     actors = {"return": bcq_actor(agent, args.num_eval_samples, num_tasks, eval_generator),
               "prior_return": vae_mean_actor(agent.vae, num_tasks)}
     modules = {"agent": agent, **{f"{name}_optimizer": optimizer for name, optimizer in optimizers.items()}}
+    losses = {name: compile_losses(fn, args, run.device)  # --compile
+              for name, fn in (("vae", vae_step_loss), ("critic", critic_step_loss), ("actor", actor_step_loss))}
     policy = FixedLatentActor(agent, args.num_eval_samples, args.seed + 100).to(run.device)
 
     start = run.start(modules, rng, generator)  # 0, or the checkpoint's step with --resume
@@ -515,7 +557,7 @@ def train(args: Args) -> dict:
             batch = sample_transitions_on_device(run.device_data, args.batch_size, generator)
         else:
             batch = run.to_device(sample_transitions(run.data, run.columns, args.batch_size, rng))
-        metrics = update(agent, optimizers, batch, args, generator)
+        metrics = update(agent, optimizers, batch, args, generator, losses)
         agent.update_targets(args.target_update_rate)  # soft, every update (the original BCQ)
         run.record(step, metrics)  # sums on the device; a non-finite loss stops the run at the next log or checkpoint
         if step % args.eval_every == 0 or step == args.total_steps:

@@ -55,11 +55,10 @@ Differences from the paper / from the original:
     in scale by 3600x, and a minimum std of 0.1 in physical units would swamp the 0.07 m/s ones.
   - Observations are standardised by the dataset's mean and std when `--normalize-observations` is
     on (the default for `--env sawyer` only: its observation scales differ ~2000x; std floored at 1e-3).
-No `--compile` (issue 14, not done yet): an update is four Adam steps in sequence (prior, critic, actor,
-multiplier), each loss computed with the weights the previous step left, and its sampling noise is drawn
-inside the networks' sampling calls; compiling it means one compiled loss per step with the noise drawn
-outside, as abm_mpo.py's `update_losses`. Without it the update runs eager, with no host synchronisation (a
-non-finite loss is flagged on the device) and, on CUDA, batches drawn on the GPU.
+`--compile` (issue 14): the critic's and the actor's losses (`critic_step_loss`, `actor_step_loss`) are
+compiled, each a pure function of the weights the previous step left and of noise drawn beforehand by the
+explicit generator (same random streams as eager); the prior's and the multiplier's steps are small and stay
+eager.
 """
 
 import copy
@@ -126,6 +125,9 @@ class Args:
     precision: Literal["fp32", "bf16"] = "fp32"
     """`bf16`: the batched Q passes over M sampled actions run their matrix products in bfloat16
     (autocast, float32 weights and losses); fast only on CPUs/GPUs with native bf16"""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the update's critic and actor losses (on CUDA with CUDA graphs); `auto`: on for CUDA only
+    (on a CPU it measured no faster, README "Performance"); `off`: the eager code"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project: str = "behaviour-priors"
@@ -461,55 +463,80 @@ def update_multiplier(agent: Agent, optimizer: torch.optim.Optimizer, divergence
 
 
 def divergence_to_prior(agent: Agent, observation: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                        actions: torch.Tensor, args: Args, generator: torch.Generator) -> torch.Tensor:
-    """D(pi(.|s), prior(.|s)) per state [K, B]; actions: the actor's reparameterised samples [M, K, B, act]."""
+                        actions: torch.Tensor, args: Args, prior_noise: torch.Tensor) -> torch.Tensor:
+    """D(pi(.|s), prior(.|s)) per state [K, B]; actions: the actor's reparameterised samples [M, K, B, act];
+    prior_noise [M, K, B, act]: the noise of the prior's samples for the MMD."""
     with torch.no_grad():
         prior_mean, prior_std = agent.prior(observation)
     if args.divergence == "kl":
         return gaussian_kl(mean, std, prior_mean, prior_std)  # the KL of Eq. 6 (Appendix B.2), closed form
-    prior_actions = sample_actions(prior_mean, prior_std, actions.shape[0], generator)
+    prior_actions = prior_mean + prior_std * prior_noise  # [M, K, B, act]
     mmd = mmd_laplacian if args.kernel == "laplacian" else mmd_gaussian
     return mmd(actions, prior_actions, args.mmd_sigma)
 
 
-def update(agent: Agent, optimizers: dict, batch: dict, args: Args, generator: torch.Generator, step: int) -> dict:
-    """One BEAR-QL update on one batch: prior, critic, actor, multiplier (targets: see train)."""
+def update(agent: Agent, optimizers: dict, batch: dict, args: Args, generator: torch.Generator, step: int,
+           losses: Optional[dict] = None) -> dict:
+    """One BEAR-QL update on one batch: the sampling noise, then prior, critic, actor and multiplier steps; the
+    critic's and the actor's losses are `critic_step_loss` and `actor_step_loss`, or (`losses`) their compiled
+    forms from `compile_losses`."""
+    losses = losses or {"critic": critic_step_loss, "actor": actor_step_loss}
     observation, action = batch["observation"], batch["action"]
-    low, high, num_samples = agent.low, agent.high, args.num_action_samples
+    # The noise of every sample this update draws (a_j = mean + std * noise: the target actor's at s', the actor's,
+    # the prior's for the MMD), in the eager code's order by the explicit generator, outside the (compilable) losses.
+    shape = (args.num_action_samples, *action.shape)  # [M, K, B, act]
+    noise = [torch.randn(shape, generator=generator, device=action.device)
+             for _ in range(2 if args.divergence == "kl" else 3)]
 
     # Prior: the behaviour model, by maximum likelihood of the dataset actions (Eq. 3).
     loss, metrics = behaviour_model_loss(*agent.prior(observation), action)
     optimizer_step(optimizers["prior"], loss, args.max_grad_norm)
 
     # Critic: soft clipped double Q, maximised over M samples of the target actor at s'.
-    with torch.no_grad():
-        next_actions = sample_actions(*agent.target_policy(batch["next_observation"]), num_samples, generator)
-        with autocast(args.precision, observation.device):
-            next_q = sampled_q(agent.target_critic, batch["next_observation"], next_actions.clamp(low, high))
-        target, info = clipped_double_q_target(next_q, batch["reward"], batch["discount"], args.discount,
-                                               args.double_q_lambda)
-    metrics.update(info)
-    loss, info = twin_critic_loss(agent.critic(observation, action.clamp(low, high)), target)
+    loss, info = losses["critic"](agent, batch, noise[0], args)
     metrics.update(info)
     optimizer_step(optimizers["critic"], loss, args.max_grad_norm)
 
     # Actor: E[min_i Q_i] under the divergence constraint (the critic is held fixed for this step).
-    mean, std = agent.policy(observation)
-    actions = sample_actions(mean, std, num_samples, generator)  # reparameterised: [M, K, B, act]
-    divergence = divergence_to_prior(agent, observation, mean, std, actions, args, generator)  # [K, B]
     agent.critic.requires_grad_(False)
-    with autocast(args.precision, observation.device):
-        q = sampled_q(agent.critic, observation, actions.clamp(low, high))  # [2, M, K, B], float32
+    loss, divergence, info = losses["actor"](agent, batch, noise[1:], args, step <= args.warmup_steps)
     agent.critic.requires_grad_(True)
-    loss, info = bear_actor_loss(q, divergence, agent.multiplier(), warmup=step <= args.warmup_steps)
     metrics.update(info)
-    metrics[f"charts/{args.divergence}"] = divergence.detach().mean()
     optimizer_step(optimizers["policy"], loss, args.max_grad_norm)
 
     # Lagrange multiplier (Eq. 12), on the divergence before this actor step.
     threshold = args.epsilon if args.divergence == "kl" else args.mmd_threshold
     metrics.update(update_multiplier(agent, optimizers["multiplier"], divergence, threshold))
     return metrics
+
+
+def critic_step_loss(agent: Agent, batch: dict, noise: torch.Tensor, args: Args) -> tuple[torch.Tensor, dict]:
+    """The critic's loss of one update (soft clipped double Q over M target-actor samples at s'); pure."""
+    observation, low, high = batch["observation"], agent.low, agent.high
+    with torch.no_grad():
+        next_mean, next_std = agent.target_policy(batch["next_observation"])
+        next_actions = next_mean + next_std * noise  # [M, K, B, act]
+        with autocast(args.precision, observation.device):
+            next_q = sampled_q(agent.target_critic, batch["next_observation"], next_actions.clamp(low, high))
+        target, metrics = clipped_double_q_target(next_q, batch["reward"], batch["discount"], args.discount,
+                                                  args.double_q_lambda)
+    loss, info = twin_critic_loss(agent.critic(observation, batch["action"].clamp(low, high)), target)
+    return loss, {**metrics, **info}
+
+
+def actor_step_loss(agent: Agent, batch: dict, noise: list, args: Args,
+                    warmup: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The actor's loss of one update and the divergence to the prior per state [K, B]; pure. noise: the actor's
+    samples', then (MMD) the prior's."""
+    observation = batch["observation"]
+    mean, std = agent.policy(observation)
+    actions = mean + std * noise[0]  # reparameterised: [M, K, B, act]
+    divergence = divergence_to_prior(agent, observation, mean, std, actions, args, noise[-1])  # [K, B]
+    with autocast(args.precision, observation.device):
+        q = sampled_q(agent.critic, observation, actions.clamp(agent.low, agent.high))  # [2, M, K, B], float32
+    loss, metrics = bear_actor_loss(q, divergence, agent.multiplier(), warmup=warmup)
+    metrics[f"charts/{args.divergence}"] = divergence.detach().mean()
+    return loss, divergence, metrics
 
 
 def bear_actor(agent: Agent, num_samples: int, num_tasks: int, generator: torch.Generator) -> Callable:
@@ -524,6 +551,19 @@ def bear_actor(agent: Agent, num_samples: int, num_tasks: int, generator: torch.
         return actions[q1[:, task, 0].argmax(), task, 0].cpu().numpy()
 
     return act
+
+
+# --- shared block: compile ---
+def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
+    """`--compile`: an update's loss function through torch.compile (CUDA: mode `reduce-overhead`, CUDA graphs),
+    or as it is. The noise it needs is drawn outside it, so the random streams are those of the eager code.
+    `auto` compiles on CUDA only: on a CPU whole compiled updates measured within noise of eager ones (README
+    "Performance") while compiling costs 3-150 s."""
+    if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"):
+        return losses
+    return torch.compile(losses, mode="reduce-overhead" if device.type == "cuda" else None)
+# --- end shared block ---
+
 
 
 # --- shared block: final return ---
@@ -552,6 +592,8 @@ def train(args: Args) -> dict:
     actors = {"return": bear_actor(agent, args.num_action_samples, num_tasks, eval_generator),
               "prior_return": gaussian_mean_actor(agent.prior, num_tasks, run.device)}
     modules = {"agent": agent, **{f"{name}_optimizer": optimizer for name, optimizer in optimizers.items()}}
+    losses = {name: compile_losses(fn, args, run.device)  # --compile
+              for name, fn in (("critic", critic_step_loss), ("actor", actor_step_loss))}
 
     start = run.start(modules, rng, generator)  # 0, or the checkpoint's step with --resume
     for step in range(start + 1, args.total_steps + 1):
@@ -559,7 +601,7 @@ def train(args: Args) -> dict:
             batch = sample_transitions_on_device(run.device_data, args.batch_size, generator)
         else:
             batch = run.to_device(sample_transitions(run.data, run.columns, args.batch_size, rng))
-        metrics = update(agent, optimizers, batch, args, generator, step)
+        metrics = update(agent, optimizers, batch, args, generator, step, losses)
         if step % args.target_update_period == 0:
             agent.update_targets()
         run.record(step, metrics)  # sums on the device; a non-finite loss stops the run at the next log or checkpoint

@@ -19,8 +19,8 @@ speed work (git revision `--baseline`, default the commit this work started from
 interleaved with the current code ("x baseline" column). bf16 is skipped when the CPU has no
 native bf16 matrix product (its bf16 matmul rate below half its fp32 rate): then autocast
 emulates it and an update takes seconds. `--force-bf16` times it anyway. `--compile off on` adds a row per
-script with its losses through torch.compile (the scripts' `--compile on`; bcq and bear have no compiled
-path); the compile time is printed, not timed. On a machine with CUDA every configuration is also timed on
+script with its losses through torch.compile (the scripts' `--compile on`); the compile time is printed,
+not timed. On a machine with CUDA every configuration is also timed on
 the GPU (`--devices`; the device is synchronised before and after each measurement). `--concurrent N ...`
 instead times N processes updating at once on the same device (for packing runs per GPU) and reports their
 total updates/s. Writes benchmarks/results/update_speed.json.
@@ -116,15 +116,25 @@ def make_update(module, precision: str, seed: int = 0, compile: str = "off", dev
         agent = module.Agent(OBS_DIM, ACT_DIM, 1, low, high, args).to(device)
         optimizers = module.make_optimizers(agent, args)
         if hasattr(args, "latent_size"):  # bcq
+            losses = {name: module.compile_losses(getattr(module, f"{name}_step_loss"), args, torch.device(device))
+                      for name in ("vae", "critic", "actor")} if hasattr(module, "compile_losses") else None
+
             def update(batch):
-                metrics = module.update(agent, optimizers, batch, args, generator)
+                if losses is None:  # a baseline revision from before --compile
+                    metrics = module.update(agent, optimizers, batch, args, generator)
+                else:
+                    metrics = module.update(agent, optimizers, batch, args, generator, losses)
                 agent.update_targets(args.target_update_rate)
                 return metrics
         else:
             step = args.warmup_steps + 1  # past the warm-up: the actor's Q term is on
+            losses = {name: module.compile_losses(getattr(module, f"{name}_step_loss"), args, torch.device(device))
+                      for name in ("critic", "actor")} if hasattr(module, "compile_losses") else None
 
             def update(batch):
-                return module.update(agent, optimizers, batch, args, generator, step)
+                if losses is None:  # a baseline revision from before --compile
+                    return module.update(agent, optimizers, batch, args, generator, step)
+                return module.update(agent, optimizers, batch, args, generator, step, losses)
     else:
         agent = module.Agent(OBS_DIM, ACT_DIM, 1, args).to(device)
         optimizer = module.make_optimizer(agent, args)
