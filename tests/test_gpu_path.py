@@ -129,8 +129,9 @@ def test_compiled_losses_equal_the_eager_losses(name, data):
                for _ in range(3)]
     torch._dynamo.reset()
     eager, compiled = run_updates(module, overrides, "off", batches), run_updates(module, overrides, "on", batches)
-    auto = module.Args(compile="auto")  # a CPU stays eager unless asked: compiling it measured no faster
-    assert module.compile_losses(abm_mpo.update_losses, auto, torch.device("cpu")) is abm_mpo.update_losses
+    short, long = abm_mpo.Args(compile="auto", total_steps=8), abm_mpo.Args(compile="auto", total_steps=20_000)
+    assert abm_mpo.compile_losses(abm_mpo.update_losses, short, torch.device("cpu")) is abm_mpo.update_losses
+    assert abm_mpo.compile_losses(abm_mpo.update_losses, long, torch.device("cpu")) is not abm_mpo.update_losses
     for eager_row, compiled_row in zip(eager, compiled):
         assert compiled_row == pytest.approx(eager_row, rel=1e-4, abs=1e-5)
 
