@@ -2,6 +2,8 @@
 
     python benchmarks/update_speed.py            # full run (a few minutes on 2 cores)
     python benchmarks/update_speed.py --quick    # fewer updates and repeats, a smoke check
+    python benchmarks/update_speed.py --compile off on --baseline ''   # eager and compiled rows (`--compile`)
+    python benchmarks/update_speed.py --concurrent 1 2 4 8 --scripts abm_mpo:abm   # runs packed on one device
 
 Synthetic data with hopper's sizes (observation 15, action 4, one task; no env, no dataset file),
 batch 512, M = 20 (BCQ: 10, its paper's value), Table 1 networks (policy/prior 256-256, critic
@@ -16,7 +18,12 @@ and the achieved GFLOP/s = FLOPs x updates/s; the baseline = each script as it w
 speed work (git revision `--baseline`, default the commit this work started from), fp32, timed
 interleaved with the current code ("x baseline" column). bf16 is skipped when the CPU has no
 native bf16 matrix product (its bf16 matmul rate below half its fp32 rate): then autocast
-emulates it and an update takes seconds. `--force-bf16` times it anyway. Writes benchmarks/results/update_speed.json.
+emulates it and an update takes seconds. `--force-bf16` times it anyway. `--compile off on` adds a row per
+script with its losses through torch.compile (the scripts' `--compile on`); the compile time is printed,
+not timed. On a machine with CUDA every configuration is also timed on
+the GPU (`--devices`; the device is synchronised before and after each measurement). `--concurrent N ...`
+instead times N processes updating at once on the same device (for packing runs per GPU) and reports their
+total updates/s. Writes benchmarks/results/update_speed.json.
 """
 
 import argparse
@@ -91,35 +98,103 @@ def load_baseline(revision: str, script: str):
     return module, None
 
 
-def make_update(module, precision: str, seed: int = 0, **overrides):
-    """(args, update(batch)) for one script with its paper defaults, on the CPU."""
-    fields = {"device": "cpu", **overrides}
+def make_update(module, precision: str, seed: int = 0, compile: str = "off", device: str = "cpu", **overrides):
+    """(args, update(batch)) for one script with its paper defaults, on `device`; `compile` "on": its losses
+    through torch.compile, as the script's --compile on (scripts without a compiled path: None)."""
+    fields = {"device": device, **overrides}
     if precision != "fp32":
         fields["precision"] = precision
+    if compile != "off":
+        if not hasattr(module, "compile_losses"):
+            return None, None
+        fields["compile"] = compile
     args = module.Args(**fields)
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    low, high = -torch.ones(ACT_DIM), torch.ones(ACT_DIM)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    low, high = -torch.ones(ACT_DIM, device=device), torch.ones(ACT_DIM, device=device)
     if hasattr(module, "make_optimizers"):  # bcq, bear: one optimiser per learner
-        agent = module.Agent(OBS_DIM, ACT_DIM, 1, low, high, args)
+        agent = module.Agent(OBS_DIM, ACT_DIM, 1, low, high, args).to(device)
         optimizers = module.make_optimizers(agent, args)
         if hasattr(args, "latent_size"):  # bcq
+            losses = {name: module.compile_losses(getattr(module, f"{name}_step_loss"), args, torch.device(device))
+                      for name in ("vae", "critic", "actor")} if hasattr(module, "compile_losses") else None
+
             def update(batch):
-                metrics = module.update(agent, optimizers, batch, args, generator)
+                if losses is None:  # a baseline revision from before --compile
+                    metrics = module.update(agent, optimizers, batch, args, generator)
+                else:
+                    metrics = module.update(agent, optimizers, batch, args, generator, losses)
                 agent.update_targets(args.target_update_rate)
                 return metrics
         else:
             step = args.warmup_steps + 1  # past the warm-up: the actor's Q term is on
+            losses = {name: module.compile_losses(getattr(module, f"{name}_step_loss"), args, torch.device(device))
+                      for name in ("critic", "actor")} if hasattr(module, "compile_losses") else None
 
             def update(batch):
-                return module.update(agent, optimizers, batch, args, generator, step)
+                if losses is None:  # a baseline revision from before --compile
+                    return module.update(agent, optimizers, batch, args, generator, step)
+                return module.update(agent, optimizers, batch, args, generator, step, losses)
     else:
-        agent = module.Agent(OBS_DIM, ACT_DIM, 1, args)
+        agent = module.Agent(OBS_DIM, ACT_DIM, 1, args).to(device)
         optimizer = module.make_optimizer(agent, args)
+        if hasattr(module, "compile_losses"):
+            losses = module.compile_losses(module.update_losses, args, torch.device(device))
 
-        def update(batch):
-            return module.update(agent, optimizer, batch, args, generator, low, high)
+            def update(batch):
+                return module.update(agent, optimizer, batch, args, generator, low, high, losses)
+        else:  # a baseline revision from before --compile
+            def update(batch):
+                return module.update(agent, optimizer, batch, args, generator, low, high)
     return args, update
+
+
+def synchronise(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def concurrent(options, rows: dict, batches_of) -> list[dict]:
+    """`--concurrent N ...`: N worker processes (this file with --worker) update at once on each device; the
+    total updates/s of the N, each timed over `--seconds` after its warm-up."""
+    results = []
+    for device in options.devices:
+        for row in rows:
+            for count in options.concurrent:
+                command = [sys.executable, __file__, "--worker", row, "--seconds", str(options.seconds),
+                           "--devices", device, "--compile", options.compile[-1], "--precisions", options.precisions[0]]
+                env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // count))}
+                workers = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for _ in range(count)]
+                rates = [float(worker.communicate()[0].split()[-1]) for worker in workers]
+                results.append({"script": row, "device": device, "runs": count, "updates_per_second_total": sum(rates),
+                                "per_run": rates, "compile": options.compile[-1], "load_average": load_average()})
+                print(f"| {row} | {device} | {count} | {sum(rates):.2f} | {', '.join(f'{r:.2f}' for r in rates)} |",
+                      flush=True)
+    return results
+
+
+def worker(options, rows: dict) -> None:
+    """One process of --concurrent: warm up, then print the updates/s of `--seconds` of updates."""
+    device, (module, overrides) = options.devices[0], rows[options.worker]
+    batches = batches_of(device)
+    update = make_update(module, options.precisions[0], compile=options.compile[-1], device=device, **overrides)[1]
+    for batch in batches[:2]:
+        update(batch)
+    synchronise(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < options.seconds:
+        update(batches[count % len(batches)])
+        count += 1
+        if count % 10 == 0:
+            synchronise(device)
+    synchronise(device)
+    print(count / (time.perf_counter() - start))
+
+
+def batches_of(device: str) -> list[dict]:
+    data, rng, args = synthetic_data(), np.random.default_rng(0), abm_mpo.Args()
+    return [abm_mpo.to_torch(abm_mpo.sample_batch(data, [0], args.batch_size, args.snippet_length, 0.99, rng),
+                             torch.device(device)) for _ in range(4)]
 
 
 def matmul_gflops(dtype: torch.dtype, threads: int, size: int = 1024, budget: float = 1.0) -> float:
@@ -173,10 +248,32 @@ def main() -> None:
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without native bf16 matmul")
     parser.add_argument("--chunk-sweep", action="store_true",
                         help="also time abm_mpo:abm (fp32) at other CHUNK_ROWS, the rows per critic pass")
+    parser.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"],
+                        help="eager (off) and/or compiled (on) rows, the scripts' --compile")
+    parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    parser.add_argument("--concurrent", type=int, nargs="+", default=None,
+                        help="time this many processes updating at once per device (e.g. 1 2 4 8), then stop")
+    parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per --concurrent worker")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "update_speed.json"))
     options = parser.parse_args()
     if options.quick:
         options.updates, options.repeats = 2, 2
+    rows = {"abm_mpo:abm": (abm_mpo, {"prior": "abm"}), "abm_mpo:bm": (abm_mpo, {"prior": "bm"}),
+            "abm_mpo:none": (abm_mpo, {"prior": "none"}), "bm_mpo": (bm_mpo, {}),
+            "abm_svg:abm": (abm_svg, {"prior": "abm"}), "bcq": (bcq, {}), "bear": (bear, {})}
+    if options.worker:
+        return worker(options, rows)
+    if options.scripts:
+        rows = {name: row for name, row in rows.items() if name in options.scripts}
+    if options.concurrent:
+        print(f"# Concurrent runs: {machine()['cpu']}, load average {load_average()}, {options.seconds} s each\n")
+        print("| script | device | runs | total updates/s | per run |\n|---|---|---|---|---|")
+        results = concurrent(options, rows, batches_of)
+        output = Path(options.output).with_name("update_speed_concurrent.json")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+        return print(f"\nwrote {output}")
 
     info = machine()
     print(f"# Update speed: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
@@ -196,49 +293,55 @@ def main() -> None:
         print("\nbf16 skipped: this CPU has no native bf16 matrix product (bf16 matmul below half the fp32 "
               "rate), so an update under autocast would take seconds; --force-bf16 times it anyway.")
 
-    rows = {"abm_mpo:abm": (abm_mpo, {"prior": "abm"}), "abm_mpo:bm": (abm_mpo, {"prior": "bm"}),
-            "abm_mpo:none": (abm_mpo, {"prior": "none"}), "bm_mpo": (bm_mpo, {}),
-            "abm_svg:abm": (abm_svg, {"prior": "abm"}), "bcq": (bcq, {}), "bear": (bear, {})}
-    if options.scripts:
-        rows = {name: row for name, row in rows.items() if name in options.scripts}
-
-    data = synthetic_data()
-    rng = np.random.default_rng(0)
     batch_size = abm_mpo.Args().batch_size
-    batches = [abm_mpo.to_torch(abm_mpo.sample_batch(data, [0], batch_size, abm_mpo.Args().snippet_length,
-                                                     0.99, rng), torch.device("cpu")) for _ in range(4)]
+    batches = {device: batches_of(device) for device in options.devices}
 
-    configurations = {}  # name -> (row, threads, precision, update)
+    configurations = {}  # name -> (row, threads, precision, update, device)
     for row, (module, overrides) in rows.items():
         for precision in precisions:
             for threads in options.threads:
-                configurations[f"{row}/{precision}/{threads}"] = (row, threads, precision,
-                                                                  make_update(module, precision, **overrides)[1])
+                for compile in options.compile:
+                    for device in options.devices:
+                        if device != "cpu" and threads != options.threads[0]:
+                            continue  # a GPU row is timed once, at the first thread count
+                        update = make_update(module, precision, compile=compile, device=device, **overrides)[1]
+                        name = " ".join([row] + ["compiled"] * (compile == "on") + [device] * (device != "cpu"))
+                        if update is not None:
+                            configurations[f"{name}/{precision}/{threads}"] = (name, threads, precision, update, device)
         baseline, reason = load_baseline(options.baseline, module.__name__) if options.baseline else (None, "")
         if baseline is None:
             print(f"baseline of {row} not measured: {reason or 'no --baseline'}")
             continue
         for threads in options.threads:
             configurations[f"baseline {row}/fp32/{threads}"] = (
-                f"baseline {row}", threads, "fp32", make_update(baseline, "fp32", **overrides)[1])
+                f"baseline {row}", threads, "fp32", make_update(baseline, "fp32", **overrides)[1], "cpu")
 
     torch.set_num_threads(1)
     flops = {}
-    for name, (row, threads, precision, update) in configurations.items():
-        if row not in flops:
-            flops[row] = update_flops(update, batches[0])  # also the warm-up of this configuration
-        else:
-            update(batches[0])
+    for name, (row, threads, precision, update, device) in configurations.items():
+        base = row.split(" ")[0] if not row.startswith("baseline") else row
+        if base not in flops:
+            flops[base] = update_flops(update, batches[device][0])  # also the warm-up of this configuration
+        start = time.perf_counter()
+        for batch in batches[device][:2]:  # warm-up; compiles the compiled rows
+            update(batch)
+        synchronise(device)
+        if " compiled" in row:
+            print(f"{name}: compiled in {time.perf_counter() - start:.1f} s (first 2 updates)", file=sys.stderr,
+                  flush=True)
+    flops.update({row: flops[row.split(" ")[0]] for _, (row, *_rest) in configurations.items() if row not in flops})
 
     samples = {name: [] for name in configurations}
     loads = []
     for repeat in range(options.repeats):
         loads.append(load_average())
-        for name, (row, threads, precision, update) in configurations.items():
+        for name, (row, threads, precision, update, device) in configurations.items():
             torch.set_num_threads(threads)
+            synchronise(device)
             start = time.perf_counter()
             for i in range(options.updates):
-                update(batches[i % len(batches)])
+                update(batches[device][i % len(batches[device])])
+            synchronise(device)
             samples[name].append(options.updates / (time.perf_counter() - start))
         print(f"repeat {repeat + 1}/{options.repeats} done, load average {loads[-1]}", file=sys.stderr, flush=True)
     loads.append(load_average())
@@ -246,10 +349,11 @@ def main() -> None:
     sweep = chunk_sweep(batches[0], options) if options.chunk_sweep else []
 
     results = []
-    for name, (row, threads, precision, _) in configurations.items():
+    for name, (row, threads, precision, _, device) in configurations.items():
         values = samples[name]
         median = statistics.median(values)
-        results.append({"script": row, "threads": threads, "precision": precision, "updates_per_second": median,
+        results.append({"script": row, "device": device, "threads": threads, "precision": precision,
+                        "updates_per_second": median,
                         "min": min(values), "max": max(values), "samples": values,
                         "gflop_per_update": flops[row] / 1e9, "achieved_gflops": flops[row] * median / 1e9,
                         "matmul_gflops": rates[f"{precision}/{threads}"]})

@@ -2,6 +2,7 @@
 writer of small random datasets. conftest.py holds only pytest's fixtures and session settings."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SMOKE_ENV = "cartpole-balance"  # Control Suite, obs 5, action 1; 1000-step episodes
+
+# The device of the end-to-end, resume, export and mechanism tests: `ABM_TEST_DEVICE=cuda python -m pytest tests`
+# runs them on the GPU (the dataset then lives on it, batches are drawn there and updates are compiled as a
+# real run's would be with --compile auto on CUDA). Unset: cpu.
+TEST_DEVICE = os.environ.get("ABM_TEST_DEVICE", "cpu")
 
 
 def write_random_dataset(path: Path, obs_dim: int = 5, act_dim: int = 1, episodes: int = 6,

@@ -16,10 +16,10 @@ import torch
 
 import abm_mpo
 import bm_mpo
-from tests.helpers import ROOT, SMOKE_ENV, write_random_dataset
+from tests.helpers import ROOT, SMOKE_ENV, TEST_DEVICE, write_random_dataset
 
 TINY = ["--batch-size", "16", "--num-action-samples", "4", "--policy-layers", "32", "32",
-        "--critic-layers", "32", "32", "--eval-episodes", "1", "--device", "cpu"]
+        "--critic-layers", "32", "32", "--eval-episodes", "1", "--device", TEST_DEVICE]
 
 
 def run_script(script, *arguments, cwd=None):
@@ -30,7 +30,7 @@ def run_script(script, *arguments, cwd=None):
 
 def tiny_args(module, dataset, run_dir, **overrides):
     settings = dict(env=SMOKE_ENV, dataset=str(dataset), run_dir=str(run_dir), batch_size=16, num_action_samples=4,
-                    policy_layers=(32, 32), critic_layers=(32, 32), eval_episodes=1, device="cpu",
+                    policy_layers=(32, 32), critic_layers=(32, 32), eval_episodes=1, device=TEST_DEVICE,
                     total_steps=8, eval_every=4, checkpoint_every=4, target_update_period=3)
     return module.Args(**{**settings, **overrides})
 
@@ -78,6 +78,9 @@ def test_smoke_collect_then_abm_mpo_writes_the_whole_run_directory(tmp_path):
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert state["step"] == 6 and {"agent", "optimizer", "rng", "spec"} <= set(state)
     assert not list(run_dir.glob("*.tmp"))
+    policy = torch.export.load(str(run_dir / "policy.pt2")).module()  # exported from the run's device, acts on a CPU
+    action = policy(torch.zeros(3, 5), torch.zeros(3, dtype=torch.int64))
+    assert action.shape == (3, 1) and torch.isfinite(action).all()
     summary = json.loads((run_dir / "summary.json").read_text())
     # Final return = mean of the last 10% of evaluations, here the last one of two.
     assert summary["evaluations"] == 2

@@ -33,7 +33,7 @@ MPO = dict(policy_layers=(32, 32), num_action_samples=4, target_update_period=3)
 RUNS = {
     "abm_mpo": (abm_mpo, MPO),
     "abm_mpo_none": (abm_mpo, {**MPO, "prior": "none"}),
-    "abm_mpo_eps0": (abm_mpo, {**MPO, "epsilon": 0.0}),
+    "abm_mpo_eps0": (abm_mpo, {**MPO, "epsilon": 0.0, "snippet_length": 10}),  # recorded when N was 10 for eps 0 too
     "bm_mpo": (bm_mpo, MPO),
     "abm_svg": (abm_svg, MPO),
     "bcq": (bcq, dict(encoder_layers=(32, 32), decoder_layers=(32, 32), perturbation_layers=(32, 32))),

@@ -1,0 +1,166 @@
+"""The GPU path, checked where it can be on a CPU (issue 14): batches drawn from tensors on the device equal
+the host's numpy batches; the compiled losses (`--compile on`) of every script equal the eager ones; and, with
+CUDA, CPU and CUDA agree. (The device-side non-finite flag is tested end to end in test_end_to_end.py.)
+
+Tolerances, and why: the device sampler does the numpy sampler's float32 arithmetic in the same order (a
+cumulative product of N discounts, one sum of N terms), so its batches agree to 1e-6 relative. torch.compile
+fuses and reorders float32 reductions (Inductor's CPU kernels), which moves a loss by a few ulps per update;
+over the test's three updates (through Adam) losses and metrics stay within 1e-4 relative or 1e-5 absolute.
+Measured: at most 3e-6 relative on every value above 1e-3 in size; the trust-region KLs of MPO (~1e-6, a
+difference of nearly equal terms) move by ~2e-8 absolute, which the absolute bound covers. CPU against CUDA
+(never run here): other matmul kernels and reduction orders in float32 (TF32 off, PyTorch's default for
+matmuls) should move Q values by ~1e-6 relative; the losses are checked to 1e-4 relative and the E-step
+weights to 1e-4 absolute."""
+
+import numpy as np
+import pytest
+import torch
+
+import abm_mpo
+import abm_svg
+import bcq
+import bear
+import bm_mpo
+from tests.helpers import write_random_dataset
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = write_random_dataset(tmp_path / "data.npz", episodes=5, length=7, tasks=("a", "b"))
+    arrays = abm_mpo.load_dataset(path)
+    arrays["discount"][[3, 10, 20]] = [0.0, 0.5, 0.0]  # terminal and partial discounts inside snippets
+    return arrays
+
+
+def host_batch(batch: dict, mean: np.ndarray, std: np.ndarray) -> dict:
+    """What Run.to_device makes of a numpy batch: standardised states, as tensors."""
+    keys = abm_mpo.OBSERVATION_KEYS
+    return abm_mpo.to_torch({k: (v - mean) / std if k in keys else v for k, v in batch.items()}, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("snippet_length", [1, 4, 10])
+def test_device_snippet_sampler_matches_the_numpy_sampler(data, snippet_length):
+    columns, mean, std = [1], [0.5] * 5, [2.0] * 5
+    device_data = abm_mpo.data_on_device(data, columns, mean, std, torch.device("cpu"), on_cpu=True)
+    batch = abm_mpo.sample_batch(data, columns, 32, snippet_length, 0.9, np.random.default_rng(7))
+    index = torch.as_tensor(np.random.default_rng(7).integers(0, len(data["observation"]), size=(1, 32)))
+    on_device = abm_mpo.sample_batch_on_device(device_data, 32, snippet_length, 0.9, None, index=index)
+    expected = host_batch(batch, np.float32(mean), np.float32(std))
+    assert on_device.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(on_device[key], value, rtol=1e-6, atol=1e-6, msg=key)
+
+
+def test_device_transition_sampler_matches_the_numpy_sampler(data):
+    columns, mean, std = [0, 1], [0.0] * 5, [1.0] * 5
+    device_data = bcq.data_on_device(data, columns, mean, std, torch.device("cpu"), on_cpu=True)
+    batch = bcq.sample_transitions(data, columns, 16, np.random.default_rng(3))
+    index = torch.as_tensor(np.random.default_rng(3).integers(0, len(data["observation"]), size=(2, 16)))
+    on_device = bcq.sample_transitions_on_device(device_data, 16, None, index=index)
+    for key, value in host_batch(batch, np.float32(mean), np.float32(std)).items():
+        torch.testing.assert_close(on_device[key], value, rtol=1e-6, atol=1e-6, msg=key)
+
+
+def test_device_sampler_draws_with_the_generator_on_its_device(data):
+    device_data = abm_mpo.data_on_device(data, [0], [0.0] * 5, [1.0] * 5, torch.device("cpu"), on_cpu=True)
+    assert abm_mpo.data_on_device(data, [0], [0.0] * 5, [1.0] * 5, torch.device("cpu")) is None  # CPU: numpy
+    first = abm_mpo.sample_batch_on_device(device_data, 8, 3, 0.99, torch.Generator().manual_seed(0))
+    again = abm_mpo.sample_batch_on_device(device_data, 8, 3, 0.99, torch.Generator().manual_seed(0))
+    assert first["observation"].shape == (1, 8, 5) and first["snippet_return"].shape == (1, 8)
+    assert all(torch.equal(first[key], again[key]) for key in first)
+
+
+def test_epsilon_zero_defaults_to_snippets_of_two_steps():
+    assert abm_mpo.Args().snippet_length == 10
+    assert abm_mpo.Args(epsilon=0.0).snippet_length == 2  # the paper's eps = 0 column, |tau| = 2
+    assert abm_mpo.Args(epsilon=0.0, snippet_length=5).snippet_length == 5
+
+
+# --- compiled against eager losses ---
+OBS, ACT = 5, 2
+SMALL = dict(policy_layers=(16, 16), critic_layers=(16, 16), batch_size=8, num_action_samples=4, device="cpu")
+SCRIPTS = {"abm_mpo": (abm_mpo, {}), "abm_mpo_none": (abm_mpo, {"prior": "none"}),
+           "abm_mpo_eps0": (abm_mpo, {"epsilon": 0.0}), "bm_mpo": (bm_mpo, {}), "abm_svg": (abm_svg, {}),
+           "bear": (bear, {}), "bear_mmd": (bear, {"divergence": "mmd"}), "bcq": (bcq, {})}
+
+
+def run_updates(module, overrides: dict, compile: str, batches: list) -> list[dict]:
+    torch.manual_seed(0)
+    low, high = -torch.ones(ACT), torch.ones(ACT)
+    if module is bcq:  # one optimiser per learner, three compiled losses, soft target updates
+        fields = {key: value for key, value in SMALL.items() if key != "policy_layers"}
+        args = bcq.Args(**fields, encoder_layers=(16, 16), decoder_layers=(16, 16), perturbation_layers=(16, 16),
+                        compile=compile)
+        agent = bcq.Agent(OBS, ACT, 1, low, high, args)
+        optimizers, generator = bcq.make_optimizers(agent, args), torch.Generator().manual_seed(0)
+        losses = {name: bcq.compile_losses(getattr(bcq, f"{name}_step_loss"), args, torch.device("cpu"))
+                  for name in ("vae", "critic", "actor")}
+        rows = []
+        for batch in batches:
+            rows.append({key: float(value) for key, value in bcq.update(agent, optimizers, batch, args, generator,
+                                                                        losses).items()})
+            agent.update_targets(args.target_update_rate)
+        return rows
+    args = module.Args(**SMALL, **overrides, compile=compile)
+    if module is bear:  # one optimiser per learner, two compiled losses; past the warm-up (the Q term on)
+        agent = bear.Agent(OBS, ACT, 1, low, high, args)
+        optimizers, generator = bear.make_optimizers(agent, args), torch.Generator().manual_seed(0)
+        losses = {name: bear.compile_losses(fn, args, torch.device("cpu"))
+                  for name, fn in (("critic", bear.critic_step_loss), ("actor", bear.actor_step_loss))}
+        return [{key: float(value) for key, value in bear.update(agent, optimizers, batch, args, generator,
+                                                                 args.warmup_steps + 1 + i, losses).items()}
+                for i, batch in enumerate(batches)]
+    agent = module.Agent(OBS, ACT, 1, args)
+    optimizer = module.make_optimizer(agent, args)
+    generator = torch.Generator().manual_seed(0)
+    losses = module.compile_losses(module.update_losses, args, torch.device("cpu"))
+    return [{key: float(value) for key, value in module.update(agent, optimizer, batch, args, generator, low,
+                                                               high, losses).items()} for batch in batches]
+
+
+@pytest.mark.slow  # torch.compile took 4-145 s per script (cold cache) on the loaded 2-core CPU
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_compiled_losses_equal_the_eager_losses(name, data):
+    module, overrides = SCRIPTS[name]
+    data = {**data, "observation": data["observation"][:, :OBS], "action": np.tile(data["action"], (1, ACT))}
+    data["next_observation"] = data["next_observation"][:, :OBS]
+    rng = np.random.default_rng(0)
+    batches = [abm_mpo.to_torch(abm_mpo.sample_batch(data, [0], 8, 3, 0.99, rng), torch.device("cpu"))
+               for _ in range(3)]
+    torch._dynamo.reset()
+    eager, compiled = run_updates(module, overrides, "off", batches), run_updates(module, overrides, "on", batches)
+    short, long = abm_mpo.Args(compile="auto", total_steps=8), abm_mpo.Args(compile="auto", total_steps=20_000)
+    assert abm_mpo.compile_losses(abm_mpo.update_losses, short, torch.device("cpu")) is abm_mpo.update_losses
+    assert abm_mpo.compile_losses(abm_mpo.update_losses, long, torch.device("cpu")) is not abm_mpo.update_losses
+    for eager_row, compiled_row in zip(eager, compiled):
+        assert compiled_row == pytest.approx(eager_row, rel=1e-4, abs=1e-5)
+
+
+# --- CPU against CUDA ---
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compares CPU and GPU on the same weights")
+def test_cpu_and_cuda_losses_and_e_step_weights_agree(data):
+    args = abm_mpo.Args(**{**SMALL, "batch_size": 32, "num_action_samples": 20})
+    torch.manual_seed(0)
+    agent = abm_mpo.Agent(OBS, ACT, 1, args)
+    data = {**data, "observation": data["observation"][:, :OBS], "action": np.tile(data["action"], (1, ACT))}
+    data["next_observation"] = data["next_observation"][:, :OBS]
+    batch = abm_mpo.to_torch(abm_mpo.sample_batch(data, [0], 32, 3, 0.99, np.random.default_rng(0)),
+                             torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    noise = [torch.randn((20, 1, 3 * 32, ACT), generator=generator), torch.randn((20, 1, 32, ACT), generator=generator)]
+    results = {}
+    for device in ("cpu", "cuda"):
+        moved = {key: value.to(device) for key, value in batch.items()}
+        on_device = abm_mpo.Agent(OBS, ACT, 1, args).to(device)
+        on_device.load_state_dict(agent.state_dict())
+        low, high = -torch.ones(ACT, device=device), torch.ones(ACT, device=device)
+        loss, metrics = abm_mpo.update_losses(on_device, moved, [n.to(device) for n in noise], args, low, high)
+        with torch.no_grad():
+            actions = moved["observation"].new_zeros(()) + noise[1].to(device)  # [M, K, B, act], same for both
+            q = abm_mpo.q_values(on_device.target_critic, moved["observation"], actions, low, high)
+            weights = abm_mpo.e_step_weights(q, on_device.temperature)
+        results[device] = (float(loss), {key: float(value) for key, value in metrics.items()}, weights.cpu())
+    (cpu_loss, cpu_metrics, cpu_weights), (gpu_loss, gpu_metrics, gpu_weights) = results["cpu"], results["cuda"]
+    assert gpu_loss == pytest.approx(cpu_loss, rel=1e-4)
+    assert gpu_metrics == pytest.approx(cpu_metrics, rel=1e-4, abs=1e-6)
+    assert (gpu_weights - cpu_weights).abs().max() < 1e-4
