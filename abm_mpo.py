@@ -201,7 +201,6 @@ class Critic(nn.Module):
 # --- end shared block ---
 
 
-
 # --- shared block: gaussian policy ---
 MIN_STD = 0.1  # Table 1: minimum variance 0.01
 
@@ -234,7 +233,6 @@ def sample_actions(mean: torch.Tensor, std: torch.Tensor, num_samples: int,
     noise = torch.randn((num_samples, *mean.shape), generator=generator, device=mean.device)
     return mean + std * noise
 # --- end shared block ---
-
 
 
 # --- shared block: snippets ---
@@ -292,7 +290,6 @@ def sample_batch_on_device(data: dict, batch_size: int, snippet_length: int, dis
 # --- end shared block ---
 
 
-
 # --- shared block: device data ---
 def data_on_device(data: dict, columns: list, mean: list, std: list, device: torch.device,
                    on_cpu: bool = False) -> Optional[dict]:
@@ -311,7 +308,6 @@ def data_on_device(data: dict, columns: list, mean: list, std: list, device: tor
     mean, std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
     return {**arrays, **{key: (arrays[key] - mean) / std for key in ("observation", "next_observation")}}
 # --- end shared block ---
-
 
 
 # --- shared block: policy evaluation ---
@@ -339,14 +335,12 @@ def critic_loss(q: torch.Tensor, reward: torch.Tensor, discount: torch.Tensor,
 # --- end shared block ---
 
 
-
 # --- shared block: behaviour model ---
 def behaviour_model_loss(mean: torch.Tensor, std: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, dict]:
     # Eq. 3: maximise the log-likelihood of every dataset action.
     loss = -gaussian_log_prob(action, mean, std).mean()
     return loss, {"losses/prior": loss.detach()}
 # --- end shared block ---
-
 
 
 # --- shared block: advantage-weighted behaviour model ---
@@ -363,7 +357,6 @@ def advantage_weighted_behaviour_model_loss(mean: torch.Tensor, std: torch.Tenso
     loss = -(weights * gaussian_log_prob(action, mean, std)).mean()
     return loss, {"losses/prior": loss.detach(), "charts/abm_accepted_fraction": weights.mean()}
 # --- end shared block ---
-
 
 
 # --- shared block: mpo ---
@@ -410,7 +403,6 @@ def project_duals(*duals: nn.Parameter, minimum: float = 1e-3) -> None:
         for dual in duals:
             dual.clamp_(min=minimum)
 # --- end shared block ---
-
 
 
 class Agent(nn.Module):
@@ -538,7 +530,6 @@ def update_losses(agent: Agent, batch: dict, noise: list, args: Args, low: torch
     return loss, metrics
 
 
-
 # --- shared block: compile ---
 COMPILE_MIN_STEPS = 20_000  # `--compile auto` on a CPU: runs this long (an hour or more) amortise 1-2 min of compiling
 
@@ -556,13 +547,11 @@ def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
 # --- end shared block ---
 
 
-
 # --- shared block: final return ---
 def final_return(returns: list[float]) -> float:
     # Table 6's protocol: a run's final return is the mean over its last 10% of evaluations.
     return float(np.mean(returns[-max(1, math.ceil(0.1 * len(returns))):]))
 # --- end shared block ---
-
 
 
 def train(args: Args) -> dict:

@@ -529,7 +529,6 @@ def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
 # --- end shared block ---
 
 
-
 # --- shared block: final return ---
 def final_return(returns: list[float]) -> float:
     # Table 6's protocol: a run's final return is the mean over its last 10% of evaluations.
