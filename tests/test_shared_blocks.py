@@ -77,8 +77,9 @@ def test_algorithm_before_the_banner_and_plumbing_after_it(script):
 
 
 # Issue 13 asks for at most 500 lines of plumbing (banner to end of file); the rewrite reached 589-613, the
-# trim branch 561-585. Strict: when the plumbing is short enough this xfail turns into a failure, and the mark must go.
-@pytest.mark.xfail(strict=True, reason="issue 13: plumbing not yet cut to 500 lines (561-585 today)")
+# trim 561-585, and the Minari hook and the device-side non-finite check brought it to 600-624. Strict: when the
+# plumbing is short enough this xfail turns into a failure, and the mark must go.
+@pytest.mark.xfail(strict=True, reason="issue 13: plumbing not yet cut to 500 lines (600-624 today)")
 @pytest.mark.parametrize("script", ["abm_mpo.py", "abm_svg.py", "bm_mpo.py", "bcq.py", "bear.py"])
 def test_plumbing_is_at_most_500_lines(script):
     text = (ROOT / script).read_text()
