@@ -144,13 +144,14 @@ def plot_panels(panels: dict[str, dict[str, list[Curve]]], out: Path, title: str
     for axis in axes.flat:
         for handle, label in zip(*axis.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    figure.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)), fontsize=8,
+    columns = min(4 if len(names) > 1 else 2, len(handles))  # a one-panel figure is narrow
+    figure.legend(handles.values(), handles.keys(), loc="lower center", ncol=columns, fontsize=8,
                   title="(n) = seeds; shaded: mean +- std over seeds", title_fontsize=8)
     if title:
         figure.suptitle(title, fontsize=10)
-    figure.tight_layout(rect=(0, 0.06 + 0.025 * ((len(handles) - 1) // 4), 1, 0.97 if title else 1))
+    figure.tight_layout(rect=(0, 0.06 + 0.03 * ((len(handles) - 1) // columns), 1, 0.97 if title else 1))
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110)
+    figure.savefig(out, dpi=110, bbox_inches="tight")  # the legend may be wider than the panels
     plt.close(figure)
     return out
 
