@@ -8,7 +8,8 @@ ICLR 2020. This file implements Algorithm 1 with
   - MPO policy improvement towards the prior: E-step weights (Eq. 7), temperature dual (Eq. 9), weighted
     maximum likelihood with a decoupled trust region on the previous policy (Eq. 10),
   - `--prior none`: plain offline MPO, samples from the previous policy, whose trust region is the only
-    constraint; `--epsilon 0`: no policy improvement, the prior's own Q is learned.
+    constraint; `--epsilon 0`: no policy improvement, the prior's own Q is learned, with snippets of N = 2
+    unless `--snippet-length` is given (Table 6's "ABM (eps = 0)" column, |tau| = 2).
 
 Differences from the paper (stated choices where the paper is silent or self-contradictory):
   - The temperature dual is *minimised* (the paper's text says "maximise g"); it includes the `- log M` term of
