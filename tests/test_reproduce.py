@@ -79,6 +79,7 @@ def smoke(tmp_path_factory):
             "manifest": json.loads((out / "manifest.json").read_text()), "seconds": time.time() - started}
 
 
+@pytest.mark.slow  # the smoke grid on Ray: ~40 s on 2 idle cores
 def test_smoke_grid_jobs_run_on_ray(smoke):
     statuses = {name: job["status"] for name, job in smoke["first_manifest"]["jobs"].items()}
     assert {statuses[job.name] for job in smoke["grid"]} == {"done"}
@@ -89,6 +90,7 @@ def test_smoke_grid_jobs_run_on_ray(smoke):
     assert f"$ {' '.join(smoke['grid'][-1].command)}" in log  # the job ran the command a user would type
 
 
+@pytest.mark.slow  # the smoke grid on Ray: ~40 s on 2 idle cores
 def test_failing_job_is_reported_and_the_rest_finish(smoke):
     statuses = {name: job["status"] for name, job in smoke["first_manifest"]["jobs"].items()}
     assert statuses["broken"] == "failed"
@@ -98,6 +100,7 @@ def test_failing_job_is_reported_and_the_rest_finish(smoke):
     assert "does not exist" in smoke["broken"].log.read_text()
 
 
+@pytest.mark.slow  # the smoke grid on Ray: ~40 s on 2 idle cores
 def test_rerun_skips_finished_runs_and_resumes_the_killed_one(smoke):
     killed, killed_at = smoke["killed"], smoke["killed_at"]
     assert f"{len(smoke['grid'])} already done, 1 to run" in smoke["second"]
@@ -130,6 +133,7 @@ def read_markdown_tables(text: str) -> list[dict]:
     return tables
 
 
+@pytest.mark.slow  # the smoke grid on Ray: ~40 s on 2 idle cores
 def test_table_numbers_equal_the_run_summaries(smoke):
     out = smoke["out"]
     control, sawyer = read_markdown_tables((out / "table.md").read_text())
@@ -155,6 +159,7 @@ def test_table_numbers_equal_the_run_summaries(smoke):
     assert "Budgets:" in (out / "table.md").read_text()
 
 
+@pytest.mark.slow  # the smoke grid on Ray: ~40 s on 2 idle cores
 def test_curves_are_written_from_the_same_runs(smoke, tmp_path):
     out = smoke["out"]
     for env in ("cartpole-balance", "sawyer"):
