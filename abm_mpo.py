@@ -591,7 +591,7 @@ def train(args: Args) -> dict:
             run.evaluate_and_log(step, actors)
         if step % args.checkpoint_every == 0 or step == args.total_steps:
             run.save(step, modules, rng, generator, policy=PolicyMean(agent.evaluated_policy()))
-    return write_summary(run.run_dir, run.finish(), run.spec["best_episode_return_in_dataset"])
+    return write_summary(run.run_dir, run.finish(), run.spec)
 
 
 # ==================================================================================================
@@ -1072,15 +1072,16 @@ class Run:
             return list(csv.DictReader(handle))
 
 
-def write_summary(run_dir: Path, evaluations: list[dict], best_in_data: dict) -> dict:
+def write_summary(run_dir: Path, evaluations: list[dict], spec: dict) -> dict:
     """summary.json: the final return (final_return, Table 6) of every `eval/` column, and `per_task` in Table 7's
-    layout: per task the final return, the final prior return, the best episode return in the data."""
+    layout: per task the final return, the final prior return, the best episode return in the data (`spec`'s)."""
+    best_in_data = spec["best_episode_return_in_dataset"]
     summary = {"evaluations": len(evaluations), "best_episode_return_in_dataset": best_in_data}
     for key in [key for key in (evaluations or [{}])[0] if key.startswith("eval/")]:
         returns = [float(row[key]) for row in evaluations if row.get(key)]
         if returns:
             summary["final/" + key.removeprefix("eval/")] = final_return(returns)
-    low, high = json.loads((run_dir / "config.json").read_text())["spec"].get("reference_scores") or (None, None)
+    low, high = spec.get("reference_scores") or (None, None)
     for key in [key for key in summary if key.startswith("final/")] if high is not None else []:  # D4RL's score
         summary["final/normalised_" + key.removeprefix("final/")] = 100 * (summary[key] - low) / (high - low)
     summary["per_task"] = {}
