@@ -152,8 +152,10 @@ def size_results(session: Session, budget: float) -> tuple[list, dict]:
     training = max(0.0, budget - options.wave_overhead * waves) / waves
     updates = int(options.speed_margin * per_run * training) // options.round_to * options.round_to
     updates = max(options.min_updates, min(options.max_updates, updates))
-    sawyer_updates = max(options.min_updates // 4, int(updates * sawyer / control) // options.round_to * options.round_to
-                         if control and sawyer else updates // 10)
+    # Sawyer's runs start after its collection and evaluate 7 tasks: `--sawyer-overhead` seconds outside updates.
+    ratio = sawyer / control if control and sawyer else 0.1  # a multi-task update's cost against a cheetah one's
+    sawyer_updates = min(updates * ratio, options.speed_margin * per_run * ratio * (budget - options.sawyer_overhead))
+    sawyer_updates = max(options.min_updates // 4, int(sawyer_updates) // options.round_to * options.round_to)
     sizing = {"per_run_updates_per_second_packed": per_run, "jobs": jobs, "slots": options.results_slots,
               "waves": waves, "training_seconds_per_wave": training, "updates": updates,
               "sawyer_updates": sawyer_updates, "single_run_rates_from": compiled,
@@ -204,10 +206,12 @@ def main() -> None:
     parser.add_argument("--results-slots", type=int, default=20, help="learning runs at once in the results stage")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--columns", default="ABM+MPO,BM+MPO,MPO,ABM+SVG,BM+SVG,SVG,BCQ,BEAR,ABM eps=0")
-    parser.add_argument("--sawyer-columns", default="ABM+MPO,BM+MPO")
+    parser.add_argument("--sawyer-columns", default="ABM+MPO")
     parser.add_argument("--results-set", nargs="*", default=[], help="more reproduce.py --set assignments")
     parser.add_argument("--wave-overhead", type=float, default=75,
                         help="seconds a wave of runs spends outside its updates (start, compile, evaluations)")
+    parser.add_argument("--sawyer-overhead", type=float, default=170,
+                        help="seconds a Sawyer run spends outside its updates (collection, start, 7-task evaluations)")
     parser.add_argument("--speed-margin", type=float, default=0.6, help="fraction of the measured speed planned on")
     parser.add_argument("--fallback-rate", type=float, default=50.0, help="updates/s per run when nothing was measured")
     parser.add_argument("--round-to", type=int, default=1000)

@@ -176,14 +176,14 @@ PRESETS = {
         collect_flags=("--steps-per-update", "1", "--batch-size", "64"),
         regimes=(("all 80", None),), control_columns=TABLE_6_ORDER,
         # Sawyer: collected on the GPU machine's CPUs (about a minute), all seven tasks learned together.
-        sawyer_tasks=("all",), sawyer_episodes=100, sawyer_columns=("ABM+MPO", "BM+MPO", "MPO"),
-        seeds=(0, 1, 2), updates=20000, batch=512, sawyer_updates=5000, sawyer_batch=512, action_samples=20,
+        sawyer_tasks=("all",), sawyer_episodes=60, sawyer_columns=("ABM+MPO", "BM+MPO", "MPO"),
+        seeds=(0, 1, 2), updates=20000, batch=512, sawyer_updates=3000, sawyer_batch=512, action_samples=20,
         eval_every=2000, eval_episodes=5, sawyer_eval_every=1000, num_cpus=1.0, num_gpus=0.0625,
         differences=("cheetah only, with the cpu preset's data: 1 collecting run of 80 episodes (paper: 5 runs of "
                      "10k), collect.py at 1 update per step with batch 64",
                      "updates per run set by gpu_session.py from the measured speed (see the budgets line; "
                      "paper: 1M), batch 512 and M = 20 as in the paper; 10 evaluations of 5 episodes",
-                     "Sawyer: 100 noisy scripted episodes (not the paper's learner data), fewer updates",
+                     "Sawyer: 60 noisy scripted episodes (not the paper's learner data), fewer updates, 3 evaluations",
                      "BEAR's warm-up 2% of the updates, as the original's 20k of 1M"),
         run_here="benchmarks/gpu_session.py on one H200 (see results/gpu/session.md)"),
     "paper": Preset(
