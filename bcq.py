@@ -525,7 +525,27 @@ def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
     if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"
                                  and args.total_steps < COMPILE_MIN_STEPS):
         return losses
-    return torch.compile(losses, mode="reduce-overhead" if device.type == "cuda" else None)
+    compiled, state = torch.compile(losses, mode="reduce-overhead" if device.type == "cuda" else None), {}
+
+    def call(*inputs):
+        if state.get("eager"):
+            return losses(*inputs)
+        try:
+            loss, metrics = compiled(*inputs)
+        except Exception as error:  # a compiler failure at the first call (seen: Triton on one GPU): run eager
+            if state:
+                raise
+            print(f"{Path(sys.argv[0]).name}: torch.compile failed ({type(error).__name__}: "
+                  f"{str(error).strip().splitlines()[-1][:160]}); this run continues eager", file=sys.stderr)
+            state["eager"] = True
+            return losses(*inputs)
+        state["compiled"] = True
+        if device.type != "cuda":
+            return loss, metrics
+        # CUDA graphs reuse their output memory at the next replay (BCQ and BEAR replay three per update): the
+        # metrics, read when the run logs, are copied out now; the loss is used (backward) before any replay.
+        return loss, {key: value.detach().clone() for key, value in metrics.items()}
+    return call
 # --- end shared block ---
 
 
@@ -586,7 +606,10 @@ class UserError(Exception):
 
 
 def main(train_fn: Callable, args) -> None:
-    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1."""
+    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1. Training needs no
+    OpenGL: MUJOCO_GL is set (to headless EGL) only for --capture-video, else dm_control picks or skips one."""
+    if sys.platform.startswith("linux") and getattr(args, "capture_video", False):
+        os.environ.setdefault("MUJOCO_GL", "egl")
     try:
         train_fn(args)
     except UserError as error:
@@ -626,10 +649,13 @@ CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walk
 
 
 def control_suite():
-    """dm_control's suite, imported with MUJOCO_GL defaulting to headless EGL on Linux (its glfw needs a display)."""
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("MUJOCO_GL", "egl")
-    from dm_control import suite
+    """dm_control's suite (MUJOCO_GL: see main())."""
+    try:
+        from dm_control import suite
+    except (AttributeError, ImportError, RuntimeError) as error:  # MUJOCO_GL=egl without libEGL, for one
+        raise UserError(f"dm_control could not load its renderer (MUJOCO_GL={os.environ.get('MUJOCO_GL')}, "
+                        f"{type(error).__name__}); training needs none: leave MUJOCO_GL unset and --capture-video "
+                        f"out, or install the renderer's library (libEGL for egl)") from None
 
     return suite
 
@@ -828,8 +854,8 @@ def load_checkpoint(path: Path, device: torch.device, modules: dict, rng: np.ran
     for name, module in modules.items():
         module.load_state_dict(state[name])
     rng.bit_generator.state = state["rng"]["numpy"]
-    torch.set_rng_state(state["rng"]["torch"])
-    generator.set_state(state["rng"]["sampling"])
+    torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location moved them; generator states live on the host
+    generator.set_state(state["rng"]["sampling"].cpu())
     return state
 # --- end shared block ---
 

@@ -80,7 +80,10 @@ class UserError(Exception):
 
 
 def main(train_fn: Callable, args) -> None:
-    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1."""
+    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1. Training needs no
+    OpenGL: MUJOCO_GL is set (to headless EGL) only for --capture-video, else dm_control picks or skips one."""
+    if sys.platform.startswith("linux") and getattr(args, "capture_video", False):
+        os.environ.setdefault("MUJOCO_GL", "egl")
     try:
         train_fn(args)
     except UserError as error:
@@ -120,10 +123,13 @@ CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walk
 
 
 def control_suite():
-    """dm_control's suite, imported with MUJOCO_GL defaulting to headless EGL on Linux (its glfw needs a display)."""
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("MUJOCO_GL", "egl")
-    from dm_control import suite
+    """dm_control's suite (MUJOCO_GL: see main())."""
+    try:
+        from dm_control import suite
+    except (AttributeError, ImportError, RuntimeError) as error:  # MUJOCO_GL=egl without libEGL, for one
+        raise UserError(f"dm_control could not load its renderer (MUJOCO_GL={os.environ.get('MUJOCO_GL')}, "
+                        f"{type(error).__name__}); training needs none: leave MUJOCO_GL unset and --capture-video "
+                        f"out, or install the renderer's library (libEGL for egl)") from None
 
     return suite
 

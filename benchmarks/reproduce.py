@@ -363,7 +363,7 @@ def run_job(command: list, log: str, cwd: str, threads: int, links: list, merged
         handle.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.node()}\n$ {shlex.join(command)}\n")
         handle.flush()
         environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                       "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYTHONUNBUFFERED": "1"}
+                       "PYTHONUNBUFFERED": "1"}
         process = subprocess.Popen([sys.executable, *command[1:]], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env=environment, preexec_fn=_die_with_parent)
         stopped = False
