@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -143,7 +144,32 @@ PRESETS = {
                      "evaluation episodes cut at 30 steps"),
         run_here="by tests/test_reproduce.py"),
     "cpu": Preset(
-        name="cpu", purpose="a subset that answers the question on a 2-core CPU in about 100 minutes "
+        name="cpu", purpose="a grid built to decide the paper's orderings on a 2-core CPU: cheetah (where Table 6's "
+                            "columns differ most), two data regimes, 5 seeds, final returns over 10 evaluation "
+                            "episodes; about 5 hours of the 2 cores, runnable in pieces (finished runs are kept in "
+                            "results/cpu/runs and skipped)",
+        # One collecting MPO run of 80 episodes (collect.py at 1 update per step, batch 64): returns 6.1 in the first
+        # episode, 217.6 in the last, best 227.2 (results/cpu/collection.json).
+        control_tasks=("cheetah",), collect_episodes=80, collect_seeds=(0,),
+        collect_flags=("--steps-per-update", "1", "--batch-size", "64"),
+        regimes=(("first 20", 20), ("all 80", None)),
+        control_columns=("ABM+MPO", "BM+MPO", "MPO", "BCQ", "BEAR", "ABM eps=0"),
+        sawyer_tasks=(), sawyer_episodes=0, sawyer_columns=(),
+        # Pilot (runs/pilot, seed 0, all 80 episodes, batch 128, 5 episodes every 400 updates): ABM+MPO's policy
+        # reached 112 at 400 updates and stayed within 84-147 to 5,600; MPO stayed at 0-9 to 8,000: flat by 2,000.
+        seeds=(0, 1, 2, 3, 4), updates=4000, batch=128, sawyer_updates=0, sawyer_batch=0, action_samples=20,
+        eval_every=200, eval_episodes=5, sawyer_eval_every=1, num_cpus=1.0,
+        differences=("cheetah only (Table 6 has hopper, quadruped and walker too)",
+                     "data: 1 collecting run of 80 episodes (paper: 5 runs of 10k), collect.py at 1 update per step "
+                     "with batch 64; regimes: its first 20 episodes (paper: 2k) and all 80 (paper: 10k)",
+                     "4,000 updates (paper: 1M), batch 128 (paper: 512); curves flat from about 2,000 in the pilot",
+                     "5 evaluation episodes every 200 updates (paper: 10 every 10k); final return = mean of the last "
+                     "10% of evaluations, i.e. the last 2 (10 episodes)",
+                     "columns ABM+SVG, BM+SVG and SVG left out (the gpu preset runs them)",
+                     "BEAR's warm-up 2% of the updates, as the original's 20k of 1M (80 here)"),
+        run_here="on this project's 2-core CPU, in pieces (results accumulate in results/cpu)"),
+    "cpu-walker": Preset(
+        name="cpu-walker", purpose="a subset that answers the question on a 2-core CPU in about 100 minutes "
                             "(at most 3 hours, over several runs of the command)",
         control_tasks=("walker",), collect_episodes=50, collect_seeds=(0,),
         # 1 update per environment step, batch 64: the walker learner goes from ~31 to ~200 within
@@ -166,7 +192,7 @@ PRESETS = {
                      "paper's learner data or seven-task run",
                      "columns ABM+SVG, BM+SVG, SVG and ABM eps=0 left out",
                      "BEAR's warm-up 2% of the updates, as the original's 20k of 1M (80 here)"),
-        run_here="on this project's 2-core CPU"),
+        run_here="on this project's 2-core CPU (2026-11, results/cpu-walker: the first CPU table, which could not tell the columns apart)"),
     "gpu": Preset(
         name="gpu", purpose="the Table 6 columns on the cpu preset's cheetah data and Sawyer --task all, in the "
                             "results stage of one prepared call on one H200 with 16 CPU cores "
@@ -215,6 +241,7 @@ class Job:
     episodes: int = 0  # collect, merge: the episodes that file must hold when done
     links: tuple = ()  # merge: the seeds' part directories to link into the merged one
     labels: dict = field(default_factory=dict)  # train: env, task, regime, column, seed
+    published: Optional[Path] = None  # train: <out>/runs/<job>, where a finished run's small files are kept
 
 
 def shown(path: Path) -> str:
@@ -308,8 +335,10 @@ def dataset_episodes(path: Path) -> int:
 
 
 def is_done(job: Job) -> bool:
+    """A run is done when its summary is in its run directory or published under <out>/runs (committed: so a
+    fresh checkout on another machine continues the grid instead of restarting it)."""
     if job.kind == "train":
-        return (job.run_dir / "summary.json").exists()
+        return (job.run_dir / "summary.json").exists() or bool(job.published and (job.published / "summary.json").exists())
     return dataset_episodes(job.dataset) >= job.episodes
 
 
@@ -396,6 +425,7 @@ class LocalCluster:
         self.futures = concurrent.futures
         self.cpus = num_cpus or os.cpu_count() or 1
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4 * self.cpus + 8)
+        self.slots = threading.BoundedSemaphore(self.cpus)  # at most num_cpus commands at once, as Ray's resources
 
     def cluster_resources(self) -> dict:
         gpus = 0
@@ -413,7 +443,9 @@ class LocalCluster:
 
             def remote(self, *args):
                 def call():
-                    return function(*[a.result() if isinstance(a, cluster.futures.Future) else a for a in args])
+                    inputs = [a.result() if isinstance(a, cluster.futures.Future) else a for a in args]
+                    with cluster.slots:
+                        return function(*inputs)
                 return cluster.pool.submit(call)
         return Remote()
 
@@ -433,11 +465,11 @@ class LocalCluster:
 # The driver: submit everything to Ray, follow progress, then publish
 # ----------------------------------------------------------------------------------------------
 def run_grid(jobs: list[Job], preset: Preset, address: Optional[str] = None, num_cpus: Optional[int] = None,
-             local: bool = False, deadline: float = 0.0) -> dict:
+             local: bool = False, deadline: float = 0.0, out: Optional[Path] = None) -> dict:
     """Run every unfinished job on Ray (or, `local`, on threads of this process); returns name -> {"status",
     "seconds", "returncode"}. Past `deadline` (epoch seconds, 0 = none) no job starts and running ones stop."""
     if local:
-        return follow(jobs, preset, LocalCluster(num_cpus), deadline)
+        return follow(jobs, preset, LocalCluster(num_cpus), deadline, out)
     import ray
 
     if __name__ != "__main__":  # imported (tests): ship run_job by value, workers need not import this file
@@ -450,12 +482,12 @@ def run_grid(jobs: list[Job], preset: Preset, address: Optional[str] = None, num
     local = {} if address else {"num_cpus": num_cpus, "object_store_memory": 200 * 2**20}  # jobs pass no data
     ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False, **local)
     try:
-        return follow(jobs, preset, ray, deadline)
+        return follow(jobs, preset, ray, deadline, out)
     finally:
         ray.shutdown()
 
 
-def follow(jobs: list[Job], preset: Preset, ray, deadline: float = 0.0) -> dict:
+def follow(jobs: list[Job], preset: Preset, ray, deadline: float = 0.0, out: Optional[Path] = None) -> dict:
     """Collections go to Ray at once (a merge waits on its seeds' results through Ray). Learning runs go
     to Ray once their dataset exists, in the grid's order, keeping at most `slots + 1` jobs in flight
     (Ray's "limit pending tasks" pattern with ray.wait): so seed 0 of every column runs before seed 1
@@ -529,6 +561,8 @@ def follow(jobs: list[Job], preset: Preset, ray, deadline: float = 0.0) -> dict:
                 status = {0: "done", SKIPPED: "skipped", STOPPED: "stopped"}.get(code, "failed")
                 outcome[name] = {"status": status, "seconds": result["seconds"], "returncode": code,
                                  "command": shlex.join(command), "log": shown(job.log)}
+                if status == "done" and job.kind == "train" and out is not None:
+                    publish_run(job, outcome, out)  # at once: a grid stopped later keeps it
                 line = f"{status}: {name} ({result['seconds']:.0f} s)"
                 if status == "failed":
                     line += f", exit code {code}\n    command: {shlex.join(command)}\n    log: {shown(job.log)}"
@@ -573,21 +607,27 @@ def progress_line(outcome: dict, submitted: dict, pending: dict, queue: list, sl
 # ----------------------------------------------------------------------------------------------
 # Publishing: per-run summaries, table.md, curves, manifest
 # ----------------------------------------------------------------------------------------------
+def publish_run(job: Job, outcome: dict, out: Path) -> Optional[Path]:
+    """One finished run's small files to <out>/runs/<job>, with job.json (labels, command, and the wall seconds
+    of the session that ran it: a later session that finds it done keeps them)."""
+    if not (job.run_dir / "summary.json").exists():
+        return None
+    target = out / "runs" / job.name
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("summary.json", "metrics.csv", "config.json"):
+        shutil.copyfile(job.run_dir / name, target / name)
+    seconds = outcome.get(job.name, {}).get("seconds") or None
+    if seconds is None and (target / "job.json").exists():
+        seconds = json.loads((target / "job.json").read_text()).get("seconds")
+    (target / "job.json").write_text(json.dumps({**job.labels, "command": shlex.join(job.command),
+                                                 "log": shown(job.log), "seconds": seconds}, indent=2))
+    return target
+
+
 def publish_runs(jobs: list[Job], outcome: dict, out: Path) -> list[Path]:
     """Copy each finished run's small files (summary.json, metrics.csv, config.json) and its job.json
     (command, grid labels) to <out>/runs/<job>; the table and curves are built from these copies."""
-    copies = []
-    for job in jobs:
-        if job.kind != "train" or not (job.run_dir / "summary.json").exists():
-            continue
-        target = out / "runs" / job.name
-        target.mkdir(parents=True, exist_ok=True)
-        for name in ("summary.json", "metrics.csv", "config.json"):
-            shutil.copyfile(job.run_dir / name, target / name)
-        seconds = outcome.get(job.name, {}).get("seconds")
-        (target / "job.json").write_text(json.dumps({**job.labels, "command": shlex.join(job.command),
-                                                     "log": shown(job.log), "seconds": seconds}, indent=2))
-        copies.append(target)
+    copies = [target for job in jobs if job.kind == "train" and (target := publish_run(job, outcome, out))]
     for job in jobs:  # runs stopped by --time-budget: their evaluations so far, kept apart from the table's runs
         metrics = job.run_dir / "metrics.csv" if job.run_dir else None
         if outcome.get(job.name, {}).get("status") == "stopped" and metrics and metrics.exists():
@@ -743,8 +783,10 @@ def write_manifest(preset: Preset, out: Path, jobs: list[Job], outcome: dict, st
         executor = "local (--local, no Ray installed)"
     manifest = {"preset": asdict(preset), "budgets": budgets_text(preset), "executor": executor,
                 "sessions": sessions, "total_wall_seconds": round(sum(s["wall_seconds"] for s in sessions), 1),
-                "jobs": {job.name: {"kind": job.kind, "command": shlex.join(job.command), "log": shown(job.log),
-                                    **outcome.get(job.name, {"status": "not run"})} for job in jobs}}
+                "jobs": {job.name: previous.get("jobs", {}).get(job.name)
+                         if outcome.get(job.name, {}).get("status") == "done before" and job.name in previous.get("jobs", {})
+                         else {"kind": job.kind, "command": shlex.join(job.command), "log": shown(job.log),
+                               **outcome.get(job.name, {"status": "not run"})} for job in jobs}}
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -775,7 +817,10 @@ def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], nu
     for folder in (out, work / "logs"):
         folder.mkdir(parents=True, exist_ok=True)
     print(f"Preset {preset.name}: {preset.purpose}.\nBudgets: {budgets_text(preset)}", flush=True)
-    outcome = run_grid(jobs, preset, address, num_cpus, local, deadline)
+    for job in jobs:
+        if job.kind == "train":
+            job.published = out / "runs" / job.name
+    outcome = run_grid(jobs, preset, address, num_cpus, local, deadline, out)
     publish_runs(jobs, outcome, out)
     manifest = write_manifest(preset, out, jobs, outcome, started)
     write_curves(out)
@@ -820,6 +865,7 @@ def main() -> None:
     work = args.work or ROOT / "runs" / "reproduce" / preset.name
     if args.dry_run:
         for job in build_grid(preset, work):
+            job.published = out / "runs" / job.name if job.kind == "train" else None
             print(f"{'done' if is_done(job) else 'todo'}  {job.name}: {shlex.join(job.command)}")
         return
     reproduce(preset, out, work, args.address, args.num_cpus, local=args.local, time_budget=60 * args.time_budget)
