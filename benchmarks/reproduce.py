@@ -575,10 +575,21 @@ def follow(jobs: list[Job], preset: Preset, ray, deadline: float = 0.0, out: Opt
     except KeyboardInterrupt:
         for ref in pending:
             ray.cancel(ref, force=True)
+        for ref, name in pending.items():
+            outcome[name] = {"status": "stopped", "seconds": 0.0, "returncode": None,
+                             "command": shlex.join(submitted[name][1]), "log": shown(submitted[name][0].log)}
         print("\nInterrupted: finished runs are kept; rerun the same command to continue "
               "(interrupted runs resume from their last checkpoint).", flush=True)
-        raise SystemExit(130) from None
+        raise Interrupted(outcome) from None
     return outcome
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during the grid: carries what finished, so the table and manifest are still written."""
+
+    def __init__(self, outcome: dict):
+        super().__init__("interrupted")
+        self.outcome = outcome
 
 
 def progress_line(outcome: dict, submitted: dict, pending: dict, queue: list, slots: int, elapsed: float) -> str:
@@ -649,10 +660,101 @@ def load_published(out: Path) -> list[dict]:
     return runs
 
 
+# ----------------------------------------------------------------------------------------------
+# Statistics over seeds (the approach of Agarwal et al. 2021, "Deep RL at the edge of the statistical
+# precipice", and its library rliable, written out here for one task at a time: a stratified bootstrap
+# resamples the seeds of each cell independently)
+# ----------------------------------------------------------------------------------------------
+BOOTSTRAP_SAMPLES = 10_000
+# The orderings the paper reports (Table 6), each (better, worse): read with a 95% interval of the difference.
+ORDERED_PAIRS = (("ABM+MPO prior", "BM+MPO prior"), ("ABM+MPO", "BM+MPO"), ("ABM+MPO", "MPO"), ("ABM+MPO", "BCQ"),
+                 ("ABM+MPO", "BEAR"))
+
+
+def bootstrap(statistic, *groups, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of `statistic(*groups)` with each group's seeds resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    draws = [np.asarray(g, float)[rng.integers(0, len(g), (samples, len(g)))] for g in groups]
+    values = statistic(*draws)
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def interquartile_mean(values, axis=-1):
+    """Mean of the middle 50% of the values (rliable's IQM): robust to one outlying seed."""
+    values = np.sort(np.asarray(values, float), axis=axis)
+    n = values.shape[axis]
+    low, high = int(np.floor(0.25 * n)), int(np.ceil(0.75 * n))
+    return np.take(values, range(low, max(high, low + 1)), axis=axis).mean(axis=axis)
+
+
+def probability_of_improvement(x, y):
+    """P(X > Y) + P(X = Y) / 2 over all pairs of a seed of X and a seed of Y (the Mann-Whitney statistic)."""
+    x, y = np.asarray(x, float)[..., :, None], np.asarray(y, float)[..., None, :]
+    return ((x > y) + 0.5 * (x == y)).mean(axis=(-2, -1))
+
+
 def mean_std(values: list) -> str:
+    """A table cell: mean over seeds, its 95% stratified-bootstrap interval, and the number of seeds."""
     if not values:
         return "-"
-    return f"{np.mean(values):.1f} ± {np.std(values):.1f} ({len(values)})"
+    if len(values) == 1:
+        return f"{values[0]:.1f} (1)"
+    low, high = bootstrap(lambda v: v.mean(-1), values)
+    return f"{np.mean(values):.1f} [{low:.1f}, {high:.1f}] ({len(values)})"
+
+
+def comparisons(rows: dict) -> list[str]:
+    """For each row (task and data regime) and each ordered pair present: the difference of means with its 95%
+    interval, whether the interval excludes zero, and the probability of improvement with its interval."""
+    lines = ["| task (data) | pair (paper: first > second) | difference of means [95% CI] | interval excludes 0 | "
+             "P(first > second) [95% CI] | seeds |", "|---|---|---|---|---|---|"]
+    for (label, _), row in rows.items():
+        for better, worse in ORDERED_PAIRS:
+            x, y = row.get(better, []), row.get(worse, [])
+            if len(x) < 2 or len(y) < 2:
+                continue
+            low, high = bootstrap(lambda a, b: a.mean(-1) - b.mean(-1), x, y)
+            p_low, p_high = bootstrap(probability_of_improvement, x, y)
+            verdict = "yes, first higher" if low > 0 else "yes, second higher" if high < 0 else "no"
+            lines.append(f"| {label} | {better} vs {worse} | {np.mean(x) - np.mean(y):.1f} [{low:.1f}, {high:.1f}] | "
+                         f"{verdict} | {probability_of_improvement(x, y):.2f} [{p_low:.2f}, {p_high:.2f}] | "
+                         f"{len(x)}, {len(y)} |")
+    return lines
+
+
+def iqm_table(rows: dict, headers: list[str]) -> list[str]:
+    lines = ["| task (data) | " + " | ".join(headers) + " |", "|---|" + "---|" * len(headers)]
+    for (label, _), row in rows.items():
+        cells = []
+        for header in headers:
+            values = row.get(header, [])
+            if len(values) < 2:
+                cells.append("-")
+                continue
+            low, high = bootstrap(interquartile_mean, values)
+            cells.append(f"{interquartile_mean(values):.1f} [{low:.1f}, {high:.1f}]")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def final_window_error(runs: list[dict]) -> Optional[float]:
+    """The standard error of one run's final return from evaluation noise: each run's final return averages the
+    evaluations in its last 10%; the spread of those evaluations, pooled over runs, divided by sqrt(their count)."""
+    variances, counts = [], []
+    for run in runs:
+        metrics = run["folder"] / "metrics.csv"
+        if not metrics.exists():
+            continue
+        import csv
+
+        returns = [float(r["eval/return"]) for r in csv.DictReader(metrics.open()) if r.get("eval/return")]
+        window = returns[-max(1, int(np.ceil(0.1 * len(returns)))):]
+        if len(window) >= 2:
+            variances.append(np.var(window, ddof=1))
+            counts.append(len(window))
+    if not variances:
+        return None
+    return float(np.sqrt(np.mean(variances) / np.mean(counts)))
 
 
 def table_rows(runs: list[dict], columns: list[str]) -> dict:
@@ -695,7 +797,8 @@ def write_table(preset: Preset, out: Path, wall: dict) -> Path:
     sawyer = [r for r in runs if r["env"] == "sawyer"]
     lines = [f"# Results: preset `{preset.name}`", "",
              f"Command: `python benchmarks/reproduce.py --preset {preset.name}`. {preset.purpose}.", "",
-             "Cells: final return, mean ± std over seeds (n seeds); final = mean of the last 10% of "
+             "Cells: final return, mean over seeds [95% confidence interval of the mean: stratified bootstrap over "
+             f"seeds, {BOOTSTRAP_SAMPLES} resamples] (n seeds); final = mean of the last 10% of "
              "evaluations (the paper's protocol). `prior` = the prior run on its own. The `paper` row is the "
              "paper's number for the same column (Table 6: 10k-episode regime; Table 7: seven-task run).", "",
              "Budgets: " + budgets_text(preset), "",
@@ -705,8 +808,22 @@ def write_table(preset: Preset, out: Path, wall: dict) -> Path:
              f"GPU: {machine()['gpu']}.", ""]
     if control:
         columns = [c for c in TABLE_6_ORDER if any(r["column"] == c for r in control)]
+        rows = table_rows(control, columns)
+        headers = [h for c in columns for h in ([c, f"{c} prior"] if COLUMNS[c].prior else [c])]
+        error = final_window_error(control)
         lines += ["## Control Suite (Table 6 layout)", "",
-                  *markdown_table(table_rows(control, columns), columns, PAPER_TABLE_6, PAPER_TABLE_6_COLUMNS), ""]
+                  *markdown_table(rows, columns, PAPER_TABLE_6, PAPER_TABLE_6_COLUMNS), "",
+                  "### Interquartile mean over seeds [95% CI]", "", *iqm_table(rows, headers), "",
+                  "### The paper's orderings", "",
+                  "Difference of the two columns' means over seeds and the probability that a seed of the first "
+                  "beats a seed of the second, each with a 95% stratified-bootstrap interval.", "",
+                  *comparisons(rows), "",
+                  (f"Evaluation noise: the standard error of one run's final return, from the spread of the "
+                   f"evaluations in each run's final 10% window pooled over runs, is {error:.1f}." if error is not None
+                   else "Evaluation noise: no run has two evaluations in its final window."), ""]
+        figure = interval_plot(rows, headers, out / "intervals.png")
+        if figure:
+            lines += [f"Final returns per column with 95% intervals: `{figure.name}`.", ""]
     if sawyer:
         columns = [c for c in TABLE_6_ORDER if any(r["column"] == c for r in sawyer)]
         lines += ["## Simulated Sawyer (Table 7 layout)", "",
@@ -716,6 +833,36 @@ def write_table(preset: Preset, out: Path, wall: dict) -> Path:
               "with the exact command)."]
     path = out / "table.md"
     path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def interval_plot(rows: dict, headers: list[str], path: Path) -> Optional[Path]:
+    """One panel per task and data regime: each column's mean final return over seeds with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(label, row) for (label, _), row in rows.items() if any(len(row.get(h, [])) >= 2 for h in headers)]
+    if not panels:
+        return None
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.45 * len(headers) + 1.5), squeeze=False)
+    for axis, (label, row) in zip(axes[0], panels):
+        shown_headers = [h for h in headers if len(row.get(h, [])) >= 2]
+        for y, header in enumerate(shown_headers):
+            values = row[header]
+            low, high = bootstrap(lambda v: v.mean(-1), values)
+            axis.plot([low, high], [y, y], color="tab:blue", linewidth=3, alpha=0.5)
+            axis.plot([np.mean(values)], [y], "o", color="tab:blue")
+            axis.plot(values, [y] * len(values), "|", color="black", alpha=0.6)
+        axis.set_yticks(range(len(shown_headers)), shown_headers)
+        axis.invert_yaxis()
+        axis.set_title(label)
+        axis.set_xlabel("final return (mean, 95% CI; ticks: seeds)")
+        axis.axvline(max(row["best"]), color="grey", linestyle="--", linewidth=1)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
     return path
 
 
@@ -820,7 +967,10 @@ def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], nu
     for job in jobs:
         if job.kind == "train":
             job.published = out / "runs" / job.name
-    outcome = run_grid(jobs, preset, address, num_cpus, local, deadline, out)
+    try:
+        outcome, interrupted = run_grid(jobs, preset, address, num_cpus, local, deadline, out), False
+    except Interrupted as stop:
+        outcome, interrupted = stop.outcome, True
     publish_runs(jobs, outcome, out)
     manifest = write_manifest(preset, out, jobs, outcome, started)
     write_curves(out)
@@ -832,6 +982,8 @@ def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], nu
         for name, o in failed.items():
             print(f"- {o['status']}: {name}\n    command: {o['command']}\n    log: {o['log']}")
     print(f"\nTable: {shown(table)}", flush=True)
+    if interrupted:
+        raise SystemExit(130)
     return table
 
 
