@@ -998,6 +998,8 @@ def main() -> None:
                         help="datasets, run directories and logs, kept out of git (default: runs/reproduce/<preset>)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="print every job's command and whether it is done")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: write table.md, the curves and the interval plot from results/<preset>/runs")
     parser.add_argument("--local", action="store_true",
                         help="run the jobs as subprocesses of this process, without Ray (at most --num-cpus at once)")
     parser.add_argument("--time-budget", type=float, default=0.0, metavar="MINUTES",
@@ -1020,6 +1022,12 @@ def main() -> None:
             job.published = out / "runs" / job.name if job.kind == "train" else None
             print(f"{'done' if is_done(job) else 'todo'}  {job.name}: {shlex.join(job.command)}")
         return
+    if args.report:
+        manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+        write_curves(out)
+        table = write_table(preset, out, {"this_run_minutes": 0.0,
+                                          "total_minutes": manifest.get("total_wall_seconds", 0.0) / 60})
+        return print(f"Table: {shown(table)} (from {len(load_published(out))} published runs)")
     reproduce(preset, out, work, args.address, args.num_cpus, local=args.local, time_budget=60 * args.time_budget)
 
 
