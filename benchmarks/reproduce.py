@@ -494,7 +494,12 @@ def follow(jobs: list[Job], preset: Preset, ray, deadline: float = 0.0, out: Opt
     instead of in the order the datasets happened to finish."""
     resources = ray.cluster_resources()
     if preset.num_gpus and not resources.get("GPU"):
-        raise SystemExit(f"preset {preset.name} asks for {preset.num_gpus} GPU per job and this Ray cluster has no GPU")
+        raise SystemExit(f"reproduce.py: error: preset {preset.name} asks for {preset.num_gpus} GPU per job and this "
+                         f"cluster has no GPU (--set num_gpus=0 runs it without)")
+    if preset.num_cpus > resources.get("CPU", 0):  # Ray would wait for such a worker forever
+        raise SystemExit(f"reproduce.py: error: preset {preset.name} asks for {preset.num_cpus:g} CPUs per job and this cluster has "
+                         f"{resources.get('CPU', 0):g}: give --num-cpus at least {preset.num_cpus:g} or "
+                         f"--set num_cpus=...")
     remote = ray.remote(run_job)
     slots = max(1, int(resources.get("CPU", 1) // max(preset.num_cpus, 1e-9)))
     threads = max(1, int(preset.num_cpus))
@@ -962,7 +967,13 @@ def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], nu
                jobs: Optional[list], started: float, local: bool = False, deadline: float = 0.0) -> Path:
     jobs = build_grid(preset, work) if jobs is None else jobs
     for folder in (out, work / "logs"):
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / ".write_test").touch()
+            (folder / ".write_test").unlink()
+        except OSError as error:
+            raise SystemExit(f"reproduce.py: error: cannot write to {folder} ({error.strerror}); "
+                             f"choose another --out or --work") from None
     print(f"Preset {preset.name}: {preset.purpose}.\nBudgets: {budgets_text(preset)}", flush=True)
     for job in jobs:
         if job.kind == "train":
