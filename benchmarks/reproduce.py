@@ -358,6 +358,7 @@ def prepare_command(job: Job) -> list:
 # ----------------------------------------------------------------------------------------------
 SKIPPED = -1000  # return code of a job whose inputs failed
 STOPPED = -1001  # return code of a job stopped at --time-budget's deadline (a rerun resumes it)
+RUNNING: set = set()  # --local: the job processes of this process, stopped when the grid is interrupted
 
 
 def _die_with_parent() -> None:
@@ -395,6 +396,7 @@ def run_job(command: list, log: str, cwd: str, threads: int, links: list, merged
                        "PYTHONUNBUFFERED": "1"}
         process = subprocess.Popen([sys.executable, *command[1:]], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env=environment, preexec_fn=_die_with_parent)
+        RUNNING.add(process)
         stopped = False
         while process.poll() is None:
             if deadline and time.time() > deadline and not stopped:  # --time-budget: stop it, resume it next time
@@ -405,6 +407,7 @@ def run_job(command: list, log: str, cwd: str, threads: int, links: list, merged
                 except subprocess.TimeoutExpired:
                     process.kill()
             time.sleep(0.2)
+        RUNNING.discard(process)
         handle.write(f"# {'stopped by --time-budget, ' if stopped else ''}exit code {process.returncode} after "
                      f"{time.time() - start:.0f} s\n")
     return {"returncode": STOPPED if stopped else process.returncode, "seconds": time.time() - start}
@@ -426,6 +429,7 @@ class LocalCluster:
         self.cpus = num_cpus or os.cpu_count() or 1
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4 * self.cpus + 8)
         self.slots = threading.BoundedSemaphore(self.cpus)  # at most num_cpus commands at once, as Ray's resources
+        self.closed = False
 
     def cluster_resources(self) -> dict:
         gpus = 0
@@ -445,6 +449,8 @@ class LocalCluster:
                 def call():
                     inputs = [a.result() if isinstance(a, cluster.futures.Future) else a for a in args]
                     with cluster.slots:
+                        if cluster.closed:  # interrupted while this job waited for a slot
+                            return {"returncode": STOPPED, "seconds": 0.0}
                         return function(*inputs)
                 return cluster.pool.submit(call)
         return Remote()
@@ -458,7 +464,12 @@ class LocalCluster:
         return future.result()
 
     def cancel(self, future, force: bool = False) -> None:
-        future.cancel()  # a running job's process gets SIGINT from the terminal with this one
+        """Interrupted: no waiting job starts, and every running job's process is stopped (SIGTERM; a rerun resumes
+        it from its last checkpoint)."""
+        self.closed = True
+        future.cancel()
+        for process in list(RUNNING):
+            process.terminate()
 
 
 # ----------------------------------------------------------------------------------------------
