@@ -390,7 +390,8 @@ def run_job(command: list, log: str, cwd: str, threads: int, links: list, merged
                     target = parts / file.name
                     if not target.is_symlink() and not target.exists():
                         target.symlink_to(os.path.relpath(file, parts))
-        handle.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.node()}\n$ {shlex.join(command)}\n")
+        handle.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.node()}\n# commit {git_commit()}\n"
+                     f"$ {shlex.join(command)}\n")
         handle.flush()
         environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                        "PYTHONUNBUFFERED": "1"}
@@ -647,8 +648,18 @@ def publish_run(job: Job, outcome: dict, out: Path) -> Optional[Path]:
     if seconds is None and (target / "job.json").exists():
         seconds = json.loads((target / "job.json").read_text()).get("seconds")
     (target / "job.json").write_text(json.dumps({**job.labels, "command": shlex.join(job.command),
-                                                 "log": shown(job.log), "seconds": seconds}, indent=2))
+                                                 "log": shown(job.log), "seconds": seconds,
+                                                 "commit": run_commit(job)}, indent=2))
     return target
+
+
+def run_commit(job: Job) -> str:
+    """The code a run finished with: the last commit its log names (a grid, and a resumed run, can span commits)."""
+    try:
+        lines = job.log.read_text().splitlines()
+    except OSError:
+        return git_commit()
+    return next((line.split()[-1] for line in reversed(lines) if line.startswith("# commit ")), git_commit())
 
 
 def publish_runs(jobs: list[Job], outcome: dict, out: Path) -> list[Path]:
