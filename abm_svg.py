@@ -586,9 +586,10 @@ class UserError(Exception):
 
 def main(train_fn: Callable, args) -> None:
     """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1. Training needs no
-    OpenGL: MUJOCO_GL is set (to headless EGL) only for --capture-video, else dm_control picks or skips one."""
-    if sys.platform.startswith("linux") and getattr(args, "capture_video", False):
-        os.environ.setdefault("MUJOCO_GL", "egl")
+    OpenGL: dm_control gets a renderer (headless EGL) only for --capture-video, else none (MUJOCO_GL=disable:
+    nothing is probed, so a machine without libEGL or a display trains, and no GLFW warning is printed)."""
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("MUJOCO_GL", "egl" if getattr(args, "capture_video", False) else "disable")
     try:
         train_fn(args)
     except UserError as error:
