@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import update_speed as us  # noqa: E402  (also puts the repository on sys.path)
 
 
-def d3rlpy_update(name: str, data: dict, batch_size: int):
+def d3rlpy_update(name: str, data: dict, batch_size: int, device: str = "cpu"):
     import d3rlpy
 
     actor = d3rlpy.models.VectorEncoderFactory(hidden_units=[256, 256])
@@ -45,7 +45,7 @@ def d3rlpy_update(name: str, data: dict, batch_size: int):
         config = d3rlpy.algos.BCQConfig(**common, n_action_samples=10)
     else:
         config = d3rlpy.algos.BEARConfig(**common, n_target_samples=20, warmup_steps=0)
-    algo = config.create(device="cpu:0")
+    algo = config.create(device=f"{device}:0")
     size = len(data["observation"])
     terminals = np.zeros(size, np.float32)
     timeouts = np.zeros(size, np.float32)
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both libraries on the same device)")
     parser.add_argument("--output", default=str(us.ROOT / "benchmarks" / "results" / "peer_d3rlpy.json"))
     options = parser.parse_args()
     if options.quick:
@@ -81,25 +82,31 @@ def main() -> None:
     data = us.synthetic_data()
     batch_size = us.bcq.Args().batch_size
     rng = np.random.default_rng(0)
-    batches = [us.abm_mpo.to_torch(us.abm_mpo.sample_batch(data, [0], batch_size, 1, 0.99, rng), torch.device("cpu"))
+    device = options.device
+    batches = [us.abm_mpo.to_torch(us.abm_mpo.sample_batch(data, [0], batch_size, 1, 0.99, rng), torch.device(device))
                for _ in range(4)]
+    if device != "cpu":
+        options.threads = options.threads[:1]
     updates, versions = {}, {}
     for name, module in (("bcq", us.bcq), ("bear", us.bear)):
-        updates[f"ours {name}"] = us.make_update(module, "fp32")[1]
-        updates[f"d3rlpy {name}"], versions[name] = d3rlpy_update(name, data, batch_size)
+        updates[f"ours {name}"] = us.make_update(module, "fp32", device=device)[1]
+        updates[f"d3rlpy {name}"], versions[name] = d3rlpy_update(name, data, batch_size, device)
     torch.set_num_threads(1)
     flops = {name: us.update_flops(update, batches[0]) for name, update in updates.items()}  # also the warm-up
 
-    print(f"# d3rlpy vs ours per update: {us.machine()['cpu']}, torch {torch.__version__}, {versions}")
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else us.machine()["cpu"]
+    print(f"# d3rlpy vs ours per update, both eager on {device}: {where}, torch {torch.__version__}, {versions}")
     samples = {(name, threads): [] for name in updates for threads in options.threads}
     loads = [us.load_average()]
     for repeat in range(options.repeats):
         for threads in options.threads:
             torch.set_num_threads(threads)
             for name, update in updates.items():
+                us.synchronise(device)
                 start = time.perf_counter()
                 for i in range(options.updates):
                     update(batches[i % len(batches)])
+                us.synchronise(device)
                 samples[(name, threads)].append(options.updates / (time.perf_counter() - start))
         loads.append(us.load_average())
         print(f"repeat {repeat + 1}/{options.repeats}, load average {loads[-1]}", file=sys.stderr, flush=True)
@@ -122,7 +129,8 @@ def main() -> None:
                             "gflop_per_update": {"ours": gflop[0], "d3rlpy": gflop[1]}})
     output = Path(options.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"versions": versions, "load_average": loads, "results": results}, indent=2))
+    output.write_text(json.dumps({"versions": versions, "device": where, "load_average": loads, "results": results},
+                                 indent=2))
     print(f"\nwrote {output}")
 
 

@@ -24,6 +24,7 @@ and does not stop the others; jobs that needed its output are reported as skippe
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -167,21 +168,24 @@ PRESETS = {
                      "BEAR's warm-up 2% of the updates, as the original's 20k of 1M (80 here)"),
         run_here="on this project's 2-core CPU"),
     "gpu": Preset(
-        name="gpu", purpose="all tasks and columns in at most 20 minutes of one H100 with 16 CPU cores "
-                            "(budgets estimated, not yet run)",
-        control_tasks=("cheetah", "hopper", "quadruped", "walker"), collect_episodes=50, collect_seeds=(0, 1),
+        name="gpu", purpose="the Table 6 columns on the cpu preset's cheetah data and Sawyer --task all, in the "
+                            "results stage of one prepared call on one H200 with 16 CPU cores "
+                            "(benchmarks/gpu_session.py sizes the updates from the speed it measured there)",
+        # The cpu preset's cheetah dataset, carried to the GPU machine (gpu_session.py links it here).
+        control_tasks=("cheetah",), collect_episodes=80, collect_seeds=(0,),
         collect_flags=("--steps-per-update", "1", "--batch-size", "64"),
-        regimes=(("first 10 of 50", 10), ("all 50", None)), control_columns=TABLE_6_ORDER,
-        sawyer_tasks=("all", "center", "corner"), sawyer_episodes=500,
-        sawyer_columns=("ABM+MPO", "BM+MPO", "MPO", "BCQ", "BEAR"),
-        seeds=(0, 1), updates=10000, batch=256, sawyer_updates=5000, sawyer_batch=128, action_samples=20,
-        eval_every=1000, eval_episodes=3, sawyer_eval_every=500, num_cpus=1.0, num_gpus=0.125,
-        differences=("data: 2 collecting runs of 50 episodes (paper: 5 runs of 10k); regimes 10 and 50 "
-                     "episodes per run stand for 2k and 10k",
-                     "10,000 updates (paper: 1M), batch 256 (paper: 512); Sawyer 5,000 updates, batch 128",
-                     "Sawyer data from noisy scripted policies, not the paper's learners",
+        regimes=(("all 80", None),), control_columns=TABLE_6_ORDER,
+        # Sawyer: collected on the GPU machine's CPUs (about a minute), all seven tasks learned together.
+        sawyer_tasks=("all",), sawyer_episodes=60, sawyer_columns=("ABM+MPO", "BM+MPO", "MPO"),
+        seeds=(0, 1, 2), updates=20000, batch=512, sawyer_updates=3000, sawyer_batch=512, action_samples=20,
+        eval_every=2000, eval_episodes=5, sawyer_eval_every=1000, num_cpus=1.0, num_gpus=0.0625,
+        differences=("cheetah only, with the cpu preset's data: 1 collecting run of 80 episodes (paper: 5 runs of "
+                     "10k), collect.py at 1 update per step with batch 64",
+                     "updates per run set by gpu_session.py from the measured speed (see the budgets line; "
+                     "paper: 1M), batch 512 and M = 20 as in the paper; 10 evaluations of 5 episodes",
+                     "Sawyer: 60 noisy scripted episodes (not the paper's learner data), fewer updates, 3 evaluations",
                      "BEAR's warm-up 2% of the updates, as the original's 20k of 1M"),
-        run_here="not yet run (no GPU in this session)"),
+        run_here="benchmarks/gpu_session.py on one H200 (see results/gpu/session.md)"),
     "paper": Preset(
         name="paper", purpose="the paper's scale; documentation of what full reproduction takes, never run here",
         control_tasks=("cheetah", "hopper", "quadruped", "walker"), collect_episodes=10000,
@@ -324,6 +328,7 @@ def prepare_command(job: Job) -> list:
 # One job on a Ray worker: the command as a subprocess, its output appended to the job's log
 # ----------------------------------------------------------------------------------------------
 SKIPPED = -1000  # return code of a job whose inputs failed
+STOPPED = -1001  # return code of a job stopped at --time-budget's deadline (a rerun resumes it)
 
 
 def _die_with_parent() -> None:
@@ -337,8 +342,10 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_job(command: list, log: str, cwd: str, threads: int, links: list, merged: str, *needed: int) -> dict:
-    """Runs on a Ray worker. `needed` are the results of the jobs this one reads (Ray waits for them)."""
+def run_job(command: list, log: str, cwd: str, threads: int, links: list, merged: str, deadline: float,
+            *needed: int) -> dict:
+    """Runs on a Ray worker. `needed` are the results of the jobs this one reads (Ray waits for them);
+    `deadline` (seconds since the epoch, 0 = none): past it the command gets SIGTERM (status "stopped")."""
     start = time.time()
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as handle:
@@ -357,17 +364,80 @@ def run_job(command: list, log: str, cwd: str, threads: int, links: list, merged
         handle.flush()
         environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                        "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYTHONUNBUFFERED": "1"}
-        process = subprocess.run([sys.executable, *command[1:]], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, env=environment, preexec_fn=_die_with_parent)
-        handle.write(f"# exit code {process.returncode} after {time.time() - start:.0f} s\n")
-    return {"returncode": process.returncode, "seconds": time.time() - start}
+        process = subprocess.Popen([sys.executable, *command[1:]], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, env=environment, preexec_fn=_die_with_parent)
+        stopped = False
+        while process.poll() is None:
+            if deadline and time.time() > deadline and not stopped:  # --time-budget: stop it, resume it next time
+                process.terminate()
+                stopped = True
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+            time.sleep(0.2)
+        handle.write(f"# {'stopped by --time-budget, ' if stopped else ''}exit code {process.returncode} after "
+                     f"{time.time() - start:.0f} s\n")
+    return {"returncode": STOPPED if stopped else process.returncode, "seconds": time.time() - start}
+
+
+# ----------------------------------------------------------------------------------------------
+# Without Ray (`--local`): the few calls of Ray's API that `follow` makes, on threads of this process
+# ----------------------------------------------------------------------------------------------
+class LocalCluster:
+    """`ray.remote(f).options(...).remote(*args)`, `wait`, `get`, `cancel` and `cluster_resources` for one machine
+    without Ray (the GPU call's machine has none): each job is a thread that waits for the futures among its
+    arguments (the jobs it needs) and then runs `f`, which runs the job's command as a subprocess. `follow`
+    keeps at most `slots + 1` learning runs in flight, as it does on Ray."""
+
+    def __init__(self, num_cpus: Optional[int] = None):
+        import concurrent.futures
+
+        self.futures = concurrent.futures
+        self.cpus = num_cpus or os.cpu_count() or 1
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4 * self.cpus + 8)
+
+    def cluster_resources(self) -> dict:
+        gpus = 0
+        if shutil.which("nvidia-smi"):
+            query = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+            gpus = sum(line.startswith("GPU ") for line in query.stdout.splitlines())
+        return {"CPU": float(self.cpus), "GPU": float(gpus)}
+
+    def remote(self, function):
+        cluster = self
+
+        class Remote:
+            def options(self, **_resources):
+                return self
+
+            def remote(self, *args):
+                def call():
+                    return function(*[a.result() if isinstance(a, cluster.futures.Future) else a for a in args])
+                return cluster.pool.submit(call)
+        return Remote()
+
+    def wait(self, futures: list, num_returns: int = 1, timeout: Optional[float] = None):
+        done, _ = self.futures.wait(futures, timeout=timeout, return_when=self.futures.FIRST_COMPLETED)
+        done = [f for f in futures if f in done]
+        return done, [f for f in futures if f not in done]
+
+    def get(self, future):
+        return future.result()
+
+    def cancel(self, future, force: bool = False) -> None:
+        future.cancel()  # a running job's process gets SIGINT from the terminal with this one
 
 
 # ----------------------------------------------------------------------------------------------
 # The driver: submit everything to Ray, follow progress, then publish
 # ----------------------------------------------------------------------------------------------
-def run_grid(jobs: list[Job], preset: Preset, address: Optional[str] = None, num_cpus: Optional[int] = None) -> dict:
-    """Run every unfinished job on Ray; returns name -> {"status", "seconds", "returncode"}."""
+def run_grid(jobs: list[Job], preset: Preset, address: Optional[str] = None, num_cpus: Optional[int] = None,
+             local: bool = False, deadline: float = 0.0) -> dict:
+    """Run every unfinished job on Ray (or, `local`, on threads of this process); returns name -> {"status",
+    "seconds", "returncode"}. Past `deadline` (epoch seconds, 0 = none) no job starts and running ones stop."""
+    if local:
+        return follow(jobs, preset, LocalCluster(num_cpus), deadline)
     import ray
 
     if __name__ != "__main__":  # imported (tests): ship run_job by value, workers need not import this file
@@ -380,12 +450,12 @@ def run_grid(jobs: list[Job], preset: Preset, address: Optional[str] = None, num
     local = {} if address else {"num_cpus": num_cpus, "object_store_memory": 200 * 2**20}  # jobs pass no data
     ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False, **local)
     try:
-        return follow(jobs, preset, ray)
+        return follow(jobs, preset, ray, deadline)
     finally:
         ray.shutdown()
 
 
-def follow(jobs: list[Job], preset: Preset, ray) -> dict:
+def follow(jobs: list[Job], preset: Preset, ray, deadline: float = 0.0) -> dict:
     """Collections go to Ray at once (a merge waits on its seeds' results through Ray). Learning runs go
     to Ray once their dataset exists, in the grid's order, keeping at most `slots + 1` jobs in flight
     (Ray's "limit pending tasks" pattern with ray.wait): so seed 0 of every column runs before seed 1
@@ -414,7 +484,7 @@ def follow(jobs: list[Job], preset: Preset, ray) -> dict:
         refs[job.name] = remote.options(num_cpus=preset.num_cpus, num_gpus=preset.num_gpus, name=job.name,
                                         max_retries=0).remote(
             command, str(job.log), str(ROOT), threads, [str(p) for p in job.links],
-            str(job.dataset) if job.dataset else "", *needed)
+            str(job.dataset) if job.dataset else "", deadline, *needed)
         pending[refs[job.name]] = job.name
 
     for job in [job for job in todo if job.kind != "train"]:
@@ -423,6 +493,12 @@ def follow(jobs: list[Job], preset: Preset, ray) -> dict:
     start, last_print = time.time(), 0.0
     try:
         while pending or queue:
+            if deadline and time.time() > deadline and queue:  # --time-budget spent: start nothing more
+                for job in queue:
+                    outcome[job.name] = {"status": "not started", "seconds": 0.0, "returncode": None,
+                                         "command": shlex.join(job.command), "log": shown(job.log)}
+                print(f"time budget spent: {len(queue)} job(s) not started (a rerun starts them)", flush=True)
+                queue.clear()
             for job in list(queue):  # the grid's order, among the runs whose dataset is ready
                 if sum(1 for name in pending.values() if submitted[name][0].kind != "merge") > slots:
                     break
@@ -450,7 +526,7 @@ def follow(jobs: list[Job], preset: Preset, ray) -> dict:
                 except Exception as error:  # the worker died: report it like a failed command
                     result = {"returncode": None, "seconds": 0.0, "error": str(error).splitlines()[0]}
                 code = result["returncode"]
-                status = "done" if code == 0 else "skipped" if code == SKIPPED else "failed"
+                status = {0: "done", SKIPPED: "skipped", STOPPED: "stopped"}.get(code, "failed")
                 outcome[name] = {"status": status, "seconds": result["seconds"], "returncode": code,
                                  "command": shlex.join(command), "log": shown(job.log)}
                 line = f"{status}: {name} ({result['seconds']:.0f} s)"
@@ -477,7 +553,7 @@ def progress_line(outcome: dict, submitted: dict, pending: dict, queue: list, sl
     running = sum(1 for name in names if submitted[name][0].log.exists()
                   and submitted[name][0].log.stat().st_size > submitted[name][2])
     counts = {status: sum(1 for o in outcome.values() if o["status"] == status)
-              for status in ("done", "done before", "failed", "skipped")}
+              for status in ("done", "done before", "failed", "skipped", "stopped")}
     durations = {}
     for name, result in outcome.items():
         if result["status"] == "done" and name in submitted:
@@ -487,10 +563,11 @@ def progress_line(outcome: dict, submitted: dict, pending: dict, queue: list, sl
         known = durations.get(kind) or []
         remaining += np.mean(known) if known else float("nan")
     eta = remaining / slots
+    stopped = f", {counts['stopped']} stopped" if counts["stopped"] else ""
     eta_text = "ETA once a job of each kind has finished" if np.isnan(eta) else f"ETA {eta / 60:.0f} min"
     total = len(outcome) + len(names) + len(queue)
     return (f"[{counts['done'] + counts['done before']}/{total} done, {running} running, {counts['failed']} failed, "
-            f"{counts['skipped']} skipped; {elapsed / 60:.0f} min, {eta_text}]")
+            f"{counts['skipped']} skipped{stopped}; {elapsed / 60:.0f} min, {eta_text}]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,6 +588,14 @@ def publish_runs(jobs: list[Job], outcome: dict, out: Path) -> list[Path]:
         (target / "job.json").write_text(json.dumps({**job.labels, "command": shlex.join(job.command),
                                                      "log": shown(job.log), "seconds": seconds}, indent=2))
         copies.append(target)
+    for job in jobs:  # runs stopped by --time-budget: their evaluations so far, kept apart from the table's runs
+        metrics = job.run_dir / "metrics.csv" if job.run_dir else None
+        if outcome.get(job.name, {}).get("status") == "stopped" and metrics and metrics.exists():
+            target = out / "unfinished" / job.name
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(metrics, target / "metrics.csv")
+            (target / "job.json").write_text(json.dumps({**job.labels, "command": shlex.join(job.command),
+                                                         "status": "stopped by --time-budget"}, indent=2))
     return copies
 
 
@@ -650,9 +735,13 @@ def write_manifest(preset: Preset, out: Path, jobs: list[Job], outcome: dict, st
     sessions = previous.get("sessions", []) + [{"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                                                 "wall_seconds": round(time.time() - started, 1),
                                                 "commit": git_commit(), "machine": machine()}]
-    import ray
+    try:
+        import ray
 
-    manifest = {"preset": asdict(preset), "budgets": budgets_text(preset), "ray": ray.__version__,
+        executor = f"ray {ray.__version__}"
+    except ImportError:
+        executor = "local (--local, no Ray installed)"
+    manifest = {"preset": asdict(preset), "budgets": budgets_text(preset), "executor": executor,
                 "sessions": sessions, "total_wall_seconds": round(sum(s["wall_seconds"] for s in sessions), 1),
                 "jobs": {job.name: {"kind": job.kind, "command": shlex.join(job.command), "log": shown(job.log),
                                     **outcome.get(job.name, {"status": "not run"})} for job in jobs}}
@@ -665,33 +754,36 @@ def _interrupt(signum, frame) -> None:
 
 
 def reproduce(preset: Preset, out: Path, work: Path, address: Optional[str] = None, num_cpus: Optional[int] = None,
-              jobs: Optional[list] = None) -> Path:
-    """The whole pipeline; returns the path of table.md. `jobs` replaces the preset's grid (tests)."""
+              jobs: Optional[list] = None, local: bool = False, time_budget: float = 0.0) -> Path:
+    """The whole pipeline; returns the path of table.md. `jobs` replaces the preset's grid (tests); `local`:
+    without Ray; `time_budget` (seconds, 0 = none): jobs still running then are stopped, the rest not started,
+    and the table is written from the runs that finished."""
     started = time.time()
     # Ctrl-C, kill, or a background shell's ignored SIGINT: cancel the jobs cleanly (the caller's handlers come back)
     previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _reproduce(preset, out, work, address, num_cpus, jobs, started)
+        return _reproduce(preset, out, work, address, num_cpus, jobs, started, local,
+                          started + time_budget if time_budget else 0.0)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
 def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], num_cpus: Optional[int],
-               jobs: Optional[list], started: float) -> Path:
+               jobs: Optional[list], started: float, local: bool = False, deadline: float = 0.0) -> Path:
     jobs = build_grid(preset, work) if jobs is None else jobs
     for folder in (out, work / "logs"):
         folder.mkdir(parents=True, exist_ok=True)
     print(f"Preset {preset.name}: {preset.purpose}.\nBudgets: {budgets_text(preset)}", flush=True)
-    outcome = run_grid(jobs, preset, address, num_cpus)
+    outcome = run_grid(jobs, preset, address, num_cpus, local, deadline)
     publish_runs(jobs, outcome, out)
     manifest = write_manifest(preset, out, jobs, outcome, started)
     write_curves(out)
     table = write_table(preset, out, {"this_run_minutes": manifest["sessions"][-1]["wall_seconds"] / 60,
                                       "total_minutes": manifest["total_wall_seconds"] / 60})
-    failed = {name: o for name, o in outcome.items() if o["status"] in ("failed", "skipped")}
+    failed = {name: o for name, o in outcome.items() if o["status"] in ("failed", "skipped", "stopped", "not started")}
     if failed:
-        print(f"\n{len(failed)} job(s) did not finish (rerun the command to retry them):")
+        print(f"\n{len(failed)} job(s) did not finish (rerun the command to retry or resume them):")
         for name, o in failed.items():
             print(f"- {o['status']}: {name}\n    command: {o['command']}\n    log: {o['log']}")
     print(f"\nTable: {shown(table)}", flush=True)
@@ -709,15 +801,55 @@ def main() -> None:
                         help="datasets, run directories and logs, kept out of git (default: runs/reproduce/<preset>)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="print every job's command and whether it is done")
+    parser.add_argument("--local", action="store_true",
+                        help="run the jobs as subprocesses of this process, without Ray (at most --num-cpus at once)")
+    parser.add_argument("--time-budget", type=float, default=0.0, metavar="MINUTES",
+                        help="stop after this long: running jobs are stopped (a rerun resumes them from their last "
+                             "checkpoint), no new one starts, and the table is written from the finished runs")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="change preset fields for this run, e.g. updates=20000 seeds=0,1 "
+                             "control_columns=ABM+MPO,BCQ (the table states the budgets it ran with)")
     args = parser.parse_args()
-    preset = PRESETS[args.preset]
+    try:
+        preset = override(PRESETS[args.preset], args.set)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.time_budget < 0 or (args.num_cpus is not None and args.num_cpus < 1):
+        parser.error("--time-budget must be >= 0 and --num-cpus >= 1")
     out = args.out or ROOT / "results" / preset.name
     work = args.work or ROOT / "runs" / "reproduce" / preset.name
     if args.dry_run:
         for job in build_grid(preset, work):
             print(f"{'done' if is_done(job) else 'todo'}  {job.name}: {shlex.join(job.command)}")
         return
-    reproduce(preset, out, work, args.address, args.num_cpus)
+    reproduce(preset, out, work, args.address, args.num_cpus, local=args.local, time_budget=60 * args.time_budget)
+
+
+def override(preset: Preset, assignments: list) -> Preset:
+    """`--set FIELD=VALUE ...`: a copy of `preset` with those fields changed, each VALUE read as the field's type
+    (tuples comma-separated); `updates` and `sawyer_updates` keep the preset's number of evaluations."""
+    changes, fields = {}, asdict(preset)
+    for assignment in assignments:
+        name, _, value = assignment.partition("=")
+        if name not in fields or name == "name":
+            raise ValueError(f"--set {assignment}: no preset field {name!r} (fields: {', '.join(fields)})")
+        current = fields[name]
+        try:
+            if isinstance(current, (tuple, list)):
+                kind = type(current[0]) if current and not isinstance(current[0], (tuple, list)) else str
+                changes[name] = tuple(kind(v) for v in value.split(",") if v)
+            else:
+                changes[name] = type(current)(value) if current is not None else value
+        except ValueError:
+            raise ValueError(f"--set {assignment}: {value!r} is not a {type(current).__name__}") from None
+    for updates, every in (("updates", "eval_every"), ("sawyer_updates", "sawyer_eval_every")):
+        if updates in changes and every not in changes:
+            evaluations = max(1, getattr(preset, updates) // getattr(preset, every))
+            changes[every] = max(1, changes[updates] // evaluations)
+    unknown = [c for c in changes.get("control_columns", ()) + changes.get("sawyer_columns", ()) if c not in COLUMNS]
+    if unknown:
+        raise ValueError(f"--set: unknown column(s) {', '.join(unknown)} (columns: {', '.join(COLUMNS)})")
+    return dataclasses.replace(preset, **changes)
 
 
 if __name__ == "__main__":

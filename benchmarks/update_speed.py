@@ -49,8 +49,10 @@ import abm_svg  # noqa: E402
 import bcq  # noqa: E402
 import bear  # noqa: E402
 import bm_mpo  # noqa: E402
+import sawyer_env  # noqa: E402
 
-OBS_DIM, ACT_DIM = 15, 4  # hopper-hop
+OBS_DIM, ACT_DIM = 15, 4  # hopper-hop; `--sizes 17 6` for cheetah-run (the GPU session's data)
+SAWYER_DIMS = (sawyer_env.OBS_DIM, sawyer_env.ACT_DIM, len(sawyer_env.TASKS))  # --task all (Table 5 networks)
 BASELINE_REVISION = "8c1079a"  # main before issue 7 (the speed work)
 
 
@@ -72,13 +74,15 @@ def load_average() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-def synthetic_data(size: int = 100_000, episode_length: int = 1000, seed: int = 0) -> dict:
-    """Arrays as load_dataset returns them: random transitions, episodes of `episode_length` steps."""
+def synthetic_data(size: int = 100_000, episode_length: int = 1000, seed: int = 0, dims: tuple = ()) -> dict:
+    """Arrays as load_dataset returns them: random transitions, episodes of `episode_length` steps;
+    `dims` = (obs, act, tasks), default (OBS_DIM, ACT_DIM, 1)."""
+    obs_dim, act_dim, tasks = dims or (OBS_DIM, ACT_DIM, 1)
     rng = np.random.default_rng(seed)
-    observation = rng.standard_normal((size, OBS_DIM)).astype(np.float32)
+    observation = rng.standard_normal((size, obs_dim)).astype(np.float32)
     starts = np.arange(0, size, episode_length)
-    return {"observation": observation, "action": rng.uniform(-1, 1, (size, ACT_DIM)).astype(np.float32),
-            "reward": rng.uniform(0, 1, (size, 1)).astype(np.float32), "discount": np.ones(size, np.float32),
+    return {"observation": observation, "action": rng.uniform(-1, 1, (size, act_dim)).astype(np.float32),
+            "reward": rng.uniform(0, 1, (size, tasks)).astype(np.float32), "discount": np.ones(size, np.float32),
             "next_observation": np.roll(observation, -1, axis=0),
             "episode_last": np.repeat(np.minimum(starts + episode_length, size) - 1, episode_length)[:size]}
 
@@ -100,9 +104,12 @@ def load_baseline(revision: str, script: str):
 
 def make_update(module, precision: str, seed: int = 0, compile: str = "off", device: str = "cpu", **overrides):
     """(args, update(batch)) for one script with its paper defaults, on `device`; `compile` "on": its losses
-    through torch.compile, as the script's --compile on (scripts without a compiled path: None)."""
+    through torch.compile, as the script's --compile on (scripts without a compiled path: None). `precision`
+    "tf32" is fp32 with TF32 matrix products (`set_precision`, a CUDA setting the scripts leave at PyTorch's
+    default, off); overrides `env="sawyer"` gives Table 5's multi-task networks for SAWYER_DIMS."""
     fields = {"device": device, **overrides}
-    if precision != "fp32":
+    obs_dim, act_dim, num_tasks = SAWYER_DIMS if overrides.get("env") == "sawyer" else (OBS_DIM, ACT_DIM, 1)
+    if precision == "bf16":
         fields["precision"] = precision
     if compile != "off":
         if not hasattr(module, "compile_losses"):
@@ -111,9 +118,9 @@ def make_update(module, precision: str, seed: int = 0, compile: str = "off", dev
     args = module.Args(**fields)
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
-    low, high = -torch.ones(ACT_DIM, device=device), torch.ones(ACT_DIM, device=device)
+    low, high = -torch.ones(act_dim, device=device), torch.ones(act_dim, device=device)
     if hasattr(module, "make_optimizers"):  # bcq, bear: one optimiser per learner
-        agent = module.Agent(OBS_DIM, ACT_DIM, 1, low, high, args).to(device)
+        agent = module.Agent(obs_dim, act_dim, num_tasks, low, high, args).to(device)
         optimizers = module.make_optimizers(agent, args)
         if hasattr(args, "latent_size"):  # bcq
             losses = {name: module.compile_losses(getattr(module, f"{name}_step_loss"), args, torch.device(device))
@@ -136,7 +143,7 @@ def make_update(module, precision: str, seed: int = 0, compile: str = "off", dev
                     return module.update(agent, optimizers, batch, args, generator, step)
                 return module.update(agent, optimizers, batch, args, generator, step, losses)
     else:
-        agent = module.Agent(OBS_DIM, ACT_DIM, 1, args).to(device)
+        agent = module.Agent(obs_dim, act_dim, num_tasks, args).to(device)
         optimizer = module.make_optimizer(agent, args)
         if hasattr(module, "compile_losses"):
             losses = module.compile_losses(module.update_losses, args, torch.device(device))
@@ -154,6 +161,46 @@ def synchronise(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def set_precision(precision: str) -> None:
+    """TF32 matrix products on CUDA for the "tf32" rows only (PyTorch's default, and the scripts', is off)."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
+def flops_key(row: str) -> str:
+    """The row a configuration's FLOPs are counted for: its script, with " sawyer" for the multi-task sizes."""
+    if row.startswith("baseline"):
+        return row
+    words = row.split(" ")
+    return words[0] + (" sawyer" if "sawyer" in words else "")
+
+
+def dims_of(row: str) -> tuple:
+    return SAWYER_DIMS if row.endswith(" sawyer") else (OBS_DIM, ACT_DIM, 1)
+
+
+def worker_command(options, row: str, device: str, compile: str, precision: str, *extra) -> list:
+    return [sys.executable, __file__, "--worker", row, "--seconds", str(options.seconds), "--devices", device,
+            "--compile", compile, "--precisions", precision, "--sizes", str(OBS_DIM), str(ACT_DIM), *extra]
+
+
+def warm_compile_cache(options, rows: dict, device: str, extra: list = ()) -> float:
+    """`--warm-cache`: one process per compiled configuration, all at once, each compiling its update and
+    exiting; the timed process then finds Inductor's on-disk caches filled and compiles in seconds. `extra`:
+    rows compiled in fp32 only and not timed (`--warm-extra`)."""
+    start = time.perf_counter()
+    configurations = [(row, precision) for row in rows for precision in options.precisions]
+    configurations += [(row, "fp32") for row in extra if (row, "fp32") not in configurations]
+    workers = [subprocess.Popen(worker_command(options, row, device, "on", precision, "--warm-only"),
+                                stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+               for row, precision in configurations]
+    failed = sum(worker.wait() != 0 for worker in workers)
+    seconds = time.perf_counter() - start
+    print(f"compile caches warmed by {len(workers)} processes in {seconds:.0f} s ({failed} failed)",
+          file=sys.stderr, flush=True)
+    return seconds
+
+
 def concurrent(options, rows: dict, batches_of) -> list[dict]:
     """`--concurrent N ...`: N worker processes (this file with --worker) update at once on each device; the
     total updates/s of the N, each timed over `--seconds` after its warm-up."""
@@ -161,11 +208,17 @@ def concurrent(options, rows: dict, batches_of) -> list[dict]:
     for device in options.devices:
         for row in rows:
             for count in options.concurrent:
-                command = [sys.executable, __file__, "--worker", row, "--seconds", str(options.seconds),
-                           "--devices", device, "--compile", options.compile[-1], "--precisions", options.precisions[0]]
+                barrier = tempfile.mkdtemp(prefix="update_speed_barrier_")
+                command = worker_command(options, row, device, options.compile[-1], options.precisions[0],
+                                         "--barrier", barrier, str(count))
                 env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // count))}
                 workers = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for _ in range(count)]
-                rates = [float(worker.communicate()[0].split()[-1]) for worker in workers]
+                outputs = [worker.communicate()[0].split() for worker in workers]
+                if any(worker.returncode != 0 or not output for worker, output in zip(workers, outputs)):
+                    print(f"| {row} | {device} | {count} | failed | exit codes {[w.returncode for w in workers]} |",
+                          flush=True)
+                    continue
+                rates = [float(output[-1]) for output in outputs]
                 results.append({"script": row, "device": device, "runs": count, "updates_per_second_total": sum(rates),
                                 "per_run": rates, "compile": options.compile[-1], "load_average": load_average()})
                 print(f"| {row} | {device} | {count} | {sum(rates):.2f} | {', '.join(f'{r:.2f}' for r in rates)} |",
@@ -174,13 +227,23 @@ def concurrent(options, rows: dict, batches_of) -> list[dict]:
 
 
 def worker(options, rows: dict) -> None:
-    """One process of --concurrent: warm up, then print the updates/s of `--seconds` of updates."""
+    """One process of --concurrent: warm up, wait at the barrier until all `count` workers are warm (so they
+    time the same window), then print the updates/s of `--seconds` of updates. `--warm-only`: stop after the
+    warm-up (which compiles), for --warm-cache."""
     device, (module, overrides) = options.devices[0], rows[options.worker]
-    batches = batches_of(device)
+    set_precision(options.precisions[0])
+    batches = batches_of(device, dims_of(options.worker))
     update = make_update(module, options.precisions[0], compile=options.compile[-1], device=device, **overrides)[1]
-    for batch in batches[:2]:
+    for batch in batches[:3]:  # CUDA graphs are recorded at the third call of a compiled function
         update(batch)
     synchronise(device)
+    if options.warm_only:
+        return
+    if options.barrier:
+        folder, count = Path(options.barrier[0]), int(options.barrier[1])
+        (folder / str(os.getpid())).touch()
+        while len(list(folder.iterdir())) < count:
+            time.sleep(0.01)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < options.seconds:
         update(batches[count % len(batches)])
@@ -191,10 +254,25 @@ def worker(options, rows: dict) -> None:
     print(count / (time.perf_counter() - start))
 
 
-def batches_of(device: str) -> list[dict]:
-    data, rng, args = synthetic_data(), np.random.default_rng(0), abm_mpo.Args()
-    return [abm_mpo.to_torch(abm_mpo.sample_batch(data, [0], args.batch_size, args.snippet_length, 0.99, rng),
+def batches_of(device: str, dims: tuple = ()) -> list[dict]:
+    data, rng, args = synthetic_data(dims=dims), np.random.default_rng(0), abm_mpo.Args()
+    columns = list(range(data["reward"].shape[1]))
+    return [abm_mpo.to_torch(abm_mpo.sample_batch(data, columns, args.batch_size, args.snippet_length, 0.99, rng),
                              torch.device(device)) for _ in range(4)]
+
+
+def cuda_matmul_tflops(dtype: torch.dtype, size: int = 8192, repeats: int = 10) -> float:
+    """The GPU's matrix-product rate on random data (the ceiling the update's achieved rate is read against)."""
+    a, b = torch.randn(size, size, device="cuda", dtype=dtype), torch.randn(size, size, device="cuda", dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (start.elapsed_time(end) / 1e3) / 1e12
 
 
 def matmul_gflops(dtype: torch.dtype, threads: int, size: int = 1024, budget: float = 1.0) -> float:
@@ -242,7 +320,20 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=3, help="timed updates per measurement")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved measurements per configuration")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "tf32", "bf16"],
+                        help="tf32: fp32 with TF32 matrix products, CUDA only")
+    parser.add_argument("--sizes", type=int, nargs=2, default=[OBS_DIM, ACT_DIM], metavar=("OBS", "ACT"),
+                        help="observation and action size of the Control Suite rows (default hopper's; cheetah: 17 6)")
+    parser.add_argument("--multitask", nargs="*", default=None, metavar="ROW",
+                        help="also time these rows (none named: every row) with sawyer --task all sizes and Table 5's "
+                             "multi-task networks")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="compile every compiled row in parallel processes first, filling Inductor's caches")
+    parser.add_argument("--warm-extra", nargs="*", default=[], metavar="ROW",
+                        help="with --warm-cache, also compile these rows without timing them (e.g. abm_mpo:bm "
+                             "abm_mpo:none abm_svg:bm abm_svg:none abm_mpo:eps0: every Table 6 column's update)")
+    parser.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--barrier", nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--scripts", nargs="+", default=None, help="subset of the rows, e.g. abm_mpo:abm bear")
     parser.add_argument("--baseline", default=BASELINE_REVISION, help="git revision of the baseline scripts; '' = none")
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without native bf16 matmul")
@@ -257,18 +348,26 @@ def main() -> None:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "update_speed.json"))
     options = parser.parse_args()
+    globals().update(OBS_DIM=options.sizes[0], ACT_DIM=options.sizes[1])
     if options.quick:
         options.updates, options.repeats = 2, 2
     rows = {"abm_mpo:abm": (abm_mpo, {"prior": "abm"}), "abm_mpo:bm": (abm_mpo, {"prior": "bm"}),
             "abm_mpo:none": (abm_mpo, {"prior": "none"}), "bm_mpo": (bm_mpo, {}),
             "abm_svg:abm": (abm_svg, {"prior": "abm"}), "bcq": (bcq, {}), "bear": (bear, {})}
+    extra = {"abm_svg:bm": (abm_svg, {"prior": "bm"}), "abm_svg:none": (abm_svg, {"prior": "none"}),
+             "abm_mpo:eps0": (abm_mpo, {"prior": "abm", "epsilon": 0.0, "snippet_length": 2})}  # --warm-extra only
+    rows.update({f"{name} sawyer": (module, {**overrides, "env": "sawyer"}) for name, (module, overrides) in rows.items()})
     if options.worker:
-        return worker(options, rows)
+        return worker(options, {**rows, **extra})
+    multitask = options.multitask if options.multitask else list(rows) if options.multitask == [] else []
+    rows = {name: row for name, row in rows.items() if name.removesuffix(" sawyer") in multitask
+            or not name.endswith(" sawyer")}
     if options.scripts:
-        rows = {name: row for name, row in rows.items() if name in options.scripts}
+        rows = {name: row for name, row in rows.items() if name.removesuffix(" sawyer") in options.scripts}
     if options.concurrent:
         print(f"# Concurrent runs: {machine()['cpu']}, load average {load_average()}, {options.seconds} s each\n")
         print("| script | device | runs | total updates/s | per run |\n|---|---|---|---|---|")
+        set_precision(options.precisions[0])
         results = concurrent(options, rows, batches_of)
         output = Path(options.output).with_name("update_speed_concurrent.json")
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -283,18 +382,34 @@ def main() -> None:
 
     rates = {f"{dtype}/{threads}": matmul_gflops(getattr(torch, {'fp32': 'float32', 'bf16': 'bfloat16'}[dtype]), threads)
              for dtype in ("fp32", "bf16") for threads in options.threads}
+    rates.update({f"tf32/{threads}": rates[f"fp32/{threads}"] for threads in options.threads})  # no TF32 on a CPU
+    if any(device.startswith("cuda") for device in options.devices):
+        info["gpu"] = torch.cuda.get_device_name()
+        for precision, dtype in (("fp32", torch.float32), ("tf32", torch.float32), ("bf16", torch.bfloat16)):
+            set_precision(precision)
+            rates[f"cuda/{precision}"] = 1e3 * cuda_matmul_tflops(dtype)  # GFLOP/s, like the CPU's
+        set_precision("fp32")
+        print(f"GPU {info['gpu']}: matmul 8192^3 " + ", ".join(f"{p} {rates[f'cuda/{p}'] / 1e3:.0f} TFLOP/s"
+                                                              for p in ("fp32", "tf32", "bf16")))
     print("| matmul 1024^3 | " + " | ".join(f"{t} thread(s)" for t in options.threads) + " |")
     print("|---|" + "---|" * len(options.threads))
     for dtype in ("fp32", "bf16"):
         print(f"| {dtype} GFLOP/s | " + " | ".join(f"{rates[f'{dtype}/{t}']:.1f}" for t in options.threads) + " |")
     native_bf16 = all(rates[f"bf16/{t}"] >= 0.5 * rates[f"fp32/{t}"] for t in options.threads)
-    precisions = [p for p in options.precisions if p == "fp32" or native_bf16 or options.force_bf16]
+    on_gpu_only = all(device.startswith("cuda") for device in options.devices)
+    precisions = [p for p in options.precisions
+                  if p == "fp32" or (p == "tf32" and on_gpu_only) or (p == "bf16" and (native_bf16 or on_gpu_only
+                                                                                         or options.force_bf16))]
     if "bf16" in options.precisions and "bf16" not in precisions:
         print("\nbf16 skipped: this CPU has no native bf16 matrix product (bf16 matmul below half the fp32 "
               "rate), so an update under autocast would take seconds; --force-bf16 times it anyway.")
 
     batch_size = abm_mpo.Args().batch_size
-    batches = {device: batches_of(device) for device in options.devices}
+    batches = {(device, dims_of(row)): batches_of(device, dims_of(row)) for device in options.devices for row in rows}
+    if options.warm_cache and "on" in options.compile:
+        for device in options.devices:
+            warm_compile_cache(options, {row: r for row, r in rows.items() if hasattr(r[0], "compile_losses")}, device,
+                               [name for name in options.warm_extra if name in {**rows, **extra}])
 
     configurations = {}  # name -> (row, threads, precision, update, device)
     for row, (module, overrides) in rows.items():
@@ -304,6 +419,7 @@ def main() -> None:
                     for device in options.devices:
                         if device != "cpu" and threads != options.threads[0]:
                             continue  # a GPU row is timed once, at the first thread count
+                        set_precision(precision)
                         update = make_update(module, precision, compile=compile, device=device, **overrides)[1]
                         name = " ".join([row] + ["compiled"] * (compile == "on") + [device] * (device != "cpu"))
                         if update is not None:
@@ -318,18 +434,26 @@ def main() -> None:
 
     torch.set_num_threads(1)
     flops = {}
-    for name, (row, threads, precision, update, device) in configurations.items():
-        base = row.split(" ")[0] if not row.startswith("baseline") else row
-        if base not in flops:
-            flops[base] = update_flops(update, batches[device][0])  # also the warm-up of this configuration
+    for name, (row, threads, precision, update, device) in list(configurations.items()):
+        base = flops_key(row)
+        set_precision(precision)
+        data = batches[(device, dims_of(base))]
         start = time.perf_counter()
-        for batch in batches[device][:2]:  # warm-up; compiles the compiled rows
-            update(batch)
-        synchronise(device)
+        try:
+            if base not in flops:
+                flops[base] = update_flops(update, data[0])  # also the warm-up of this configuration
+            for batch in data[:3]:  # warm-up; compiles the compiled rows (CUDA graphs are recorded at the third call)
+                update(batch)
+            synchronise(device)
+        except Exception as error:  # one failing configuration (a compile error, say) must not lose the others
+            print(f"{name}: dropped, its warm-up failed: {type(error).__name__}: {str(error).splitlines()[0]:.200}",
+                  file=sys.stderr, flush=True)
+            del configurations[name]
+            continue
         if " compiled" in row:
             print(f"{name}: compiled in {time.perf_counter() - start:.1f} s (first 2 updates)", file=sys.stderr,
                   flush=True)
-    flops.update({row: flops[row.split(" ")[0]] for _, (row, *_rest) in configurations.items() if row not in flops})
+    flops.update({row: flops[flops_key(row)] for _, (row, *_rest) in configurations.items() if row not in flops})
 
     samples = {name: [] for name in configurations}
     loads = []
@@ -337,16 +461,18 @@ def main() -> None:
         loads.append(load_average())
         for name, (row, threads, precision, update, device) in configurations.items():
             torch.set_num_threads(threads)
+            set_precision(precision)
+            data = batches[(device, dims_of(flops_key(row)))]
             synchronise(device)
             start = time.perf_counter()
             for i in range(options.updates):
-                update(batches[device][i % len(batches[device])])
+                update(data[i % len(data)])
             synchronise(device)
             samples[name].append(options.updates / (time.perf_counter() - start))
         print(f"repeat {repeat + 1}/{options.repeats} done, load average {loads[-1]}", file=sys.stderr, flush=True)
     loads.append(load_average())
 
-    sweep = chunk_sweep(batches[0], options) if options.chunk_sweep else []
+    sweep = chunk_sweep(batches[("cpu", dims_of(""))][0], options) if options.chunk_sweep else []
 
     results = []
     for name, (row, threads, precision, _, device) in configurations.items():
@@ -356,7 +482,7 @@ def main() -> None:
                         "updates_per_second": median,
                         "min": min(values), "max": max(values), "samples": values,
                         "gflop_per_update": flops[row] / 1e9, "achieved_gflops": flops[row] * median / 1e9,
-                        "matmul_gflops": rates[f"{precision}/{threads}"]})
+                        "matmul_gflops": rates[f"cuda/{precision}" if device.startswith("cuda") else f"{precision}/{threads}"]})
 
     print(f"\nbatch {batch_size}, M = 20 (BCQ 10), {options.updates} updates x {options.repeats} interleaved repeats; "
           f"load average per repeat: {', '.join(loads)}\n")
