@@ -527,23 +527,6 @@ class ActingPolicy(nn.Module):
 # --- end shared block ---
 
 
-# --- shared block: compile ---
-def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
-    """`--compile`: an update's loss function through torch.compile (CUDA: CUDA graphs), or as it is. The noise it
-    needs is drawn outside it, so the random streams are those of the eager code; `auto` compiles on CUDA only."""
-    if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"):
-        return losses
-    return torch.compile(losses, mode="reduce-overhead" if device.type == "cuda" else None)
-# --- end shared block ---
-
-
-# --- shared block: final return ---
-def final_return(returns: list[float]) -> float:
-    # Table 6's protocol: a run's final return is the mean over its last 10% of evaluations.
-    return float(np.mean(returns[-max(1, math.ceil(0.1 * len(returns))):]))
-# --- end shared block ---
-
-
 def train(args: Args) -> dict:
     """Algorithm 1 on a fixed dataset; returns the summary written to summary.json."""
     if min(args.total_steps, args.batch_size, args.num_action_samples, args.num_eval_samples) < 1:
@@ -585,19 +568,20 @@ def train(args: Args) -> dict:
 
 
 # ==================================================================================================
-# TRY NOT TO MODIFY: the plumbing every learning script shares, called by name from train() above (make_env,
-# load_data, make_run_dir, Logger, evaluate_policies, save_checkpoint, export_policy, ...). Edit abm_mpo.py,
-# run tools/sync_blocks.py; tests/test_shared_blocks.py checks that the copies are identical.
+# TRY NOT TO MODIFY: the plumbing every learning script shares, called by name from train() above. Edit it in
+# abm_mpo.py and run tools/sync_blocks.py; tests/test_shared_blocks.py checks that the copies are identical.
 # ==================================================================================================
 
 
 # --- shared block: utilities ---
-class UserError(Exception):
-    """A problem with the user's input (arguments, files): reported in one sentence, exit 1."""
+class UserError(Exception):  # a problem with the user's input (arguments, files): one sentence, exit status 1
+    pass
 
 
 def main(train_fn: Callable, args) -> None:
-    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1."""
+    # OpenGL (headless EGL) only for --capture-video: unset, dm_control picks a backend and needs no libEGL.
+    if args.capture_video and sys.platform.startswith("linux"):
+        os.environ.setdefault("MUJOCO_GL", "egl")
     try:
         train_fn(args)
     except UserError as error:
@@ -605,11 +589,29 @@ def main(train_fn: Callable, args) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available")
-    return torch.device(name)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
+    """--compile (`auto`: CUDA only): `losses` through torch.compile, with CUDA graphs on CUDA, whose next replay
+    overwrites their outputs, so the metrics are cloned; if the first call fails: one line, then eager."""
+    if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"):
+        return losses
+    state = {"losses": torch.compile(losses, mode="reduce-overhead" if device.type == "cuda" else None), "first": True}
+
+    def call(*inputs):
+        try:
+            loss, metrics = state["losses"](*inputs)
+        except Exception as error:  # e.g. Triton's "PassManager::run failed"
+            if not state["first"]:
+                raise
+            print(f"torch.compile failed, running eager: {(str(error) or repr(error)).splitlines()[0]}", file=sys.stderr)
+            state["losses"], (loss, metrics) = losses, losses(*inputs)
+        state["first"] = False
+        return loss, {key: value.detach().clone() for key, value in metrics.items()}
+    return call
 # --- end shared block ---
 
 
@@ -618,56 +620,48 @@ CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walk
                          "quadruped": "quadruped-run"}
 
 
-def control_suite():
-    """dm_control's suite, imported with MUJOCO_GL defaulting to headless EGL on Linux (its glfw needs a display)."""
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("MUJOCO_GL", "egl")
-    from dm_control import suite
-
-    return suite
-
-
 class ControlSuiteEnv(gym.Env):
-    """A Control Suite task as a Gymnasium env: flat float32 observation, clipped actions, time limit = `truncated`."""
+    """A Control Suite task as a Gymnasium env: observation arrays flattened in dm_control's order (shimmy's adapter
+    sorts them by name) as float32, clipped actions, a time limit is `truncated`."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
     def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
-        self._load = lambda seed: control_suite().load(domain, task, task_kwargs={"random": seed})
+        from dm_control import suite
+
+        self._load = lambda seed: suite.load(domain, task, task_kwargs={"random": seed})
         self._env, self.render_mode = self._load(None), render_mode
         low, high = self._env.action_spec().minimum, self._env.action_spec().maximum
-        self.action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
+        self.action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32))
         size = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), dtype=np.float32)
-
-    def _flatten(self, observation) -> np.ndarray:
-        return np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
+        self.flat = lambda observation: np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
         super().reset(seed=seed)
-        if seed is not None:
-            self._env = self._load(seed)
-        return self._flatten(self._env.reset().observation), {}
+        self._env = self._env if seed is None else self._load(seed)
+        return self.flat(self._env.reset().observation), {}
 
     def step(self, action):
         time_step = self._env.step(np.clip(action, self.action_space.low, self.action_space.high))
-        terminated = time_step.last() and time_step.discount == 0.0
-        truncated = time_step.last() and not terminated
-        return self._flatten(time_step.observation), float(time_step.reward or 0.0), terminated, truncated, {}
+        end, terminated = time_step.last(), time_step.last() and time_step.discount == 0.0
+        return self.flat(time_step.observation), float(time_step.reward or 0.0), terminated, end and not terminated, {}
 
     def render(self):
         return self._env.physics.render(height=240, width=320, camera_id=0)
 
 
 def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
-    """`hopper`-style alias, Control Suite `domain-task`, `sawyer` (sawyer_env.learner_env(task): actions in [-1, 1],
-    task None = a random task per episode), or a gymnasium id (`module:EnvId`). env.unwrapped takes physical actions."""
+    """An alias, a Control Suite `domain-task`, `sawyer` (actions in [-1, 1]; task None: a random task per episode)
+    or a gymnasium id (`module:EnvId`); env.unwrapped takes the env's own (physical) actions."""
+    from dm_control import suite
+
     if env_id == "sawyer":
         if task is not None and task not in sawyer_env.ALL_TASKS:
             raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
         return sawyer_env.learner_env(task or "random", render_mode)
     domain, _, task = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
-    if task and (domain, task) in control_suite().ALL_TASKS:
+    if task and (domain, task) in suite.ALL_TASKS:
         return ControlSuiteEnv(domain, task, render_mode)
     try:
         return gym.make(env_id, render_mode=render_mode)
@@ -675,6 +669,7 @@ def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str]
         raise UserError(f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
                         f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})") from None
 # --- end shared block ---
+
 
 # --- shared block: dataset ---
 ARRAY_DIMENSIONS = {"observation": 2, "action": 2, "reward": 2, "discount": 1, "episode_id": 1, "step": 1,
@@ -688,34 +683,32 @@ DATASET_RULES = [  # (rule on the arrays a, what the user reads when it fails), 
     (lambda a: len(a["observation"]) > 0, "it holds no transitions"),
     (lambda a: a.get("next_observation", a["observation"]).shape == a["observation"].shape,
      "'next_observation' and 'observation' differ in shape"),
-    (lambda a: all(np.isfinite(a[key]).all() for key in ("observation", "action", "reward", "discount",
-                                                          "next_observation") if key in a),
+    (lambda a: all(np.isfinite(a[key]).all() for key in list(ARRAY_DIMENSIONS)[:7] if key in a),
      "an array contains NaN or infinite values"),
-    (lambda a: episodes_in_order(np.asarray(a["episode_id"]), np.asarray(a["step"])),
+    (lambda a: len(np.unique(a["episode_id"])) == len(episode_starts(a["episode_id"]))
+     and np.all(np.diff(a["step"])[np.diff(a["episode_id"]) == 0] == 1),
      "episodes must be stored back to back with consecutive steps (snippets for Eq. 4)"),
 ]
 
 
-def episodes_in_order(episode_id: np.ndarray, step: np.ndarray) -> bool:
-    same = episode_id[1:] == episode_id[:-1]
-    return len(np.unique(episode_id)) == 1 + np.sum(~same) and bool(np.all(np.diff(step)[same] == 1))
+def episode_starts(episode_id) -> np.ndarray:
+    return np.flatnonzero(np.r_[True, np.asarray(episode_id)[1:] != np.asarray(episode_id)[:-1]])
 
 
 def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
-    """Load and check a dataset (README "Datasets"): its arrays (memory-mapped for a directory of .npy files),
-    `metadata`, and `episode_last`, the index of the last transition of each transition's episode (for snippets);
-    `episodes_per_run`: the first K episodes of each collecting run (--dataset-episodes)."""
+    """A checked dataset (README "Datasets"; a directory of .npy files is memory-mapped) with its `metadata` and
+    `episode_last` (each transition's episode's last index); `episodes_per_run`: --dataset-episodes."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"dataset {path} does not exist")
     try:
         if path.is_dir():
             arrays = {f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in path.glob("*.npy")}
-            metadata = json.loads((path / "metadata.json").read_text()) if (path / "metadata.json").exists() else {}
+            arrays["metadata"] = (path / "metadata.json").read_text() if (path / "metadata.json").exists() else "{}"
         else:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {key: archive[key] for key in archive.files}
-            metadata = json.loads(str(arrays.pop("metadata", "{}")))
+        metadata = json.loads(str(arrays.pop("metadata", "{}")))
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"dataset {path} cannot be read, it is corrupt, truncated or pickled ({reason})") from None
@@ -724,29 +717,24 @@ def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
     for rule, problem in DATASET_RULES:
         if not rule(arrays):
             raise UserError(f"dataset {path}: {problem}")
-    size, episode_id = len(arrays["observation"]), np.asarray(arrays["episode_id"])
-    starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
+    size, starts = len(arrays["observation"]), episode_starts(arrays["episode_id"])
     keep = np.ones(size, dtype=bool)
     if "next_observation" not in arrays:  # derive s' from the next row; an episode's last row has none
         keep[np.r_[starts[1:] - 1, size - 1]] = False
         arrays["next_observation"] = np.asarray(arrays["observation"])[np.minimum(np.arange(size) + 1, size - 1)]
-    if episodes_per_run is not None:
-        run_of_start = np.asarray(arrays["run_id"])[starts] if "run_id" in arrays else np.zeros(len(starts), int)
-        rank = np.zeros(len(starts), dtype=np.int64)
-        for run in np.unique(run_of_start):
-            rank[run_of_start == run] = np.arange(np.sum(run_of_start == run))
+    if episodes_per_run is not None:  # an episode's rank within its collecting run
+        run = np.asarray(arrays["run_id"])[starts] if "run_id" in arrays else np.zeros(len(starts), int)
+        rank = np.array([np.sum(run[:i] == run[i]) for i in range(len(starts))])
         keep &= np.repeat(rank < episodes_per_run, np.diff(np.r_[starts, size]))
     if not keep.all():
         arrays = {key: np.asarray(value)[keep] for key, value in arrays.items()}
-        episode_id, size = arrays["episode_id"], int(keep.sum())
-        starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
+        size, starts = int(keep.sum()), episode_starts(arrays["episode_id"])
     lengths = np.diff(np.r_[starts, size])
     return {**arrays, "episode_last": np.repeat(starts + lengths - 1, lengths), "metadata": metadata}
 
 
 def select_tasks(data: dict, task: str, env_id: Optional[str] = None) -> tuple[list[int], list[str]]:
-    """Reward columns to learn: every column for `all`, else the one named `task`; sawyer's new tasks (`center`,
-    `corner`, Section 5.2) are labelled from the stored s' and appended to data["reward"] as a new column."""
+    """Reward columns to learn (`all` or one); sawyer's new tasks (Section 5.2) are labelled from s' as a new column."""
     names = list(data["metadata"].get("tasks") or [f"task{i}" for i in range(data["reward"].shape[1])])
     if len(names) != data["reward"].shape[1]:
         raise UserError(f"dataset metadata names {len(names)} tasks but 'reward' has {data['reward'].shape[1]} columns")
@@ -760,29 +748,18 @@ def select_tasks(data: dict, task: str, env_id: Optional[str] = None) -> tuple[l
     return (list(range(len(names))), names) if task == "all" else ([names.index(task)], [task])
 
 
-def data_on_device(data: dict, columns: list[int], device: torch.device) -> dict:
-    """The arrays batches are drawn from, as tensors on `device` (the learned reward `columns` only); a float32
-    memory-mapped array stays on disk on a CPU."""
-    tensors = {key: torch.as_tensor(np.asarray(data[key], np.float32), device=device)
-               for key in ("observation", "action", "discount", "next_observation")}
-    tensors["reward"] = torch.as_tensor(np.asarray(data["reward"][:, columns], np.float32), device=device)
-    return {**tensors, "episode_last": torch.as_tensor(data["episode_last"], device=device)}
-
-
 def load_data(args, env: gym.Env, device: torch.device) -> tuple[dict, list[str], dict]:
-    """The dataset of the run, checked against the env (generated by collect.py when the default one is missing),
-    as tensors on `device`; its task names; its spec (sizes, action bounds, best returns, for config.json)."""
+    """The run's dataset checked against the env (the default one made by collect.py if missing) as tensors on
+    `device` (float32 memory-mapped arrays stay on disk on a CPU), its task names, and its spec for config.json."""
     path = minari_npz(args.dataset) or Path(args.dataset or f"datasets/{args.env.replace(':', '_').replace('/', '_')}.npz")
     if args.dataset is None and not path.exists():
         print(f"No dataset at {path}: generating it with `python collect.py --env {args.env}` (default budget, about "
               f"{5 if args.env == 'sawyer' else 20} minutes on 2 CPU cores); pass --dataset PATH to use your own data.",
               flush=True)
-        command = [sys.executable, str(Path(__file__).resolve().parent / "collect.py"), "--env", args.env,
-                   "--output", str(path)]
+        command = [sys.executable, str(Path(__file__).resolve().parent / "collect.py"), "--env", args.env, "--output", path]
         if subprocess.run(command).returncode != 0 or not path.exists():
             raise UserError(f"collect.py failed to generate {path}; see its output above")
-    data = load_dataset(path, args.dataset_episodes)
-    (obs_dim,), (act_dim,) = env.observation_space.shape, env.action_space.shape
+    data, (obs_dim,), (act_dim,) = load_dataset(path, args.dataset_episodes), env.observation_space.shape, env.action_space.shape
     if data["observation"].shape[1] != obs_dim or data["action"].shape[1] != act_dim:
         raise UserError(f"dataset {path} has observation/action sizes {data['observation'].shape[1]}/"
                         f"{data['action'].shape[1]} but the env has {obs_dim}/{act_dim}; is it for another env?")
@@ -794,18 +771,18 @@ def load_data(args, env: gym.Env, device: torch.device) -> tuple[dict, list[str]
                         f"{[env_space.low.tolist(), env_space.high.tolist()]}")
     if args.env == "sawyer":
         data["action"] = sawyer_env.normalise_actions(data["action"])
-    starts = np.flatnonzero(np.r_[True, data["episode_id"][1:] != data["episode_id"][:-1]])
-    best = np.add.reduceat(np.asarray(data["reward"][:, columns], np.float64), starts, axis=0).max(0).tolist()
+    data["reward"] = np.asarray(data["reward"][:, columns], np.float32)
+    best = np.add.reduceat(data["reward"].astype(np.float64), episode_starts(data["episode_id"]), axis=0).max(0)
     spec = {"env": args.env, "dataset": str(path), "obs_dim": obs_dim, "act_dim": act_dim, "tasks": tasks,
             "action_low": env.action_space.low.tolist(), "action_high": env.action_space.high.tolist(),
             "env_action_low": env_space.low.tolist(), "env_action_high": env_space.high.tolist(),
-            "best_episode_return_in_dataset": dict(zip(tasks, best)),
+            "best_episode_return_in_dataset": dict(zip(tasks, best.tolist())),
             "reference_scores": data["metadata"].get("reference_scores")}
-    return data_on_device(data, columns, device), tasks, spec
-# --- end shared block ---
+    keys = ("observation", "action", "reward", "discount", "next_observation", "episode_last")
+    return {key: torch.as_tensor(np.asarray(data[key], None if key == "episode_last" else np.float32),
+                                 device=device) for key in keys}, tasks, spec
 
 
-# --- shared block: minari ---
 def minari_npz(dataset: Optional[str]) -> Optional[Path]:
     """Where the .npz copy of a Minari --dataset (`minari:<id>`, or a directory without .npy files) goes, else None."""
     if dataset and (dataset.startswith("minari:") or Path(dataset).is_dir() and not any(Path(dataset).glob("*.npy"))):
@@ -815,8 +792,8 @@ def minari_npz(dataset: Optional[str]) -> Optional[Path]:
 
 
 def dataset_env(args) -> str:
-    """args.env, once `minari_io.py import` (a subprocess: only it imports minari) wrote the .npz copy of a Minari
-    --dataset (again if the source changed) and checked --env; left out, --env is the env the dataset stores."""
+    """args.env, once `minari_io.py import` (only it imports minari) has made the .npz copy of a Minari --dataset
+    (again if the source changed) and checked --env; left out, --env is the env the dataset stores."""
     if (path := minari_npz(args.dataset)) is not None:
         command = [sys.executable, str(Path(__file__).resolve().parent / "minari_io.py"), "import", args.dataset,
                    "--output", str(path), *(["--env", args.env] if args.env else [])]
@@ -833,21 +810,19 @@ def dataset_env(args) -> str:
 # --- end shared block ---
 
 
-# --- shared block: run directory ---
+# --- shared block: run ---
 RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "checkpoint_every",
                      "device", "compile", "track", "wandb_project", "capture_video"}
 
 
 def load_saved_config(args, script: str) -> None:
-    """`--resume RUN_DIR`: arguments left at their defaults take the saved values; others may change only budgets,
-    devices and logging (RESUME_MAY_CHANGE)."""
+    """--resume: arguments left at their defaults take the saved values; only RESUME_MAY_CHANGE may differ."""
     run_dir = Path(args.resume)
     if not (run_dir / "config.json").exists() or not (run_dir / "checkpoint.pt").exists():
         raise UserError(f"cannot resume {run_dir}: it has no config.json and checkpoint.pt")
-    saved = json.loads((run_dir / "config.json").read_text())
+    saved, defaults, changed = json.loads((run_dir / "config.json").read_text()), asdict(type(args)()), []
     if saved.get("script") != script:
         raise UserError(f"cannot resume {run_dir}: it is a run of {saved.get('script')}, not {script}")
-    defaults, changed = asdict(type(args)()), []
     for key, value in asdict(args).items():
         old = saved["args"].get(key, value)
         if key in ("resume", "run_dir") or json.loads(json.dumps(value)) == old:
@@ -878,18 +853,14 @@ def make_run_dir(args, script: str, spec: dict) -> Path:
                 hashlib.file_digest(handle, lambda: digest)  # adds the file's bytes to `digest`
         versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
                     "gymnasium": gym.__version__, "mujoco": mujoco.__version__}
-        config = {"script": script, "args": asdict(args), "dataset": str(dataset), "dataset_sha256": digest.hexdigest(),
-                  "versions": versions, "spec": spec}
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+        (run_dir / "config.json").write_text(json.dumps({"script": script, "args": asdict(args), "dataset": str(dataset),
+            "dataset_sha256": digest.hexdigest(), "versions": versions, "spec": spec}, indent=2))  # noqa: E128
     return run_dir
-# --- end shared block ---
 
 
-# --- shared block: checkpoint ---
 def save_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator, step: int) -> None:
-    """checkpoint.pt: state dicts only (loadable with weights_only=True) of `modules` (networks, targets, duals,
-    optimisers, observation statistics), the random states and the step; written to a temporary file, then renamed,
-    so a crash leaves the previous checkpoint intact."""
+    """checkpoint.pt (weights_only-loadable): the state dicts of `modules`, the random states and the step; written
+    to a temporary file, then renamed, so a crash leaves the previous checkpoint intact."""
     state = {name: module.state_dict() for name, module in modules.items()}
     rng = {"torch": torch.get_rng_state(), "sampling": generator.get_state()}
     torch.save({**state, "rng": rng, "step": step}, run_dir / "checkpoint.tmp")
@@ -897,7 +868,7 @@ def save_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator, st
 
 
 def load_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator) -> int:
-    """Restore what save_checkpoint saved; returns the step it was saved at."""
+    """Restore what save_checkpoint saved (the random states from the CPU, as set_state wants); returns the step."""
     state = torch.load(run_dir / "checkpoint.pt", map_location=generator.device, weights_only=True)
     for name, module in modules.items():
         module.load_state_dict(state[name])
@@ -905,14 +876,12 @@ def load_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator) ->
     generator.set_state(state["rng"]["sampling"].cpu())
     print(f"Resuming {run_dir} from update {state['step']}.", flush=True)
     return state["step"]
-# --- end shared block ---
 
 
-# --- shared block: logger ---
 class Logger:
-    """metrics.csv (on --resume, the rows after the checkpoint dropped), TensorBoard (W&B syncs it with --track) and
-    a progress bar. Each update's metrics are summed on the device, where the first non-finite one is noted: no host
-    sync until a row or checkpoint is written, and a non-finite loss stops the run before one is."""
+    """metrics.csv (rows after the checkpoint dropped on --resume), TensorBoard (synced by W&B with --track), a
+    progress bar. Metrics are summed on the device, noting the first non-finite update: no host sync until a row or
+    checkpoint is written, and a non-finite loss stops the run before either."""
 
     def __init__(self, args, run_dir: Path, start: int):
         from torch.utils.tensorboard import SummaryWriter
@@ -930,33 +899,29 @@ class Logger:
                 raise UserError("--track needs Weights & Biases: pip install wandb") from None
             self.wandb = wandb.init(project=args.wandb_project, config=json.loads((run_dir / "config.json").read_text()),
                                     dir=str(run_dir), name=run_dir.name, resume="allow", sync_tensorboard=True)
-        self.writer = SummaryWriter(str(run_dir))
-        self.sums, self.count, self.clock, self.bad_step, self.step = {}, 0, time.time(), None, start
+        self.writer, self.sums, self.count, self.clock, self.step = SummaryWriter(str(run_dir)), {}, 0, time.time(), start
+        self.bad_step, self.bad = torch.zeros((), dtype=torch.long), False  # first non-finite update and its metrics
         self.progress = tqdm(initial=start, total=args.total_steps, desc=run_dir.name, disable=None)
 
     def record(self, step: int, metrics: dict) -> None:
         self.sums = {key: self.sums.get(key, 0.0) + value for key, value in metrics.items()}
         bad = ~torch.isfinite(torch.stack(list(metrics.values())))
-        if self.bad_step is None:
-            self.bad_step, self.bad = torch.zeros((), dtype=torch.long, device=bad.device), bad
-        first = (self.bad_step == 0) & bad.any()
+        first = bad.any() & (self.bad_step == 0)
         self.bad_step, self.bad = torch.where(first, step, self.bad_step), torch.where(first, bad, self.bad)
         self.step, self.count, self.keys = step, self.count + 1, list(metrics)
         self.progress.update()
 
     def check_finite(self) -> None:
-        if self.bad_step is not None and int(self.bad_step):
+        if int(self.bad_step):
             names = [key for key, bad in zip(self.keys, self.bad.tolist()) if bad]
             raise UserError(f"non-finite loss {[k for k in names if k.startswith('losses/')] or names} at update "
                             f"{int(self.bad_step)} (checked at update {self.step}); stopped, "
                             f"{self.run_dir / 'checkpoint.pt'} keeps the last good state")
 
-    def write(self, step: int, evaluation: dict) -> None:
-        """One row: the metrics averaged since the last row, the update rate, the evaluation's returns."""
+    def write(self, step: int, evaluation: dict) -> None:  # the metrics' means since the last row, the returns
         self.check_finite()
         row = {key: float(value) / self.count for key, value in self.sums.items()}
-        row["charts/updates_per_second"] = self.count / (time.time() - self.clock)
-        row.update(evaluation)
+        row = {**row, "charts/updates_per_second": self.count / (time.time() - self.clock), **evaluation}
         with open(self.path, "a", newline="") as handle:
             if self.header is None:
                 self.header = ["step", *row]
@@ -969,7 +934,6 @@ class Logger:
         self.sums, self.count, self.clock = {}, 0, time.time()
 
     def close(self) -> list[dict]:
-        """Close the progress bar and the writers; returns the rows of metrics.csv."""
         self.progress.close()
         self.writer.close()
         if self.wandb is not None:
@@ -979,33 +943,30 @@ class Logger:
 
 
 def write_summary(run_dir: Path, evaluations: list[dict], spec: dict) -> dict:
-    """summary.json: the final return (final_return, Table 6) of every `eval/` column, and `per_task` in Table 7's
-    layout: per task the final return, the final prior return, the best episode return in the data (`spec`'s)."""
-    best_in_data = spec["best_episode_return_in_dataset"]
-    summary = {"evaluations": len(evaluations), "best_episode_return_in_dataset": best_in_data}
+    """summary.json: per `eval/` column the final return, the mean of its last 10% of evaluations (Table 6), and
+    its normalised score where the data has reference scores; `per_task` in Table 7's layout with the data's best."""
+    best_in_data, (low, high) = spec["best_episode_return_in_dataset"], spec.get("reference_scores") or (None, None)
+    summary, per_task = {"evaluations": len(evaluations), "best_episode_return_in_dataset": best_in_data}, {}
     for key in [key for key in (evaluations or [{}])[0] if key.startswith("eval/")]:
-        returns = [float(row[key]) for row in evaluations if row.get(key)]
+        returns, name = [float(row[key]) for row in evaluations if row.get(key)], key.removeprefix("eval/")
         if returns:
-            summary["final/" + key.removeprefix("eval/")] = final_return(returns)
-    low, high = spec.get("reference_scores") or (None, None)
-    for key in [key for key in summary if key.startswith("final/")] if high is not None else []:  # D4RL's score
-        summary["final/normalised_" + key.removeprefix("final/")] = 100 * (summary[key] - low) / (high - low)
-    summary["per_task"] = {}
+            summary["final/" + name] = float(np.mean(returns[-max(1, math.ceil(0.1 * len(returns))):]))
+        if returns and high is not None:  # D4RL's normalised score
+            summary["final/normalised_" + name] = 100 * (summary["final/" + name] - low) / (high - low)
     for task, best in best_in_data.items():
         suffix = f"/{task}" if len(best_in_data) > 1 else ""
-        summary["per_task"][task] = {name: summary[f"final/{name}{suffix}"] for name in ("return", "prior_return",
-                                     "normalised_return", "normalised_prior_return") if f"final/{name}{suffix}" in summary}
-        summary["per_task"][task]["best_episode_return_in_dataset"] = best
+        per_task[task] = {name: summary[f"final/{name}{suffix}"] for name in ("return", "prior_return",
+                          "normalised_return", "normalised_prior_return") if f"final/{name}{suffix}" in summary}
+        per_task[task]["best_episode_return_in_dataset"] = best
+    summary["per_task"] = per_task
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return summary
-# --- end shared block ---
 
 
-# --- shared block: evaluation ---
 def make_eval_envs(args, run_dir: Path, tasks: list) -> list:
-    """One evaluation env per task (sawyer: SawyerEnv(task), else one env for every reward column), taking actions
-    in the env's own units (ActingPolicy maps onto them), with videos (--capture-video)."""
+    """envs[k] for task k (sawyer: SawyerEnv(task), else one env for every reward column), taking the env's own
+    actions (ActingPolicy maps onto them); --capture-video records the first episode of each evaluation."""
     if args.capture_video:
         try:
             import moviepy  # noqa: F401  (RecordVideo writes mp4 files with it)
@@ -1023,8 +984,7 @@ def make_eval_envs(args, run_dir: Path, tasks: list) -> list:
     return envs if args.env == "sawyer" else envs * len(tasks)
 
 
-def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int,
-             max_steps: Optional[int] = None) -> list[float]:
+def evaluate(act: Callable, env: gym.Env, episodes: int, seed: int, max_steps: Optional[int] = None) -> list[float]:
     """Undiscounted returns; episode i starts from reset(seed=seed + i), the same states at every evaluation."""
     returns = []
     for episode in range(episodes):
@@ -1052,17 +1012,14 @@ def evaluate_policies(policies: dict, envs: list, tasks: list, args) -> dict:
         if len(tasks) > 1:
             results.update({f"eval/{name}/{task}": float(value) for task, value in zip(tasks, per_task)})
     return results
-# --- end shared block ---
 
 
-# --- shared block: export ---
 def export_policy(policy: nn.Module, spec: dict, run_dir: Path) -> None:
     """policy.pt2, atomically: `torch.export.load(path).module()(observation, task_index)` runs the ActingPolicy with
     torch alone; what acting needs beside it (env, sizes, tasks, action bounds) is the extra file "policy.json"."""
-    module = copy.deepcopy(policy).cpu().eval()
     batch = torch.export.Dim("batch", max=1 << 16)
     example = (torch.zeros(2, spec["obs_dim"]), torch.zeros(2, dtype=torch.int64))
-    program = torch.export.export(module, example, dynamic_shapes=({0: batch}, {0: batch}))
+    program = torch.export.export(copy.deepcopy(policy).cpu().eval(), example, dynamic_shapes=({0: batch}, {0: batch}))
     metadata = {"env": spec.get("env"), "obs_dim": spec["obs_dim"], "act_dim": spec["act_dim"], "tasks": spec["tasks"],
                 "action_low": spec["env_action_low"], "action_high": spec["env_action_high"],
                 "inputs": "observation [B, obs_dim] float32 raw, task_index [B] int64 (into tasks)",

@@ -155,56 +155,48 @@ CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walk
                          "quadruped": "quadruped-run"}
 
 
-def control_suite():
-    """dm_control's suite, imported with MUJOCO_GL defaulting to headless EGL on Linux (its glfw needs a display)."""
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("MUJOCO_GL", "egl")
-    from dm_control import suite
-
-    return suite
-
-
 class ControlSuiteEnv(gym.Env):
-    """A Control Suite task as a Gymnasium env: flat float32 observation, clipped actions, time limit = `truncated`."""
+    """A Control Suite task as a Gymnasium env: observation arrays flattened in dm_control's order (shimmy's adapter
+    sorts them by name) as float32, clipped actions, a time limit is `truncated`."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
     def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
-        self._load = lambda seed: control_suite().load(domain, task, task_kwargs={"random": seed})
+        from dm_control import suite
+
+        self._load = lambda seed: suite.load(domain, task, task_kwargs={"random": seed})
         self._env, self.render_mode = self._load(None), render_mode
         low, high = self._env.action_spec().minimum, self._env.action_spec().maximum
-        self.action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
+        self.action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32))
         size = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), dtype=np.float32)
-
-    def _flatten(self, observation) -> np.ndarray:
-        return np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
+        self.flat = lambda observation: np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
         super().reset(seed=seed)
-        if seed is not None:
-            self._env = self._load(seed)
-        return self._flatten(self._env.reset().observation), {}
+        self._env = self._env if seed is None else self._load(seed)
+        return self.flat(self._env.reset().observation), {}
 
     def step(self, action):
         time_step = self._env.step(np.clip(action, self.action_space.low, self.action_space.high))
-        terminated = time_step.last() and time_step.discount == 0.0
-        truncated = time_step.last() and not terminated
-        return self._flatten(time_step.observation), float(time_step.reward or 0.0), terminated, truncated, {}
+        end, terminated = time_step.last(), time_step.last() and time_step.discount == 0.0
+        return self.flat(time_step.observation), float(time_step.reward or 0.0), terminated, end and not terminated, {}
 
     def render(self):
         return self._env.physics.render(height=240, width=320, camera_id=0)
 
 
 def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
-    """`hopper`-style alias, Control Suite `domain-task`, `sawyer` (sawyer_env.learner_env(task): actions in [-1, 1],
-    task None = a random task per episode), or a gymnasium id (`module:EnvId`). env.unwrapped takes physical actions."""
+    """An alias, a Control Suite `domain-task`, `sawyer` (actions in [-1, 1]; task None: a random task per episode)
+    or a gymnasium id (`module:EnvId`); env.unwrapped takes the env's own (physical) actions."""
+    from dm_control import suite
+
     if env_id == "sawyer":
         if task is not None and task not in sawyer_env.ALL_TASKS:
             raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
         return sawyer_env.learner_env(task or "random", render_mode)
     domain, _, task = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
-    if task and (domain, task) in control_suite().ALL_TASKS:
+    if task and (domain, task) in suite.ALL_TASKS:
         return ControlSuiteEnv(domain, task, render_mode)
     try:
         return gym.make(env_id, render_mode=render_mode)

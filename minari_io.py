@@ -75,12 +75,14 @@ class Export:
 
 
 # --- shared block: utilities ---
-class UserError(Exception):
-    """A problem with the user's input (arguments, files): reported in one sentence, exit 1."""
+class UserError(Exception):  # a problem with the user's input (arguments, files): one sentence, exit status 1
+    pass
 
 
 def main(train_fn: Callable, args) -> None:
-    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1."""
+    # OpenGL (headless EGL) only for --capture-video: unset, dm_control picks a backend and needs no libEGL.
+    if args.capture_video and sys.platform.startswith("linux"):
+        os.environ.setdefault("MUJOCO_GL", "egl")
     try:
         train_fn(args)
     except UserError as error:
@@ -88,11 +90,29 @@ def main(train_fn: Callable, args) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available")
-    return torch.device(name)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
+    """--compile (`auto`: CUDA only): `losses` through torch.compile, with CUDA graphs on CUDA, whose next replay
+    overwrites their outputs, so the metrics are cloned; if the first call fails: one line, then eager."""
+    if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"):
+        return losses
+    state = {"losses": torch.compile(losses, mode="reduce-overhead" if device.type == "cuda" else None), "first": True}
+
+    def call(*inputs):
+        try:
+            loss, metrics = state["losses"](*inputs)
+        except Exception as error:  # e.g. Triton's "PassManager::run failed"
+            if not state["first"]:
+                raise
+            print(f"torch.compile failed, running eager: {(str(error) or repr(error)).splitlines()[0]}", file=sys.stderr)
+            state["losses"], (loss, metrics) = losses, losses(*inputs)
+        state["first"] = False
+        return loss, {key: value.detach().clone() for key, value in metrics.items()}
+    return call
 # --- end shared block ---
 
 
@@ -101,56 +121,48 @@ CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walk
                          "quadruped": "quadruped-run"}
 
 
-def control_suite():
-    """dm_control's suite, imported with MUJOCO_GL defaulting to headless EGL on Linux (its glfw needs a display)."""
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("MUJOCO_GL", "egl")
-    from dm_control import suite
-
-    return suite
-
-
 class ControlSuiteEnv(gym.Env):
-    """A Control Suite task as a Gymnasium env: flat float32 observation, clipped actions, time limit = `truncated`."""
+    """A Control Suite task as a Gymnasium env: observation arrays flattened in dm_control's order (shimmy's adapter
+    sorts them by name) as float32, clipped actions, a time limit is `truncated`."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
     def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
-        self._load = lambda seed: control_suite().load(domain, task, task_kwargs={"random": seed})
+        from dm_control import suite
+
+        self._load = lambda seed: suite.load(domain, task, task_kwargs={"random": seed})
         self._env, self.render_mode = self._load(None), render_mode
         low, high = self._env.action_spec().minimum, self._env.action_spec().maximum
-        self.action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
+        self.action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32))
         size = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), dtype=np.float32)
-
-    def _flatten(self, observation) -> np.ndarray:
-        return np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
+        self.flat = lambda observation: np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
         super().reset(seed=seed)
-        if seed is not None:
-            self._env = self._load(seed)
-        return self._flatten(self._env.reset().observation), {}
+        self._env = self._env if seed is None else self._load(seed)
+        return self.flat(self._env.reset().observation), {}
 
     def step(self, action):
         time_step = self._env.step(np.clip(action, self.action_space.low, self.action_space.high))
-        terminated = time_step.last() and time_step.discount == 0.0
-        truncated = time_step.last() and not terminated
-        return self._flatten(time_step.observation), float(time_step.reward or 0.0), terminated, truncated, {}
+        end, terminated = time_step.last(), time_step.last() and time_step.discount == 0.0
+        return self.flat(time_step.observation), float(time_step.reward or 0.0), terminated, end and not terminated, {}
 
     def render(self):
         return self._env.physics.render(height=240, width=320, camera_id=0)
 
 
 def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
-    """`hopper`-style alias, Control Suite `domain-task`, `sawyer` (sawyer_env.learner_env(task): actions in [-1, 1],
-    task None = a random task per episode), or a gymnasium id (`module:EnvId`). env.unwrapped takes physical actions."""
+    """An alias, a Control Suite `domain-task`, `sawyer` (actions in [-1, 1]; task None: a random task per episode)
+    or a gymnasium id (`module:EnvId`); env.unwrapped takes the env's own (physical) actions."""
+    from dm_control import suite
+
     if env_id == "sawyer":
         if task is not None and task not in sawyer_env.ALL_TASKS:
             raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
         return sawyer_env.learner_env(task or "random", render_mode)
     domain, _, task = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
-    if task and (domain, task) in control_suite().ALL_TASKS:
+    if task and (domain, task) in suite.ALL_TASKS:
         return ControlSuiteEnv(domain, task, render_mode)
     try:
         return gym.make(env_id, render_mode=render_mode)
@@ -172,34 +184,32 @@ DATASET_RULES = [  # (rule on the arrays a, what the user reads when it fails), 
     (lambda a: len(a["observation"]) > 0, "it holds no transitions"),
     (lambda a: a.get("next_observation", a["observation"]).shape == a["observation"].shape,
      "'next_observation' and 'observation' differ in shape"),
-    (lambda a: all(np.isfinite(a[key]).all() for key in ("observation", "action", "reward", "discount",
-                                                          "next_observation") if key in a),
+    (lambda a: all(np.isfinite(a[key]).all() for key in list(ARRAY_DIMENSIONS)[:7] if key in a),
      "an array contains NaN or infinite values"),
-    (lambda a: episodes_in_order(np.asarray(a["episode_id"]), np.asarray(a["step"])),
+    (lambda a: len(np.unique(a["episode_id"])) == len(episode_starts(a["episode_id"]))
+     and np.all(np.diff(a["step"])[np.diff(a["episode_id"]) == 0] == 1),
      "episodes must be stored back to back with consecutive steps (snippets for Eq. 4)"),
 ]
 
 
-def episodes_in_order(episode_id: np.ndarray, step: np.ndarray) -> bool:
-    same = episode_id[1:] == episode_id[:-1]
-    return len(np.unique(episode_id)) == 1 + np.sum(~same) and bool(np.all(np.diff(step)[same] == 1))
+def episode_starts(episode_id) -> np.ndarray:
+    return np.flatnonzero(np.r_[True, np.asarray(episode_id)[1:] != np.asarray(episode_id)[:-1]])
 
 
 def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
-    """Load and check a dataset (README "Datasets"): its arrays (memory-mapped for a directory of .npy files),
-    `metadata`, and `episode_last`, the index of the last transition of each transition's episode (for snippets);
-    `episodes_per_run`: the first K episodes of each collecting run (--dataset-episodes)."""
+    """A checked dataset (README "Datasets"; a directory of .npy files is memory-mapped) with its `metadata` and
+    `episode_last` (each transition's episode's last index); `episodes_per_run`: --dataset-episodes."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"dataset {path} does not exist")
     try:
         if path.is_dir():
             arrays = {f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in path.glob("*.npy")}
-            metadata = json.loads((path / "metadata.json").read_text()) if (path / "metadata.json").exists() else {}
+            arrays["metadata"] = (path / "metadata.json").read_text() if (path / "metadata.json").exists() else "{}"
         else:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {key: archive[key] for key in archive.files}
-            metadata = json.loads(str(arrays.pop("metadata", "{}")))
+        metadata = json.loads(str(arrays.pop("metadata", "{}")))
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"dataset {path} cannot be read, it is corrupt, truncated or pickled ({reason})") from None
@@ -208,29 +218,24 @@ def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
     for rule, problem in DATASET_RULES:
         if not rule(arrays):
             raise UserError(f"dataset {path}: {problem}")
-    size, episode_id = len(arrays["observation"]), np.asarray(arrays["episode_id"])
-    starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
+    size, starts = len(arrays["observation"]), episode_starts(arrays["episode_id"])
     keep = np.ones(size, dtype=bool)
     if "next_observation" not in arrays:  # derive s' from the next row; an episode's last row has none
         keep[np.r_[starts[1:] - 1, size - 1]] = False
         arrays["next_observation"] = np.asarray(arrays["observation"])[np.minimum(np.arange(size) + 1, size - 1)]
-    if episodes_per_run is not None:
-        run_of_start = np.asarray(arrays["run_id"])[starts] if "run_id" in arrays else np.zeros(len(starts), int)
-        rank = np.zeros(len(starts), dtype=np.int64)
-        for run in np.unique(run_of_start):
-            rank[run_of_start == run] = np.arange(np.sum(run_of_start == run))
+    if episodes_per_run is not None:  # an episode's rank within its collecting run
+        run = np.asarray(arrays["run_id"])[starts] if "run_id" in arrays else np.zeros(len(starts), int)
+        rank = np.array([np.sum(run[:i] == run[i]) for i in range(len(starts))])
         keep &= np.repeat(rank < episodes_per_run, np.diff(np.r_[starts, size]))
     if not keep.all():
         arrays = {key: np.asarray(value)[keep] for key, value in arrays.items()}
-        episode_id, size = arrays["episode_id"], int(keep.sum())
-        starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
+        size, starts = int(keep.sum()), episode_starts(arrays["episode_id"])
     lengths = np.diff(np.r_[starts, size])
     return {**arrays, "episode_last": np.repeat(starts + lengths - 1, lengths), "metadata": metadata}
 
 
 def select_tasks(data: dict, task: str, env_id: Optional[str] = None) -> tuple[list[int], list[str]]:
-    """Reward columns to learn: every column for `all`, else the one named `task`; sawyer's new tasks (`center`,
-    `corner`, Section 5.2) are labelled from the stored s' and appended to data["reward"] as a new column."""
+    """Reward columns to learn (`all` or one); sawyer's new tasks (Section 5.2) are labelled from s' as a new column."""
     names = list(data["metadata"].get("tasks") or [f"task{i}" for i in range(data["reward"].shape[1])])
     if len(names) != data["reward"].shape[1]:
         raise UserError(f"dataset metadata names {len(names)} tasks but 'reward' has {data['reward'].shape[1]} columns")
@@ -244,29 +249,18 @@ def select_tasks(data: dict, task: str, env_id: Optional[str] = None) -> tuple[l
     return (list(range(len(names))), names) if task == "all" else ([names.index(task)], [task])
 
 
-def data_on_device(data: dict, columns: list[int], device: torch.device) -> dict:
-    """The arrays batches are drawn from, as tensors on `device` (the learned reward `columns` only); a float32
-    memory-mapped array stays on disk on a CPU."""
-    tensors = {key: torch.as_tensor(np.asarray(data[key], np.float32), device=device)
-               for key in ("observation", "action", "discount", "next_observation")}
-    tensors["reward"] = torch.as_tensor(np.asarray(data["reward"][:, columns], np.float32), device=device)
-    return {**tensors, "episode_last": torch.as_tensor(data["episode_last"], device=device)}
-
-
 def load_data(args, env: gym.Env, device: torch.device) -> tuple[dict, list[str], dict]:
-    """The dataset of the run, checked against the env (generated by collect.py when the default one is missing),
-    as tensors on `device`; its task names; its spec (sizes, action bounds, best returns, for config.json)."""
+    """The run's dataset checked against the env (the default one made by collect.py if missing) as tensors on
+    `device` (float32 memory-mapped arrays stay on disk on a CPU), its task names, and its spec for config.json."""
     path = minari_npz(args.dataset) or Path(args.dataset or f"datasets/{args.env.replace(':', '_').replace('/', '_')}.npz")
     if args.dataset is None and not path.exists():
         print(f"No dataset at {path}: generating it with `python collect.py --env {args.env}` (default budget, about "
               f"{5 if args.env == 'sawyer' else 20} minutes on 2 CPU cores); pass --dataset PATH to use your own data.",
               flush=True)
-        command = [sys.executable, str(Path(__file__).resolve().parent / "collect.py"), "--env", args.env,
-                   "--output", str(path)]
+        command = [sys.executable, str(Path(__file__).resolve().parent / "collect.py"), "--env", args.env, "--output", path]
         if subprocess.run(command).returncode != 0 or not path.exists():
             raise UserError(f"collect.py failed to generate {path}; see its output above")
-    data = load_dataset(path, args.dataset_episodes)
-    (obs_dim,), (act_dim,) = env.observation_space.shape, env.action_space.shape
+    data, (obs_dim,), (act_dim,) = load_dataset(path, args.dataset_episodes), env.observation_space.shape, env.action_space.shape
     if data["observation"].shape[1] != obs_dim or data["action"].shape[1] != act_dim:
         raise UserError(f"dataset {path} has observation/action sizes {data['observation'].shape[1]}/"
                         f"{data['action'].shape[1]} but the env has {obs_dim}/{act_dim}; is it for another env?")
@@ -278,18 +272,18 @@ def load_data(args, env: gym.Env, device: torch.device) -> tuple[dict, list[str]
                         f"{[env_space.low.tolist(), env_space.high.tolist()]}")
     if args.env == "sawyer":
         data["action"] = sawyer_env.normalise_actions(data["action"])
-    starts = np.flatnonzero(np.r_[True, data["episode_id"][1:] != data["episode_id"][:-1]])
-    best = np.add.reduceat(np.asarray(data["reward"][:, columns], np.float64), starts, axis=0).max(0).tolist()
+    data["reward"] = np.asarray(data["reward"][:, columns], np.float32)
+    best = np.add.reduceat(data["reward"].astype(np.float64), episode_starts(data["episode_id"]), axis=0).max(0)
     spec = {"env": args.env, "dataset": str(path), "obs_dim": obs_dim, "act_dim": act_dim, "tasks": tasks,
             "action_low": env.action_space.low.tolist(), "action_high": env.action_space.high.tolist(),
             "env_action_low": env_space.low.tolist(), "env_action_high": env_space.high.tolist(),
-            "best_episode_return_in_dataset": dict(zip(tasks, best)),
+            "best_episode_return_in_dataset": dict(zip(tasks, best.tolist())),
             "reference_scores": data["metadata"].get("reference_scores")}
-    return data_on_device(data, columns, device), tasks, spec
-# --- end shared block ---
+    keys = ("observation", "action", "reward", "discount", "next_observation", "episode_last")
+    return {key: torch.as_tensor(np.asarray(data[key], None if key == "episode_last" else np.float32),
+                                 device=device) for key in keys}, tasks, spec
 
 
-# --- shared block: minari ---
 def minari_npz(dataset: Optional[str]) -> Optional[Path]:
     """Where the .npz copy of a Minari --dataset (`minari:<id>`, or a directory without .npy files) goes, else None."""
     if dataset and (dataset.startswith("minari:") or Path(dataset).is_dir() and not any(Path(dataset).glob("*.npy"))):
@@ -299,8 +293,8 @@ def minari_npz(dataset: Optional[str]) -> Optional[Path]:
 
 
 def dataset_env(args) -> str:
-    """args.env, once `minari_io.py import` (a subprocess: only it imports minari) wrote the .npz copy of a Minari
-    --dataset (again if the source changed) and checked --env; left out, --env is the env the dataset stores."""
+    """args.env, once `minari_io.py import` (only it imports minari) has made the .npz copy of a Minari --dataset
+    (again if the source changed) and checked --env; left out, --env is the env the dataset stores."""
     if (path := minari_npz(args.dataset)) is not None:
         command = [sys.executable, str(Path(__file__).resolve().parent / "minari_io.py"), "import", args.dataset,
                    "--output", str(path), *(["--env", args.env] if args.env else [])]
@@ -315,6 +309,7 @@ def dataset_env(args) -> str:
     args.__post_init__()  # the defaults that depend on the env
     return args.env
 # --- end shared block ---
+
 
 
 MINARI_INFOS = ("episode_id", "step", "run_id", "task_id")  # per-step arrays of ours that Minari keeps in `infos`
