@@ -598,7 +598,7 @@ class UserError(Exception):  # a problem with the user's input (arguments, files
 
 def main(train_fn: Callable, args) -> None:
     # OpenGL (headless EGL) only for --capture-video: unset, dm_control picks a backend and needs no libEGL.
-    if args.capture_video and sys.platform.startswith("linux"):
+    if getattr(args, "capture_video", False) and sys.platform.startswith("linux"):
         os.environ.setdefault("MUJOCO_GL", "egl")
     try:
         train_fn(args)
@@ -774,7 +774,7 @@ def load_data(args, env: gym.Env, device: torch.device) -> tuple[dict, list[str]
         print(f"No dataset at {path}: generating it with `python collect.py --env {args.env}` (default budget, about "
               f"{5 if args.env == 'sawyer' else 20} minutes on 2 CPU cores); pass --dataset PATH to use your own data.",
               flush=True)
-        command = [sys.executable, str(Path(__file__).resolve().parent / "collect.py"), "--env", args.env, "--output", path]
+        command = [sys.executable, str(Path(__file__).resolve().parent / "collect.py"), "--env", args.env, "--output", str(path)]
         if subprocess.run(command).returncode != 0 or not path.exists():
             raise UserError(f"collect.py failed to generate {path}; see its output above")
     data, (obs_dim,), (act_dim,) = load_dataset(path, args.dataset_episodes), env.observation_space.shape, env.action_space.shape

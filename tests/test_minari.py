@@ -98,7 +98,7 @@ def import_error(source, env=None) -> str:
 def test_minari_io_carries_the_shared_blocks():
     reference = reference_blocks()
     copies = {m.group(1): m.group(0) for m in BLOCK.finditer((ROOT / "minari_io.py").read_text())}
-    assert {"utilities", "env", "dataset", "minari"} <= set(copies)
+    assert {"utilities", "env", "dataset"} <= set(copies)
     assert all(text == reference[name] for name, text in copies.items())
 
 
