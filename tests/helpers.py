@@ -59,3 +59,10 @@ def box_env(obs_dim: int = 5, act_dim: int = 1):
     env.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
     env.action_space = gym.spaces.Box(-1.0, 1.0, (act_dim,), np.float32)
     return env
+
+
+def gaussian_samples(mean, std, num_samples: int, generator):
+    """M samples a = mean + std * noise, as the updates draw them: [K, B, act] -> [M, K, B, act]."""
+    import torch
+
+    return mean + std * torch.randn((num_samples, *mean.shape), generator=generator, device=mean.device)
