@@ -53,6 +53,7 @@ Differences from the paper (all stated choices where the paper is silent):
 import copy
 import csv
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -547,19 +548,18 @@ def train(args: Args) -> dict:
 
 # ==================================================================================================
 # TRY NOT TO MODIFY: the plumbing every learning script shares, called by name from train() above. Edit it in
-# abm_mpo.py and run tools/sync_blocks.py; tests/test_shared_blocks.py checks that the copies are identical.
+# abm_mpo.py, then run tools/sync_blocks.py (tests/test_shared_blocks.py checks that the copies are identical).
 # ==================================================================================================
 
 
 # --- shared block: utilities ---
-class UserError(Exception):  # a problem with the user's input (arguments, files): one sentence, exit status 1
-    pass
+class UserError(Exception):
+    """A problem with the user's input (arguments, files): reported in one sentence, exit status 1."""
 
 
 def main(train_fn: Callable, args) -> None:
-    # OpenGL (headless EGL) only for --capture-video: unset, dm_control picks a backend and needs no libEGL.
     if getattr(args, "capture_video", False) and sys.platform.startswith("linux"):
-        os.environ.setdefault("MUJOCO_GL", "egl")
+        os.environ.setdefault("MUJOCO_GL", "egl")  # OpenGL for videos only: unset, dm_control needs no libEGL
     try:
         train_fn(args)
     except UserError as error:
@@ -573,7 +573,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
-    """--compile (`auto`: CUDA only): `losses` through torch.compile, with CUDA graphs on CUDA, whose next replay
+    """--compile (`auto`: CUDA only): `losses` through torch.compile, on CUDA with CUDA graphs, whose next replay
     overwrites their outputs, so the metrics are cloned; if the first call fails: one line, then eager."""
     if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"):
         return losses
@@ -607,26 +607,25 @@ class ControlSuiteEnv(gym.Env):
     def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
         from dm_control import suite
 
-        self._load = lambda seed: suite.load(domain, task, task_kwargs={"random": seed})
-        self._env, self.render_mode = self._load(None), render_mode
-        low, high = self._env.action_spec().minimum, self._env.action_spec().maximum
-        self.action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32))
-        size = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
+        self.load, self.render_mode = lambda seed: suite.load(domain, task, task_kwargs={"random": seed}), render_mode
+        self.env, spec = self.load(None), self.load(None).action_spec()
+        self.action_space = gym.spaces.Box(spec.minimum.astype(np.float32), spec.maximum.astype(np.float32))
+        size = sum(int(np.prod(v.shape)) for v in self.env.observation_spec().values())
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
-        self.flat = lambda observation: np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
         super().reset(seed=seed)
-        self._env = self._env if seed is None else self._load(seed)
-        return self.flat(self._env.reset().observation), {}
+        self.env = self.env if seed is None else self.load(seed)
+        return np.concatenate([np.ravel(v) for v in self.env.reset().observation.values()], dtype=np.float32), {}
 
     def step(self, action):
-        time_step = self._env.step(np.clip(action, self.action_space.low, self.action_space.high))
-        end, terminated = time_step.last(), time_step.last() and time_step.discount == 0.0
-        return self.flat(time_step.observation), float(time_step.reward or 0.0), terminated, end and not terminated, {}
+        time_step = self.env.step(np.clip(action, self.action_space.low, self.action_space.high))
+        observation = np.concatenate([np.ravel(v) for v in time_step.observation.values()], dtype=np.float32)
+        terminated = time_step.last() and time_step.discount == 0.0
+        return observation, float(time_step.reward or 0.0), terminated, time_step.last() and not terminated, {}
 
     def render(self):
-        return self._env.physics.render(height=240, width=320, camera_id=0)
+        return self.env.physics.render(height=240, width=320, camera_id=0)
 
 
 def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
@@ -634,15 +633,12 @@ def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str]
     or a gymnasium id (`module:EnvId`); env.unwrapped takes the env's own (physical) actions."""
     from dm_control import suite
 
-    if env_id == "sawyer":
-        if task is not None and task not in sawyer_env.ALL_TASKS:
-            raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
-        return sawyer_env.learner_env(task or "random", render_mode)
-    domain, _, task = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
-    if task and (domain, task) in suite.ALL_TASKS:
-        return ControlSuiteEnv(domain, task, render_mode)
+    if env_id == "sawyer" and task is not None and task not in sawyer_env.ALL_TASKS:
+        raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
+    domain, _, name = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
     try:
-        return gym.make(env_id, render_mode=render_mode)
+        return (sawyer_env.learner_env(task or "random", render_mode) if env_id == "sawyer" else ControlSuiteEnv(
+            domain, name, render_mode) if (domain, name) in suite.ALL_TASKS else gym.make(env_id, render_mode=render_mode))
     except Exception as error:  # gymnasium raises many types for an unknown or broken id
         raise UserError(f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
                         f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})") from None
@@ -718,9 +714,8 @@ def select_tasks(data: dict, task: str, env_id: Optional[str] = None) -> tuple[l
         raise UserError(f"dataset metadata names {len(names)} tasks but 'reward' has {data['reward'].shape[1]} columns")
     if task not in names and env_id == "sawyer" and task in sawyer_env.REWARD_FUNCTIONS:
         reward = sawyer_env.REWARD_FUNCTIONS[task](np.asarray(data["next_observation"])).astype(np.float32)
-        data["reward"] = np.concatenate([np.asarray(data["reward"]), reward[:, None]], axis=1)
+        data["reward"], data["metadata"] = np.c_[data["reward"], reward], {**data["metadata"], "tasks": names + [task]}
         names.append(task)
-        data["metadata"] = {**data["metadata"], "tasks": names}
     if task != "all" and task not in names:
         raise UserError(f"task {task!r} is not in the dataset; its tasks are {names}")
     return (list(range(len(names))), names) if task == "all" else ([names.index(task)], [task])
@@ -831,26 +826,24 @@ def make_run_dir(args, script: str, spec: dict) -> Path:
                 hashlib.file_digest(handle, lambda: digest)  # adds the file's bytes to `digest`
         versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
                     "gymnasium": gym.__version__, "mujoco": mujoco.__version__}
-        (run_dir / "config.json").write_text(json.dumps({"script": script, "args": asdict(args), "dataset": str(dataset),
-            "dataset_sha256": digest.hexdigest(), "versions": versions, "spec": spec}, indent=2))  # noqa: E128
+        config = {"script": script, "args": asdict(args), "dataset": str(dataset), "dataset_sha256": digest.hexdigest()}
+        (run_dir / "config.json").write_text(json.dumps({**config, "versions": versions, "spec": spec}, indent=2))
     return run_dir
 
 
 def save_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator, step: int) -> None:
     """checkpoint.pt (weights_only-loadable): the state dicts of `modules`, the random states and the step; written
     to a temporary file, then renamed, so a crash leaves the previous checkpoint intact."""
-    state = {name: module.state_dict() for name, module in modules.items()}
     rng = {"torch": torch.get_rng_state(), "sampling": generator.get_state()}
-    torch.save({**state, "rng": rng, "step": step}, run_dir / "checkpoint.tmp")
+    torch.save({**{name: m.state_dict() for name, m in modules.items()}, "rng": rng, "step": step}, run_dir / "checkpoint.tmp")
     os.replace(run_dir / "checkpoint.tmp", run_dir / "checkpoint.pt")
 
 
 def load_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator) -> int:
-    """Restore what save_checkpoint saved (the random states from the CPU, as set_state wants); returns the step."""
     state = torch.load(run_dir / "checkpoint.pt", map_location=generator.device, weights_only=True)
     for name, module in modules.items():
         module.load_state_dict(state[name])
-    torch.set_rng_state(state["rng"]["torch"].cpu())
+    torch.set_rng_state(state["rng"]["torch"].cpu())  # set_state takes the random states on the CPU
     generator.set_state(state["rng"]["sampling"].cpu())
     print(f"Resuming {run_dir} from update {state['step']}.", flush=True)
     return state["step"]
@@ -865,11 +858,8 @@ class Logger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir, self.path, self.wandb = run_dir, run_dir / "metrics.csv", None
-        rows = list(csv.reader(self.path.read_text().splitlines())) if self.path.exists() else []
-        rows = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= start]
-        self.header = rows[0] if rows else None
-        with open(self.path, "w", newline="") as handle:
-            csv.writer(handle).writerows(rows)
+        rows = list(csv.DictReader(self.path.read_text().splitlines())) if self.path.exists() else []
+        self.rows = [row for row in rows if int(row["step"]) <= start]
         if args.track:
             try:
                 import wandb
@@ -898,14 +888,14 @@ class Logger:
 
     def write(self, step: int, evaluation: dict) -> None:  # the metrics' means since the last row, the returns
         self.check_finite()
-        row = {key: float(value) / self.count for key, value in self.sums.items()}
-        row = {**row, "charts/updates_per_second": self.count / (time.time() - self.clock), **evaluation}
-        with open(self.path, "a", newline="") as handle:
-            if self.header is None:
-                self.header = ["step", *row]
-                csv.writer(handle).writerow(self.header)
-            csv.writer(handle).writerow([{"step": step, **row}.get(column, "") for column in self.header])
-        for key, value in row.items():
+        row = {"step": step, **{key: float(value) / self.count for key, value in self.sums.items()},
+               "charts/updates_per_second": self.count / (time.time() - self.clock), **evaluation}
+        self.rows.append(row)
+        with open(self.path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, list(self.rows[0]), restval="", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows)
+        for key, value in list(row.items())[1:]:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
         self.progress.set_postfix({k[5:]: f"{v:.1f}" for k, v in row.items() if k.startswith("eval/") and k.count("/") == 1})
@@ -916,8 +906,7 @@ class Logger:
         self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
-        with open(self.path) as handle:
-            return list(csv.DictReader(handle))
+        return list(csv.DictReader(self.path.read_text().splitlines()))
 
 
 def write_summary(run_dir: Path, evaluations: list[dict], spec: dict) -> dict:
@@ -936,20 +925,16 @@ def write_summary(run_dir: Path, evaluations: list[dict], spec: dict) -> dict:
         per_task[task] = {name: summary[f"final/{name}{suffix}"] for name in ("return", "prior_return",
                           "normalised_return", "normalised_prior_return") if f"final/{name}{suffix}" in summary}
         per_task[task]["best_episode_return_in_dataset"] = best
-    summary["per_task"] = per_task
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
-    return summary
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "per_task": per_task}, indent=2))
+    print((run_dir / "summary.json").read_text())
+    return {**summary, "per_task": per_task}
 
 
 def make_eval_envs(args, run_dir: Path, tasks: list) -> list:
     """envs[k] for task k (sawyer: SawyerEnv(task), else one env for every reward column), taking the env's own
     actions (ActingPolicy maps onto them); --capture-video records the first episode of each evaluation."""
-    if args.capture_video:
-        try:
-            import moviepy  # noqa: F401  (RecordVideo writes mp4 files with it)
-        except ImportError:
-            raise UserError("--capture-video needs moviepy: pip install moviepy") from None
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:  # RecordVideo writes mp4 with it
+        raise UserError("--capture-video needs moviepy: pip install moviepy")
     envs = []
     for task in tasks if args.env == "sawyer" else tasks[:1]:
         env = make_env(args.env, "rgb_array" if args.capture_video else None, task if args.env == "sawyer" else None)
@@ -987,8 +972,7 @@ def evaluate_policies(policies: dict, envs: list, tasks: list, args) -> dict:
         per_task = [np.mean(evaluate(lambda o: act(o, k), envs[k], args.eval_episodes, args.seed + 100,
                                      args.eval_max_steps)) for k in range(len(tasks))]
         results[f"eval/{name}"] = float(np.mean(per_task))
-        if len(tasks) > 1:
-            results.update({f"eval/{name}/{task}": float(value) for task, value in zip(tasks, per_task)})
+        results.update({f"eval/{name}/{task}": float(value) for task, value in zip(tasks, per_task) if len(tasks) > 1})
     return results
 
 

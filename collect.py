@@ -164,26 +164,25 @@ class ControlSuiteEnv(gym.Env):
     def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
         from dm_control import suite
 
-        self._load = lambda seed: suite.load(domain, task, task_kwargs={"random": seed})
-        self._env, self.render_mode = self._load(None), render_mode
-        low, high = self._env.action_spec().minimum, self._env.action_spec().maximum
-        self.action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32))
-        size = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
+        self.load, self.render_mode = lambda seed: suite.load(domain, task, task_kwargs={"random": seed}), render_mode
+        self.env, spec = self.load(None), self.load(None).action_spec()
+        self.action_space = gym.spaces.Box(spec.minimum.astype(np.float32), spec.maximum.astype(np.float32))
+        size = sum(int(np.prod(v.shape)) for v in self.env.observation_spec().values())
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
-        self.flat = lambda observation: np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
         super().reset(seed=seed)
-        self._env = self._env if seed is None else self._load(seed)
-        return self.flat(self._env.reset().observation), {}
+        self.env = self.env if seed is None else self.load(seed)
+        return np.concatenate([np.ravel(v) for v in self.env.reset().observation.values()], dtype=np.float32), {}
 
     def step(self, action):
-        time_step = self._env.step(np.clip(action, self.action_space.low, self.action_space.high))
-        end, terminated = time_step.last(), time_step.last() and time_step.discount == 0.0
-        return self.flat(time_step.observation), float(time_step.reward or 0.0), terminated, end and not terminated, {}
+        time_step = self.env.step(np.clip(action, self.action_space.low, self.action_space.high))
+        observation = np.concatenate([np.ravel(v) for v in time_step.observation.values()], dtype=np.float32)
+        terminated = time_step.last() and time_step.discount == 0.0
+        return observation, float(time_step.reward or 0.0), terminated, time_step.last() and not terminated, {}
 
     def render(self):
-        return self._env.physics.render(height=240, width=320, camera_id=0)
+        return self.env.physics.render(height=240, width=320, camera_id=0)
 
 
 def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
@@ -191,15 +190,12 @@ def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str]
     or a gymnasium id (`module:EnvId`); env.unwrapped takes the env's own (physical) actions."""
     from dm_control import suite
 
-    if env_id == "sawyer":
-        if task is not None and task not in sawyer_env.ALL_TASKS:
-            raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
-        return sawyer_env.learner_env(task or "random", render_mode)
-    domain, _, task = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
-    if task and (domain, task) in suite.ALL_TASKS:
-        return ControlSuiteEnv(domain, task, render_mode)
+    if env_id == "sawyer" and task is not None and task not in sawyer_env.ALL_TASKS:
+        raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
+    domain, _, name = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
     try:
-        return gym.make(env_id, render_mode=render_mode)
+        return (sawyer_env.learner_env(task or "random", render_mode) if env_id == "sawyer" else ControlSuiteEnv(
+            domain, name, render_mode) if (domain, name) in suite.ALL_TASKS else gym.make(env_id, render_mode=render_mode))
     except Exception as error:  # gymnasium raises many types for an unknown or broken id
         raise UserError(f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
                         f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})") from None

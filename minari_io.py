@@ -75,14 +75,13 @@ class Export:
 
 
 # --- shared block: utilities ---
-class UserError(Exception):  # a problem with the user's input (arguments, files): one sentence, exit status 1
-    pass
+class UserError(Exception):
+    """A problem with the user's input (arguments, files): reported in one sentence, exit status 1."""
 
 
 def main(train_fn: Callable, args) -> None:
-    # OpenGL (headless EGL) only for --capture-video: unset, dm_control picks a backend and needs no libEGL.
     if getattr(args, "capture_video", False) and sys.platform.startswith("linux"):
-        os.environ.setdefault("MUJOCO_GL", "egl")
+        os.environ.setdefault("MUJOCO_GL", "egl")  # OpenGL for videos only: unset, dm_control needs no libEGL
     try:
         train_fn(args)
     except UserError as error:
@@ -96,7 +95,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
-    """--compile (`auto`: CUDA only): `losses` through torch.compile, with CUDA graphs on CUDA, whose next replay
+    """--compile (`auto`: CUDA only): `losses` through torch.compile, on CUDA with CUDA graphs, whose next replay
     overwrites their outputs, so the metrics are cloned; if the first call fails: one line, then eager."""
     if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"):
         return losses
@@ -130,26 +129,25 @@ class ControlSuiteEnv(gym.Env):
     def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
         from dm_control import suite
 
-        self._load = lambda seed: suite.load(domain, task, task_kwargs={"random": seed})
-        self._env, self.render_mode = self._load(None), render_mode
-        low, high = self._env.action_spec().minimum, self._env.action_spec().maximum
-        self.action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32))
-        size = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
+        self.load, self.render_mode = lambda seed: suite.load(domain, task, task_kwargs={"random": seed}), render_mode
+        self.env, spec = self.load(None), self.load(None).action_spec()
+        self.action_space = gym.spaces.Box(spec.minimum.astype(np.float32), spec.maximum.astype(np.float32))
+        size = sum(int(np.prod(v.shape)) for v in self.env.observation_spec().values())
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
-        self.flat = lambda observation: np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
         super().reset(seed=seed)
-        self._env = self._env if seed is None else self._load(seed)
-        return self.flat(self._env.reset().observation), {}
+        self.env = self.env if seed is None else self.load(seed)
+        return np.concatenate([np.ravel(v) for v in self.env.reset().observation.values()], dtype=np.float32), {}
 
     def step(self, action):
-        time_step = self._env.step(np.clip(action, self.action_space.low, self.action_space.high))
-        end, terminated = time_step.last(), time_step.last() and time_step.discount == 0.0
-        return self.flat(time_step.observation), float(time_step.reward or 0.0), terminated, end and not terminated, {}
+        time_step = self.env.step(np.clip(action, self.action_space.low, self.action_space.high))
+        observation = np.concatenate([np.ravel(v) for v in time_step.observation.values()], dtype=np.float32)
+        terminated = time_step.last() and time_step.discount == 0.0
+        return observation, float(time_step.reward or 0.0), terminated, time_step.last() and not terminated, {}
 
     def render(self):
-        return self._env.physics.render(height=240, width=320, camera_id=0)
+        return self.env.physics.render(height=240, width=320, camera_id=0)
 
 
 def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
@@ -157,15 +155,12 @@ def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str]
     or a gymnasium id (`module:EnvId`); env.unwrapped takes the env's own (physical) actions."""
     from dm_control import suite
 
-    if env_id == "sawyer":
-        if task is not None and task not in sawyer_env.ALL_TASKS:
-            raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
-        return sawyer_env.learner_env(task or "random", render_mode)
-    domain, _, task = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
-    if task and (domain, task) in suite.ALL_TASKS:
-        return ControlSuiteEnv(domain, task, render_mode)
+    if env_id == "sawyer" and task is not None and task not in sawyer_env.ALL_TASKS:
+        raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
+    domain, _, name = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
     try:
-        return gym.make(env_id, render_mode=render_mode)
+        return (sawyer_env.learner_env(task or "random", render_mode) if env_id == "sawyer" else ControlSuiteEnv(
+            domain, name, render_mode) if (domain, name) in suite.ALL_TASKS else gym.make(env_id, render_mode=render_mode))
     except Exception as error:  # gymnasium raises many types for an unknown or broken id
         raise UserError(f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
                         f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})") from None
@@ -241,9 +236,8 @@ def select_tasks(data: dict, task: str, env_id: Optional[str] = None) -> tuple[l
         raise UserError(f"dataset metadata names {len(names)} tasks but 'reward' has {data['reward'].shape[1]} columns")
     if task not in names and env_id == "sawyer" and task in sawyer_env.REWARD_FUNCTIONS:
         reward = sawyer_env.REWARD_FUNCTIONS[task](np.asarray(data["next_observation"])).astype(np.float32)
-        data["reward"] = np.concatenate([np.asarray(data["reward"]), reward[:, None]], axis=1)
+        data["reward"], data["metadata"] = np.c_[data["reward"], reward], {**data["metadata"], "tasks": names + [task]}
         names.append(task)
-        data["metadata"] = {**data["metadata"], "tasks": names}
     if task != "all" and task not in names:
         raise UserError(f"task {task!r} is not in the dataset; its tasks are {names}")
     return (list(range(len(names))), names) if task == "all" else ([names.index(task)], [task])
