@@ -503,7 +503,7 @@ def train(args: Args) -> dict:
             logger.write(step, evaluate_policies(policies, envs, tasks, args))
         if step % args.checkpoint_every == 0 or step == args.total_steps:
             logger.check_finite()
-            save_checkpoint(run_dir, modules, generator, step)
+            save_checkpoint(run_dir, modules, generator, step, spec)
             export_policy(policies["return"], spec, run_dir)
     return write_summary(run_dir, logger.close(), spec)
 
@@ -793,11 +793,12 @@ def make_run_dir(args, script: str, spec: dict) -> Path:
     return run_dir
 
 
-def save_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator, step: int) -> None:
-    """checkpoint.pt (weights_only-loadable): the state dicts of `modules`, the random states and the step; written
-    to a temporary file, then renamed, so a crash leaves the previous checkpoint intact."""
+def save_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator, step: int, spec: dict) -> None:
+    """checkpoint.pt (weights_only-loadable): the state dicts of `modules`, the random states, the step and the spec
+    (sizes, tasks, action bounds); written to a temporary file, then renamed, so a crash keeps the previous one."""
+    state = {name: module.state_dict() for name, module in modules.items()}
     rng = {"torch": torch.get_rng_state(), "sampling": generator.get_state()}
-    torch.save({**{name: m.state_dict() for name, m in modules.items()}, "rng": rng, "step": step}, run_dir / "checkpoint.tmp")
+    torch.save({**state, "rng": rng, "step": step, "spec": spec}, run_dir / "checkpoint.tmp")
     os.replace(run_dir / "checkpoint.tmp", run_dir / "checkpoint.pt")
 
 
