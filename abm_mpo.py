@@ -625,7 +625,8 @@ def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
         except Exception as error:  # e.g. Triton's "PassManager::run failed"
             if not state["first"]:
                 raise
-            print(f"torch.compile failed, running eager: {(str(error) or repr(error)).splitlines()[0]}", file=sys.stderr)
+            print(f"{Path(sys.argv[0]).name}: torch.compile failed ({type(error).__name__}: "
+                  f"{str(error).strip().splitlines()[-1][:160]}); this run continues eager", file=sys.stderr)
             state["losses"], (loss, metrics) = losses, losses(*inputs)
         state["first"] = False
         return loss, {key: value.detach().clone() for key, value in metrics.items()}
@@ -638,6 +639,16 @@ CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walk
                          "quadruped": "quadruped-run"}
 
 
+def control_suite():
+    try:  # MUJOCO_GL is set only for --capture-video (main()): training needs no OpenGL
+        from dm_control import suite
+    except (AttributeError, ImportError, RuntimeError) as error:  # MUJOCO_GL=egl without libEGL, for one
+        raise UserError(f"dm_control could not load its renderer (MUJOCO_GL={os.environ.get('MUJOCO_GL')}, "
+                        f"{type(error).__name__}); training needs none: leave MUJOCO_GL unset and --capture-video "
+                        f"out, or install the renderer's library (libEGL for egl)") from None
+    return suite
+
+
 class ControlSuiteEnv(gym.Env):
     """A Control Suite task as a Gymnasium env: observation arrays flattened in dm_control's order (shimmy's adapter
     sorts them by name) as float32, clipped actions, a time limit is `truncated`."""
@@ -645,9 +656,8 @@ class ControlSuiteEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
     def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
-        from dm_control import suite
-
-        self.load, self.render_mode = lambda seed: suite.load(domain, task, task_kwargs={"random": seed}), render_mode
+        self.load = lambda seed: control_suite().load(domain, task, task_kwargs={"random": seed})
+        self.render_mode = render_mode
         self.env, spec = self.load(None), self.load(None).action_spec()
         self.action_space = gym.spaces.Box(spec.minimum.astype(np.float32), spec.maximum.astype(np.float32))
         size = sum(int(np.prod(v.shape)) for v in self.env.observation_spec().values())
@@ -671,14 +681,15 @@ class ControlSuiteEnv(gym.Env):
 def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
     """An alias, a Control Suite `domain-task`, `sawyer` (actions in [-1, 1]; task None: a random task per episode)
     or a gymnasium id (`module:EnvId`); env.unwrapped takes the env's own (physical) actions."""
-    from dm_control import suite
-
-    if env_id == "sawyer" and task is not None and task not in sawyer_env.ALL_TASKS:
-        raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
+    if env_id == "sawyer":
+        if task is not None and task not in sawyer_env.ALL_TASKS:
+            raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
+        return sawyer_env.learner_env(task or "random", render_mode)
     domain, _, name = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
+    if name and (domain, name) in control_suite().ALL_TASKS:
+        return ControlSuiteEnv(domain, name, render_mode)
     try:
-        return (sawyer_env.learner_env(task or "random", render_mode) if env_id == "sawyer" else ControlSuiteEnv(
-            domain, name, render_mode) if (domain, name) in suite.ALL_TASKS else gym.make(env_id, render_mode=render_mode))
+        return gym.make(env_id, render_mode=render_mode)
     except Exception as error:  # gymnasium raises many types for an unknown or broken id
         raise UserError(f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
                         f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})") from None

@@ -117,7 +117,10 @@ class UserError(Exception):
 
 
 def main(train_fn: Callable, args) -> None:
-    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1."""
+    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1. Training needs no
+    OpenGL: MUJOCO_GL is set (to headless EGL) only for --capture-video, else dm_control picks or skips one."""
+    if sys.platform.startswith("linux") and getattr(args, "capture_video", False):
+        os.environ.setdefault("MUJOCO_GL", "egl")
     try:
         train_fn(args)
     except UserError as error:
@@ -155,6 +158,16 @@ CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walk
                          "quadruped": "quadruped-run"}
 
 
+def control_suite():
+    try:  # MUJOCO_GL is set only for --capture-video (main()): training needs no OpenGL
+        from dm_control import suite
+    except (AttributeError, ImportError, RuntimeError) as error:  # MUJOCO_GL=egl without libEGL, for one
+        raise UserError(f"dm_control could not load its renderer (MUJOCO_GL={os.environ.get('MUJOCO_GL')}, "
+                        f"{type(error).__name__}); training needs none: leave MUJOCO_GL unset and --capture-video "
+                        f"out, or install the renderer's library (libEGL for egl)") from None
+    return suite
+
+
 class ControlSuiteEnv(gym.Env):
     """A Control Suite task as a Gymnasium env: observation arrays flattened in dm_control's order (shimmy's adapter
     sorts them by name) as float32, clipped actions, a time limit is `truncated`."""
@@ -162,9 +175,8 @@ class ControlSuiteEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
     def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
-        from dm_control import suite
-
-        self.load, self.render_mode = lambda seed: suite.load(domain, task, task_kwargs={"random": seed}), render_mode
+        self.load = lambda seed: control_suite().load(domain, task, task_kwargs={"random": seed})
+        self.render_mode = render_mode
         self.env, spec = self.load(None), self.load(None).action_spec()
         self.action_space = gym.spaces.Box(spec.minimum.astype(np.float32), spec.maximum.astype(np.float32))
         size = sum(int(np.prod(v.shape)) for v in self.env.observation_spec().values())
@@ -188,14 +200,15 @@ class ControlSuiteEnv(gym.Env):
 def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
     """An alias, a Control Suite `domain-task`, `sawyer` (actions in [-1, 1]; task None: a random task per episode)
     or a gymnasium id (`module:EnvId`); env.unwrapped takes the env's own (physical) actions."""
-    from dm_control import suite
-
-    if env_id == "sawyer" and task is not None and task not in sawyer_env.ALL_TASKS:
-        raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
+    if env_id == "sawyer":
+        if task is not None and task not in sawyer_env.ALL_TASKS:
+            raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
+        return sawyer_env.learner_env(task or "random", render_mode)
     domain, _, name = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
+    if name and (domain, name) in control_suite().ALL_TASKS:
+        return ControlSuiteEnv(domain, name, render_mode)
     try:
-        return (sawyer_env.learner_env(task or "random", render_mode) if env_id == "sawyer" else ControlSuiteEnv(
-            domain, name, render_mode) if (domain, name) in suite.ALL_TASKS else gym.make(env_id, render_mode=render_mode))
+        return gym.make(env_id, render_mode=render_mode)
     except Exception as error:  # gymnasium raises many types for an unknown or broken id
         raise UserError(f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
                         f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})") from None
@@ -218,8 +231,8 @@ def load_checkpoint(path: Path, device: torch.device, modules: dict, rng: np.ran
     for name, module in modules.items():
         module.load_state_dict(state[name])
     rng.bit_generator.state = state["rng"]["numpy"]
-    torch.set_rng_state(state["rng"]["torch"])
-    generator.set_state(state["rng"]["sampling"])
+    torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location moved them; generator states live on the host
+    generator.set_state(state["rng"]["sampling"].cpu())
     return state
 
 

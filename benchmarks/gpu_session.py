@@ -66,7 +66,7 @@ class Session:
         (self.results / "tests").mkdir(parents=True, exist_ok=True)
         self.log = open(self.out / "session.log", "a", buffering=1)
         self.stages = []  # (name, status, seconds, note)
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # no MUJOCO_GL: nothing here renders
 
     def say(self, text: str) -> None:
         line = f"[{time.time() - self.start:6.1f} s] {text}"
@@ -76,10 +76,16 @@ class Session:
     def left(self) -> float:
         return self.options.total - (time.time() - self.start)
 
-    def run(self, name: str, command: list, budget: float, env: dict = None, log_name: str = "") -> int:
-        """`command` with at most `budget` seconds (less if the call's total is nearer); its process group is
-        killed at the limit. Returns the exit code (124 at the limit, 127 when it could not start)."""
-        budget = max(1.0, min(budget, self.left() - self.options.pack_reserve))
+    def run(self, name: str, command: list, budget: float, env: dict = None, log_name: str = "",
+            keep: float = 0.0) -> int:
+        """`command` with at most `budget` seconds, less if the call's total is nearer (`keep`: seconds to leave
+        for later stages); its process group is killed at the limit. A stage with under 15 s left is skipped.
+        Returns the exit code (124 at the limit, 127 when it could not start, 125 when skipped)."""
+        budget = min(budget, self.left() - self.options.pack_reserve - keep)
+        if budget < 15:
+            self.say(f"stage {name}: skipped, {max(budget, 0):.0f} s left for it")
+            self.stages.append((name, "skipped (no time left)", 0.0))
+            return 125
         self.say(f"stage {name}: {shlex.join(map(str, command))}  (limit {budget:.0f} s)")
         started = time.time()
         extra = open(self.results / log_name, "w") if log_name else None
@@ -195,20 +201,23 @@ def main() -> None:
                         help="tiny budgets for a CPU: one script, a few updates, two learning runs")
     parser.add_argument("--total", type=float, default=540, help="the whole call")
     parser.add_argument("--install", type=float, default=60)
-    parser.add_argument("--speed-eager", type=float, default=50)
+    parser.add_argument("--speed-eager", type=float, default=60)
     parser.add_argument("--speed-compiled", type=float, default=120)
-    parser.add_argument("--speed-compiled-bf16", type=float, default=70)
-    parser.add_argument("--speed-concurrent", type=float, default=80)
-    parser.add_argument("--peer", type=float, default=30)
+    parser.add_argument("--speed-compiled-bf16", type=float, default=90)
+    parser.add_argument("--speed-concurrent", type=float, default=120)
+    parser.add_argument("--peer", type=float, default=45)
     parser.add_argument("--tests", type=float, default=200)
     parser.add_argument("--results", type=float, default=360, help="at most; in practice what is left of --total")
+    parser.add_argument("--results-reserve", type=float, default=200,
+                        help="seconds the speed stages leave for the tests and results (a speed stage that would eat "
+                             "into them is cut short or skipped, the bf16 one first)")
     parser.add_argument("--pack-reserve", type=float, default=10, help="seconds kept for packing at the end")
     parser.add_argument("--results-slots", type=int, default=20, help="learning runs at once in the results stage")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--columns", default="ABM+MPO,BM+MPO,MPO,ABM+SVG,BM+SVG,SVG,BCQ,BEAR,ABM eps=0")
     parser.add_argument("--sawyer-columns", default="ABM+MPO")
     parser.add_argument("--results-set", nargs="*", default=[], help="more reproduce.py --set assignments")
-    parser.add_argument("--wave-overhead", type=float, default=75,
+    parser.add_argument("--wave-overhead", type=float, default=90,
                         help="seconds a wave of runs spends outside its updates (start, compile, evaluations)")
     parser.add_argument("--sawyer-overhead", type=float, default=170,
                         help="seconds a Sawyer run spends outside its updates (collection, start, 7-task evaluations)")
@@ -245,9 +254,8 @@ def main() -> None:
     session.run("versions", [python, "-c", versions], 60, log_name="versions.json")
     probe = ("from dm_control import suite; env = suite.load('cartpole', 'balance'); "
              "print('rendered', env.physics.render(16, 16).shape)")
-    if session.run("egl-probe", [python, "-c", probe], 60) != 0:  # training needs no OpenGL: go on without it
-        session.env["MUJOCO_GL"] = "disable"
-        session.say("MUJOCO_GL=egl failed (no libEGL?): every later stage runs with MUJOCO_GL=disable, no videos")
+    if session.run("egl-probe", [python, "-c", probe], 60, env={**session.env, "MUJOCO_GL": "egl"}) != 0:
+        session.say("MUJOCO_GL=egl failed (no libEGL?): no videos on this machine; training needs no OpenGL")
     if shutil.which("nvidia-smi"):
         session.run("nvidia-smi", ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,"
                                    "clocks.max.sm,power.limit", "--format=csv"], 20, log_name="nvidia_smi.csv")
@@ -258,33 +266,40 @@ def main() -> None:
     scripts = ["bm_mpo"] if options.rehearsal else list(SCRIPTS)
     timing = ["--updates", "2", "--repeats", "1"] if options.rehearsal else ["--updates", "50", "--repeats", "3"]
     session.run("speed-eager", [*speed, "--compile", "off", "--precisions", "fp32", "tf32", "bf16",
-                                "--scripts", *scripts, "--multitask",
-                                *(timing if options.rehearsal else ["--updates", "30", "--repeats", "3"]),
-                                "--output", results / "speed" / "update_speed_eager.json"], options.speed_eager)
+                                "--scripts", *scripts, "--multitask", *([] if options.rehearsal else ["abm_mpo:abm"]),
+                                *(timing if options.rehearsal else ["--updates", "20", "--repeats", "2"]),
+                                "--output", results / "speed" / "update_speed_eager.json"], options.speed_eager,
+                keep=options.results_reserve)
     # Compiled, in two calls so that a slow second one cannot lose the first: fp32 (the five scripts, and ABM+MPO at
     # Sawyer's sizes), then bf16. --warm-extra compiles, untimed, the other Table 6 columns' updates, so that the
     # results stage's runs find every column's update in Inductor's caches.
     compiled = [("update_speed_compiled.json", ["--precisions", "fp32"] if options.rehearsal else [
                     "--precisions", "fp32", "--multitask", "abm_mpo:abm", "--warm-extra", "abm_mpo:bm",
                     "abm_mpo:none", "abm_svg:bm", "abm_svg:none", "abm_mpo:eps0"], options.speed_compiled)]
-    if not options.rehearsal:
-        compiled.append(("update_speed_compiled_bf16.json", ["--precisions", "bf16"], options.speed_compiled_bf16))
     for name, rows, limit in compiled:
         session.run(f"speed-{name.removeprefix('update_speed_').removesuffix('.json').replace('_', '-')}",
                     [*speed, "--compile", "on", "--warm-cache", "--scripts", *scripts, *rows, *timing,
-                     "--output", results / "speed" / name], limit)
+                     "--output", results / "speed" / name], limit, keep=options.results_reserve)
     counts = ["1", "2"] if options.rehearsal else ["1", "4", "8", "16"]
     session.run("speed-concurrent", [*speed, "--compile", "off" if options.rehearsal else "on", "--precisions", "fp32",
                                      "--scripts", scripts[0], "--concurrent", *counts,
                                      "--seconds", "1" if options.rehearsal else "3",
-                                     "--output", results / "speed" / "update_speed.json"], options.speed_concurrent)
+                                     "--output", results / "speed" / "update_speed.json"], options.speed_concurrent,
+                keep=options.results_reserve)
     check = subprocess.run([python, "-c", "import d3rlpy"], cwd=ROOT, env=session.env, capture_output=True)
     if check.returncode == 0:
         session.run("speed-peer", [python, "benchmarks/peer_d3rlpy.py", "--device", device, "--threads", "1",
-                                   *(["--quick"] if options.rehearsal else ["--updates", "50", "--repeats", "3"]),
-                                   "--output", results / "speed" / "peer_d3rlpy.json"], options.peer)
+                                   *(["--quick"] if options.rehearsal else ["--updates", "20", "--repeats", "2"]),
+                                   "--output", results / "speed" / "peer_d3rlpy.json"], options.peer,
+                    keep=options.results_reserve)
     else:
         session.say("stage speed-peer: skipped (d3rlpy is not importable: its wheels were not carried)")
+
+    if not options.rehearsal:  # last of the speed stages: the one to go when time is short
+        session.run("speed-compiled-bf16", [*speed, "--compile", "on", "--warm-cache", "--scripts", *scripts,
+                                            "--precisions", "bf16", *timing, "--output",
+                                            results / "speed" / "update_speed_compiled_bf16.json"],
+                    options.speed_compiled_bf16, keep=options.results_reserve)
 
     # 3. tests and results side by side
     budget = max(30.0, min(options.results, session.left() - options.pack_reserve - 20))
@@ -303,7 +318,7 @@ def main() -> None:
     test_files = ["tests/test_gpu_path.py", "-k", "sampler"] if options.rehearsal else [
         "tests/test_end_to_end.py", "tests/test_mechanism.py", "tests/test_gpu_path.py"]
     test_command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *test_files,
-                    *(["-n", "2"] if xdist and not options.rehearsal else []),
+                    *(["-n", "4"] if xdist and not options.rehearsal else []),
                     "--junitxml", results / "tests" / "junit.xml"]
     reproduce_command = [python, "benchmarks/reproduce.py", "--preset", "gpu", "--local",
                          "--num-cpus", str(options.results_slots), "--time-budget", f"{(budget - 20) / 60:.2f}",

@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -143,7 +144,32 @@ PRESETS = {
                      "evaluation episodes cut at 30 steps"),
         run_here="by tests/test_reproduce.py"),
     "cpu": Preset(
-        name="cpu", purpose="a subset that answers the question on a 2-core CPU in about 100 minutes "
+        name="cpu", purpose="a grid built to decide the paper's orderings on a 2-core CPU: cheetah (where Table 6's "
+                            "columns differ most), two data regimes, 5 seeds, final returns over 10 evaluation "
+                            "episodes; about 5 hours of the 2 cores, runnable in pieces (finished runs are kept in "
+                            "results/cpu/runs and skipped)",
+        # One collecting MPO run of 80 episodes (collect.py at 1 update per step, batch 64): returns 6.1 in the first
+        # episode, 217.6 in the last, best 227.2 (results/cpu/collection.json).
+        control_tasks=("cheetah",), collect_episodes=80, collect_seeds=(0,),
+        collect_flags=("--steps-per-update", "1", "--batch-size", "64"),
+        regimes=(("first 20", 20), ("all 80", None)),
+        control_columns=("ABM+MPO", "BM+MPO", "MPO", "BCQ", "BEAR", "ABM eps=0"),
+        sawyer_tasks=(), sawyer_episodes=0, sawyer_columns=(),
+        # Pilot (runs/pilot, seed 0, all 80 episodes, batch 128, 5 episodes every 400 updates): ABM+MPO's policy
+        # reached 112 at 400 updates and stayed within 84-147 to 5,600; MPO stayed at 0-9 to 8,000: flat by 2,000.
+        seeds=(0, 1, 2, 3, 4), updates=4000, batch=128, sawyer_updates=0, sawyer_batch=0, action_samples=20,
+        eval_every=200, eval_episodes=5, sawyer_eval_every=1, num_cpus=1.0,
+        differences=("cheetah only (Table 6 has hopper, quadruped and walker too)",
+                     "data: 1 collecting run of 80 episodes (paper: 5 runs of 10k), collect.py at 1 update per step "
+                     "with batch 64; regimes: its first 20 episodes (paper: 2k) and all 80 (paper: 10k)",
+                     "4,000 updates (paper: 1M), batch 128 (paper: 512); curves flat from about 2,000 in the pilot",
+                     "5 evaluation episodes every 200 updates (paper: 10 every 10k); final return = mean of the last "
+                     "10% of evaluations, i.e. the last 2 (10 episodes)",
+                     "columns ABM+SVG, BM+SVG and SVG left out (the gpu preset runs them)",
+                     "BEAR's warm-up 2% of the updates, as the original's 20k of 1M (80 here)"),
+        run_here="on this project's 2-core CPU, in pieces (results accumulate in results/cpu)"),
+    "cpu-walker": Preset(
+        name="cpu-walker", purpose="a subset that answers the question on a 2-core CPU in about 100 minutes "
                             "(at most 3 hours, over several runs of the command)",
         control_tasks=("walker",), collect_episodes=50, collect_seeds=(0,),
         # 1 update per environment step, batch 64: the walker learner goes from ~31 to ~200 within
@@ -166,7 +192,7 @@ PRESETS = {
                      "paper's learner data or seven-task run",
                      "columns ABM+SVG, BM+SVG, SVG and ABM eps=0 left out",
                      "BEAR's warm-up 2% of the updates, as the original's 20k of 1M (80 here)"),
-        run_here="on this project's 2-core CPU"),
+        run_here="on this project's 2-core CPU (2026-11, results/cpu-walker: the first CPU table, which could not tell the columns apart)"),
     "gpu": Preset(
         name="gpu", purpose="the Table 6 columns on the cpu preset's cheetah data and Sawyer --task all, in the "
                             "results stage of one prepared call on one H200 with 16 CPU cores "
@@ -215,6 +241,7 @@ class Job:
     episodes: int = 0  # collect, merge: the episodes that file must hold when done
     links: tuple = ()  # merge: the seeds' part directories to link into the merged one
     labels: dict = field(default_factory=dict)  # train: env, task, regime, column, seed
+    published: Optional[Path] = None  # train: <out>/runs/<job>, where a finished run's small files are kept
 
 
 def shown(path: Path) -> str:
@@ -308,8 +335,10 @@ def dataset_episodes(path: Path) -> int:
 
 
 def is_done(job: Job) -> bool:
+    """A run is done when its summary is in its run directory or published under <out>/runs (committed: so a
+    fresh checkout on another machine continues the grid instead of restarting it)."""
     if job.kind == "train":
-        return (job.run_dir / "summary.json").exists()
+        return (job.run_dir / "summary.json").exists() or bool(job.published and (job.published / "summary.json").exists())
     return dataset_episodes(job.dataset) >= job.episodes
 
 
@@ -363,7 +392,7 @@ def run_job(command: list, log: str, cwd: str, threads: int, links: list, merged
         handle.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.node()}\n$ {shlex.join(command)}\n")
         handle.flush()
         environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                       "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYTHONUNBUFFERED": "1"}
+                       "PYTHONUNBUFFERED": "1"}
         process = subprocess.Popen([sys.executable, *command[1:]], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env=environment, preexec_fn=_die_with_parent)
         stopped = False
@@ -396,6 +425,7 @@ class LocalCluster:
         self.futures = concurrent.futures
         self.cpus = num_cpus or os.cpu_count() or 1
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4 * self.cpus + 8)
+        self.slots = threading.BoundedSemaphore(self.cpus)  # at most num_cpus commands at once, as Ray's resources
 
     def cluster_resources(self) -> dict:
         gpus = 0
@@ -413,7 +443,9 @@ class LocalCluster:
 
             def remote(self, *args):
                 def call():
-                    return function(*[a.result() if isinstance(a, cluster.futures.Future) else a for a in args])
+                    inputs = [a.result() if isinstance(a, cluster.futures.Future) else a for a in args]
+                    with cluster.slots:
+                        return function(*inputs)
                 return cluster.pool.submit(call)
         return Remote()
 
@@ -433,11 +465,11 @@ class LocalCluster:
 # The driver: submit everything to Ray, follow progress, then publish
 # ----------------------------------------------------------------------------------------------
 def run_grid(jobs: list[Job], preset: Preset, address: Optional[str] = None, num_cpus: Optional[int] = None,
-             local: bool = False, deadline: float = 0.0) -> dict:
+             local: bool = False, deadline: float = 0.0, out: Optional[Path] = None) -> dict:
     """Run every unfinished job on Ray (or, `local`, on threads of this process); returns name -> {"status",
     "seconds", "returncode"}. Past `deadline` (epoch seconds, 0 = none) no job starts and running ones stop."""
     if local:
-        return follow(jobs, preset, LocalCluster(num_cpus), deadline)
+        return follow(jobs, preset, LocalCluster(num_cpus), deadline, out)
     import ray
 
     if __name__ != "__main__":  # imported (tests): ship run_job by value, workers need not import this file
@@ -450,12 +482,12 @@ def run_grid(jobs: list[Job], preset: Preset, address: Optional[str] = None, num
     local = {} if address else {"num_cpus": num_cpus, "object_store_memory": 200 * 2**20}  # jobs pass no data
     ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False, **local)
     try:
-        return follow(jobs, preset, ray, deadline)
+        return follow(jobs, preset, ray, deadline, out)
     finally:
         ray.shutdown()
 
 
-def follow(jobs: list[Job], preset: Preset, ray, deadline: float = 0.0) -> dict:
+def follow(jobs: list[Job], preset: Preset, ray, deadline: float = 0.0, out: Optional[Path] = None) -> dict:
     """Collections go to Ray at once (a merge waits on its seeds' results through Ray). Learning runs go
     to Ray once their dataset exists, in the grid's order, keeping at most `slots + 1` jobs in flight
     (Ray's "limit pending tasks" pattern with ray.wait): so seed 0 of every column runs before seed 1
@@ -529,6 +561,8 @@ def follow(jobs: list[Job], preset: Preset, ray, deadline: float = 0.0) -> dict:
                 status = {0: "done", SKIPPED: "skipped", STOPPED: "stopped"}.get(code, "failed")
                 outcome[name] = {"status": status, "seconds": result["seconds"], "returncode": code,
                                  "command": shlex.join(command), "log": shown(job.log)}
+                if status == "done" and job.kind == "train" and out is not None:
+                    publish_run(job, outcome, out)  # at once: a grid stopped later keeps it
                 line = f"{status}: {name} ({result['seconds']:.0f} s)"
                 if status == "failed":
                     line += f", exit code {code}\n    command: {shlex.join(command)}\n    log: {shown(job.log)}"
@@ -541,10 +575,21 @@ def follow(jobs: list[Job], preset: Preset, ray, deadline: float = 0.0) -> dict:
     except KeyboardInterrupt:
         for ref in pending:
             ray.cancel(ref, force=True)
+        for ref, name in pending.items():
+            outcome[name] = {"status": "stopped", "seconds": 0.0, "returncode": None,
+                             "command": shlex.join(submitted[name][1]), "log": shown(submitted[name][0].log)}
         print("\nInterrupted: finished runs are kept; rerun the same command to continue "
               "(interrupted runs resume from their last checkpoint).", flush=True)
-        raise SystemExit(130) from None
+        raise Interrupted(outcome) from None
     return outcome
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during the grid: carries what finished, so the table and manifest are still written."""
+
+    def __init__(self, outcome: dict):
+        super().__init__("interrupted")
+        self.outcome = outcome
 
 
 def progress_line(outcome: dict, submitted: dict, pending: dict, queue: list, slots: int, elapsed: float) -> str:
@@ -573,21 +618,27 @@ def progress_line(outcome: dict, submitted: dict, pending: dict, queue: list, sl
 # ----------------------------------------------------------------------------------------------
 # Publishing: per-run summaries, table.md, curves, manifest
 # ----------------------------------------------------------------------------------------------
+def publish_run(job: Job, outcome: dict, out: Path) -> Optional[Path]:
+    """One finished run's small files to <out>/runs/<job>, with job.json (labels, command, and the wall seconds
+    of the session that ran it: a later session that finds it done keeps them)."""
+    if not (job.run_dir / "summary.json").exists():
+        return None
+    target = out / "runs" / job.name
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("summary.json", "metrics.csv", "config.json"):
+        shutil.copyfile(job.run_dir / name, target / name)
+    seconds = outcome.get(job.name, {}).get("seconds") or None
+    if seconds is None and (target / "job.json").exists():
+        seconds = json.loads((target / "job.json").read_text()).get("seconds")
+    (target / "job.json").write_text(json.dumps({**job.labels, "command": shlex.join(job.command),
+                                                 "log": shown(job.log), "seconds": seconds}, indent=2))
+    return target
+
+
 def publish_runs(jobs: list[Job], outcome: dict, out: Path) -> list[Path]:
     """Copy each finished run's small files (summary.json, metrics.csv, config.json) and its job.json
     (command, grid labels) to <out>/runs/<job>; the table and curves are built from these copies."""
-    copies = []
-    for job in jobs:
-        if job.kind != "train" or not (job.run_dir / "summary.json").exists():
-            continue
-        target = out / "runs" / job.name
-        target.mkdir(parents=True, exist_ok=True)
-        for name in ("summary.json", "metrics.csv", "config.json"):
-            shutil.copyfile(job.run_dir / name, target / name)
-        seconds = outcome.get(job.name, {}).get("seconds")
-        (target / "job.json").write_text(json.dumps({**job.labels, "command": shlex.join(job.command),
-                                                     "log": shown(job.log), "seconds": seconds}, indent=2))
-        copies.append(target)
+    copies = [target for job in jobs if job.kind == "train" and (target := publish_run(job, outcome, out))]
     for job in jobs:  # runs stopped by --time-budget: their evaluations so far, kept apart from the table's runs
         metrics = job.run_dir / "metrics.csv" if job.run_dir else None
         if outcome.get(job.name, {}).get("status") == "stopped" and metrics and metrics.exists():
@@ -609,10 +660,101 @@ def load_published(out: Path) -> list[dict]:
     return runs
 
 
+# ----------------------------------------------------------------------------------------------
+# Statistics over seeds (the approach of Agarwal et al. 2021, "Deep RL at the edge of the statistical
+# precipice", and its library rliable, written out here for one task at a time: a stratified bootstrap
+# resamples the seeds of each cell independently)
+# ----------------------------------------------------------------------------------------------
+BOOTSTRAP_SAMPLES = 10_000
+# The orderings the paper reports (Table 6), each (better, worse): read with a 95% interval of the difference.
+ORDERED_PAIRS = (("ABM+MPO prior", "BM+MPO prior"), ("ABM+MPO", "BM+MPO"), ("ABM+MPO", "MPO"), ("ABM+MPO", "BCQ"),
+                 ("ABM+MPO", "BEAR"))
+
+
+def bootstrap(statistic, *groups, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of `statistic(*groups)` with each group's seeds resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    draws = [np.asarray(g, float)[rng.integers(0, len(g), (samples, len(g)))] for g in groups]
+    values = statistic(*draws)
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def interquartile_mean(values, axis=-1):
+    """Mean of the middle 50% of the values (rliable's IQM): robust to one outlying seed."""
+    values = np.sort(np.asarray(values, float), axis=axis)
+    n = values.shape[axis]
+    low, high = int(np.floor(0.25 * n)), int(np.ceil(0.75 * n))
+    return np.take(values, range(low, max(high, low + 1)), axis=axis).mean(axis=axis)
+
+
+def probability_of_improvement(x, y):
+    """P(X > Y) + P(X = Y) / 2 over all pairs of a seed of X and a seed of Y (the Mann-Whitney statistic)."""
+    x, y = np.asarray(x, float)[..., :, None], np.asarray(y, float)[..., None, :]
+    return ((x > y) + 0.5 * (x == y)).mean(axis=(-2, -1))
+
+
 def mean_std(values: list) -> str:
+    """A table cell: mean over seeds, its 95% stratified-bootstrap interval, and the number of seeds."""
     if not values:
         return "-"
-    return f"{np.mean(values):.1f} ± {np.std(values):.1f} ({len(values)})"
+    if len(values) == 1:
+        return f"{values[0]:.1f} (1)"
+    low, high = bootstrap(lambda v: v.mean(-1), values)
+    return f"{np.mean(values):.1f} [{low:.1f}, {high:.1f}] ({len(values)})"
+
+
+def comparisons(rows: dict) -> list[str]:
+    """For each row (task and data regime) and each ordered pair present: the difference of means with its 95%
+    interval, whether the interval excludes zero, and the probability of improvement with its interval."""
+    lines = ["| task (data) | pair (paper: first > second) | difference of means [95% CI] | interval excludes 0 | "
+             "P(first > second) [95% CI] | seeds |", "|---|---|---|---|---|---|"]
+    for (label, _), row in rows.items():
+        for better, worse in ORDERED_PAIRS:
+            x, y = row.get(better, []), row.get(worse, [])
+            if len(x) < 2 or len(y) < 2:
+                continue
+            low, high = bootstrap(lambda a, b: a.mean(-1) - b.mean(-1), x, y)
+            p_low, p_high = bootstrap(probability_of_improvement, x, y)
+            verdict = "yes, first higher" if low > 0 else "yes, second higher" if high < 0 else "no"
+            lines.append(f"| {label} | {better} vs {worse} | {np.mean(x) - np.mean(y):.1f} [{low:.1f}, {high:.1f}] | "
+                         f"{verdict} | {probability_of_improvement(x, y):.2f} [{p_low:.2f}, {p_high:.2f}] | "
+                         f"{len(x)}, {len(y)} |")
+    return lines
+
+
+def iqm_table(rows: dict, headers: list[str]) -> list[str]:
+    lines = ["| task (data) | " + " | ".join(headers) + " |", "|---|" + "---|" * len(headers)]
+    for (label, _), row in rows.items():
+        cells = []
+        for header in headers:
+            values = row.get(header, [])
+            if len(values) < 2:
+                cells.append("-")
+                continue
+            low, high = bootstrap(interquartile_mean, values)
+            cells.append(f"{interquartile_mean(values):.1f} [{low:.1f}, {high:.1f}]")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def final_window_error(runs: list[dict]) -> Optional[float]:
+    """The standard error of one run's final return from evaluation noise: each run's final return averages the
+    evaluations in its last 10%; the spread of those evaluations, pooled over runs, divided by sqrt(their count)."""
+    variances, counts = [], []
+    for run in runs:
+        metrics = run["folder"] / "metrics.csv"
+        if not metrics.exists():
+            continue
+        import csv
+
+        returns = [float(r["eval/return"]) for r in csv.DictReader(metrics.open()) if r.get("eval/return")]
+        window = returns[-max(1, int(np.ceil(0.1 * len(returns)))):]
+        if len(window) >= 2:
+            variances.append(np.var(window, ddof=1))
+            counts.append(len(window))
+    if not variances:
+        return None
+    return float(np.sqrt(np.mean(variances) / np.mean(counts)))
 
 
 def table_rows(runs: list[dict], columns: list[str]) -> dict:
@@ -655,7 +797,8 @@ def write_table(preset: Preset, out: Path, wall: dict) -> Path:
     sawyer = [r for r in runs if r["env"] == "sawyer"]
     lines = [f"# Results: preset `{preset.name}`", "",
              f"Command: `python benchmarks/reproduce.py --preset {preset.name}`. {preset.purpose}.", "",
-             "Cells: final return, mean ± std over seeds (n seeds); final = mean of the last 10% of "
+             "Cells: final return, mean over seeds [95% confidence interval of the mean: stratified bootstrap over "
+             f"seeds, {BOOTSTRAP_SAMPLES} resamples] (n seeds); final = mean of the last 10% of "
              "evaluations (the paper's protocol). `prior` = the prior run on its own. The `paper` row is the "
              "paper's number for the same column (Table 6: 10k-episode regime; Table 7: seven-task run).", "",
              "Budgets: " + budgets_text(preset), "",
@@ -665,8 +808,22 @@ def write_table(preset: Preset, out: Path, wall: dict) -> Path:
              f"GPU: {machine()['gpu']}.", ""]
     if control:
         columns = [c for c in TABLE_6_ORDER if any(r["column"] == c for r in control)]
+        rows = table_rows(control, columns)
+        headers = [h for c in columns for h in ([c, f"{c} prior"] if COLUMNS[c].prior else [c])]
+        error = final_window_error(control)
         lines += ["## Control Suite (Table 6 layout)", "",
-                  *markdown_table(table_rows(control, columns), columns, PAPER_TABLE_6, PAPER_TABLE_6_COLUMNS), ""]
+                  *markdown_table(rows, columns, PAPER_TABLE_6, PAPER_TABLE_6_COLUMNS), "",
+                  "### Interquartile mean over seeds [95% CI]", "", *iqm_table(rows, headers), "",
+                  "### The paper's orderings", "",
+                  "Difference of the two columns' means over seeds and the probability that a seed of the first "
+                  "beats a seed of the second, each with a 95% stratified-bootstrap interval.", "",
+                  *comparisons(rows), "",
+                  (f"Evaluation noise: the standard error of one run's final return, from the spread of the "
+                   f"evaluations in each run's final 10% window pooled over runs, is {error:.1f}." if error is not None
+                   else "Evaluation noise: no run has two evaluations in its final window."), ""]
+        figure = interval_plot(rows, headers, out / "intervals.png")
+        if figure:
+            lines += [f"Final returns per column with 95% intervals: `{figure.name}`.", ""]
     if sawyer:
         columns = [c for c in TABLE_6_ORDER if any(r["column"] == c for r in sawyer)]
         lines += ["## Simulated Sawyer (Table 7 layout)", "",
@@ -676,6 +833,36 @@ def write_table(preset: Preset, out: Path, wall: dict) -> Path:
               "with the exact command)."]
     path = out / "table.md"
     path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def interval_plot(rows: dict, headers: list[str], path: Path) -> Optional[Path]:
+    """One panel per task and data regime: each column's mean final return over seeds with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(label, row) for (label, _), row in rows.items() if any(len(row.get(h, [])) >= 2 for h in headers)]
+    if not panels:
+        return None
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.45 * len(headers) + 1.5), squeeze=False)
+    for axis, (label, row) in zip(axes[0], panels):
+        shown_headers = [h for h in headers if len(row.get(h, [])) >= 2]
+        for y, header in enumerate(shown_headers):
+            values = row[header]
+            low, high = bootstrap(lambda v: v.mean(-1), values)
+            axis.plot([low, high], [y, y], color="tab:blue", linewidth=3, alpha=0.5)
+            axis.plot([np.mean(values)], [y], "o", color="tab:blue")
+            axis.plot(values, [y] * len(values), "|", color="black", alpha=0.6)
+        axis.set_yticks(range(len(shown_headers)), shown_headers)
+        axis.invert_yaxis()
+        axis.set_title(label)
+        axis.set_xlabel("final return (mean, 95% CI; ticks: seeds)")
+        axis.axvline(max(row["best"]), color="grey", linestyle="--", linewidth=1)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
     return path
 
 
@@ -743,8 +930,10 @@ def write_manifest(preset: Preset, out: Path, jobs: list[Job], outcome: dict, st
         executor = "local (--local, no Ray installed)"
     manifest = {"preset": asdict(preset), "budgets": budgets_text(preset), "executor": executor,
                 "sessions": sessions, "total_wall_seconds": round(sum(s["wall_seconds"] for s in sessions), 1),
-                "jobs": {job.name: {"kind": job.kind, "command": shlex.join(job.command), "log": shown(job.log),
-                                    **outcome.get(job.name, {"status": "not run"})} for job in jobs}}
+                "jobs": {job.name: previous.get("jobs", {}).get(job.name)
+                         if outcome.get(job.name, {}).get("status") == "done before" and job.name in previous.get("jobs", {})
+                         else {"kind": job.kind, "command": shlex.join(job.command), "log": shown(job.log),
+                               **outcome.get(job.name, {"status": "not run"})} for job in jobs}}
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -775,7 +964,13 @@ def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], nu
     for folder in (out, work / "logs"):
         folder.mkdir(parents=True, exist_ok=True)
     print(f"Preset {preset.name}: {preset.purpose}.\nBudgets: {budgets_text(preset)}", flush=True)
-    outcome = run_grid(jobs, preset, address, num_cpus, local, deadline)
+    for job in jobs:
+        if job.kind == "train":
+            job.published = out / "runs" / job.name
+    try:
+        outcome, interrupted = run_grid(jobs, preset, address, num_cpus, local, deadline, out), False
+    except Interrupted as stop:
+        outcome, interrupted = stop.outcome, True
     publish_runs(jobs, outcome, out)
     manifest = write_manifest(preset, out, jobs, outcome, started)
     write_curves(out)
@@ -787,6 +982,8 @@ def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], nu
         for name, o in failed.items():
             print(f"- {o['status']}: {name}\n    command: {o['command']}\n    log: {o['log']}")
     print(f"\nTable: {shown(table)}", flush=True)
+    if interrupted:
+        raise SystemExit(130)
     return table
 
 
@@ -820,6 +1017,7 @@ def main() -> None:
     work = args.work or ROOT / "runs" / "reproduce" / preset.name
     if args.dry_run:
         for job in build_grid(preset, work):
+            job.published = out / "runs" / job.name if job.kind == "train" else None
             print(f"{'done' if is_done(job) else 'todo'}  {job.name}: {shlex.join(job.command)}")
         return
     reproduce(preset, out, work, args.address, args.num_cpus, local=args.local, time_budget=60 * args.time_budget)

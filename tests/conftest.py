@@ -1,6 +1,5 @@
 """pytest's fixtures and session settings; the helpers tests import are in tests/helpers.py."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -8,7 +7,6 @@ import torch
 
 from tests.helpers import ROOT, SMOKE_ENV, write_random_dataset  # noqa: F401  (re-exported for older imports)
 
-os.environ.setdefault("MUJOCO_GL", "egl")
 torch.set_num_threads(1)  # tiny networks: one thread is as fast and never oversubscribes the CPU
 
 

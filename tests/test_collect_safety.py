@@ -29,7 +29,7 @@ def command(output, episodes):
 
 
 def environment():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "egl"}
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def interrupt_after_episodes(output, episodes, wanted, signum):

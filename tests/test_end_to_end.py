@@ -23,7 +23,7 @@ TINY = ["--batch-size", "16", "--num-action-samples", "4", "--policy-layers", "3
 
 
 def run_script(script, *arguments, cwd=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "egl"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # no MUJOCO_GL: training needs no OpenGL
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, arguments)], capture_output=True,
                           text=True, cwd=cwd or ROOT, env=env, timeout=600)
 

@@ -152,3 +152,46 @@ def test_cpu_and_cuda_losses_and_e_step_weights_agree(data):
     assert gpu_loss == pytest.approx(cpu_loss, rel=1e-4)
     assert gpu_metrics == pytest.approx(cpu_metrics, rel=1e-4, abs=1e-6)
     assert (gpu_weights - cpu_weights).abs().max() < 1e-4
+
+
+def test_a_compiler_failure_at_the_first_call_continues_eager_in_one_line(monkeypatch, capsys):
+    """Seen on an H200 (torch 2.11, Triton 3.6): Triton failed to compile one kernel of abm_svg --prior none, and
+    the run died. The wrapper runs such a run eager instead, saying so once; a failure after a successful compiled
+    call is an error of the run, not of the compiler, and is raised."""
+    calls = []
+
+    def broken_compile(function, mode=None):
+        def compiled(*inputs):
+            calls.append("compiled")
+            raise RuntimeError("PassManager::run failed")
+        return compiled
+    monkeypatch.setattr(torch, "compile", broken_compile)
+
+    def losses(x):
+        calls.append("eager")
+        return (x * 2).sum(), {"charts/x": x.mean()}
+    call = abm_mpo.compile_losses(losses, abm_mpo.Args(compile="on"), torch.device("cpu"))
+    x = torch.arange(4.0)
+    assert [call(x)[0].item(), call(x)[0].item()] == [12.0, 12.0]
+    assert calls == ["compiled", "eager", "eager"]  # compiled once, then eager for good
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "torch.compile failed (RuntimeError: PassManager::run failed)" in err
+
+
+def test_compiled_metrics_are_copied_out_of_the_graphs_output_memory(monkeypatch):
+    """CUDA graphs reuse their output memory at the next replay, and BCQ and BEAR replay three graphs per update
+    before the run reads the metrics (seen on an H200: "accessing tensor output of CUDAGraphs that has been
+    overwritten"). The wrapper hands back copies of the metrics; the loss keeps its graph for backward."""
+    monkeypatch.setattr(torch, "compile", lambda function, mode=None: function)
+    shared = torch.zeros(())  # stands for a graph's static output buffer
+
+    def losses(x):
+        shared.copy_(x.sum())
+        return (x ** 2).sum(), {"charts/sum": shared}
+    call = abm_mpo.compile_losses(losses, abm_mpo.Args(compile="on"), torch.device("cuda"))  # tensors stay on the CPU
+    x = torch.ones(3, requires_grad=True)
+    loss, first = call(x)
+    call(torch.full((3,), 5.0))  # the next replay overwrites the buffer
+    assert first["charts/sum"].item() == 3.0 and first["charts/sum"].data_ptr() != shared.data_ptr()
+    loss.backward()
+    assert x.grad.tolist() == [2.0, 2.0, 2.0]

@@ -153,7 +153,10 @@ def test_table_numbers_equal_the_run_summaries(smoke):
             if header == "best episode in the data":
                 assert table[row][header] == f"{max(values):.1f}"
             elif header in table[row]:
-                assert table[row][header] == f"{np.mean(values):.1f} ± {np.std(values):.1f} ({len(values)})"
+                assert table[row][header].startswith(f"{np.mean(values):.1f} [") and table[row][header].endswith(
+                    f"] ({len(values)})")
+                low, high = map(float, table[row][header].split("[")[1].split("]")[0].split(", "))
+                assert min(values) - 0.05 <= low <= np.mean(values) + 0.05 <= high + 0.1 <= max(values) + 0.15
     assert table["cartpole-balance (full)"]["ABM+MPO"].endswith("(3)")  # seeds 0, 1 and the resumed seed 2
     assert "BCQ prior" not in table["cartpole-balance (full)"]  # only ABM and BM priors are Table 6 columns
     assert "Budgets:" in (out / "table.md").read_text()
@@ -194,9 +197,14 @@ def test_every_preset_command_parses_with_its_script():
 
 def test_grids_cover_the_paper_columns_and_order_seed_zero_first():
     cpu = [job for job in reproduce.build_grid(reproduce.PRESETS["cpu"], Path("/tmp/grid")) if job.kind == "train"]
-    assert {(j.labels["env"], j.labels["column"]) for j in cpu} == {
+    columns = ("ABM+MPO", "BM+MPO", "MPO", "BCQ", "BEAR", "ABM eps=0")
+    assert {(j.labels["env"], j.labels["regime"], j.labels["column"]) for j in cpu} == {
+        ("cheetah", regime, column) for regime in ("first 20", "all 80") for column in columns}
+    assert len(cpu) == 2 * 6 * 5  # regimes x columns x seeds
+    walker = [job for job in reproduce.build_grid(reproduce.PRESETS["cpu-walker"], Path("/tmp/grid"))
+              if job.kind == "train"]
+    assert {(j.labels["env"], j.labels["column"]) for j in walker} == {
         (env, column) for env in ("walker", "sawyer") for column in ("ABM+MPO", "BM+MPO", "MPO", "BCQ", "BEAR")}
-    assert len(cpu) == 2 * 5 * 3
     gpu = [job for job in reproduce.build_grid(reproduce.PRESETS["gpu"], Path("/tmp/grid")) if job.kind == "train"]
     assert {j.labels["column"] for j in gpu} == set(reproduce.TABLE_6_ORDER)
     assert {j.labels["env"] for j in gpu} == {"cheetah", "sawyer"}  # the cpu preset's data, and Table 5's networks
@@ -226,6 +234,23 @@ def test_table_reports_the_normalised_score_where_a_dataset_has_reference_scores
     with_scores = reproduce.markdown_table(reproduce.table_rows([run(0, True), run(2, True)], ["ABM+MPO"]),
                                            ["ABM+MPO"], {}, ())
     assert "| ABM+MPO | ABM+MPO normalised | ABM+MPO prior | ABM+MPO prior normalised |" in with_scores[0]
-    assert with_scores[2].endswith("| 51.0 ± 1.0 (2) | 6.0 ± 1.0 (2) | 40.0 ± 0.0 (2) | 4.0 ± 0.0 (2) |")
+    # two seeds 2 apart: the bootstrap's resamples are (50, 50), (50, 52), (52, 52), so the interval is [50, 52]
+    assert with_scores[2].endswith("| 51.0 [50.0, 52.0] (2) | 6.0 [5.0, 7.0] (2) | 40.0 [40.0, 40.0] (2) | "
+                                   "4.0 [4.0, 4.0] (2) |")
     without = reproduce.markdown_table(reproduce.table_rows([run(0, False)], ["ABM+MPO"]), ["ABM+MPO"], {}, ())
     assert "normalised" not in without[0]
+
+
+def test_statistics_over_seeds():
+    """The interval, IQM and probability-of-improvement arithmetic the results tables rest on."""
+    x, y = [10.0, 12.0, 11.0, 13.0, 9.0], [5.0, 6.0, 4.0, 7.0, 5.0]
+    low, high = reproduce.bootstrap(lambda v: v.mean(-1), x)
+    assert 9.0 <= low < np.mean(x) < high <= 13.0 and (low, high) == reproduce.bootstrap(lambda v: v.mean(-1), x)
+    assert reproduce.interquartile_mean([1.0, 2.0, 3.0, 4.0, 100.0]) == 3.0  # the outlying seed is trimmed
+    assert reproduce.interquartile_mean([1.0, 2.0, 3.0, 4.0]) == 2.5
+    assert reproduce.probability_of_improvement(x, y) == 1.0 and reproduce.probability_of_improvement(y, x) == 0.0
+    assert reproduce.probability_of_improvement([1.0, 2.0], [1.0, 2.0]) == 0.5
+    lines = reproduce.comparisons({("cheetah (all 80)", "cheetah"): {"best": [200.0], "ABM+MPO": x, "BM+MPO": y,
+                                                                     "MPO": x}})
+    assert "| ABM+MPO vs BM+MPO | 5.6 [" in lines[2] and "yes, first higher" in lines[2]
+    assert "| ABM+MPO vs MPO | 0.0 [" in lines[3] and "| no |" in lines[3]
