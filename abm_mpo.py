@@ -578,6 +578,7 @@ def train(args: Args) -> dict:
             agent.update_targets()
         logger.record(step, metrics)  # sums on the device; a non-finite loss stops the run before the next write
         if step % args.eval_every == 0 or step == args.total_steps:
+            logger.check_finite()  # a non-finite loss stops the run before its policy acts or anything is written
             logger.write(step, evaluate_policies(policies, envs, tasks, args))
         if step % args.checkpoint_every == 0 or step == args.total_steps:
             logger.check_finite()
@@ -614,22 +615,23 @@ def pick_device(name: str) -> torch.device:
 
 def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
     """--compile (`auto`: CUDA only): `losses` through torch.compile, on CUDA with CUDA graphs, whose next replay
-    overwrites their outputs, so the metrics are cloned; if the first call fails: one line, then eager."""
+    overwrites their outputs, so the metrics are copied out; if the first call fails: one line, then eager."""
     if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"):
         return losses
     state = {"losses": torch.compile(losses, mode="reduce-overhead" if device.type == "cuda" else None), "first": True}
 
-    def call(*inputs):
+    def call(*inputs):  # -> (loss, ..., metrics)
         try:
-            loss, metrics = state["losses"](*inputs)
+            *outputs, metrics = state["losses"](*inputs)
         except Exception as error:  # e.g. Triton's "PassManager::run failed"
             if not state["first"]:
                 raise
             print(f"{Path(sys.argv[0]).name}: torch.compile failed ({type(error).__name__}: "
                   f"{str(error).strip().splitlines()[-1][:160]}); this run continues eager", file=sys.stderr)
-            state["losses"], (loss, metrics) = losses, losses(*inputs)
+            state["losses"] = losses
+            *outputs, metrics = losses(*inputs)
         state["first"] = False
-        return loss, {key: value.detach().clone() for key, value in metrics.items()}
+        return *outputs, {key: value.detach().clone() for key, value in metrics.items()} if device.type == "cuda" else metrics
     return call
 # --- end shared block ---
 
