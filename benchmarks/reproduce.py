@@ -358,6 +358,7 @@ def prepare_command(job: Job) -> list:
 # ----------------------------------------------------------------------------------------------
 SKIPPED = -1000  # return code of a job whose inputs failed
 STOPPED = -1001  # return code of a job stopped at --time-budget's deadline (a rerun resumes it)
+RUNNING: set = set()  # --local: the job processes of this process, stopped when the grid is interrupted
 
 
 def _die_with_parent() -> None:
@@ -389,12 +390,14 @@ def run_job(command: list, log: str, cwd: str, threads: int, links: list, merged
                     target = parts / file.name
                     if not target.is_symlink() and not target.exists():
                         target.symlink_to(os.path.relpath(file, parts))
-        handle.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.node()}\n$ {shlex.join(command)}\n")
+        handle.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.node()}\n# commit {git_commit()}\n"
+                     f"$ {shlex.join(command)}\n")
         handle.flush()
         environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                        "PYTHONUNBUFFERED": "1"}
         process = subprocess.Popen([sys.executable, *command[1:]], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env=environment, preexec_fn=_die_with_parent)
+        RUNNING.add(process)
         stopped = False
         while process.poll() is None:
             if deadline and time.time() > deadline and not stopped:  # --time-budget: stop it, resume it next time
@@ -405,6 +408,7 @@ def run_job(command: list, log: str, cwd: str, threads: int, links: list, merged
                 except subprocess.TimeoutExpired:
                     process.kill()
             time.sleep(0.2)
+        RUNNING.discard(process)
         handle.write(f"# {'stopped by --time-budget, ' if stopped else ''}exit code {process.returncode} after "
                      f"{time.time() - start:.0f} s\n")
     return {"returncode": STOPPED if stopped else process.returncode, "seconds": time.time() - start}
@@ -426,6 +430,7 @@ class LocalCluster:
         self.cpus = num_cpus or os.cpu_count() or 1
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4 * self.cpus + 8)
         self.slots = threading.BoundedSemaphore(self.cpus)  # at most num_cpus commands at once, as Ray's resources
+        self.closed = False
 
     def cluster_resources(self) -> dict:
         gpus = 0
@@ -445,6 +450,8 @@ class LocalCluster:
                 def call():
                     inputs = [a.result() if isinstance(a, cluster.futures.Future) else a for a in args]
                     with cluster.slots:
+                        if cluster.closed:  # interrupted while this job waited for a slot
+                            return {"returncode": STOPPED, "seconds": 0.0}
                         return function(*inputs)
                 return cluster.pool.submit(call)
         return Remote()
@@ -458,7 +465,12 @@ class LocalCluster:
         return future.result()
 
     def cancel(self, future, force: bool = False) -> None:
-        future.cancel()  # a running job's process gets SIGINT from the terminal with this one
+        """Interrupted: no waiting job starts, and every running job's process is stopped (SIGTERM; a rerun resumes
+        it from its last checkpoint)."""
+        self.closed = True
+        future.cancel()
+        for process in list(RUNNING):
+            process.terminate()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,7 +506,12 @@ def follow(jobs: list[Job], preset: Preset, ray, deadline: float = 0.0, out: Opt
     instead of in the order the datasets happened to finish."""
     resources = ray.cluster_resources()
     if preset.num_gpus and not resources.get("GPU"):
-        raise SystemExit(f"preset {preset.name} asks for {preset.num_gpus} GPU per job and this Ray cluster has no GPU")
+        raise SystemExit(f"reproduce.py: error: preset {preset.name} asks for {preset.num_gpus} GPU per job and this "
+                         f"cluster has no GPU (--set num_gpus=0 runs it without)")
+    if preset.num_cpus > resources.get("CPU", 0):  # Ray would wait for such a worker forever
+        raise SystemExit(f"reproduce.py: error: preset {preset.name} asks for {preset.num_cpus:g} CPUs per job and this cluster has "
+                         f"{resources.get('CPU', 0):g}: give --num-cpus at least {preset.num_cpus:g} or "
+                         f"--set num_cpus=...")
     remote = ray.remote(run_job)
     slots = max(1, int(resources.get("CPU", 1) // max(preset.num_cpus, 1e-9)))
     threads = max(1, int(preset.num_cpus))
@@ -631,8 +648,18 @@ def publish_run(job: Job, outcome: dict, out: Path) -> Optional[Path]:
     if seconds is None and (target / "job.json").exists():
         seconds = json.loads((target / "job.json").read_text()).get("seconds")
     (target / "job.json").write_text(json.dumps({**job.labels, "command": shlex.join(job.command),
-                                                 "log": shown(job.log), "seconds": seconds}, indent=2))
+                                                 "log": shown(job.log), "seconds": seconds,
+                                                 "commit": run_commit(job)}, indent=2))
     return target
+
+
+def run_commit(job: Job) -> str:
+    """The code a run finished with: the last commit its log names (a grid, and a resumed run, can span commits)."""
+    try:
+        lines = job.log.read_text().splitlines()
+    except OSError:
+        return git_commit()
+    return next((line.split()[-1] for line in reversed(lines) if line.startswith("# commit ")), git_commit())
 
 
 def publish_runs(jobs: list[Job], outcome: dict, out: Path) -> list[Path]:
@@ -962,7 +989,13 @@ def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], nu
                jobs: Optional[list], started: float, local: bool = False, deadline: float = 0.0) -> Path:
     jobs = build_grid(preset, work) if jobs is None else jobs
     for folder in (out, work / "logs"):
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / ".write_test").touch()
+            (folder / ".write_test").unlink()
+        except OSError as error:
+            raise SystemExit(f"reproduce.py: error: cannot write to {folder} ({error.strerror}); "
+                             f"choose another --out or --work") from None
     print(f"Preset {preset.name}: {preset.purpose}.\nBudgets: {budgets_text(preset)}", flush=True)
     for job in jobs:
         if job.kind == "train":
@@ -998,6 +1031,8 @@ def main() -> None:
                         help="datasets, run directories and logs, kept out of git (default: runs/reproduce/<preset>)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="print every job's command and whether it is done")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: write table.md, the curves and the interval plot from results/<preset>/runs")
     parser.add_argument("--local", action="store_true",
                         help="run the jobs as subprocesses of this process, without Ray (at most --num-cpus at once)")
     parser.add_argument("--time-budget", type=float, default=0.0, metavar="MINUTES",
@@ -1020,6 +1055,12 @@ def main() -> None:
             job.published = out / "runs" / job.name if job.kind == "train" else None
             print(f"{'done' if is_done(job) else 'todo'}  {job.name}: {shlex.join(job.command)}")
         return
+    if args.report:
+        manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+        write_curves(out)
+        table = write_table(preset, out, {"this_run_minutes": 0.0,
+                                          "total_minutes": manifest.get("total_wall_seconds", 0.0) / 60})
+        return print(f"Table: {shown(table)} (from {len(load_published(out))} published runs)")
     reproduce(preset, out, work, args.address, args.num_cpus, local=args.local, time_budget=60 * args.time_budget)
 
 

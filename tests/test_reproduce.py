@@ -255,3 +255,19 @@ def test_statistics_over_seeds():
                                                                      "MPO": x}})
     assert "| ABM+MPO vs BM+MPO | 5.6 [" in lines[2] and "yes, first higher" in lines[2]
     assert "| ABM+MPO vs MPO | 0.0 [" in lines[3] and "| no |" in lines[3]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--out", "/proc/no-such-folder"], "cannot write to /proc/no-such-folder"),
+    (["--set", "num_cpus=4", "--num-cpus", "2"], "asks for 4 CPUs per job and this cluster has 2"),
+    (["--set", "num_gpus=0.5"], "asks for 0.5 GPU per job"),
+    (["--set", "seeds=x"], "'x' is not a tuple"),
+    (["--set", "control_columns=ABM+MPO,NOPE"], "unknown column(s) NOPE"),
+])
+def test_bad_grid_settings_are_one_sentence_before_anything_runs(flags, words, tmp_path):
+    """An unsatisfiable resource request used to leave Ray waiting forever; an unwritable folder gave a traceback."""
+    command = [sys.executable, "benchmarks/reproduce.py", "--preset", "smoke", "--local", "--work", str(tmp_path / "w"),
+               *(["--out", str(tmp_path / "o")] if "--out" not in flags else []), *flags]
+    process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert process.returncode != 0 and words in process.stderr and "Traceback" not in process.stderr, process.stderr
+    assert not list((tmp_path / "w").glob("runs/*"))  # nothing started
