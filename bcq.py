@@ -45,6 +45,7 @@ noise drawn beforehand by the explicit generator (same random streams as eager).
 import copy
 import csv
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -70,6 +71,7 @@ import sawyer_env
 
 @dataclass
 class Args:
+    # --- shared block: args ---
     env: Optional[str] = None
     """`hopper`, `cheetah`, `walker`, `quadruped` (Control Suite hopper-hop, cheetah-run,
     walker-walk, quadruped-run), any Control Suite `domain-task`, `sawyer` (the simulated Sawyer
@@ -105,20 +107,18 @@ class Args:
     """continue the run in this directory from its checkpoint.pt"""
     device: str = "auto"
     """`auto` (CUDA when present), `cpu` or `cuda`"""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """`bf16`: the batched Q passes over M sampled actions run their matrix products in bfloat16
-    (autocast, float32 weights and losses); fast only on CPUs/GPUs with native bf16"""
     compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile the update's losses (on CUDA with CUDA graphs); `auto`: on for CUDA, and on a CPU for runs
-    of at least 20,000 updates (compiling takes 1-2 min); `off`: the eager code"""
+    """torch.compile the update's losses; `auto`: on for CUDA (with CUDA graphs), off on a CPU (compiled fp32
+    updates measured 0.98-1.18x eager there, README "Performance", for 35-150 s of compiling)"""
     track: bool = False
-    """also log to Weights & Biases (needs `pip install wandb`)"""
+    """also log to Weights & Biases (needs `pip install wandb`; it syncs the TensorBoard scalars)"""
     wandb_project: str = "behaviour-priors"
     """Weights & Biases project name"""
     capture_video: bool = False
     """save a video of the first evaluation episode (needs `pip install moviepy`)"""
+    # --- end shared block ---
 
-    # Algorithm specific arguments (defaults: Table 3, else the original BCQ)
+    # Algorithm specific arguments (`--env sawyer`: Table 5, set in __post_init__; defaults: Table 3, else the original BCQ)
     batch_size: int = 512
     """transitions per gradient update and task"""
     num_action_samples: int = 10
@@ -143,19 +143,25 @@ class Args:
     """tau of the soft target updates of the critic and the perturbation model"""
     max_grad_norm: float = 40.0
     """gradient clipping (global norm per network)"""
-    encoder_layers: Optional[tuple[int, ...]] = None
-    """hidden layers of the VAE encoder; default 256-256 (Table 3), sawyer 256 -> 256-256 (Table 5)"""
-    decoder_layers: Optional[tuple[int, ...]] = None
-    """hidden layers of the VAE decoder, all shared by the tasks; default 256-256 (Tables 3 and 5)"""
-    perturbation_layers: Optional[tuple[int, ...]] = None
-    """hidden layers of the perturbation model; default 256-256 (Table 3), sawyer 256 -> 100 (Table 5)"""
-    critic_layers: Optional[tuple[int, ...]] = None
-    """hidden layers of each Q function; default 256-256-256 (Table 1), sawyer 400 -> 400 (Table 5)"""
+    encoder_layers: tuple[int, ...] = (256, 256)
+    """hidden layers of the VAE encoder (Table 3); sawyer: 256 -> 256-256 (Table 5)"""
+    decoder_layers: tuple[int, ...] = (256, 256)
+    """hidden layers of the VAE decoder, all shared by the tasks (Tables 3 and 5)"""
+    perturbation_layers: tuple[int, ...] = (256, 256)
+    """hidden layers of the perturbation model (Table 3); sawyer: 256 -> 100 (Table 5)"""
+    critic_layers: tuple[int, ...] = (256, 256, 256)
+    """hidden layers of each Q function (Table 1); sawyer: 400 -> 400 (Table 5)"""
     shared_layers: int = 1
     """first hidden layers shared by all tasks; the rest are one head per task (Table 5)"""
 
     def __post_init__(self):
-        fill_defaults(self)
+        if self.env == "sawyer":  # Table 5's multi-task networks, where the Table 1 and 3 sizes were left
+            sizes = {"encoder_layers": (256, 256, 256), "perturbation_layers": (256, 100), "critic_layers": (400, 400)}
+            for name, size in sizes.items():
+                setattr(self, name, size if getattr(self, name) == type(self).__dataclass_fields__[name].default
+                        else getattr(self, name))
+        if self.normalize_observations is None:
+            self.normalize_observations = self.env == "sawyer"
 
 
 # --- shared block: networks ---
@@ -180,6 +186,8 @@ class MultiHeadMLP(nn.Module):
     def __init__(self, in_features: int, hidden: tuple, out_features: int, num_heads: int, shared: int):
         super().__init__()
         assert 1 <= shared <= len(hidden)
+        self.register_buffer("input_mean", torch.zeros(in_features))  # the observation's statistics, set by
+        self.register_buffer("input_std", torch.ones(in_features))  # standardise_observations; 0 and 1 elsewhere
         sizes = (in_features, *hidden)
         torso = [nn.Linear(sizes[0], sizes[1]), nn.LayerNorm(sizes[1]), nn.ELU()]
         for i in range(1, shared):
@@ -191,7 +199,7 @@ class MultiHeadMLP(nn.Module):
         self.head = nn.Sequential(*head, MultiHeadLinear(num_heads, sizes[-1], out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.head[:-1](self.torso(x))
+        hidden = self.head[:-1](self.torso((x - self.input_mean) / self.input_std))
         with torch.autocast(x.device.type, enabled=False):  # output layer in fp32, also under bf16 autocast
             return self.head[-1](hidden.float())
 
@@ -205,27 +213,23 @@ class Critic(nn.Module):
 
     def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([observation, action], dim=-1)).squeeze(-1)
+
+
+def standardise_observations(model: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Every network in `model` standardises the observation at the front of its input by `mean` and `std`: the one
+    place where it happens, so the policy that is evaluated, checkpointed and exported takes raw observations."""
+    with torch.no_grad():
+        for net in model.modules():
+            if isinstance(net, MultiHeadMLP):
+                net.input_mean[: len(mean)], net.input_std[: len(std)] = mean, std
 # --- end shared block ---
 
 
 # --- shared block: transitions ---
-def sample_transitions(data: dict, columns: list[int], batch_size: int, rng: np.random.Generator) -> dict:
-    """Draw `batch_size` transitions (s, a, r, d, s') for each task, independently per task: arrays [K, B, ...]."""
-    index = rng.integers(0, len(data["observation"]), size=(len(columns), batch_size))  # [K, B]
-    batch = {
-        "observation": data["observation"][index],
-        "action": data["action"][index],
-        "reward": data["reward"][index, np.asarray(columns)[:, None]],
-        "discount": data["discount"][index],
-        "next_observation": data["next_observation"][index],
-    }
-    return {key: np.asarray(value, dtype=np.float32) for key, value in batch.items()}
-
-
-def sample_transitions_on_device(data: dict, batch_size: int, generator: torch.Generator,
-                                 index: Optional[torch.Tensor] = None) -> dict:
-    """sample_transitions on tensors held on the device (Run.device_data: states standardised, the learned reward
-    columns only), indices drawn by `generator`: no host round trip. `index` [K, B]: those transitions instead."""
+def sample_transitions(data: dict, batch_size: int, generator: torch.Generator,
+                       index: Optional[torch.Tensor] = None) -> dict:
+    """Draw `batch_size` transitions (s, a, r, d, s') for each task, independently per task, from `data` (tensors on
+    the run's device, one reward column per task), indices from `generator` (`index` [K, B]: those): [K, B, ...]."""
     num_tasks = data["reward"].shape[1]
     if index is None:
         index = torch.randint(len(data["observation"]), (num_tasks, batch_size), generator=generator,
@@ -233,26 +237,6 @@ def sample_transitions_on_device(data: dict, batch_size: int, generator: torch.G
     return {"observation": data["observation"][index], "action": data["action"][index],
             "reward": data["reward"][index, torch.arange(num_tasks, device=index.device)[:, None]],
             "discount": data["discount"][index], "next_observation": data["next_observation"][index]}
-# --- end shared block ---
-
-
-# --- shared block: device data ---
-def data_on_device(data: dict, columns: list, mean: list, std: list, device: torch.device,
-                   on_cpu: bool = False) -> Optional[dict]:
-    """On CUDA, the arrays batches are drawn from as tensors on the GPU (states standardised by `mean` and `std`,
-    the learned reward `columns` only), for sample_*_on_device. None on a CPU (unless `on_cpu`: tests), where
-    the numpy samplers keep the CPU's numbers bit-identical, and where the arrays would fill more than half
-    of the GPU's free memory (batches are then drawn on the host and copied)."""
-    keys = ("observation", "action", "reward", "discount", "next_observation", "episode_last")
-    size = sum(np.asarray(data[key]).nbytes for key in keys)
-    too_big = device.type == "cuda" and size > torch.cuda.mem_get_info(device)[0] / 2
-    if (device.type == "cpu" and not on_cpu) or too_big:
-        return None
-    arrays = {key: torch.as_tensor(np.asarray(data[key], np.int64 if key == "episode_last" else np.float32),
-                                   device=device) for key in keys}
-    arrays["reward"] = arrays["reward"][:, columns]
-    mean, std = torch.tensor(mean, device=device), torch.tensor(std, device=device)
-    return {**arrays, **{key: (arrays[key] - mean) / std for key in ("observation", "next_observation")}}
 # --- end shared block ---
 
 
@@ -303,6 +287,10 @@ class PerturbationModel(nn.Module):
 
 
 # --- shared block: twin critic ---
+# State-action rows per critic pass and thread: 1024 rows of a 256-unit activation are 1 MiB, a core's L2 cache.
+CHUNK_ROWS = 1024
+
+
 class TwinCritic(nn.Module):
     """Two independent Q functions (clipped double Q): [K, N, obs], [K, N, act] -> [2, K, N]."""
 
@@ -449,8 +437,7 @@ def critic_step_loss(agent: Agent, batch: dict, noise: torch.Tensor, args: Args)
         next_states = repeat_states(batch["next_observation"], num_samples)  # [K, M * B, obs]
         latent = noise.clamp(-agent.vae.latent_clip, agent.vae.latent_clip)  # [K, M * B, latent]
         next_actions = agent.target_perturbation(next_states, agent.vae.decode(next_states, latent))
-        with autocast(args.precision, observation.device):
-            next_q = per_sample(agent.target_critic(next_states, next_actions).float(), num_samples)  # [2, M, K, B]
+        next_q = per_sample(agent.target_critic(next_states, next_actions), num_samples)  # [2, M, K, B]
         target, metrics = clipped_double_q_target(next_q, batch["reward"], batch["discount"], args.discount,
                                                   args.double_q_lambda)
     loss, info = twin_critic_loss(agent.critic(observation, action), target)
@@ -465,18 +452,6 @@ def actor_step_loss(agent: Agent, batch: dict, noise: torch.Tensor, args: Args) 
     return perturbation_actor_loss(agent.critic.q1(observation, agent.perturbation(observation, sampled_actions)))
 
 
-def bcq_actor(agent: Agent, num_samples: int, num_tasks: int, generator: torch.Generator) -> Callable:
-    """act(observation, task) = argmax_j Q_1(s, xi(s, a_j)) over `num_samples` VAE samples a_j."""
-    device = agent.vae.center.device
-
-    @torch.no_grad()
-    def act(observation: np.ndarray, task: int) -> np.ndarray:
-        states = torch.as_tensor(observation, dtype=torch.float32, device=device).expand(num_tasks, num_samples, -1)
-        actions = agent.perturbation(states, agent.vae.sample(states, generator))  # [K, M, act]
-        best = agent.critic.q1(states, actions)[task].argmax()
-        return actions[task, best].cpu().numpy()
-
-    return act
 
 
 class FixedLatentActor(nn.Module):
@@ -500,116 +475,113 @@ class FixedLatentActor(nn.Module):
         return torch.gather(actions, 1, best[:, None, :, None].expand(-1, 1, -1, actions.shape[-1]))[:, 0]
 
 
-def vae_mean_actor(vae: VAE, num_tasks: int) -> Callable:
-    """act(observation, task) = D(s, z = 0), the VAE decoder at the latent mean."""
-    device = vae.center.device
+class DecoderMean(nn.Module):
+    """The VAE decoder at the latent mean, D(s, z = 0), the behaviour model acting alone: [K, B, obs] -> [K, B, act]."""
 
-    @torch.no_grad()
-    def act(observation: np.ndarray, task: int) -> np.ndarray:
-        state = torch.as_tensor(observation, dtype=torch.float32, device=device).expand(num_tasks, 1, -1)
-        return vae.decode(state, state.new_zeros(num_tasks, 1, vae.latent_size))[task, 0].cpu().numpy()
+    def __init__(self, vae: VAE):
+        super().__init__()
+        self.vae = vae
 
-    return act
-
-
-# --- shared block: compile ---
-COMPILE_MIN_STEPS = 20_000  # `--compile auto` on a CPU: runs this long (an hour or more) amortise 1-2 min of compiling
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(observation, observation.new_zeros(*observation.shape[:2], self.vae.latent_size))
 
 
-def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
-    """`--compile`: an update's loss function through torch.compile (CUDA: mode `reduce-overhead`, CUDA graphs),
-    or as it is. The noise it needs is drawn outside it, so the random streams are those of the eager code.
-    `auto` compiles on CUDA, and on a CPU for runs of COMPILE_MIN_STEPS updates or more: there whole compiled
-    updates measured 0-18% faster in fp32 and 18-43% in bf16 (README "Performance") for 35-90 s of compiling;
-    shorter runs (tests, smoke checks) stay eager."""
-    if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"
-                                 and args.total_steps < COMPILE_MIN_STEPS):
-        return losses
-    compiled, state = torch.compile(losses, mode="reduce-overhead" if device.type == "cuda" else None), {}
+# --- shared block: observation statistics ---
+# Smallest std an observation dimension is divided by: sawyer's yellow cube height has std 3e-5 m in 100 episodes,
+# a 1 cm lift would read as 370 stds (10 with the floor); CORL's and TD3+BC's `std + 1e-3` bound it the same way.
+OBSERVATION_STD_FLOOR = 1e-3
 
-    def call(*inputs):
-        if state.get("eager"):
-            return losses(*inputs)
-        try:
-            loss, metrics = compiled(*inputs)
-        except Exception as error:  # a compiler failure at the first call (seen: Triton on one GPU): run eager
-            if state:
-                raise
-            print(f"{Path(sys.argv[0]).name}: torch.compile failed ({type(error).__name__}: "
-                  f"{str(error).strip().splitlines()[-1][:160]}); this run continues eager", file=sys.stderr)
-            state["eager"] = True
-            return losses(*inputs)
-        state["compiled"] = True
-        if device.type != "cuda":
-            return loss, metrics
-        # CUDA graphs reuse their output memory at the next replay (BCQ and BEAR replay three per update): the
-        # metrics, read when the run logs, are copied out now; the loss is used (backward) before any replay.
-        return loss, {key: value.detach().clone() for key, value in metrics.items()}
-    return call
+
+def observation_statistics(observation: torch.Tensor, standardise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and floored std (float64 sums over chunks: a memory-mapped dataset is never copied
+    whole); mean 0 and std 1 without --normalize-observations."""
+    size, dim = observation.shape
+    if not standardise:
+        return torch.zeros(dim, device=observation.device), torch.ones(dim, device=observation.device)
+    mean = sum(chunk.double().sum(0) for chunk in observation.split(1 << 16)) / size
+    std = (sum(((chunk.double() - mean) ** 2).sum(0) for chunk in observation.split(1 << 16)) / size).sqrt()
+    return mean.float(), std.clamp(min=OBSERVATION_STD_FLOOR).float()
 # --- end shared block ---
 
 
-# --- shared block: final return ---
-def final_return(returns: list[float]) -> float:
-    # Table 6's protocol: a run's final return is the mean over its last 10% of evaluations.
-    return float(np.mean(returns[-max(1, math.ceil(0.1 * len(returns))):]))
+# --- shared block: acting policy ---
+class ActingPolicy(nn.Module):
+    """The policy as it acts, evaluated and exported alike: raw observation [B, obs] and task_index [B] -> action
+    [B, act] in the env's units, clipped. `actor` maps [K, B, obs] -> [K, B, act] (a Gaussian policy: its mean);
+    a learner acting in [-1, 1] (sawyer) is mapped onto the env's [env_low, env_high]."""
+
+    def __init__(self, actor: nn.Module, spec: dict):
+        super().__init__()
+        self.actor, self.num_tasks = actor, len(spec["tasks"])
+        self.rescale = spec["action_low"] != spec["env_action_low"] or spec["action_high"] != spec["env_action_high"]
+        for name in ("action_low", "action_high", "env_action_low", "env_action_high"):
+            self.register_buffer(name, torch.tensor(spec[name], dtype=torch.float32))
+
+    def forward(self, observation: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
+        actions = self.actor(observation.expand(self.num_tasks, -1, -1))
+        actions = actions[0] if isinstance(actions, tuple) else actions  # [K, B, act]
+        action = actions[task_index, torch.arange(observation.shape[0])].clamp(self.action_low, self.action_high)
+        if self.rescale:  # [B, act]
+            fraction = (action - self.action_low) / (self.action_high - self.action_low)
+            action = self.env_action_low + fraction * (self.env_action_high - self.env_action_low)
+        return action
 # --- end shared block ---
 
 
 def train(args: Args) -> dict:
-    """BCQ on a fixed dataset; returns the summary written to summary.json."""
+    """Algorithm 1 on a fixed dataset; returns the summary written to summary.json."""
     if min(args.total_steps, args.batch_size, args.num_action_samples, args.num_eval_samples) < 1:
         raise UserError("--total-steps, --batch-size, --num-action-samples and --num-eval-samples must be positive")
-    run = Run(args, "bcq")  # checks the env and the dataset, opens the run directory (plumbing, below the banner)
+    if args.resume:
+        load_saved_config(args, "bcq")  # the run's arguments; only budgets, devices and logging may change
+    device = pick_device(args.device)
+    env = make_env(dataset_env(args))  # checks --env; a Minari --dataset is converted first and names the env
+    data, tasks, spec = load_data(args, env, device)  # checked; tensors on the device, one reward column per task
+    mean, std = observation_statistics(data["observation"], args.normalize_observations)
+    run_dir = make_run_dir(args, "bcq", spec)  # config.json
 
-    # Seeding in one place; all later randomness comes from these generators.
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    generator = torch.Generator(device=run.device).manual_seed(args.seed)
-    eval_generator = torch.Generator(device=run.device).manual_seed(args.seed + 100)
-    num_tasks = len(run.tasks)
-    agent = Agent(run.spec["obs_dim"], run.spec["act_dim"], num_tasks, run.low, run.high, args).to(run.device)
+    torch.manual_seed(args.seed)  # seeding in one place: the initial weights here, every later sample from `generator`
+    generator = torch.Generator(device).manual_seed(args.seed)
+    low, high = torch.tensor(spec["action_low"], device=device), torch.tensor(spec["action_high"], device=device)
+    agent = Agent(spec["obs_dim"], spec["act_dim"], len(tasks), low, high, args).to(device)
+    standardise_observations(agent, mean, std)
     optimizers = make_optimizers(agent, args)
-    actors = {"return": bcq_actor(agent, args.num_eval_samples, num_tasks, eval_generator),
-              "prior_return": vae_mean_actor(agent.vae, num_tasks)}
+    policies = {"return": ActingPolicy(FixedLatentActor(agent, args.num_eval_samples, args.seed + 100), spec),
+                "prior_return": ActingPolicy(DecoderMean(agent.vae), spec)}  # the first is exported as policy.pt2
+    losses = {name: compile_losses(fn, args, device) for name, fn in (("vae", vae_step_loss), ("critic",
+              critic_step_loss), ("actor", actor_step_loss))}  # --compile
     modules = {"agent": agent, **{f"{name}_optimizer": optimizer for name, optimizer in optimizers.items()}}
-    losses = {name: compile_losses(fn, args, run.device)  # --compile
-              for name, fn in (("vae", vae_step_loss), ("critic", critic_step_loss), ("actor", actor_step_loss))}
-    policy = FixedLatentActor(agent, args.num_eval_samples, args.seed + 100).to(run.device)
+    start = load_checkpoint(run_dir, modules, generator) if args.resume else 0
+    logger, envs = Logger(args, run_dir, start), make_eval_envs(args, run_dir, tasks)
 
-    start = run.start(modules, rng, generator)  # 0, or the checkpoint's step with --resume
     for step in range(start + 1, args.total_steps + 1):
-        if run.device_data:  # CUDA: the dataset lives on the GPU and batches are drawn there
-            batch = sample_transitions_on_device(run.device_data, args.batch_size, generator)
-        else:
-            batch = run.to_device(sample_transitions(run.data, run.columns, args.batch_size, rng))
+        batch = sample_transitions(data, args.batch_size, generator)
         metrics = update(agent, optimizers, batch, args, generator, losses)
         agent.update_targets(args.target_update_rate)  # soft, every update (the original BCQ)
-        run.record(step, metrics)  # sums on the device; a non-finite loss stops the run at the next log or checkpoint
+        logger.record(step, metrics)  # sums on the device; a non-finite loss stops the run before the next write
         if step % args.eval_every == 0 or step == args.total_steps:
-            run.evaluate_and_log(step, actors)
+            logger.check_finite()  # a non-finite loss stops the run before its policy acts or anything is written
+            logger.write(step, evaluate_policies(policies, envs, tasks, args))
         if step % args.checkpoint_every == 0 or step == args.total_steps:
-            run.save(step, modules, rng, generator, policy=policy)
-    return write_summary(run.run_dir, run.finish(), run.spec)
+            logger.check_finite()
+            save_checkpoint(run_dir, modules, generator, step, spec)
+            export_policy(policies["return"], spec, run_dir)
+    return write_summary(run_dir, logger.close(), spec)
 
 
 # ==================================================================================================
-# TRY NOT TO MODIFY: the plumbing below is the same in every script (utilities, environments, dataset
-# files, run directory, checkpoints, logging, export); nothing above the banner needs it to be followed.
-# tests/test_shared_blocks.py keeps the copies identical: edit abm_mpo.py, run tools/sync_blocks.py.
+# TRY NOT TO MODIFY: the plumbing every learning script shares, called by name from train() above. Edit it in
+# abm_mpo.py, then run tools/sync_blocks.py (tests/test_shared_blocks.py checks that the copies are identical).
 # ==================================================================================================
 
 
 # --- shared block: utilities ---
 class UserError(Exception):
-    """A problem with the user's input (arguments, files): reported in one sentence, exit 1."""
+    """A problem with the user's input (arguments, files): reported in one sentence, exit status 1."""
 
 
 def main(train_fn: Callable, args) -> None:
-    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1. Training needs no
-    OpenGL: dm_control gets a renderer (headless EGL) only for --capture-video, else none (MUJOCO_GL=disable:
-    nothing is probed, so a machine without libEGL or a display trains, and no GLFW warning is printed)."""
-    if sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux"):  # OpenGL for videos only; with none probed, no libEGL or display is needed
         os.environ.setdefault("MUJOCO_GL", "egl" if getattr(args, "capture_video", False) else "disable")
     try:
         train_fn(args)
@@ -618,29 +590,31 @@ def main(train_fn: Callable, args) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available")
-    return torch.device(name)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
-def autocast(precision: str, device: torch.device):
-    """`--precision bf16`: matrix products inside run in bfloat16 (float32 weights and accumulation); fp32: no-op."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
+    """--compile (`auto`: CUDA only): `losses` through torch.compile, on CUDA with CUDA graphs, whose next replay
+    overwrites their outputs, so the metrics are copied out; if the first call fails: one line, then eager."""
+    if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"):
+        return losses
+    state = {"losses": torch.compile(losses, mode="reduce-overhead" if device.type == "cuda" else None), "first": True}
 
-
-# State-action rows per critic pass and thread (q_values, TwinCritic): 1024 rows of a 256-unit activation are
-# 1 MiB, a core's L2 cache; one pass over all M * B rows is up to 2x slower on a CPU.
-CHUNK_ROWS = 1024
-
-
-def to_torch(batch: dict, device: torch.device) -> dict:
-    return {key: torch.as_tensor(value, device=device) for key, value in batch.items()}
-
-
-def default_dataset_path(env_id: str) -> Path:
-    return Path("datasets") / (env_id.replace(":", "_").replace("/", "_") + ".npz")
+    def call(*inputs):  # -> (loss, ..., metrics)
+        try:
+            *outputs, metrics = state["losses"](*inputs)
+        except Exception as error:  # e.g. Triton's "PassManager::run failed"
+            if not state["first"]:
+                raise
+            print(f"{Path(sys.argv[0]).name}: torch.compile failed ({type(error).__name__}: "
+                  f"{str(error).strip().splitlines()[-1][:160]}); this run continues eager", file=sys.stderr)
+            state["losses"] = losses
+            *outputs, metrics = losses(*inputs)
+        state["first"] = False
+        return *outputs, {key: value.detach().clone() for key, value in metrics.items()} if device.type == "cuda" else metrics
+    return call
 # --- end shared block ---
 
 
@@ -650,59 +624,54 @@ CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walk
 
 
 def control_suite():
-    """dm_control's suite (MUJOCO_GL: see main())."""
-    try:
+    try:  # MUJOCO_GL is set only for --capture-video (main()): training needs no OpenGL
         from dm_control import suite
     except (AttributeError, ImportError, RuntimeError) as error:  # MUJOCO_GL=egl without libEGL, for one
         raise UserError(f"dm_control could not load its renderer (MUJOCO_GL={os.environ.get('MUJOCO_GL')}, "
                         f"{type(error).__name__}); training needs none: leave MUJOCO_GL unset and --capture-video "
                         f"out, or install the renderer's library (libEGL for egl)") from None
-
     return suite
 
 
 class ControlSuiteEnv(gym.Env):
-    """A Control Suite task as a Gymnasium env: flat float32 observation, clipped actions, time limit = `truncated`."""
+    """A Control Suite task as a Gymnasium env: observation arrays flattened in dm_control's order (shimmy's adapter
+    sorts them by name) as float32, clipped actions, a time limit is `truncated`."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
     def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
-        self._load = lambda seed: control_suite().load(domain, task, task_kwargs={"random": seed})
-        self._env, self.render_mode = self._load(None), render_mode
-        low, high = self._env.action_spec().minimum, self._env.action_spec().maximum
-        self.action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
-        size = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), dtype=np.float32)
-
-    def _flatten(self, observation) -> np.ndarray:
-        return np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
+        self.load = lambda seed: control_suite().load(domain, task, task_kwargs={"random": seed})
+        self.render_mode = render_mode
+        self.env, spec = self.load(None), self.load(None).action_spec()
+        self.action_space = gym.spaces.Box(spec.minimum.astype(np.float32), spec.maximum.astype(np.float32))
+        size = sum(int(np.prod(v.shape)) for v in self.env.observation_spec().values())
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
         super().reset(seed=seed)
-        if seed is not None:
-            self._env = self._load(seed)
-        return self._flatten(self._env.reset().observation), {}
+        self.env = self.env if seed is None else self.load(seed)
+        return np.concatenate([np.ravel(v) for v in self.env.reset().observation.values()], dtype=np.float32), {}
 
     def step(self, action):
-        time_step = self._env.step(np.clip(action, self.action_space.low, self.action_space.high))
+        time_step = self.env.step(np.clip(action, self.action_space.low, self.action_space.high))
+        observation = np.concatenate([np.ravel(v) for v in time_step.observation.values()], dtype=np.float32)
         terminated = time_step.last() and time_step.discount == 0.0
-        truncated = time_step.last() and not terminated
-        return self._flatten(time_step.observation), float(time_step.reward or 0.0), terminated, truncated, {}
+        return observation, float(time_step.reward or 0.0), terminated, time_step.last() and not terminated, {}
 
     def render(self):
-        return self._env.physics.render(height=240, width=320, camera_id=0)
+        return self.env.physics.render(height=240, width=320, camera_id=0)
 
 
 def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
-    """`hopper`-style alias, Control Suite `domain-task`, `sawyer` (sawyer_env.learner_env(task): actions in [-1, 1],
-    task None = a random task per episode), or a gymnasium id (`module:EnvId`). env.unwrapped takes physical actions."""
+    """An alias, a Control Suite `domain-task`, `sawyer` (actions in [-1, 1]; task None: a random task per episode)
+    or a gymnasium id (`module:EnvId`); env.unwrapped takes the env's own (physical) actions."""
     if env_id == "sawyer":
         if task is not None and task not in sawyer_env.ALL_TASKS:
             raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
         return sawyer_env.learner_env(task or "random", render_mode)
-    domain, _, task = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
-    if task and (domain, task) in control_suite().ALL_TASKS:
-        return ControlSuiteEnv(domain, task, render_mode)
+    domain, _, name = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
+    if name and (domain, name) in control_suite().ALL_TASKS:
+        return ControlSuiteEnv(domain, name, render_mode)
     try:
         return gym.make(env_id, render_mode=render_mode)
     except Exception as error:  # gymnasium raises many types for an unknown or broken id
@@ -714,104 +683,114 @@ def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str]
 # --- shared block: dataset ---
 ARRAY_DIMENSIONS = {"observation": 2, "action": 2, "reward": 2, "discount": 1, "episode_id": 1, "step": 1,
                     "next_observation": 2, "run_id": 1, "task_id": 1}  # the first six are required
+DATASET_RULES = [  # (rule on the arrays a, what the user reads when it fails), checked in order
+    (lambda a: all(key in a for key in list(ARRAY_DIMENSIONS)[:6]),
+     f"it lacks some of the arrays {list(ARRAY_DIMENSIONS)[:6]}; see README 'Datasets'"),
+    *[(lambda a, key=key, ndim=ndim: key not in a or a[key].ndim == ndim and len(a[key]) == len(a["observation"]),
+       f"array {key!r} has shape other than {ndim}-D with one row per transition like 'observation'")
+      for key, ndim in ARRAY_DIMENSIONS.items()],
+    (lambda a: len(a["observation"]) > 0, "it holds no transitions"),
+    (lambda a: a.get("next_observation", a["observation"]).shape == a["observation"].shape,
+     "'next_observation' and 'observation' differ in shape"),
+    (lambda a: all(np.isfinite(a[key]).all() for key in list(ARRAY_DIMENSIONS)[:7] if key in a),
+     "an array contains NaN or infinite values"),
+    (lambda a: len(np.unique(a["episode_id"])) == len(episode_starts(a["episode_id"]))
+     and np.all(np.diff(a["step"])[np.diff(a["episode_id"]) == 0] == 1),
+     "episodes must be stored back to back with consecutive steps (snippets for Eq. 4)"),
+]
 
 
-def ensure_dataset(args) -> Path:
-    """The dataset to learn from; the default one is generated by collect.py when missing."""
-    path = minari_npz(args.dataset) or Path(args.dataset or default_dataset_path(args.env))
-    if args.dataset is None and not path.exists():
-        print(f"No dataset at {path}: generating it with `python collect.py --env {args.env}` (default budget, about "
-              f"{5 if args.env == 'sawyer' else 20} minutes on 2 CPU cores); pass --dataset PATH to use your own data.",
-              flush=True)
-        command = [sys.executable, str(Path(__file__).resolve().parent / "collect.py"), "--env", args.env,
-                   "--output", str(path)]
-        if subprocess.run(command).returncode != 0 or not path.exists():
-            raise UserError(f"collect.py failed to generate {path}; see its output above")
-    return path
+def episode_starts(episode_id) -> np.ndarray:
+    return np.flatnonzero(np.r_[True, np.asarray(episode_id)[1:] != np.asarray(episode_id)[:-1]])
 
 
 def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
-    """Load and validate a dataset (README "Datasets"): its arrays (memory-mapped for a directory of .npy files),
-    `metadata`, and `episode_last`, the index of the last transition of each transition's episode (for snippets)."""
+    """A checked dataset (README "Datasets"; a directory of .npy files is memory-mapped) with its `metadata` and
+    `episode_last` (each transition's episode's last index); `episodes_per_run`: --dataset-episodes."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"dataset {path} does not exist")
     try:
         if path.is_dir():
             arrays = {f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in path.glob("*.npy")}
-            metadata = json.loads((path / "metadata.json").read_text()) if (path / "metadata.json").exists() else {}
+            arrays["metadata"] = (path / "metadata.json").read_text() if (path / "metadata.json").exists() else "{}"
         else:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {key: archive[key] for key in archive.files}
-            metadata = json.loads(str(arrays.pop("metadata", "{}")))
+        metadata = json.loads(str(arrays.pop("metadata", "{}")))
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"dataset {path} cannot be read, it is corrupt, truncated or pickled ({reason})") from None
-    missing = [key for key in list(ARRAY_DIMENSIONS)[:6] if key not in arrays]
-    if missing:
-        raise UserError(f"dataset {path} lacks the arrays {missing}; see README 'Datasets'")
-    if arrays["reward"].ndim == 1:
+    if "reward" in arrays and arrays["reward"].ndim == 1:
         arrays["reward"] = arrays["reward"][:, None]
-    size = len(arrays["observation"])
-    for key, ndim in ARRAY_DIMENSIONS.items():
-        if key in arrays and (arrays[key].ndim != ndim or len(arrays[key]) != size):
-            raise UserError(f"dataset {path}: array {key!r} has shape {arrays[key].shape}, expected {ndim} "
-                            f"dimension(s) and {size} rows like 'observation'")
-    if size == 0:
-        raise UserError(f"dataset {path} holds no transitions")
-    if "next_observation" in arrays and arrays["next_observation"].shape != arrays["observation"].shape:
-        raise UserError(f"dataset {path}: 'next_observation' and 'observation' differ in shape")
-    for key in ("observation", "action", "reward", "discount", "next_observation"):
-        if key in arrays and not np.isfinite(arrays[key]).all():
-            raise UserError(f"dataset {path}: array {key!r} contains NaN or infinite values")
-    # Episodes must be stored back to back, steps in order, for snippets (Eq. 4) to exist.
-    episode_id, step = np.asarray(arrays["episode_id"]), np.asarray(arrays["step"])
-    starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
-    if len(np.unique(episode_id)) != len(starts) or np.any(np.diff(step)[episode_id[1:] == episode_id[:-1]] != 1):
-        raise UserError(f"dataset {path}: episodes must be stored back to back with consecutive steps")
+    for rule, problem in DATASET_RULES:
+        if not rule(arrays):
+            raise UserError(f"dataset {path}: {problem}")
+    size, starts = len(arrays["observation"]), episode_starts(arrays["episode_id"])
     keep = np.ones(size, dtype=bool)
     if "next_observation" not in arrays:  # derive s' from the next row; an episode's last row has none
         keep[np.r_[starts[1:] - 1, size - 1]] = False
         arrays["next_observation"] = np.asarray(arrays["observation"])[np.minimum(np.arange(size) + 1, size - 1)]
-    if episodes_per_run is not None:  # --dataset-episodes: the first K episodes of each collecting run
-        run_of_start = np.asarray(arrays["run_id"])[starts] if "run_id" in arrays else np.zeros(len(starts), int)
-        rank = np.zeros(len(starts), dtype=np.int64)
-        for run in np.unique(run_of_start):
-            rank[run_of_start == run] = np.arange(np.sum(run_of_start == run))
+    if episodes_per_run is not None:  # an episode's rank within its collecting run
+        run = np.asarray(arrays["run_id"])[starts] if "run_id" in arrays else np.zeros(len(starts), int)
+        rank = np.array([np.sum(run[:i] == run[i]) for i in range(len(starts))])
         keep &= np.repeat(rank < episodes_per_run, np.diff(np.r_[starts, size]))
     if not keep.all():
         arrays = {key: np.asarray(value)[keep] for key, value in arrays.items()}
-        episode_id, size = arrays["episode_id"], int(keep.sum())
-        starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
+        size, starts = int(keep.sum()), episode_starts(arrays["episode_id"])
     lengths = np.diff(np.r_[starts, size])
     return {**arrays, "episode_last": np.repeat(starts + lengths - 1, lengths), "metadata": metadata}
 
 
 def select_tasks(data: dict, task: str, env_id: Optional[str] = None) -> tuple[list[int], list[str]]:
-    """Reward columns to learn: every column for `all`, else the one named `task`; sawyer's new tasks (`center`,
-    `corner`, Section 5.2) are labelled from the stored s' and appended to data["reward"] as a new column."""
+    """Reward columns to learn (`all` or one); sawyer's new tasks (Section 5.2) are labelled from s' as a new column."""
     names = list(data["metadata"].get("tasks") or [f"task{i}" for i in range(data["reward"].shape[1])])
     if len(names) != data["reward"].shape[1]:
         raise UserError(f"dataset metadata names {len(names)} tasks but 'reward' has {data['reward'].shape[1]} columns")
     if task not in names and env_id == "sawyer" and task in sawyer_env.REWARD_FUNCTIONS:
         reward = sawyer_env.REWARD_FUNCTIONS[task](np.asarray(data["next_observation"])).astype(np.float32)
-        data["reward"] = np.concatenate([np.asarray(data["reward"]), reward[:, None]], axis=1)
+        data["reward"], data["metadata"] = np.c_[data["reward"], reward], {**data["metadata"], "tasks": names + [task]}
         names.append(task)
-        data["metadata"] = {**data["metadata"], "tasks": names}
     if task != "all" and task not in names:
         raise UserError(f"task {task!r} is not in the dataset; its tasks are {names}")
     return (list(range(len(names))), names) if task == "all" else ([names.index(task)], [task])
 
 
-def best_episode_returns(data: dict, columns: list[int]) -> list[float]:
-    """Best undiscounted episode return in the dataset, for each task column."""
-    starts = np.flatnonzero(np.r_[True, data["episode_id"][1:] != data["episode_id"][:-1]])
-    returns = np.add.reduceat(np.asarray(data["reward"][:, columns], dtype=np.float64), starts, axis=0)
-    return returns.max(axis=0).tolist()
-# --- end shared block ---
+def load_data(args, env: gym.Env, device: torch.device) -> tuple[dict, list[str], dict]:
+    """The run's dataset checked against the env (the default one made by collect.py if missing) as tensors on
+    `device` (float32 memory-mapped arrays stay on disk on a CPU), its task names, and its spec for config.json."""
+    path = minari_npz(args.dataset) or Path(args.dataset or f"datasets/{args.env.replace(':', '_').replace('/', '_')}.npz")
+    if args.dataset is None and not path.exists():
+        print(f"No dataset at {path}: generating it with `python collect.py --env {args.env}` (default budget, about "
+              f"{5 if args.env == 'sawyer' else 20} minutes on 2 CPU cores); pass --dataset PATH to use your own data.",
+              flush=True)
+        command = [sys.executable, str(Path(__file__).resolve().parent / "collect.py"), "--env", args.env, "--output", str(path)]
+        if subprocess.run(command).returncode != 0 or not path.exists():
+            raise UserError(f"collect.py failed to generate {path}; see its output above")
+    data, (obs_dim,), (act_dim,) = load_dataset(path, args.dataset_episodes), env.observation_space.shape, env.action_space.shape
+    if data["observation"].shape[1] != obs_dim or data["action"].shape[1] != act_dim:
+        raise UserError(f"dataset {path} has observation/action sizes {data['observation'].shape[1]}/"
+                        f"{data['action'].shape[1]} but the env has {obs_dim}/{act_dim}; is it for another env?")
+    columns, tasks = select_tasks(data, args.task, args.env)
+    env_space = env.unwrapped.action_space  # the env's own units: physical for sawyer, whose learner acts in [-1, 1]
+    stored = [data["metadata"].get(key) for key in ("action_low", "action_high")]
+    if None not in stored and not np.allclose(stored, [env_space.low, env_space.high]):
+        raise UserError(f"dataset {path} has action bounds {stored} but {args.env} takes actions in "
+                        f"{[env_space.low.tolist(), env_space.high.tolist()]}")
+    if args.env == "sawyer":
+        data["action"] = sawyer_env.normalise_actions(data["action"])
+    data["reward"] = np.asarray(data["reward"][:, columns], np.float32)
+    best = np.add.reduceat(data["reward"].astype(np.float64), episode_starts(data["episode_id"]), axis=0).max(0)
+    spec = {"env": args.env, "dataset": str(path), "obs_dim": obs_dim, "act_dim": act_dim, "tasks": tasks,
+            "action_low": env.action_space.low.tolist(), "action_high": env.action_space.high.tolist(),
+            "env_action_low": env_space.low.tolist(), "env_action_high": env_space.high.tolist(),
+            "best_episode_return_in_dataset": dict(zip(tasks, best.tolist())),
+            "reference_scores": data["metadata"].get("reference_scores")}
+    keys = ("observation", "action", "reward", "discount", "next_observation", "episode_last")
+    return {key: torch.as_tensor(np.asarray(data[key], None if key == "episode_last" else np.float32),
+                                 device=device) for key in keys}, tasks, spec
 
 
-# --- shared block: minari ---
 def minari_npz(dataset: Optional[str]) -> Optional[Path]:
     """Where the .npz copy of a Minari --dataset (`minari:<id>`, or a directory without .npy files) goes, else None."""
     if dataset and (dataset.startswith("minari:") or Path(dataset).is_dir() and not any(Path(dataset).glob("*.npy"))):
@@ -820,9 +799,9 @@ def minari_npz(dataset: Optional[str]) -> Optional[Path]:
     return None
 
 
-def minari_env(args) -> gym.Env:
-    """make_env(args.env), once `minari_io.py import` (a subprocess: only it imports minari) wrote the .npz copy of a
-    Minari --dataset (again if the source changed) and checked --env; left out, --env is the env the dataset stores."""
+def dataset_env(args) -> str:
+    """args.env, once `minari_io.py import` (only it imports minari) has made the .npz copy of a Minari --dataset
+    (again if the source changed) and checked --env; left out, --env is the env the dataset stores."""
     if (path := minari_npz(args.dataset)) is not None:
         command = [sys.executable, str(Path(__file__).resolve().parent / "minari_io.py"), "import", args.dataset,
                    "--output", str(path), *(["--env", args.env] if args.env else [])]
@@ -831,89 +810,27 @@ def minari_env(args) -> gym.Env:
             raise UserError(result.stderr.partition("minari_io.py: error: ")[2].strip() or result.stderr.strip())
         metadata = json.loads(str(np.load(path, allow_pickle=False)["metadata"]))
         args.env = args.env or metadata["env"]
-        args.__post_init__()  # fill_defaults: the paper's network sizes for the dataset's env
         if metadata.get("env_spec") and args.env == metadata["env"]:  # the stored kwargs and time limit
             gym.registry[args.env] = gym.envs.registration.EnvSpec.from_json(metadata["env_spec"])
-    return make_env(args.env)
+    args.env = args.env or "hopper"
+    args.__post_init__()  # the defaults that depend on the env
+    return args.env
 # --- end shared block ---
 
 
-# --- shared block: checkpoint ---
-def save_checkpoint(path: Path, modules: dict, rng: np.random.Generator, generator: torch.Generator, **extra) -> None:
-    """State dicts only (loadable with weights_only=True): modules, optimisers, random states, `extra`; written
-    atomically (a temporary file, then rename), so a crash leaves the previous checkpoint intact."""
-    rng_state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "sampling": generator.get_state()}
-    torch.save({**{name: module.state_dict() for name, module in modules.items()}, "rng": rng_state, **extra},
-               path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
-
-
-def load_checkpoint(path: Path, device: torch.device, modules: dict, rng: np.random.Generator,
-                    generator: torch.Generator) -> dict:
-    """Restore what save_checkpoint saved; returns the whole state for its extra entries."""
-    state = torch.load(path, map_location=device, weights_only=True)
-    for name, module in modules.items():
-        module.load_state_dict(state[name])
-    rng.bit_generator.state = state["rng"]["numpy"]
-    torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location moved them; generator states live on the host
-    generator.set_state(state["rng"]["sampling"].cpu())
-    return state
-# --- end shared block ---
-
-
-# --- shared block: run directory ---
-# Hidden layers of the paper's networks for a field of Args left at None: Tables 1-4 for the Control Suite, Table 5
-# for Sawyer, where "a -> b" is a torso of `shared_layers` = 1 layer (a) shared by all tasks, then one head per task (b).
-PAPER_LAYERS = {
-    "policy_layers": {"default": (256, 256), "sawyer": (200, 300)},  # policy and prior: 200 -> 300
-    "critic_layers": {"default": (256, 256, 256), "sawyer": (400, 400)},  # Q: 400 -> 400
-    "encoder_layers": {"default": (256, 256), "sawyer": (256, 256, 256)},  # BCQ encoder: 256 -> 256-256
-    "decoder_layers": {"default": (256, 256), "sawyer": (256, 256)},  # BCQ decoder: 256-256, no branch
-    "perturbation_layers": {"default": (256, 256), "sawyer": (256, 100)},  # BCQ perturbation: 256 -> 100
-}
-
-
-def fill_defaults(args) -> None:
-    """Args' fields left at None (Args.__post_init__): the paper's network sizes for `args.env`, and
-    --normalize-observations, on for sawyer only (finger angle std ~69 units, cube positions ~0.035 m)."""
-    args.env = args.env or (None if minari_npz(args.dataset) else "hopper")  # a Minari dataset's env: minari_env
-    for name, sizes in PAPER_LAYERS.items():
-        if args.env and hasattr(args, name) and getattr(args, name) is None:
-            setattr(args, name, sizes["sawyer" if args.env == "sawyer" else "default"])
-    if args.env and args.normalize_observations is None:
-        args.normalize_observations = args.env == "sawyer"
-
-
-# Smallest std an observation dimension is divided by: sawyer's yellow cube height has std 3e-5 m in 100 episodes,
-# a 1 cm lift would read as 370 stds (10 with the floor); CORL's and TD3+BC's `std + 1e-3` bound it the same way.
-OBSERVATION_STD_FLOOR = 1e-3
-OBSERVATION_KEYS = ("observation", "next_observation", "bootstrap_observation")  # the batch's states
-
-
-def observation_statistics(observation: np.ndarray, standardise: bool) -> tuple[list, list]:
-    """Per-dimension mean and floored std in float64 chunks (a memory-mapped dataset is never copied whole)."""
-    size, dim = observation.shape
-    if not standardise:
-        return [0.0] * dim, [1.0] * dim
-    chunks = [slice(i, i + (1 << 16)) for i in range(0, size, 1 << 16)]
-    mean = sum(np.sum(observation[c], axis=0, dtype=np.float64) for c in chunks) / size
-    std = np.sqrt(sum(np.sum((observation[c] - mean) ** 2, axis=0) for c in chunks) / size)
-    return mean.astype(np.float32).tolist(), np.maximum(std, OBSERVATION_STD_FLOOR).astype(np.float32).tolist()
-
-
+# --- shared block: run ---
 RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "checkpoint_every",
                      "device", "compile", "track", "wandb_project", "capture_video"}
 
 
-def load_saved_config(run_dir: Path, args, script: str) -> None:
-    """`--resume RUN_DIR`: arguments left at their defaults take the saved values; others may change only budgets,
-    devices and logging (RESUME_MAY_CHANGE)."""
+def load_saved_config(args, script: str) -> None:
+    """--resume: arguments left at their defaults take the saved values; only RESUME_MAY_CHANGE may differ."""
+    run_dir = Path(args.resume)
     if not (run_dir / "config.json").exists() or not (run_dir / "checkpoint.pt").exists():
         raise UserError(f"cannot resume {run_dir}: it has no config.json and checkpoint.pt")
-    saved = json.loads((run_dir / "config.json").read_text())
+    saved, defaults, changed = json.loads((run_dir / "config.json").read_text()), asdict(type(args)()), []
     if saved.get("script") != script:
         raise UserError(f"cannot resume {run_dir}: it is a run of {saved.get('script')}, not {script}")
-    defaults, changed = asdict(type(args)()), []
     for key, value in asdict(args).items():
         old = saved["args"].get(key, value)
         if key in ("resume", "run_dir") or json.loads(json.dumps(value)) == old:
@@ -926,7 +843,10 @@ def load_saved_config(run_dir: Path, args, script: str) -> None:
         raise UserError(f"cannot resume {run_dir} with a different configuration: {', '.join(changed)}")
 
 
-def make_run_dir(args, script: str) -> Path:
+def make_run_dir(args, script: str, spec: dict) -> Path:
+    """The run directory, checked writable, with config.json (every argument, the dataset's checksum, versions)."""
+    import mujoco
+
     run_dir = Path(args.resume or args.run_dir or f"runs/{script}__{args.env.replace(':', '_')}__{args.seed}__{int(time.time())}")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -934,178 +854,136 @@ def make_run_dir(args, script: str) -> Path:
         (run_dir / ".write_test").unlink()
     except OSError as error:
         raise UserError(f"run directory {run_dir} is not writable ({error.strerror})") from None
+    if not args.resume:
+        dataset, digest = Path(spec["dataset"]), hashlib.sha256()
+        for file in sorted(dataset.glob("*")) if dataset.is_dir() else [dataset]:
+            with open(file, "rb") as handle:
+                hashlib.file_digest(handle, lambda: digest)  # adds the file's bytes to `digest`
+        versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
+                    "gymnasium": gym.__version__, "mujoco": mujoco.__version__}
+        config = {"script": script, "args": asdict(args), "dataset": str(dataset), "dataset_sha256": digest.hexdigest()}
+        (run_dir / "config.json").write_text(json.dumps({**config, "versions": versions, "spec": spec}, indent=2))
     return run_dir
 
 
-def write_config(run_dir: Path, args, script: str, dataset: Path, spec: dict) -> None:
-    import mujoco
-
-    digest = hashlib.sha256()
-    for file in sorted(dataset.glob("*")) if dataset.is_dir() else [dataset]:
-        with open(file, "rb") as handle:
-            hashlib.file_digest(handle, lambda: digest)  # adds the file's bytes to `digest`
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
-                "gymnasium": gym.__version__, "mujoco": mujoco.__version__}
-    config = {"script": script, "args": asdict(args), "dataset": str(dataset), "dataset_sha256": digest.hexdigest(),
-              "versions": versions, "spec": spec}
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+def save_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator, step: int, spec: dict) -> None:
+    """checkpoint.pt (weights_only-loadable): the state dicts of `modules`, the random states, the step and the spec
+    (sizes, tasks, action bounds); written to a temporary file, then renamed, so a crash keeps the previous one."""
+    state = {name: module.state_dict() for name, module in modules.items()}
+    rng = {"torch": torch.get_rng_state(), "sampling": generator.get_state()}
+    torch.save({**state, "rng": rng, "step": step, "spec": spec}, run_dir / "checkpoint.tmp")
+    os.replace(run_dir / "checkpoint.tmp", run_dir / "checkpoint.pt")
 
 
-class Run:
-    """`Run(args, script)` checks the arguments, the env and the dataset and opens the run directory; its methods
-    keep the loop's books: resuming, batches on the device, metrics.csv / TensorBoard / W&B rows, checkpoints."""
+def load_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator) -> int:
+    state = torch.load(run_dir / "checkpoint.pt", map_location=generator.device, weights_only=True)
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+    torch.set_rng_state(state["rng"]["torch"].cpu())  # set_state takes the random states on the CPU
+    generator.set_state(state["rng"]["sampling"].cpu())
+    print(f"Resuming {run_dir} from update {state['step']}.", flush=True)
+    return state["step"]
 
-    def __init__(self, args, script: str):
-        if args.resume:
-            load_saved_config(Path(args.resume), args, script)
-        if args.eval_max_steps is not None and args.eval_max_steps < 1:
-            raise UserError("--eval-max-steps must be positive")
-        self.args, self.script = args, script
-        self.device, env = pick_device(args.device), minari_env(args)  # checks --env before anything is written
-        self.run_dir = make_run_dir(args, script)
-        dataset = ensure_dataset(args)
-        self.data = data = load_dataset(dataset, args.dataset_episodes)
-        (obs_dim,), (act_dim,) = env.observation_space.shape, env.action_space.shape
-        if data["observation"].shape[1] != obs_dim or data["action"].shape[1] != act_dim:
-            raise UserError(f"dataset {dataset} has observation/action sizes {data['observation'].shape[1]}/"
-                            f"{data['action'].shape[1]} but the env has {obs_dim}/{act_dim}; is it for another env?")
-        self.columns, self.tasks = select_tasks(data, args.task, args.env)
-        (low, high), env_space = (env.action_space.low, env.action_space.high), env.unwrapped.action_space
-        env_low, env_high = env_space.low, env_space.high  # the env's own units: physical for sawyer
-        stored = [data["metadata"].get(key) for key in ("action_low", "action_high")]  # the dataset's physical bounds
-        if None not in stored and not np.allclose(stored, [env_low, env_high]):
-            raise UserError(f"dataset {dataset} has action bounds {stored} but {args.env} takes actions in "
-                            f"{[env_low.tolist(), env_high.tolist()]}")
-        if args.env == "sawyer":  # the dataset's actions are physical, the learner's in [-1, 1]
-            data["action"] = sawyer_env.normalise_actions(data["action"])
-        mean, std = observation_statistics(data["observation"], args.normalize_observations)
-        self.spec = {"obs_dim": obs_dim, "act_dim": act_dim, "tasks": self.tasks, "action_low": low.tolist(),
-                     "action_high": high.tolist(), "env_action_low": env_low.tolist(),
-                     "env_action_high": env_high.tolist(), "observation_mean": mean, "observation_std": std,
-                     "best_episode_return_in_dataset": dict(zip(self.tasks, best_episode_returns(data, self.columns))),
-                     "reference_scores": data["metadata"].get("reference_scores")}
-        if not args.resume:
-            write_config(self.run_dir, args, script, dataset, self.spec)
-        self.low, self.high = torch.as_tensor(low, device=self.device), torch.as_tensor(high, device=self.device)
-        self.device_data = data_on_device(data, self.columns, mean, std, self.device)  # CUDA: the data on the GPU
 
-    def start(self, modules: dict, rng: np.random.Generator, generator: torch.Generator) -> int:
-        """The last update done: 0, or with --resume the checkpoint's (modules and random states restored)."""
+class Logger:
+    """metrics.csv (rows after the checkpoint dropped on --resume), TensorBoard (synced by W&B with --track), a
+    progress bar. Metrics are summed on the device, noting the first non-finite update: no host sync until a row or
+    checkpoint is written, and a non-finite loss stops the run before either."""
+
+    def __init__(self, args, run_dir: Path, start: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.step, self.wandb, self.metrics = 0, None, self.run_dir / "metrics.csv"
-        if self.args.resume:
-            self.step = load_checkpoint(self.run_dir / "checkpoint.pt", self.device, modules, rng, generator)["step"]
-            print(f"Resuming {self.run_dir} from update {self.step}.", flush=True)
-        rows = list(csv.reader(self.metrics.read_text().splitlines())) if self.metrics.exists() else []
-        rows = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= self.step]  # rows up to the checkpoint
-        self.header = rows[0] if rows else None
-        with open(self.metrics, "w", newline="") as handle:
-            csv.writer(handle).writerows(rows)
-        self.writer = SummaryWriter(str(self.run_dir))
-        if self.args.track:
+        self.run_dir, self.path, self.wandb = run_dir, run_dir / "metrics.csv", None
+        rows = list(csv.DictReader(self.path.read_text().splitlines())) if self.path.exists() else []
+        self.rows = [row for row in rows if int(row["step"]) <= start]
+        if args.track:
             try:
                 import wandb
             except ImportError:
                 raise UserError("--track needs Weights & Biases: pip install wandb") from None
-            config = json.loads((self.run_dir / "config.json").read_text())
-            self.wandb = wandb.init(project=self.args.wandb_project, config=config, dir=str(self.run_dir),
-                                    name=self.run_dir.name, resume="allow")
-        self.eval_envs = make_eval_envs(self.args, self.run_dir, self.tasks, self.spec)
-        self.mean, self.std = (np.asarray(self.spec[key], np.float32) for key in ("observation_mean", "observation_std"))
-        self.sums, self.count, self.clock = {}, 0, time.time()
-        self.bad_step, self.bad = torch.tensor(0, device=self.device), torch.tensor(False, device=self.device)
-        self.progress = tqdm(initial=self.step, total=self.args.total_steps, desc=self.script, disable=None)
-        return self.step
-
-    def to_device(self, batch: dict) -> dict:
-        """Standardise the states with --normalize-observations (per batch: a memory-mapped dataset stays on disk)."""
-        if self.args.normalize_observations:
-            batch = {key: (value - self.mean) / self.std if key in OBSERVATION_KEYS else value
-                     for key, value in batch.items()}
-        return to_torch(batch, self.device)
+            self.wandb = wandb.init(project=args.wandb_project, config=json.loads((run_dir / "config.json").read_text()),
+                                    dir=str(run_dir), name=run_dir.name, resume="allow", sync_tensorboard=True)
+        self.writer, self.sums, self.count, self.clock, self.step = SummaryWriter(str(run_dir)), {}, 0, time.time(), start
+        self.bad_step, self.bad = torch.zeros((), dtype=torch.long), False  # first non-finite update and its metrics
+        self.progress = tqdm(initial=start, total=args.total_steps, desc=run_dir.name, disable=None)
 
     def record(self, step: int, metrics: dict) -> None:
-        """Sum the metrics on the device and note there the first update with a non-finite one: no host sync."""
         self.sums = {key: self.sums.get(key, 0.0) + value for key, value in metrics.items()}
-        bad = ~torch.isfinite(torch.stack(list(metrics.values()))) if metrics else self.bad
-        first = (self.bad_step == 0) & bad.any()
+        bad = ~torch.isfinite(torch.stack(list(metrics.values())))
+        first = bad.any() & (self.bad_step == 0)
         self.bad_step, self.bad = torch.where(first, step, self.bad_step), torch.where(first, bad, self.bad)
         self.step, self.count, self.keys = step, self.count + 1, list(metrics)
         self.progress.update()
 
     def check_finite(self) -> None:
-        """Before a row or checkpoint is written (one host sync): a non-finite loss stops the run in one sentence."""
         if int(self.bad_step):
             names = [key for key, bad in zip(self.keys, self.bad.tolist()) if bad]
             raise UserError(f"non-finite loss {[k for k in names if k.startswith('losses/')] or names} at update "
                             f"{int(self.bad_step)} (checked at update {self.step}); stopped, "
                             f"{self.run_dir / 'checkpoint.pt'} keeps the last good state")
 
-    def evaluate_and_log(self, step: int, actors: dict) -> None:
-        """One row of metrics.csv, TensorBoard and W&B: the losses averaged since the last row, the actors' returns."""
+    def write(self, step: int, evaluation: dict) -> None:  # the metrics' means since the last row, the returns
         self.check_finite()
-        row = {key: float(value) / self.count for key, value in self.sums.items()}
-        row["charts/updates_per_second"] = self.count / (time.time() - self.clock)
-        row.update(evaluate_actors(actors, self.eval_envs, self.tasks, self.args.eval_episodes, self.args.seed + 100,
-                                   self.args.eval_max_steps))
-        with open(self.metrics, "a", newline="") as handle:
-            if self.header is None:
-                self.header = ["step", *row]
-                csv.writer(handle).writerow(self.header)
-            csv.writer(handle).writerow([{"step": step, **row}.get(column, "") for column in self.header])
-        for key, value in row.items():
+        row = {"step": step, **{key: float(value) / self.count for key, value in self.sums.items()},
+               "charts/updates_per_second": self.count / (time.time() - self.clock), **evaluation}
+        self.rows.append(row)
+        with open(self.path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, list(self.rows[0]), restval="", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows)
+        for key, value in list(row.items())[1:]:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
-        if self.wandb is not None:
-            self.wandb.log(row, step=step)
         self.progress.set_postfix({k[5:]: f"{v:.1f}" for k, v in row.items() if k.startswith("eval/") and k.count("/") == 1})
         self.sums, self.count, self.clock = {}, 0, time.time()
 
-    def save(self, step: int, modules: dict, rng: np.random.Generator, generator: torch.Generator,
-             policy: nn.Module) -> None:
-        """checkpoint.pt (atomically) and policy.pt2, the acting module `policy` exported."""
-        self.check_finite()
-        save_checkpoint(self.run_dir / "checkpoint.pt", modules, rng, generator, step=step, spec=self.spec)
-        export_policy(policy, self.spec, self.args.env, self.run_dir / "policy.pt2")
-
-    def finish(self) -> list[dict]:
-        """Close the progress bar and the writers; returns the evaluations, the rows of metrics.csv."""
+    def close(self) -> list[dict]:
         self.progress.close()
         self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
-        with open(self.metrics) as handle:
-            return list(csv.DictReader(handle))
+        return list(csv.DictReader(self.path.read_text().splitlines()))
 
 
 def write_summary(run_dir: Path, evaluations: list[dict], spec: dict) -> dict:
-    """summary.json: the final return (final_return, Table 6) of every `eval/` column, and `per_task` in Table 7's
-    layout: per task the final return, the final prior return, the best episode return in the data (`spec`'s)."""
-    best_in_data = spec["best_episode_return_in_dataset"]
-    summary = {"evaluations": len(evaluations), "best_episode_return_in_dataset": best_in_data}
+    """summary.json: per `eval/` column the final return, the mean of its last 10% of evaluations (Table 6), and
+    its normalised score where the data has reference scores; `per_task` in Table 7's layout with the data's best."""
+    best_in_data, (low, high) = spec["best_episode_return_in_dataset"], spec.get("reference_scores") or (None, None)
+    summary, per_task = {"evaluations": len(evaluations), "best_episode_return_in_dataset": best_in_data}, {}
     for key in [key for key in (evaluations or [{}])[0] if key.startswith("eval/")]:
-        returns = [float(row[key]) for row in evaluations if row.get(key)]
+        returns, name = [float(row[key]) for row in evaluations if row.get(key)], key.removeprefix("eval/")
         if returns:
-            summary["final/" + key.removeprefix("eval/")] = final_return(returns)
-    low, high = spec.get("reference_scores") or (None, None)
-    for key in [key for key in summary if key.startswith("final/")] if high is not None else []:  # D4RL's score
-        summary["final/normalised_" + key.removeprefix("final/")] = 100 * (summary[key] - low) / (high - low)
-    summary["per_task"] = {}
+            summary["final/" + name] = float(np.mean(returns[-max(1, math.ceil(0.1 * len(returns))):]))
+        if returns and high is not None:  # D4RL's normalised score
+            summary["final/normalised_" + name] = 100 * (summary["final/" + name] - low) / (high - low)
     for task, best in best_in_data.items():
         suffix = f"/{task}" if len(best_in_data) > 1 else ""
-        summary["per_task"][task] = {name: summary[f"final/{name}{suffix}"] for name in ("return", "prior_return",
-                                     "normalised_return", "normalised_prior_return") if f"final/{name}{suffix}" in summary}
-        summary["per_task"][task]["best_episode_return_in_dataset"] = best
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
-    return summary
-# --- end shared block ---
+        per_task[task] = {name: summary[f"final/{name}{suffix}"] for name in ("return", "prior_return",
+                          "normalised_return", "normalised_prior_return") if f"final/{name}{suffix}" in summary}
+        per_task[task]["best_episode_return_in_dataset"] = best
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "per_task": per_task}, indent=2))
+    print((run_dir / "summary.json").read_text())
+    return {**summary, "per_task": per_task}
 
 
-# --- shared block: evaluation ---
-def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int,
-             max_steps: Optional[int] = None) -> list[float]:
+def make_eval_envs(args, run_dir: Path, tasks: list) -> list:
+    """envs[k] for task k (sawyer: SawyerEnv(task), else one env for every reward column), taking the env's own
+    actions (ActingPolicy maps onto them); --capture-video records the first episode of each evaluation."""
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:  # RecordVideo writes mp4 with it
+        raise UserError("--capture-video needs moviepy: pip install moviepy")
+    envs = []
+    for task in tasks if args.env == "sawyer" else tasks[:1]:
+        env = make_env(args.env, "rgb_array" if args.capture_video else None, task if args.env == "sawyer" else None)
+        env = env.unwrapped if args.env == "sawyer" else env  # SawyerEnv, physical actions
+        if args.capture_video:
+            folder = run_dir / "videos" / task if args.env == "sawyer" and len(tasks) > 1 else run_dir / "videos"
+            env = gym.wrappers.RecordVideo(env, str(folder), episode_trigger=lambda i: i % args.eval_episodes == 0,
+                                           disable_logger=True)
+        envs.append(env)
+    return envs if args.env == "sawyer" else envs * len(tasks)
+
+
+def evaluate(act: Callable, env: gym.Env, episodes: int, seed: int, max_steps: Optional[int] = None) -> list[float]:
     """Undiscounted returns; episode i starts from reset(seed=seed + i), the same states at every evaluation."""
     returns = []
     for episode in range(episodes):
@@ -1119,84 +997,33 @@ def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: in
     return returns
 
 
-def evaluate_actors(actors: dict, envs: list, tasks: list, episodes: int, seed: int,
-                    max_steps: Optional[int] = None) -> dict:
-    """`eval/<name>`: mean return over tasks of each actor, `eval/<name>/<task>`: head k acting in envs[k]."""
+@torch.no_grad()
+def evaluate_policies(policies: dict, envs: list, tasks: list, args) -> dict:
+    """`eval/<name>`: the mean return over tasks of each ActingPolicy, `eval/<name>/<task>`: its head k in envs[k]."""
     results = {}
-    for name, act in actors.items():
-        per_task = [np.mean(evaluate(lambda o: act(o, k), envs[k], episodes, seed, max_steps)) for k in range(len(tasks))]
+    for name, policy in policies.items():
+        device = policy.action_low.device
+        act = lambda observation, k: policy(torch.as_tensor(observation, dtype=torch.float32, device=device)[None],
+                                            torch.tensor([k], device=device))[0].cpu().numpy()  # noqa: E731
+        per_task = [np.mean(evaluate(lambda o: act(o, k), envs[k], args.eval_episodes, args.seed + 100,
+                                     args.eval_max_steps)) for k in range(len(tasks))]
         results[f"eval/{name}"] = float(np.mean(per_task))
-        if len(tasks) > 1:
-            results.update({f"eval/{name}/{task}": float(value) for task, value in zip(tasks, per_task)})
+        results.update({f"eval/{name}/{task}": float(value) for task, value in zip(tasks, per_task) if len(tasks) > 1})
     return results
 
 
-def make_eval_envs(args, run_dir: Path, tasks: list, spec: Optional[dict] = None) -> list:
-    """One evaluation env per task (sawyer: SawyerEnv(task), else one env for every reward column), with videos
-    (--capture-video) and standardised observations (--normalize-observations)."""
-    if args.capture_video:
-        try:
-            import moviepy  # noqa: F401  (RecordVideo writes mp4 files with it)
-        except ImportError:
-            raise UserError("--capture-video needs moviepy: pip install moviepy") from None
-    envs = []
-    for task in tasks if args.env == "sawyer" else tasks[:1]:
-        env = make_env(args.env, "rgb_array" if args.capture_video else None, task if args.env == "sawyer" else None)
-        if args.capture_video:
-            folder = run_dir / "videos" / task if args.env == "sawyer" and len(tasks) > 1 else run_dir / "videos"
-            env = gym.wrappers.RecordVideo(env, str(folder), episode_trigger=lambda i: i % args.eval_episodes == 0,
-                                           disable_logger=True)
-        if args.normalize_observations and spec is not None:  # the learner's input: (observation - mean) / std
-            mean, std = (np.asarray(spec[key], np.float32) for key in ("observation_mean", "observation_std"))
-            space = gym.spaces.Box(-np.inf, np.inf, env.observation_space.shape, np.float32)
-            env = gym.wrappers.TransformObservation(env, lambda o, m=mean, s=std: (np.asarray(o, np.float32) - m) / s, space)
-        envs.append(env)
-    return envs if args.env == "sawyer" else envs * len(tasks)
-# --- end shared block ---
-
-
-# --- shared block: export ---
-class ExportedPolicy(nn.Module):
-    """observation [B, obs_dim] raw, task_index [B] -> action [B, act_dim] in the env's units, clipped: standardise,
-    `actor` [K, B, obs] -> [K, B, act] (one slice per head), map a learner's [low, high] onto [env_low, env_high]."""
-
-    def __init__(self, actor: nn.Module, num_tasks: int, **buffers):
-        super().__init__()
-        self.actor, self.num_tasks = actor, num_tasks
-        self.rescale = buffers["low"] != buffers["env_low"] or buffers["high"] != buffers["env_high"]
-        for name, value in buffers.items():
-            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32))
-
-    def forward(self, observation: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
-        observation = (observation - self.observation_mean) / self.observation_std
-        actions = self.actor(observation.expand(self.num_tasks, -1, -1))  # [K, B, act]
-        action = torch.clamp(actions[task_index, torch.arange(observation.shape[0])], self.low, self.high)  # [B, act]
-        if self.rescale:  # env_low + (a + 1) / 2 * (env_high - env_low) for a learner in [-1, 1]
-            action = self.env_low + (action - self.low) / (self.high - self.low) * (self.env_high - self.env_low)
-        return torch.clamp(action, self.env_low, self.env_high)
-
-
-def export_policy(actor: nn.Module, spec: dict, env_id: str, path: Path) -> None:
-    """policy.pt2, atomically: `torch.export.load(path).module()(observation, task_index)` runs with torch alone;
-    the spec it needs (env, sizes, tasks, action bounds, observation statistics) is the extra file "policy.json"."""
-    low, high = list(spec["action_low"]), list(spec["action_high"])
-    env_low, env_high = list(spec.get("env_action_low", low)), list(spec.get("env_action_high", high))
-    mean = list(spec.get("observation_mean", [0.0] * spec["obs_dim"]))
-    std = list(spec.get("observation_std", [1.0] * spec["obs_dim"]))
-    module = ExportedPolicy(copy.deepcopy(actor).cpu().eval(), len(spec["tasks"]), low=low, high=high, env_low=env_low,
-                            env_high=env_high, observation_mean=mean, observation_std=std)
+def export_policy(policy: nn.Module, spec: dict, run_dir: Path) -> None:
+    """policy.pt2, atomically: `torch.export.load(path).module()(observation, task_index)` runs the ActingPolicy with
+    torch alone; what acting needs beside it (env, sizes, tasks, action bounds) is the extra file "policy.json"."""
     batch = torch.export.Dim("batch", max=1 << 16)
     example = (torch.zeros(2, spec["obs_dim"]), torch.zeros(2, dtype=torch.int64))
-    program = torch.export.export(module, example, dynamic_shapes=({0: batch}, {0: batch}))
-    metadata = {"env": env_id, "obs_dim": spec["obs_dim"], "act_dim": spec["act_dim"], "tasks": list(spec["tasks"]),
-                "action_low": env_low, "action_high": env_high, "learner_action_low": low, "learner_action_high": high,
-                "observation_mean": mean, "observation_std": std,
-                "inputs": "observation [B, obs_dim] float32 raw (standardised inside with observation_mean/std), "
-                          "task_index [B] int64 (into tasks)",
+    program = torch.export.export(copy.deepcopy(policy).cpu().eval(), example, dynamic_shapes=({0: batch}, {0: batch}))
+    metadata = {"env": spec.get("env"), "obs_dim": spec["obs_dim"], "act_dim": spec["act_dim"], "tasks": spec["tasks"],
+                "action_low": spec["env_action_low"], "action_high": spec["env_action_high"],
+                "inputs": "observation [B, obs_dim] float32 raw, task_index [B] int64 (into tasks)",
                 "output": "action [B, act_dim] float32 in [action_low, action_high]"}
-    temporary = path.with_suffix(".tmp" + path.suffix)  # torch.export.save wants a name ending in .pt2
-    torch.export.save(program, temporary, extra_files={"policy.json": json.dumps(metadata)})
-    os.replace(temporary, path)
+    torch.export.save(program, run_dir / "policy.tmp.pt2", extra_files={"policy.json": json.dumps(metadata)})
+    os.replace(run_dir / "policy.tmp.pt2", run_dir / "policy.pt2")
 # --- end shared block ---
 
 

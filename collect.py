@@ -114,7 +114,6 @@ class Args:
             self.episodes = SAWYER_EPISODES if self.env == "sawyer" else 60
 
 
-# --- shared block: utilities ---
 class UserError(Exception):
     """A problem with the user's input (arguments, files): reported in one sentence, exit 1."""
 
@@ -155,7 +154,6 @@ def to_torch(batch: dict, device: torch.device) -> dict:
 
 def default_dataset_path(env_id: str) -> Path:
     return Path("datasets") / (env_id.replace(":", "_").replace("/", "_") + ".npz")
-# --- end shared block ---
 
 
 # --- shared block: env ---
@@ -164,59 +162,54 @@ CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walk
 
 
 def control_suite():
-    """dm_control's suite (MUJOCO_GL: see main())."""
-    try:
+    try:  # MUJOCO_GL is set only for --capture-video (main()): training needs no OpenGL
         from dm_control import suite
     except (AttributeError, ImportError, RuntimeError) as error:  # MUJOCO_GL=egl without libEGL, for one
         raise UserError(f"dm_control could not load its renderer (MUJOCO_GL={os.environ.get('MUJOCO_GL')}, "
                         f"{type(error).__name__}); training needs none: leave MUJOCO_GL unset and --capture-video "
                         f"out, or install the renderer's library (libEGL for egl)") from None
-
     return suite
 
 
 class ControlSuiteEnv(gym.Env):
-    """A Control Suite task as a Gymnasium env: flat float32 observation, clipped actions, time limit = `truncated`."""
+    """A Control Suite task as a Gymnasium env: observation arrays flattened in dm_control's order (shimmy's adapter
+    sorts them by name) as float32, clipped actions, a time limit is `truncated`."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
     def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
-        self._load = lambda seed: control_suite().load(domain, task, task_kwargs={"random": seed})
-        self._env, self.render_mode = self._load(None), render_mode
-        low, high = self._env.action_spec().minimum, self._env.action_spec().maximum
-        self.action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
-        size = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), dtype=np.float32)
-
-    def _flatten(self, observation) -> np.ndarray:
-        return np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
+        self.load = lambda seed: control_suite().load(domain, task, task_kwargs={"random": seed})
+        self.render_mode = render_mode
+        self.env, spec = self.load(None), self.load(None).action_spec()
+        self.action_space = gym.spaces.Box(spec.minimum.astype(np.float32), spec.maximum.astype(np.float32))
+        size = sum(int(np.prod(v.shape)) for v in self.env.observation_spec().values())
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
         super().reset(seed=seed)
-        if seed is not None:
-            self._env = self._load(seed)
-        return self._flatten(self._env.reset().observation), {}
+        self.env = self.env if seed is None else self.load(seed)
+        return np.concatenate([np.ravel(v) for v in self.env.reset().observation.values()], dtype=np.float32), {}
 
     def step(self, action):
-        time_step = self._env.step(np.clip(action, self.action_space.low, self.action_space.high))
+        time_step = self.env.step(np.clip(action, self.action_space.low, self.action_space.high))
+        observation = np.concatenate([np.ravel(v) for v in time_step.observation.values()], dtype=np.float32)
         terminated = time_step.last() and time_step.discount == 0.0
-        truncated = time_step.last() and not terminated
-        return self._flatten(time_step.observation), float(time_step.reward or 0.0), terminated, truncated, {}
+        return observation, float(time_step.reward or 0.0), terminated, time_step.last() and not terminated, {}
 
     def render(self):
-        return self._env.physics.render(height=240, width=320, camera_id=0)
+        return self.env.physics.render(height=240, width=320, camera_id=0)
 
 
 def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
-    """`hopper`-style alias, Control Suite `domain-task`, `sawyer` (sawyer_env.learner_env(task): actions in [-1, 1],
-    task None = a random task per episode), or a gymnasium id (`module:EnvId`). env.unwrapped takes physical actions."""
+    """An alias, a Control Suite `domain-task`, `sawyer` (actions in [-1, 1]; task None: a random task per episode)
+    or a gymnasium id (`module:EnvId`); env.unwrapped takes the env's own (physical) actions."""
     if env_id == "sawyer":
         if task is not None and task not in sawyer_env.ALL_TASKS:
             raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
         return sawyer_env.learner_env(task or "random", render_mode)
-    domain, _, task = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
-    if task and (domain, task) in control_suite().ALL_TASKS:
-        return ControlSuiteEnv(domain, task, render_mode)
+    domain, _, name = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
+    if name and (domain, name) in control_suite().ALL_TASKS:
+        return ControlSuiteEnv(domain, name, render_mode)
     try:
         return gym.make(env_id, render_mode=render_mode)
     except Exception as error:  # gymnasium raises many types for an unknown or broken id
@@ -225,7 +218,6 @@ def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str]
 # --- end shared block ---
 
 
-# --- shared block: checkpoint ---
 def save_checkpoint(path: Path, modules: dict, rng: np.random.Generator, generator: torch.Generator, **extra) -> None:
     """State dicts only (loadable with weights_only=True): modules, optimisers, random states, `extra`; written
     atomically (a temporary file, then rename), so a crash leaves the previous checkpoint intact."""
@@ -245,10 +237,8 @@ def load_checkpoint(path: Path, device: torch.device, modules: dict, rng: np.ran
     torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location moved them; generator states live on the host
     generator.set_state(state["rng"]["sampling"].cpu())
     return state
-# --- end shared block ---
 
 
-# --- shared block: networks ---
 class MultiHeadLinear(nn.Module):
     """One linear layer per task head: x [K, N, in] -> [K, N, out], head k for slice k."""
 
@@ -295,10 +285,8 @@ class Critic(nn.Module):
 
     def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([observation, action], dim=-1)).squeeze(-1)
-# --- end shared block ---
 
 
-# --- shared block: gaussian policy ---
 MIN_STD = 0.1  # Table 1: minimum variance 0.01
 
 
@@ -329,15 +317,19 @@ def sample_actions(mean: torch.Tensor, std: torch.Tensor, num_samples: int,
     """M samples from N(mean, std^2): [K, B, act] -> [M, K, B, act]."""
     noise = torch.randn((num_samples, *mean.shape), generator=generator, device=mean.device)
     return mean + std * noise
-# --- end shared block ---
 
 
 # --- shared block: policy evaluation ---
+# State-action rows per critic pass and thread: 1024 rows of a 256-unit activation are 1 MiB, a core's L2 cache;
+# one pass over all M * B rows is up to 2x slower on a CPU.
+CHUNK_ROWS = 1024
+
+
 def q_values(critic: nn.Module, observation: torch.Tensor, actions: torch.Tensor,
              low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """Q(s, a_j) for M actions per state: [K, B, obs], [M, K, B, act] -> [M, K, B] in float32.
     The env clips actions, so a sampled action is scored at clip(a, low, high). The rows go through
-    the critic in chunks (CHUNK_ROWS, a cache size, is with the plumbing); under torch.compile in one
+    the critic in chunks of CHUNK_ROWS per thread; under torch.compile in one
     pass (unrolled chunks multiply the compile time, and the compiler schedules the pass itself)."""
     num_samples, num_tasks, batch, act_dim = actions.shape
     repeated = observation.unsqueeze(1).expand(-1, num_samples, -1, -1).reshape(num_tasks, num_samples * batch, -1)

@@ -76,14 +76,11 @@ class Export:
 
 # --- shared block: utilities ---
 class UserError(Exception):
-    """A problem with the user's input (arguments, files): reported in one sentence, exit 1."""
+    """A problem with the user's input (arguments, files): reported in one sentence, exit status 1."""
 
 
 def main(train_fn: Callable, args) -> None:
-    """Run `train_fn(args)`, turning a UserError into one line on stderr and exit status 1. Training needs no
-    OpenGL: dm_control gets a renderer (headless EGL) only for --capture-video, else none (MUJOCO_GL=disable:
-    nothing is probed, so a machine without libEGL or a display trains, and no GLFW warning is printed)."""
-    if sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux"):  # OpenGL for videos only; with none probed, no libEGL or display is needed
         os.environ.setdefault("MUJOCO_GL", "egl" if getattr(args, "capture_video", False) else "disable")
     try:
         train_fn(args)
@@ -92,29 +89,31 @@ def main(train_fn: Callable, args) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available")
-    return torch.device(name)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
-def autocast(precision: str, device: torch.device):
-    """`--precision bf16`: matrix products inside run in bfloat16 (float32 weights and accumulation); fp32: no-op."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
+    """--compile (`auto`: CUDA only): `losses` through torch.compile, on CUDA with CUDA graphs, whose next replay
+    overwrites their outputs, so the metrics are copied out; if the first call fails: one line, then eager."""
+    if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"):
+        return losses
+    state = {"losses": torch.compile(losses, mode="reduce-overhead" if device.type == "cuda" else None), "first": True}
 
-
-# State-action rows per critic pass and thread (q_values, TwinCritic): 1024 rows of a 256-unit activation are
-# 1 MiB, a core's L2 cache; one pass over all M * B rows is up to 2x slower on a CPU.
-CHUNK_ROWS = 1024
-
-
-def to_torch(batch: dict, device: torch.device) -> dict:
-    return {key: torch.as_tensor(value, device=device) for key, value in batch.items()}
-
-
-def default_dataset_path(env_id: str) -> Path:
-    return Path("datasets") / (env_id.replace(":", "_").replace("/", "_") + ".npz")
+    def call(*inputs):  # -> (loss, ..., metrics)
+        try:
+            *outputs, metrics = state["losses"](*inputs)
+        except Exception as error:  # e.g. Triton's "PassManager::run failed"
+            if not state["first"]:
+                raise
+            print(f"{Path(sys.argv[0]).name}: torch.compile failed ({type(error).__name__}: "
+                  f"{str(error).strip().splitlines()[-1][:160]}); this run continues eager", file=sys.stderr)
+            state["losses"] = losses
+            *outputs, metrics = losses(*inputs)
+        state["first"] = False
+        return *outputs, {key: value.detach().clone() for key, value in metrics.items()} if device.type == "cuda" else metrics
+    return call
 # --- end shared block ---
 
 
@@ -124,59 +123,54 @@ CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walk
 
 
 def control_suite():
-    """dm_control's suite (MUJOCO_GL: see main())."""
-    try:
+    try:  # MUJOCO_GL is set only for --capture-video (main()): training needs no OpenGL
         from dm_control import suite
     except (AttributeError, ImportError, RuntimeError) as error:  # MUJOCO_GL=egl without libEGL, for one
         raise UserError(f"dm_control could not load its renderer (MUJOCO_GL={os.environ.get('MUJOCO_GL')}, "
                         f"{type(error).__name__}); training needs none: leave MUJOCO_GL unset and --capture-video "
                         f"out, or install the renderer's library (libEGL for egl)") from None
-
     return suite
 
 
 class ControlSuiteEnv(gym.Env):
-    """A Control Suite task as a Gymnasium env: flat float32 observation, clipped actions, time limit = `truncated`."""
+    """A Control Suite task as a Gymnasium env: observation arrays flattened in dm_control's order (shimmy's adapter
+    sorts them by name) as float32, clipped actions, a time limit is `truncated`."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
     def __init__(self, domain: str, task: str, render_mode: Optional[str] = None):
-        self._load = lambda seed: control_suite().load(domain, task, task_kwargs={"random": seed})
-        self._env, self.render_mode = self._load(None), render_mode
-        low, high = self._env.action_spec().minimum, self._env.action_spec().maximum
-        self.action_space = gym.spaces.Box(low.astype(np.float32), high.astype(np.float32), dtype=np.float32)
-        size = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), dtype=np.float32)
-
-    def _flatten(self, observation) -> np.ndarray:
-        return np.concatenate([np.ravel(v) for v in observation.values()]).astype(np.float32)
+        self.load = lambda seed: control_suite().load(domain, task, task_kwargs={"random": seed})
+        self.render_mode = render_mode
+        self.env, spec = self.load(None), self.load(None).action_spec()
+        self.action_space = gym.spaces.Box(spec.minimum.astype(np.float32), spec.maximum.astype(np.float32))
+        size = sum(int(np.prod(v.shape)) for v in self.env.observation_spec().values())
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
         super().reset(seed=seed)
-        if seed is not None:
-            self._env = self._load(seed)
-        return self._flatten(self._env.reset().observation), {}
+        self.env = self.env if seed is None else self.load(seed)
+        return np.concatenate([np.ravel(v) for v in self.env.reset().observation.values()], dtype=np.float32), {}
 
     def step(self, action):
-        time_step = self._env.step(np.clip(action, self.action_space.low, self.action_space.high))
+        time_step = self.env.step(np.clip(action, self.action_space.low, self.action_space.high))
+        observation = np.concatenate([np.ravel(v) for v in time_step.observation.values()], dtype=np.float32)
         terminated = time_step.last() and time_step.discount == 0.0
-        truncated = time_step.last() and not terminated
-        return self._flatten(time_step.observation), float(time_step.reward or 0.0), terminated, truncated, {}
+        return observation, float(time_step.reward or 0.0), terminated, time_step.last() and not terminated, {}
 
     def render(self):
-        return self._env.physics.render(height=240, width=320, camera_id=0)
+        return self.env.physics.render(height=240, width=320, camera_id=0)
 
 
 def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str] = None) -> gym.Env:
-    """`hopper`-style alias, Control Suite `domain-task`, `sawyer` (sawyer_env.learner_env(task): actions in [-1, 1],
-    task None = a random task per episode), or a gymnasium id (`module:EnvId`). env.unwrapped takes physical actions."""
+    """An alias, a Control Suite `domain-task`, `sawyer` (actions in [-1, 1]; task None: a random task per episode)
+    or a gymnasium id (`module:EnvId`); env.unwrapped takes the env's own (physical) actions."""
     if env_id == "sawyer":
         if task is not None and task not in sawyer_env.ALL_TASKS:
             raise UserError(f"unknown sawyer task {task!r}: use one of {', '.join(sawyer_env.ALL_TASKS)}")
         return sawyer_env.learner_env(task or "random", render_mode)
-    domain, _, task = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
-    if task and (domain, task) in control_suite().ALL_TASKS:
-        return ControlSuiteEnv(domain, task, render_mode)
+    domain, _, name = CONTROL_SUITE_ALIASES.get(env_id, env_id).partition("-")
+    if name and (domain, name) in control_suite().ALL_TASKS:
+        return ControlSuiteEnv(domain, name, render_mode)
     try:
         return gym.make(env_id, render_mode=render_mode)
     except Exception as error:  # gymnasium raises many types for an unknown or broken id
@@ -188,104 +182,114 @@ def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str]
 # --- shared block: dataset ---
 ARRAY_DIMENSIONS = {"observation": 2, "action": 2, "reward": 2, "discount": 1, "episode_id": 1, "step": 1,
                     "next_observation": 2, "run_id": 1, "task_id": 1}  # the first six are required
+DATASET_RULES = [  # (rule on the arrays a, what the user reads when it fails), checked in order
+    (lambda a: all(key in a for key in list(ARRAY_DIMENSIONS)[:6]),
+     f"it lacks some of the arrays {list(ARRAY_DIMENSIONS)[:6]}; see README 'Datasets'"),
+    *[(lambda a, key=key, ndim=ndim: key not in a or a[key].ndim == ndim and len(a[key]) == len(a["observation"]),
+       f"array {key!r} has shape other than {ndim}-D with one row per transition like 'observation'")
+      for key, ndim in ARRAY_DIMENSIONS.items()],
+    (lambda a: len(a["observation"]) > 0, "it holds no transitions"),
+    (lambda a: a.get("next_observation", a["observation"]).shape == a["observation"].shape,
+     "'next_observation' and 'observation' differ in shape"),
+    (lambda a: all(np.isfinite(a[key]).all() for key in list(ARRAY_DIMENSIONS)[:7] if key in a),
+     "an array contains NaN or infinite values"),
+    (lambda a: len(np.unique(a["episode_id"])) == len(episode_starts(a["episode_id"]))
+     and np.all(np.diff(a["step"])[np.diff(a["episode_id"]) == 0] == 1),
+     "episodes must be stored back to back with consecutive steps (snippets for Eq. 4)"),
+]
 
 
-def ensure_dataset(args) -> Path:
-    """The dataset to learn from; the default one is generated by collect.py when missing."""
-    path = minari_npz(args.dataset) or Path(args.dataset or default_dataset_path(args.env))
-    if args.dataset is None and not path.exists():
-        print(f"No dataset at {path}: generating it with `python collect.py --env {args.env}` (default budget, about "
-              f"{5 if args.env == 'sawyer' else 20} minutes on 2 CPU cores); pass --dataset PATH to use your own data.",
-              flush=True)
-        command = [sys.executable, str(Path(__file__).resolve().parent / "collect.py"), "--env", args.env,
-                   "--output", str(path)]
-        if subprocess.run(command).returncode != 0 or not path.exists():
-            raise UserError(f"collect.py failed to generate {path}; see its output above")
-    return path
+def episode_starts(episode_id) -> np.ndarray:
+    return np.flatnonzero(np.r_[True, np.asarray(episode_id)[1:] != np.asarray(episode_id)[:-1]])
 
 
 def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
-    """Load and validate a dataset (README "Datasets"): its arrays (memory-mapped for a directory of .npy files),
-    `metadata`, and `episode_last`, the index of the last transition of each transition's episode (for snippets)."""
+    """A checked dataset (README "Datasets"; a directory of .npy files is memory-mapped) with its `metadata` and
+    `episode_last` (each transition's episode's last index); `episodes_per_run`: --dataset-episodes."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"dataset {path} does not exist")
     try:
         if path.is_dir():
             arrays = {f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in path.glob("*.npy")}
-            metadata = json.loads((path / "metadata.json").read_text()) if (path / "metadata.json").exists() else {}
+            arrays["metadata"] = (path / "metadata.json").read_text() if (path / "metadata.json").exists() else "{}"
         else:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {key: archive[key] for key in archive.files}
-            metadata = json.loads(str(arrays.pop("metadata", "{}")))
+        metadata = json.loads(str(arrays.pop("metadata", "{}")))
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"dataset {path} cannot be read, it is corrupt, truncated or pickled ({reason})") from None
-    missing = [key for key in list(ARRAY_DIMENSIONS)[:6] if key not in arrays]
-    if missing:
-        raise UserError(f"dataset {path} lacks the arrays {missing}; see README 'Datasets'")
-    if arrays["reward"].ndim == 1:
+    if "reward" in arrays and arrays["reward"].ndim == 1:
         arrays["reward"] = arrays["reward"][:, None]
-    size = len(arrays["observation"])
-    for key, ndim in ARRAY_DIMENSIONS.items():
-        if key in arrays and (arrays[key].ndim != ndim or len(arrays[key]) != size):
-            raise UserError(f"dataset {path}: array {key!r} has shape {arrays[key].shape}, expected {ndim} "
-                            f"dimension(s) and {size} rows like 'observation'")
-    if size == 0:
-        raise UserError(f"dataset {path} holds no transitions")
-    if "next_observation" in arrays and arrays["next_observation"].shape != arrays["observation"].shape:
-        raise UserError(f"dataset {path}: 'next_observation' and 'observation' differ in shape")
-    for key in ("observation", "action", "reward", "discount", "next_observation"):
-        if key in arrays and not np.isfinite(arrays[key]).all():
-            raise UserError(f"dataset {path}: array {key!r} contains NaN or infinite values")
-    # Episodes must be stored back to back, steps in order, for snippets (Eq. 4) to exist.
-    episode_id, step = np.asarray(arrays["episode_id"]), np.asarray(arrays["step"])
-    starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
-    if len(np.unique(episode_id)) != len(starts) or np.any(np.diff(step)[episode_id[1:] == episode_id[:-1]] != 1):
-        raise UserError(f"dataset {path}: episodes must be stored back to back with consecutive steps")
+    for rule, problem in DATASET_RULES:
+        if not rule(arrays):
+            raise UserError(f"dataset {path}: {problem}")
+    size, starts = len(arrays["observation"]), episode_starts(arrays["episode_id"])
     keep = np.ones(size, dtype=bool)
     if "next_observation" not in arrays:  # derive s' from the next row; an episode's last row has none
         keep[np.r_[starts[1:] - 1, size - 1]] = False
         arrays["next_observation"] = np.asarray(arrays["observation"])[np.minimum(np.arange(size) + 1, size - 1)]
-    if episodes_per_run is not None:  # --dataset-episodes: the first K episodes of each collecting run
-        run_of_start = np.asarray(arrays["run_id"])[starts] if "run_id" in arrays else np.zeros(len(starts), int)
-        rank = np.zeros(len(starts), dtype=np.int64)
-        for run in np.unique(run_of_start):
-            rank[run_of_start == run] = np.arange(np.sum(run_of_start == run))
+    if episodes_per_run is not None:  # an episode's rank within its collecting run
+        run = np.asarray(arrays["run_id"])[starts] if "run_id" in arrays else np.zeros(len(starts), int)
+        rank = np.array([np.sum(run[:i] == run[i]) for i in range(len(starts))])
         keep &= np.repeat(rank < episodes_per_run, np.diff(np.r_[starts, size]))
     if not keep.all():
         arrays = {key: np.asarray(value)[keep] for key, value in arrays.items()}
-        episode_id, size = arrays["episode_id"], int(keep.sum())
-        starts = np.flatnonzero(np.r_[True, episode_id[1:] != episode_id[:-1]])
+        size, starts = int(keep.sum()), episode_starts(arrays["episode_id"])
     lengths = np.diff(np.r_[starts, size])
     return {**arrays, "episode_last": np.repeat(starts + lengths - 1, lengths), "metadata": metadata}
 
 
 def select_tasks(data: dict, task: str, env_id: Optional[str] = None) -> tuple[list[int], list[str]]:
-    """Reward columns to learn: every column for `all`, else the one named `task`; sawyer's new tasks (`center`,
-    `corner`, Section 5.2) are labelled from the stored s' and appended to data["reward"] as a new column."""
+    """Reward columns to learn (`all` or one); sawyer's new tasks (Section 5.2) are labelled from s' as a new column."""
     names = list(data["metadata"].get("tasks") or [f"task{i}" for i in range(data["reward"].shape[1])])
     if len(names) != data["reward"].shape[1]:
         raise UserError(f"dataset metadata names {len(names)} tasks but 'reward' has {data['reward'].shape[1]} columns")
     if task not in names and env_id == "sawyer" and task in sawyer_env.REWARD_FUNCTIONS:
         reward = sawyer_env.REWARD_FUNCTIONS[task](np.asarray(data["next_observation"])).astype(np.float32)
-        data["reward"] = np.concatenate([np.asarray(data["reward"]), reward[:, None]], axis=1)
+        data["reward"], data["metadata"] = np.c_[data["reward"], reward], {**data["metadata"], "tasks": names + [task]}
         names.append(task)
-        data["metadata"] = {**data["metadata"], "tasks": names}
     if task != "all" and task not in names:
         raise UserError(f"task {task!r} is not in the dataset; its tasks are {names}")
     return (list(range(len(names))), names) if task == "all" else ([names.index(task)], [task])
 
 
-def best_episode_returns(data: dict, columns: list[int]) -> list[float]:
-    """Best undiscounted episode return in the dataset, for each task column."""
-    starts = np.flatnonzero(np.r_[True, data["episode_id"][1:] != data["episode_id"][:-1]])
-    returns = np.add.reduceat(np.asarray(data["reward"][:, columns], dtype=np.float64), starts, axis=0)
-    return returns.max(axis=0).tolist()
-# --- end shared block ---
+def load_data(args, env: gym.Env, device: torch.device) -> tuple[dict, list[str], dict]:
+    """The run's dataset checked against the env (the default one made by collect.py if missing) as tensors on
+    `device` (float32 memory-mapped arrays stay on disk on a CPU), its task names, and its spec for config.json."""
+    path = minari_npz(args.dataset) or Path(args.dataset or f"datasets/{args.env.replace(':', '_').replace('/', '_')}.npz")
+    if args.dataset is None and not path.exists():
+        print(f"No dataset at {path}: generating it with `python collect.py --env {args.env}` (default budget, about "
+              f"{5 if args.env == 'sawyer' else 20} minutes on 2 CPU cores); pass --dataset PATH to use your own data.",
+              flush=True)
+        command = [sys.executable, str(Path(__file__).resolve().parent / "collect.py"), "--env", args.env, "--output", str(path)]
+        if subprocess.run(command).returncode != 0 or not path.exists():
+            raise UserError(f"collect.py failed to generate {path}; see its output above")
+    data, (obs_dim,), (act_dim,) = load_dataset(path, args.dataset_episodes), env.observation_space.shape, env.action_space.shape
+    if data["observation"].shape[1] != obs_dim or data["action"].shape[1] != act_dim:
+        raise UserError(f"dataset {path} has observation/action sizes {data['observation'].shape[1]}/"
+                        f"{data['action'].shape[1]} but the env has {obs_dim}/{act_dim}; is it for another env?")
+    columns, tasks = select_tasks(data, args.task, args.env)
+    env_space = env.unwrapped.action_space  # the env's own units: physical for sawyer, whose learner acts in [-1, 1]
+    stored = [data["metadata"].get(key) for key in ("action_low", "action_high")]
+    if None not in stored and not np.allclose(stored, [env_space.low, env_space.high]):
+        raise UserError(f"dataset {path} has action bounds {stored} but {args.env} takes actions in "
+                        f"{[env_space.low.tolist(), env_space.high.tolist()]}")
+    if args.env == "sawyer":
+        data["action"] = sawyer_env.normalise_actions(data["action"])
+    data["reward"] = np.asarray(data["reward"][:, columns], np.float32)
+    best = np.add.reduceat(data["reward"].astype(np.float64), episode_starts(data["episode_id"]), axis=0).max(0)
+    spec = {"env": args.env, "dataset": str(path), "obs_dim": obs_dim, "act_dim": act_dim, "tasks": tasks,
+            "action_low": env.action_space.low.tolist(), "action_high": env.action_space.high.tolist(),
+            "env_action_low": env_space.low.tolist(), "env_action_high": env_space.high.tolist(),
+            "best_episode_return_in_dataset": dict(zip(tasks, best.tolist())),
+            "reference_scores": data["metadata"].get("reference_scores")}
+    keys = ("observation", "action", "reward", "discount", "next_observation", "episode_last")
+    return {key: torch.as_tensor(np.asarray(data[key], None if key == "episode_last" else np.float32),
+                                 device=device) for key in keys}, tasks, spec
 
 
-# --- shared block: minari ---
 def minari_npz(dataset: Optional[str]) -> Optional[Path]:
     """Where the .npz copy of a Minari --dataset (`minari:<id>`, or a directory without .npy files) goes, else None."""
     if dataset and (dataset.startswith("minari:") or Path(dataset).is_dir() and not any(Path(dataset).glob("*.npy"))):
@@ -294,9 +298,9 @@ def minari_npz(dataset: Optional[str]) -> Optional[Path]:
     return None
 
 
-def minari_env(args) -> gym.Env:
-    """make_env(args.env), once `minari_io.py import` (a subprocess: only it imports minari) wrote the .npz copy of a
-    Minari --dataset (again if the source changed) and checked --env; left out, --env is the env the dataset stores."""
+def dataset_env(args) -> str:
+    """args.env, once `minari_io.py import` (only it imports minari) has made the .npz copy of a Minari --dataset
+    (again if the source changed) and checked --env; left out, --env is the env the dataset stores."""
     if (path := minari_npz(args.dataset)) is not None:
         command = [sys.executable, str(Path(__file__).resolve().parent / "minari_io.py"), "import", args.dataset,
                    "--output", str(path), *(["--env", args.env] if args.env else [])]
@@ -305,11 +309,13 @@ def minari_env(args) -> gym.Env:
             raise UserError(result.stderr.partition("minari_io.py: error: ")[2].strip() or result.stderr.strip())
         metadata = json.loads(str(np.load(path, allow_pickle=False)["metadata"]))
         args.env = args.env or metadata["env"]
-        args.__post_init__()  # fill_defaults: the paper's network sizes for the dataset's env
         if metadata.get("env_spec") and args.env == metadata["env"]:  # the stored kwargs and time limit
             gym.registry[args.env] = gym.envs.registration.EnvSpec.from_json(metadata["env_spec"])
-    return make_env(args.env)
+    args.env = args.env or "hopper"
+    args.__post_init__()  # the defaults that depend on the env
+    return args.env
 # --- end shared block ---
+
 
 
 MINARI_INFOS = ("episode_id", "step", "run_id", "task_id")  # per-step arrays of ours that Minari keeps in `infos`

@@ -81,10 +81,9 @@ def main() -> None:
 
     data = us.synthetic_data()
     batch_size = us.bcq.Args().batch_size
-    rng = np.random.default_rng(0)
     device = options.device
-    batches = [us.abm_mpo.to_torch(us.abm_mpo.sample_batch(data, [0], batch_size, 1, 0.99, rng), torch.device(device))
-               for _ in range(4)]
+    generator = torch.Generator(device).manual_seed(0)
+    batches = [us.abm_mpo.sample_batch(us.on_device(data, device), batch_size, 1, 0.99, generator) for _ in range(4)]
     if device != "cpu":
         options.threads = options.threads[:1]
     updates, versions = {}, {}

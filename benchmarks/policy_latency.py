@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=500)
     args = parser.parse_args()
     torch.manual_seed(0)
-    spec = {"obs_dim": sawyer_env.OBS_DIM, "act_dim": sawyer_env.ACT_DIM, "tasks": list(sawyer_env.ALL_TASKS),
+    spec = {"env": "sawyer", "obs_dim": sawyer_env.OBS_DIM, "act_dim": sawyer_env.ACT_DIM, "tasks": list(sawyer_env.ALL_TASKS),
             "action_low": [-1.0] * 5, "action_high": [1.0] * 5,
             "env_action_low": sawyer_env.ACTION_LOW.tolist(), "env_action_high": sawyer_env.ACTION_HIGH.tolist()}
     net = abm_mpo.GaussianPolicy(sawyer_env.OBS_DIM, sawyer_env.ACT_DIM, tuple(args.layers), len(spec["tasks"]), 1)
@@ -38,7 +38,7 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.2f}, policy {args.layers}, {len(spec['tasks'])} heads")
     for attempt in ("first", "second"):
         start = time.perf_counter()
-        abm_mpo.export_policy(abm_mpo.PolicyMean(net), spec, "sawyer", path)
+        abm_mpo.export_policy(abm_mpo.ActingPolicy(net, spec), spec, path.parent)
         print(f"export ({attempt} in this process): {time.perf_counter() - start:.2f} s")
     observation = np.random.default_rng(0).standard_normal(sawyer_env.OBS_DIM).astype(np.float32)
     for threads in (1, 2):

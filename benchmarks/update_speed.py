@@ -254,11 +254,15 @@ def worker(options, rows: dict) -> None:
     print(count / (time.perf_counter() - start))
 
 
+def on_device(data: dict, device: str) -> dict:
+    """synthetic_data as load_data gives it to the samplers: tensors on `device`."""
+    return {key: torch.as_tensor(value, device=device) for key, value in data.items()}
+
+
 def batches_of(device: str, dims: tuple = ()) -> list[dict]:
-    data, rng, args = synthetic_data(dims=dims), np.random.default_rng(0), abm_mpo.Args()
-    columns = list(range(data["reward"].shape[1]))
-    return [abm_mpo.to_torch(abm_mpo.sample_batch(data, columns, args.batch_size, args.snippet_length, 0.99, rng),
-                             torch.device(device)) for _ in range(4)]
+    data, args = on_device(synthetic_data(dims=dims), device), abm_mpo.Args()
+    generator = torch.Generator(device).manual_seed(0)
+    return [abm_mpo.sample_batch(data, args.batch_size, args.snippet_length, 0.99, generator) for _ in range(4)]
 
 
 def cuda_matmul_tflops(dtype: torch.dtype, size: int = 8192, repeats: int = 10) -> float:

@@ -39,3 +39,30 @@ def write_random_dataset(path: Path, obs_dim: int = 5, act_dim: int = 1, episode
     }
     np.savez(path, **arrays)
     return path
+
+
+def tensors(data: dict, columns: list, device: str = "cpu") -> dict:
+    """load_dataset's arrays as the tensors load_data gives the samplers (the reward columns `columns`)."""
+    import torch
+
+    out = {key: torch.as_tensor(np.asarray(data[key], np.float32), device=device)
+           for key in ("observation", "action", "discount", "next_observation")}
+    out["reward"] = torch.as_tensor(np.asarray(data["reward"][:, columns], np.float32), device=device)
+    return {**out, "episode_last": torch.as_tensor(data["episode_last"], device=device)}
+
+
+def box_env(obs_dim: int = 5, act_dim: int = 1):
+    """An env with nothing but its spaces, for load_data (observation and action sizes, action bounds)."""
+    import gymnasium as gym
+
+    env = gym.Env()
+    env.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
+    env.action_space = gym.spaces.Box(-1.0, 1.0, (act_dim,), np.float32)
+    return env
+
+
+def gaussian_samples(mean, std, num_samples: int, generator):
+    """M samples a = mean + std * noise, as the updates draw them: [K, B, act] -> [M, K, B, act]."""
+    import torch
+
+    return mean + std * torch.randn((num_samples, *mean.shape), generator=generator, device=mean.device)

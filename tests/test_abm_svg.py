@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import abm_svg
-from tests.helpers import SMOKE_ENV
+from tests.helpers import SMOKE_ENV, gaussian_samples
 from tests.two_mode import ENV_ID, GOOD_ACTION, make_two_mode_dataset
 
 
@@ -63,7 +63,7 @@ def test_value_gradient_matches_score_function_and_closed_form():
     mean, std = policy(observation)
 
     # Eq. 11: what svg_policy_loss backpropagates for its Q term (eta = 0 switches the KL term off).
-    actions = abm_svg.sample_actions(mean, std, 20_000, generator)  # [M, 1, 8, 2]
+    actions = gaussian_samples(mean, std, 20_000, generator)  # [M, 1, 8, 2]
     q = abm_svg.q_values(critic, observation, actions, low, high)
     kl = abm_svg.gaussian_kl(mean, std, mean.detach(), std.detach())
     loss, _ = abm_svg.svg_policy_loss(q, kl, torch.tensor(0.0))
@@ -71,7 +71,7 @@ def test_value_gradient_matches_score_function_and_closed_form():
 
     # Score-function estimate of the same gradient, E[(Q(s, a) - V(s)) grad log pi(a|s)], 200k samples.
     with torch.no_grad():
-        sf_actions = abm_svg.sample_actions(mean, std, 200_000, generator)
+        sf_actions = gaussian_samples(mean, std, 200_000, generator)
         sf_q = abm_svg.q_values(critic, observation, sf_actions, low, high)
         advantage = sf_q - sf_q.mean(0)
     score_function = flat_gradient((advantage * abm_svg.gaussian_log_prob(sf_actions, mean, std)).mean(), parameters)
@@ -100,7 +100,7 @@ def test_samples_beyond_the_action_bounds_carry_no_q_gradient():
     for centre, expected_gradient in ((2.0, 0.0), (0.5, -2 * 0.5)):  # d/dmu of -(mu - 0)^2 at mu = 0.5
         mean = torch.full((1, 4, 1), centre, requires_grad=True)
         std = torch.full((1, 4, 1), 0.01, requires_grad=True)  # all samples within 0.05 of the centre
-        q = abm_svg.q_values(critic, observation, abm_svg.sample_actions(mean, std, 16, generator), low, high)
+        q = abm_svg.q_values(critic, observation, gaussian_samples(mean, std, 16, generator), low, high)
         gradient = torch.autograd.grad(q.mean(), mean)[0] * mean.numel()
         assert gradient.mean().item() == pytest.approx(expected_gradient, abs=0.05)
 

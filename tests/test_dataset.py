@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import abm_mpo as m
 import collect
-from tests.helpers import SMOKE_ENV, write_random_dataset
+from tests.helpers import SMOKE_ENV, box_env, tensors, write_random_dataset
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +154,7 @@ def test_missing_arrays_and_files_are_refused(random_dataset, tmp_path):
         arrays = {k: archive[k] for k in archive.files if k != "discount"}
     path = tmp_path / "nodiscount.npz"
     np.savez(path, **arrays)
-    refuse(path, "lacks the arrays")
+    refuse(path, "lacks some of the arrays")
     refuse(tmp_path / "absent.npz", "does not exist")
 
 
@@ -184,8 +185,9 @@ def snippet_dataset(tmp_path):
 
 def test_snippet_returns_by_hand(tmp_path):
     data = snippet_dataset(tmp_path)
-    batch = m.sample_batch(data, [0], batch_size=300, snippet_length=3, discount=0.5,
-                           rng=np.random.default_rng(0))
+    batch = m.sample_batch(tensors(data, [0]), batch_size=300, snippet_length=3, discount=0.5,
+                           generator=torch.Generator().manual_seed(0))
+    batch = {key: value.numpy() for key, value in batch.items()}
     # start index: (snippet return, bootstrap discount, bootstrap observation), gamma = 0.5, N = 3
     expected = {
         0: (1 + 0.5 * 2 + 0.25 * 3, 0.125, 102),
@@ -208,8 +210,9 @@ def test_snippet_returns_by_hand(tmp_path):
 
 def test_each_task_gets_its_own_reward_column_and_samples(tmp_path):
     data = snippet_dataset(tmp_path)
-    batch = m.sample_batch(data, [0, 1], batch_size=50, snippet_length=2, discount=1.0,
-                           rng=np.random.default_rng(1))
+    batch = m.sample_batch(tensors(data, [0, 1]), batch_size=50, snippet_length=2, discount=1.0,
+                           generator=torch.Generator().manual_seed(1))
+    batch = {key: value.numpy() for key, value in batch.items()}
     assert batch["observation"].shape == (2, 50, 1) and batch["snippet_return"].shape == (2, 50)
     starts = batch["observation"][..., 0].astype(int)
     assert (batch["reward"][0] == data["reward"][starts[0], 0]).all()
@@ -238,17 +241,18 @@ def test_a_missing_default_dataset_is_generated_by_collect_py_and_announced(tmp_
 
     monkeypatch.setattr(m.subprocess, "run", fake_collect)
     (tmp_path / "datasets").mkdir()
-    path = m.ensure_dataset(m.Args(env="hopper"))
+    path = Path(m.load_data(m.Args(env="hopper"), box_env(), torch.device("cpu"))[2]["dataset"])
     assert path == Path("datasets") / "hopper.npz" and path.exists()
     assert len(commands) == 1 and Path(commands[0][1]).name == "collect.py"
     assert commands[0][2:] == ["--env", "hopper", "--output", str(path)]
     announcement = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(announcement) == 1 and "collect.py --env hopper" in announcement[0] and "--dataset" in announcement[0]
-    assert m.ensure_dataset(m.Args(env="hopper")) == path and len(commands) == 1  # present now: not regenerated
+    assert m.load_data(m.Args(env="hopper"), box_env(), torch.device("cpu"))[2]["dataset"] == str(path)
+    assert len(commands) == 1  # present now: not regenerated
 
 
 def test_a_failed_collection_is_one_sentence(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(m.subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 1))
     with pytest.raises(m.UserError, match="collect.py failed to generate"):
-        m.ensure_dataset(m.Args(env="hopper"))
+        m.load_data(m.Args(env="hopper"), box_env(), torch.device("cpu"))

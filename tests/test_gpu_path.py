@@ -1,9 +1,9 @@
 """The GPU path, checked where it can be on a CPU (issue 14): batches drawn from tensors on the device equal
-the host's numpy batches; the compiled losses (`--compile on`) of every script equal the eager ones; and, with
+a seed's, and on CUDA the CPU's (one sampler on both); the compiled losses (`--compile on`) of every script equal the eager ones; and, with
 CUDA, CPU and CUDA agree. (The device-side non-finite flag is tested end to end in test_end_to_end.py.)
 
-Tolerances, and why: the device sampler does the numpy sampler's float32 arithmetic in the same order (a
-cumulative product of N discounts, one sum of N terms), so its batches agree to 1e-6 relative. torch.compile
+Tolerances, and why: the sampler does the same float32 arithmetic on either device (a cumulative product of
+N discounts, one sum of N terms), so its batches agree to 1e-6 relative. torch.compile
 fuses and reorders float32 reductions (Inductor's CPU kernels), which moves a loss by a few ulps per update;
 over the test's three updates (through Adam) losses and metrics stay within 1e-4 relative or 1e-5 absolute.
 Measured: at most 3e-6 relative on every value above 1e-3 in size; the trust-region KLs of MPO (~1e-6, a
@@ -21,7 +21,7 @@ import abm_svg
 import bcq
 import bear
 import bm_mpo
-from tests.helpers import write_random_dataset
+from tests.helpers import tensors, write_random_dataset
 
 
 @pytest.fixture
@@ -32,42 +32,32 @@ def data(tmp_path):
     return arrays
 
 
-def host_batch(batch: dict, mean: np.ndarray, std: np.ndarray) -> dict:
-    """What Run.to_device makes of a numpy batch: standardised states, as tensors."""
-    keys = abm_mpo.OBSERVATION_KEYS
-    return abm_mpo.to_torch({k: (v - mean) / std if k in keys else v for k, v in batch.items()}, torch.device("cpu"))
+def test_transition_sampler_takes_one_row_and_each_task_its_reward_column(data):
+    index = torch.as_tensor(np.random.default_rng(3).integers(0, len(data["observation"]), size=(2, 16)))
+    batch = bcq.sample_transitions(tensors(data, [0, 1]), 16, torch.Generator(), index=index)
+    for key in ("observation", "action", "discount", "next_observation"):
+        torch.testing.assert_close(batch[key], torch.as_tensor(data[key][index.numpy()]), rtol=0, atol=0, msg=key)
+    for k in (0, 1):
+        assert torch.equal(batch["reward"][k], torch.as_tensor(data["reward"][index[k].numpy(), k]))
 
 
 @pytest.mark.parametrize("snippet_length", [1, 4, 10])
-def test_device_snippet_sampler_matches_the_numpy_sampler(data, snippet_length):
-    columns, mean, std = [1], [0.5] * 5, [2.0] * 5
-    device_data = abm_mpo.data_on_device(data, columns, mean, std, torch.device("cpu"), on_cpu=True)
-    batch = abm_mpo.sample_batch(data, columns, 32, snippet_length, 0.9, np.random.default_rng(7))
-    index = torch.as_tensor(np.random.default_rng(7).integers(0, len(data["observation"]), size=(1, 32)))
-    on_device = abm_mpo.sample_batch_on_device(device_data, 32, snippet_length, 0.9, None, index=index)
-    expected = host_batch(batch, np.float32(mean), np.float32(std))
-    assert on_device.keys() == expected.keys()
-    for key, value in expected.items():
-        torch.testing.assert_close(on_device[key], value, rtol=1e-6, atol=1e-6, msg=key)
-
-
-def test_device_transition_sampler_matches_the_numpy_sampler(data):
-    columns, mean, std = [0, 1], [0.0] * 5, [1.0] * 5
-    device_data = bcq.data_on_device(data, columns, mean, std, torch.device("cpu"), on_cpu=True)
-    batch = bcq.sample_transitions(data, columns, 16, np.random.default_rng(3))
-    index = torch.as_tensor(np.random.default_rng(3).integers(0, len(data["observation"]), size=(2, 16)))
-    on_device = bcq.sample_transitions_on_device(device_data, 16, None, index=index)
-    for key, value in host_batch(batch, np.float32(mean), np.float32(std)).items():
-        torch.testing.assert_close(on_device[key], value, rtol=1e-6, atol=1e-6, msg=key)
-
-
-def test_device_sampler_draws_with_the_generator_on_its_device(data):
-    device_data = abm_mpo.data_on_device(data, [0], [0.0] * 5, [1.0] * 5, torch.device("cpu"), on_cpu=True)
-    assert abm_mpo.data_on_device(data, [0], [0.0] * 5, [1.0] * 5, torch.device("cpu")) is None  # CPU: numpy
-    first = abm_mpo.sample_batch_on_device(device_data, 8, 3, 0.99, torch.Generator().manual_seed(0))
-    again = abm_mpo.sample_batch_on_device(device_data, 8, 3, 0.99, torch.Generator().manual_seed(0))
-    assert first["observation"].shape == (1, 8, 5) and first["snippet_return"].shape == (1, 8)
+def test_snippet_sampler_reproduces_under_its_seed_and_keeps_snippets_inside_episodes(data, snippet_length):
+    draw = lambda: abm_mpo.sample_batch(tensors(data, [1]), 32, snippet_length, 0.9,  # noqa: E731
+                                        torch.Generator().manual_seed(7))
+    first, again = draw(), draw()
+    assert first["observation"].shape == (1, 32, 5) and first["snippet_return"].shape == (1, 32)
     assert all(torch.equal(first[key], again[key]) for key in first)
+    assert 0 <= float(first["bootstrap_discount"].min()) and float(first["bootstrap_discount"].max()) <= 0.9 + 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the one sampler on both devices")
+def test_the_sampler_gives_the_same_batch_on_cpu_and_cuda(data):
+    index = torch.as_tensor(np.random.default_rng(5).integers(0, len(data["observation"]), size=(2, 16)))
+    cpu = abm_mpo.sample_batch(tensors(data, [0, 1]), 16, 4, 0.9, torch.Generator(), index=index)
+    cuda = abm_mpo.sample_batch(tensors(data, [0, 1], "cuda"), 16, 4, 0.9, torch.Generator("cuda"), index=index.cuda())
+    for key, value in cpu.items():
+        torch.testing.assert_close(cuda[key].cpu(), value, rtol=1e-6, atol=1e-6, msg=key)
 
 
 def test_epsilon_zero_defaults_to_snippets_of_two_steps():
@@ -124,14 +114,13 @@ def test_compiled_losses_equal_the_eager_losses(name, data):
     module, overrides = SCRIPTS[name]
     data = {**data, "observation": data["observation"][:, :OBS], "action": np.tile(data["action"], (1, ACT))}
     data["next_observation"] = data["next_observation"][:, :OBS]
-    rng = np.random.default_rng(0)
-    batches = [abm_mpo.to_torch(abm_mpo.sample_batch(data, [0], 8, 3, 0.99, rng), torch.device("cpu"))
-               for _ in range(3)]
+    generator = torch.Generator().manual_seed(0)
+    batches = [abm_mpo.sample_batch(tensors(data, [0]), 8, 3, 0.99, generator) for _ in range(3)]
     torch._dynamo.reset()
     eager, compiled = run_updates(module, overrides, "off", batches), run_updates(module, overrides, "on", batches)
-    short, long = abm_mpo.Args(compile="auto", total_steps=8), abm_mpo.Args(compile="auto", total_steps=20_000)
-    assert abm_mpo.compile_losses(abm_mpo.update_losses, short, torch.device("cpu")) is abm_mpo.update_losses
-    assert abm_mpo.compile_losses(abm_mpo.update_losses, long, torch.device("cpu")) is not abm_mpo.update_losses
+    auto, on = abm_mpo.Args(compile="auto"), abm_mpo.Args(compile="on")
+    assert abm_mpo.compile_losses(abm_mpo.update_losses, auto, torch.device("cpu")) is abm_mpo.update_losses
+    assert abm_mpo.compile_losses(abm_mpo.update_losses, on, torch.device("cpu")) is not abm_mpo.update_losses
     for eager_row, compiled_row in zip(eager, compiled):
         assert compiled_row == pytest.approx(eager_row, rel=1e-4, abs=1e-5)
 
@@ -144,8 +133,7 @@ def test_cpu_and_cuda_losses_and_e_step_weights_agree(data):
     agent = abm_mpo.Agent(OBS, ACT, 1, args)
     data = {**data, "observation": data["observation"][:, :OBS], "action": np.tile(data["action"], (1, ACT))}
     data["next_observation"] = data["next_observation"][:, :OBS]
-    batch = abm_mpo.to_torch(abm_mpo.sample_batch(data, [0], 32, 3, 0.99, np.random.default_rng(0)),
-                             torch.device("cpu"))
+    batch = abm_mpo.sample_batch(tensors(data, [0]), 32, 3, 0.99, torch.Generator().manual_seed(0))
     generator = torch.Generator().manual_seed(0)
     noise = [torch.randn((20, 1, 3 * 32, ACT), generator=generator), torch.randn((20, 1, 32, ACT), generator=generator)]
     results = {}

@@ -17,6 +17,8 @@ the E-step weights: one reason fp32 is the default precision.
 import pytest
 import torch
 
+from tests.helpers import gaussian_samples
+
 import abm_mpo as m
 
 BATCH, SAMPLES = 64, 20  # paper-sized networks, a small batch: bf16 is slow without native support
@@ -37,9 +39,9 @@ def scored():
     observation = torch.randn(1, 2 * BATCH, 15, generator=generator)
     low, high = -torch.ones(4), torch.ones(4)
     with torch.no_grad():
-        actions = m.sample_actions(*agent.target_policy(observation), SAMPLES, generator)
+        actions = gaussian_samples(*agent.target_policy(observation), SAMPLES, generator)
         q = {"fp32": m.q_values(agent.target_critic, observation, actions, low, high)}
-        with m.autocast("bf16", observation.device):
+        with torch.autocast(observation.device.type, torch.bfloat16):
             q["bf16"] = m.q_values(agent.target_critic, observation, actions, low, high)
     return q
 

@@ -26,7 +26,7 @@ from real_robot import EpisodeLog, RealSawyerEnv, RobotError, SafetyLayer, SimBa
 from sawyer_env import ACTION_HIGH, ACTION_LOW, ALL_TASKS, OBS_DIM, OBS_INDEX, compute_rewards
 from tests.conftest import write_random_dataset
 
-SAWYER_SPEC = {"obs_dim": OBS_DIM, "act_dim": 5, "tasks": list(ALL_TASKS), "action_low": [-1.0] * 5,
+SAWYER_SPEC = {"env": "sawyer", "obs_dim": OBS_DIM, "act_dim": 5, "tasks": list(ALL_TASKS), "action_low": [-1.0] * 5,
                "action_high": [1.0] * 5, "env_action_low": ACTION_LOW.tolist(), "env_action_high": ACTION_HIGH.tolist()}
 
 
@@ -41,7 +41,7 @@ def sawyer_policy(tmp_path_factory):
     torch.manual_seed(0)
     net = abm_mpo.GaussianPolicy(OBS_DIM, 5, (32, 32), len(ALL_TASKS), 1)
     path = tmp_path_factory.mktemp("policy") / "policy.pt2"
-    abm_mpo.export_policy(abm_mpo.PolicyMean(net), SAWYER_SPEC, "sawyer", path)
+    abm_mpo.export_policy(abm_mpo.ActingPolicy(net, SAWYER_SPEC), SAWYER_SPEC, path.parent)
     return path, net
 
 
@@ -53,18 +53,18 @@ def acting_modules():
     obs_dim, act_dim, tasks = 6, 2, 3
     low, high = torch.full((act_dim,), -0.3), torch.full((act_dim,), 0.3)
     tiny = dict(policy_layers=(16, 16), critic_layers=(16, 16))
-    modules = {}
+    spec = {"env": "test-env", "obs_dim": obs_dim, "act_dim": act_dim, "tasks": ["a", "b", "c"],
+            **{key: [-0.3] * act_dim for key in ("action_low", "env_action_low")},
+            **{key: [0.3] * act_dim for key in ("action_high", "env_action_high")}}
+    actors = {}
     for script in (abm_mpo, bm_mpo, abm_svg):
         agent = script.Agent(obs_dim, act_dim, tasks, script.Args(**tiny))
-        policy = agent.evaluated_policy() if script is abm_mpo else agent.policy
-        modules[script.__name__] = script.PolicyMean(policy)
-    modules["bear"] = bear.PolicyMean(bear.Agent(obs_dim, act_dim, tasks, low, high, bear.Args(**tiny)).policy)
+        actors[script.__name__] = agent.evaluated_policy() if script is abm_mpo else agent.policy
+    actors["bear"] = bear.BearActor(bear.Agent(obs_dim, act_dim, tasks, low, high, bear.Args(**tiny)), 10, seed=100)
     bcq_args = bcq.Args(encoder_layers=(16, 16), decoder_layers=(16, 16), perturbation_layers=(16, 16),
                         critic_layers=(16, 16), latent_size=4)
-    modules["bcq"] = bcq.FixedLatentActor(bcq.Agent(obs_dim, act_dim, tasks, low, high, bcq_args), 10, seed=100)
-    spec = {"obs_dim": obs_dim, "act_dim": act_dim, "tasks": ["a", "b", "c"], "action_low": [-0.3] * act_dim,
-            "action_high": [0.3] * act_dim}
-    return modules, spec
+    actors["bcq"] = bcq.FixedLatentActor(bcq.Agent(obs_dim, act_dim, tasks, low, high, bcq_args), 10, seed=100)
+    return {name: sys.modules[name].ActingPolicy(actor, spec) for name, actor in actors.items()}, spec
 
 
 def test_exported_policy_equals_the_in_process_module_for_every_script(tmp_path):
@@ -74,11 +74,13 @@ def test_exported_policy_equals_the_in_process_module_for_every_script(tmp_path)
     task_index = torch.tensor([0, 1, 2, 0, 1, 2, 2])
     for name, module in modules.items():
         script = sys.modules[name]
-        path = tmp_path / f"{name}.pt2"
-        script.export_policy(module, spec, "test-env", path)
-        exported, metadata = load_exported(path)
+        (tmp_path / name).mkdir()
+        script.export_policy(module, spec, tmp_path / name)
+        exported, metadata = load_exported(tmp_path / name / "policy.pt2")
         with torch.no_grad():
-            expected = module(observation.expand(3, -1, -1))[task_index, torch.arange(7)].clamp(-0.3, 0.3)
+            actions = module.actor(observation.expand(3, -1, -1))
+            actions = actions[0] if isinstance(actions, tuple) else actions
+            expected = actions[task_index, torch.arange(7)].clamp(-0.3, 0.3)
             got = exported(observation, task_index)
             single = exported(observation[:1], task_index[:1])  # batch of one: the robot's case
         assert got.shape == (7, 2) and got.dtype == torch.float32
@@ -92,7 +94,7 @@ def test_exported_policy_equals_the_in_process_module_for_every_script(tmp_path)
 def test_bcq_export_is_deterministic_and_picks_the_q_argmax_of_its_frozen_latents():
     torch.manual_seed(1)
     modules, spec = acting_modules()
-    actor = modules["bcq"]
+    actor = modules["bcq"].actor
     observation = torch.randn(3, 4, spec["obs_dim"])
     torch.testing.assert_close(actor(observation), actor(observation), rtol=0, atol=0)
     # by hand for one state and task: decode every frozen latent, perturb, score with Q_1
@@ -105,7 +107,7 @@ def test_bcq_export_is_deterministic_and_picks_the_q_argmax_of_its_frozen_latent
 def test_export_maps_a_learner_in_unit_bounds_to_the_env_bounds(sawyer_policy):
     path, net = sawyer_policy
     exported, metadata = load_exported(path)
-    assert metadata["action_low"] == ACTION_LOW.tolist() and metadata["learner_action_low"] == [-1.0] * 5
+    assert metadata["action_low"] == ACTION_LOW.tolist() and metadata["action_high"] == ACTION_HIGH.tolist()
     observation = 5 * torch.randn(6, OBS_DIM)
     task_index = torch.arange(6)
     with torch.no_grad():

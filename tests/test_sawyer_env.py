@@ -2,8 +2,11 @@
 Eq. 13-14), the Cartesian velocity controller, the 20 N termination, the scripted stack
 behaviour, and the dm_control / Gymnasium environment checks."""
 
+import json
 import math
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -13,6 +16,7 @@ import pytest  # noqa: E402
 from gymnasium.utils.env_checker import check_env  # noqa: E402
 
 import sawyer_env as se  # noqa: E402
+from tests.helpers import ROOT  # noqa: E402
 
 STOL_K = math.atanh(math.sqrt(0.95))
 TASK = {name: i for i, name in enumerate(se.ALL_TASKS)}
@@ -388,18 +392,27 @@ def test_check_env_passes(task):
     check_env(se.SawyerEnv(task), skip_render_check=True)
 
 
+RENDER = """
+import json, numpy as np, sawyer_env as se
+env = se.SawyerEnv("stack", render_mode="rgb_array")
+env.reset(seed=0)
+image = env.render()
+print(json.dumps([list(image.shape), str(image.dtype), float(image.std())]))
+"""
+
+
 def test_render_rgb_array():
-    try:  # only a machine without an OpenGL context skips; an error of render() itself fails
-        mujoco.GLContext(64, 64).free()
-    except Exception as error:
-        pytest.skip(f"headless rendering unavailable (MUJOCO_GL={os.environ.get('MUJOCO_GL')}): {error}")
-    env = se.SawyerEnv("stack", render_mode="rgb_array")
-    env.reset(seed=0)
-    try:
-        image = env.render()
-    finally:
-        env.close()
-    assert image.shape == (480, 640, 3) and image.dtype == np.uint8 and image.std() > 10
+    """In a fresh process with MUJOCO_GL=egl: the scripts (and the other tests) leave MUJOCO_GL unset, and mujoco
+    fixes its OpenGL backend when it is first imported."""
+    probe = subprocess.run([sys.executable, "-c", "import mujoco; mujoco.GLContext(64, 64).free()"], cwd=ROOT,
+                           env={**os.environ, "MUJOCO_GL": "egl"}, capture_output=True, text=True)
+    if probe.returncode != 0:  # only a machine without an OpenGL context skips; an error of render() itself fails
+        pytest.skip(f"headless rendering unavailable (MUJOCO_GL=egl): {probe.stderr.strip()[-200:]}")
+    result = subprocess.run([sys.executable, "-c", RENDER], cwd=ROOT, env={**os.environ, "MUJOCO_GL": "egl"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    shape, dtype, std = json.loads(result.stdout.strip().splitlines()[-1])
+    assert shape == [480, 640, 3] and dtype == "uint8" and std > 10
 
 
 def test_unknown_task_is_rejected():

@@ -15,8 +15,8 @@ from tools.sync_blocks import reference_blocks
 BLOCK = re.compile(r"# --- shared block: (.*?) ---\n.*?# --- end shared block ---", re.S)
 SCRIPTS = ["abm_mpo.py", "abm_svg.py", "bm_mpo.py", "bcq.py", "bear.py", "collect.py"]
 # Above the banner (the algorithm) and below it (the plumbing) in every learning script.
-ALGORITHM_BLOCKS = {"networks", "final return"}
-PLUMBING_BLOCKS = {"utilities", "env", "dataset", "minari", "checkpoint", "run directory", "evaluation", "export"}
+ALGORITHM_BLOCKS = {"args", "networks", "acting policy"}
+PLUMBING_BLOCKS = {"utilities", "env", "dataset", "run"}
 LEARNING_BLOCKS = ALGORITHM_BLOCKS | PLUMBING_BLOCKS
 BANNER = "# TRY NOT TO MODIFY"
 DEFINITION = re.compile(r"^(?:def|class) (\w+)|^([A-Z_]+) =", re.M)
@@ -52,6 +52,8 @@ def test_every_block_a_script_carries_is_called_by_it(script):
     text = (ROOT / script).read_text()
     for name, body in blocks(script).items():
         defined = [a or b for a, b in DEFINITION.findall(body)]
+        if not defined:  # the infrastructure fields of Args
+            continue
         used = [d for d in defined if len(re.findall(rf"\b{d}\b", text)) > len(re.findall(rf"\b{d}\b", body))
                 or len(re.findall(rf"\b{d}\b", body)) > 1]
         assert used, f"{script} carries the block {name!r} but calls nothing in it"
@@ -61,7 +63,7 @@ def test_bm_mpo_has_no_snippet_machinery_and_bcq_no_gaussian_policy():
     assert "snippets" not in blocks("bm_mpo.py")
     assert "snippet" not in (ROOT / "bm_mpo.py").read_text().split(BANNER)[0].lower()
     assert "gaussian policy" not in blocks("bcq.py")
-    lines = {script: len((ROOT / script).read_text().splitlines()) for script in SCRIPTS[:5]}
+    lines = {script: len((ROOT / script).read_text().splitlines()) for script in LEARNING_SCRIPTS}
     assert lines["bm_mpo.py"] == min(lines.values()), lines
 
 
@@ -76,16 +78,69 @@ def test_algorithm_before_the_banner_and_plumbing_after_it(script):
     assert text.index("\ndef train(") < banner
 
 
-# Issue 13 asks for at most 500 lines of plumbing (banner to end of file); the rewrite reached 589-613, the
-# trim 561-585, and the Minari hook and the device-side non-finite check brought it to 600-624. Strict: when the
-# plumbing is short enough this xfail turns into a failure, and the mark must go.
-@pytest.mark.xfail(strict=True, reason="issue 13: plumbing not yet cut to 500 lines (600-624 today)")
-@pytest.mark.parametrize("script", ["abm_mpo.py", "abm_svg.py", "bm_mpo.py", "bcq.py", "bear.py"])
-def test_plumbing_is_at_most_500_lines(script):
+LEARNING_SCRIPTS = ["abm_mpo.py", "abm_svg.py", "bm_mpo.py", "bcq.py", "bear.py"]
+# Issue 21's budgets: plumbing (banner to end of file) in every learning script, and the whole of the two MPO files.
+PLUMBING_BUDGET, TOTAL_BUDGETS = 350, {"bm_mpo.py": 750, "abm_mpo.py": 850}
+# What train() calls by name from the plumbing: the only names left unresolved when a script is cut at its banner.
+PLUMBING_ENTRY_POINTS = {"UserError", "pick_device", "compile_losses", "dataset_env", "make_env", "load_data",
+                         "load_saved_config", "make_run_dir", "load_checkpoint", "Logger", "make_eval_envs",
+                         "evaluate_policies", "save_checkpoint", "export_policy", "write_summary"}
+
+
+def plumbing_lines(script: str) -> int:
     text = (ROOT / script).read_text()
     banner = text.index(BANNER)
-    plumbing = text[text.rindex("\n", 0, banner) + 1:].splitlines()
-    assert len(plumbing) <= 500, f"{len(plumbing)} lines of plumbing"
+    return len(text[text.rindex("\n", 0, banner) + 1:].splitlines())
+
+
+@pytest.mark.xfail(strict=True, reason="issue 21's plumbing budget is not met yet: 459 lines in every script > 350")
+@pytest.mark.parametrize("script", LEARNING_SCRIPTS)
+def test_plumbing_is_at_most_350_lines(script):
+    assert plumbing_lines(script) <= PLUMBING_BUDGET, f"{plumbing_lines(script)} lines of plumbing"
+
+
+# Not met (2026-12-04, after the redesign): bm_mpo.py 971 lines, abm_mpo.py 1049 (issue 21 stays open).
+@pytest.mark.xfail(strict=True, reason="issue 21's budgets are not met yet: bm_mpo.py 971 > 750, abm_mpo.py 1049 > 850")
+@pytest.mark.parametrize("script", sorted(TOTAL_BUDGETS))
+def test_mpo_scripts_are_within_their_line_budgets(script):
+    lines = len((ROOT / script).read_text().splitlines())
+    assert lines <= TOTAL_BUDGETS[script], f"{script}: {lines} lines"
+
+
+def unresolved_names(source: str) -> set:
+    """Names a module's code loads but neither defines, imports, binds locally nor gets from builtins (what
+    pyflakes reports as undefined, over-approximating scopes: a name bound anywhere counts as bound)."""
+    import builtins
+
+    tree = ast.parse(source)
+    bound = set(dir(builtins)) | {"__file__", "__name__"}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            bound.add(node.id)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            bound |= set(node.names)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+        elif isinstance(node, ast.NamedExpr):
+            bound.add(node.target.id)
+    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)} - bound
+
+
+@pytest.mark.parametrize("script", LEARNING_SCRIPTS)
+def test_the_algorithm_half_stands_alone_when_cut_at_the_banner(script):
+    text = (ROOT / script).read_text()
+    algorithm = text[: text.rindex("\n", 0, text.index(BANNER)) + 1]
+    compile(algorithm, script, "exec")
+    missing = unresolved_names(algorithm)
+    assert missing <= PLUMBING_ENTRY_POINTS, f"the algorithm half uses plumbing beyond the entry points: {missing - PLUMBING_ENTRY_POINTS}"
+    assert {"load_data", "make_env", "Logger", "evaluate_policies", "save_checkpoint"} <= missing, missing
+    assert not unresolved_names(text), "the whole script resolves every name"
 
 
 @pytest.mark.parametrize("script", ["abm_mpo.py", "abm_svg.py", "bm_mpo.py", "bcq.py", "bear.py"])
