@@ -947,6 +947,9 @@ def load_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator) ->
     return state["step"]
 
 
+ESTIMATE_AFTER = (20, 60)  # the run's time estimate: the rate of updates 20-60 of this process
+
+
 class Logger:
     """metrics.csv (rows after the checkpoint dropped on --resume), TensorBoard (synced by W&B with --track), a
     progress bar. Metrics are summed on the device, noting the first non-finite update: no host sync until a row or
@@ -968,6 +971,7 @@ class Logger:
         self.writer, self.sums, self.count, self.clock, self.step = SummaryWriter(str(run_dir)), {}, 0, time.time(), start
         self.bad_step, self.bad = torch.zeros((), dtype=torch.long), False  # first non-finite update and its metrics
         self.progress = tqdm(initial=start, total=args.total_steps, desc=run_dir.name, disable=None)
+        self.total, self.seen, self.seen_clock = args.total_steps, 0, 0.0  # for the one time-estimate line
 
     def record(self, step: int, metrics: dict) -> None:
         self.sums = {key: self.sums.get(key, 0.0) + value for key, value in metrics.items()}
@@ -976,6 +980,16 @@ class Logger:
         self.bad_step, self.bad = torch.where(first, step, self.bad_step), torch.where(first, bad, self.bad)
         self.step, self.count, self.keys = step, self.count + 1, list(metrics)
         self.progress.update()
+        self.seen += 1
+        if self.seen == ESTIMATE_AFTER[0]:  # past compiling and warm-up
+            self.seen_clock = time.time()
+        elif self.seen == ESTIMATE_AFTER[1] and step < self.total:  # one line, wherever the output goes
+            rate = (ESTIMATE_AFTER[1] - ESTIMATE_AFTER[0]) / (time.time() - self.seen_clock)
+            hours = (self.total - step) / rate / 3600
+            tqdm.write(f"{Path(sys.argv[0]).name}: {rate:.1f} updates/s here, so the {self.total - step:,} updates "
+                       f"left take about {hours:.1f} h (evaluations not counted)" + (
+                           "; a CPU-sized run that shows the methods apart: python benchmarks/reproduce.py --preset "
+                           "cpu (README \"Results\")" if hours > 2 else ""), file=sys.stderr)
 
     def check_finite(self) -> None:
         if int(self.bad_step):

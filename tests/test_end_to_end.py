@@ -206,3 +206,40 @@ def test_resume_refuses_another_script_or_config(random_dataset, tmp_path):
     with pytest.raises(abm_mpo.UserError, match="--batch-size was 16"):
         quiet(abm_mpo.train, tiny_args(abm_mpo, random_dataset, None, resume=str(run_dir), batch_size=8))
     assert (run_dir / "checkpoint.pt").read_bytes() == checkpoint
+
+
+def test_a_run_says_once_how_long_it_will_take(random_dataset, tmp_path):
+    """Issue 20: the main job's 1M updates are days on a CPU; after its first updates a run says in one line, also
+    in a log file where no progress bar is drawn, how long the rest takes here, and (when it is hours) which
+    command gives a CPU-sized run worth looking at."""
+    process = run_script("bm_mpo.py", "--env", SMOKE_ENV, "--dataset", random_dataset, "--total-steps", "70",
+                         "--eval-every", "70", "--eval-max-steps", "5", *TINY, "--run-dir", tmp_path / "short")
+    assert process.returncode == 0, process.stderr[-2000:]
+    lines = [line for line in process.stderr.splitlines() if "updates/s here" in line]
+    assert len(lines) == 1 and "the 10 updates left take about 0.0 h" in lines[0], process.stderr[-2000:]
+    assert "--preset cpu" not in lines[0]  # minutes, not hours: no advice
+    # A long run (checked through the Logger with a fake clock): 40 updates in 1 s, 9,999,940 left.
+    logger_line = estimate_line(bm_mpo, total=10_000_000, rate_seconds=1.0)
+    assert logger_line.count("\n") == 1 and "40.0 updates/s here, so the 9,999,940 updates left take about 69.4 h" \
+        in logger_line and "python benchmarks/reproduce.py --preset cpu" in logger_line
+
+
+def estimate_line(module, total: int, rate_seconds: float) -> str:
+    """The Logger's estimate for a run of `total` updates whose updates 20-60 took `rate_seconds` (40 updates/s)."""
+    import time as clock
+    from unittest import mock
+
+    import torch
+
+    logger = object.__new__(module.Logger)
+    logger.total, logger.seen, logger.seen_clock, logger.count, logger.sums = total, 0, 0.0, 0, {}
+    logger.bad_step, logger.bad, logger.step = torch.zeros((), dtype=torch.long), False, 0
+    logger.progress = mock.Mock()
+    stderr = io.StringIO()
+    now = [1000.0]
+    with mock.patch.object(clock, "time", lambda: now[0]), mock.patch("sys.stderr", stderr):
+        for step in range(1, 61):
+            if step == 60:
+                now[0] += rate_seconds
+            logger.record(step, {"losses/x": torch.tensor(1.0)})
+    return stderr.getvalue()
