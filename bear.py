@@ -68,6 +68,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -938,11 +939,17 @@ def save_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator, st
 
 
 def load_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator) -> int:
-    state = torch.load(run_dir / "checkpoint.pt", map_location=generator.device, weights_only=True)
-    for name, module in modules.items():
-        module.load_state_dict(state[name])
-    torch.set_rng_state(state["rng"]["torch"].cpu())  # set_state takes the random states on the CPU
-    generator.set_state(state["rng"]["sampling"].cpu())
+    path = run_dir / "checkpoint.pt"
+    try:
+        state = torch.load(path, map_location=generator.device, weights_only=True)
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+        torch.set_rng_state(state["rng"]["torch"].cpu())  # set_state takes the random states on the CPU
+        generator.set_state(state["rng"]["sampling"].cpu())
+    except (RuntimeError, KeyError, ValueError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise UserError(f"{path} cannot be resumed: it is damaged or was written by another version of this "
+                        f"script ({type(error).__name__}: {str(error).strip().splitlines()[0][:120]}); start a "
+                        f"fresh --run-dir") from None
     print(f"Resuming {run_dir} from update {state['step']}.", flush=True)
     return state["step"]
 

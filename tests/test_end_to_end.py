@@ -243,3 +243,28 @@ def estimate_line(module, total: int, rate_seconds: float) -> str:
                 now[0] += rate_seconds
             logger.record(step, {"losses/x": torch.tensor(1.0)})
     return stderr.getvalue()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "old format"])
+def test_a_checkpoint_that_cannot_be_resumed_is_one_sentence(random_dataset, tmp_path, damage):
+    """Seen when the redesign added buffers to the networks: --resume of a run written by the earlier code died in a
+    25-line traceback from load_state_dict; a damaged file did the same."""
+    run_dir = tmp_path / "run"
+    first = run_script("bm_mpo.py", "--env", SMOKE_ENV, "--dataset", random_dataset, "--total-steps", "4",
+                       "--eval-every", "4", "--eval-max-steps", "5", *TINY, "--run-dir", run_dir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    checkpoint = run_dir / "checkpoint.pt"
+    if damage == "garbage":
+        checkpoint.write_bytes(b"not a checkpoint")
+    else:
+        import torch
+
+        state = torch.load(checkpoint, weights_only=True)
+        state["agent"] = {k: v for k, v in state["agent"].items() if "input_mean" not in k}
+        torch.save(state, checkpoint)
+    before = checkpoint.read_bytes()
+    resumed = run_script("bm_mpo.py", "--resume", run_dir, "--total-steps", "8")
+    assert resumed.returncode == 1 and "Traceback" not in resumed.stderr, resumed.stderr[-2000:]
+    message = [line for line in resumed.stderr.splitlines() if "error:" in line]
+    assert len(message) == 1 and "cannot be resumed" in message[0] and "fresh --run-dir" in message[0]
+    assert checkpoint.read_bytes() == before  # nothing overwritten
