@@ -658,8 +658,9 @@ def run_commit(job: Job) -> str:
     try:
         lines = job.log.read_text().splitlines()
     except OSError:
-        return git_commit()
-    return next((line.split()[-1] for line in reversed(lines) if line.startswith("# commit ")), git_commit())
+        lines = []
+    return next((line.split()[-1] for line in reversed(lines) if line.startswith("# commit ")),
+                "not recorded (its log predates commit lines)")
 
 
 def publish_runs(jobs: list[Job], outcome: dict, out: Path) -> list[Path]:
