@@ -109,8 +109,12 @@ class Args:
     device: str = "auto"
     """`auto` (CUDA when present), `cpu` or `cuda`"""
     compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile the update's losses; `auto`: on for CUDA (with CUDA graphs), off on a CPU (compiled fp32
-    updates measured 0.98-1.18x eager there, README "Performance", for 35-150 s of compiling)"""
+    """torch.compile the update's losses; `auto`: on for CUDA, off on a CPU (compiled fp32 updates measured
+    0.98-1.18x eager there, README "Performance", for 35-150 s of compiling)"""
+    cuda_graph: bool = True
+    """on CUDA, record each whole update (batch sampling, losses, backward, clipping, Adam) as one CUDA graph after
+    3 eager updates and replay it: one launch per update instead of hundreds; `--no-cuda-graph`: launch each
+    kernel (then `--compile` uses torch.compile's own CUDA graphs for the losses)"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`; it syncs the TensorBoard scalars)"""
     wandb_project: str = "behaviour-priors"
@@ -385,8 +389,9 @@ class Agent(nn.Module):
 
 
 def make_optimizers(agent: Agent, args: Args) -> dict[str, torch.optim.Optimizer]:
-    """One Adam per learner, as in the original (the actor's loss must not move the critic)."""
-    return {name: torch.optim.Adam(getattr(agent, name).parameters(), lr=args.learning_rate)
+    """One Adam per learner, as in the original (the actor's loss must not move the critic); fused: one kernel per
+    step, its step count on the device (so a CUDA graph can record it)."""
+    return {name: torch.optim.Adam(getattr(agent, name).parameters(), lr=args.learning_rate, fused=True)
             for name in ("vae", "critic", "perturbation")}
 
 
@@ -555,10 +560,15 @@ def train(args: Args) -> dict:
     start = load_checkpoint(run_dir, modules, generator) if args.resume else 0
     logger, envs = Logger(args, run_dir, start), make_eval_envs(args, run_dir, tasks)
 
-    for step in range(start + 1, args.total_steps + 1):
+    def train_step() -> dict:  # one BCQ update: a batch of transitions, the three learners' steps, the targets
         batch = sample_transitions(data, args.batch_size, generator)
         metrics = update(agent, optimizers, batch, args, generator, losses)
         agent.update_targets(args.target_update_rate)  # soft, every update (the original BCQ)
+        return metrics
+    train_step = record_updates(train_step, agent, generator, args, device)  # on CUDA: one CUDA graph, replayed
+
+    for step in range(start + 1, args.total_steps + 1):
+        metrics = train_step()
         logger.record(step, metrics)  # sums on the device; a non-finite loss stops the run before the next write
         if step % args.eval_every == 0 or step == args.total_steps:
             logger.check_finite()  # a non-finite loss stops the run before its policy acts or anything is written
@@ -590,18 +600,26 @@ def main(train_fn: Callable, args) -> None:
         sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, precision: str = "fp32") -> torch.device:
+    """--device; --precision tf32: TF32 matrix products (CUDA only, PyTorch's default is full fp32)."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available")
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if precision == "tf32":
+        if device.type != "cuda":
+            raise UserError("--precision tf32 is a CUDA setting (TF32 tensor cores); on a CPU use fp32 or bf16")
+        torch.set_float32_matmul_precision("high")
+    return device
 
 
 def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
-    """--compile (`auto`: CUDA only): `losses` through torch.compile, on CUDA with CUDA graphs, whose next replay
-    overwrites their outputs, so the metrics are copied out; if the first call fails: one line, then eager."""
+    """--compile (`auto`: CUDA only): `losses` through torch.compile; with --no-cuda-graph on CUDA, with torch.compile's
+    CUDA graphs, whose next replay overwrites their outputs, so the metrics are copied out (with --cuda-graph the
+    whole update is one graph, `record_updates`); if the first call fails: one line, then eager."""
     if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"):
         return losses
-    state = {"losses": torch.compile(losses, mode="reduce-overhead" if device.type == "cuda" else None), "first": True}
+    own_graphs = device.type == "cuda" and not getattr(args, "cuda_graph", False)
+    state = {"losses": torch.compile(losses, mode="reduce-overhead" if own_graphs else None), "first": True}
 
     def call(*inputs):  # -> (loss, ..., metrics)
         try:
@@ -614,7 +632,51 @@ def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
             state["losses"] = losses
             *outputs, metrics = losses(*inputs)
         state["first"] = False
-        return *outputs, {key: value.detach().clone() for key, value in metrics.items()} if device.type == "cuda" else metrics
+        return *outputs, {key: value.detach().clone() for key, value in metrics.items()} if own_graphs else metrics
+    return call
+
+
+def record_updates(step: Callable, agent: torch.nn.Module, generator: torch.Generator, args, device: torch.device,
+                   warmup: int = 3, cuda=torch.cuda) -> Callable:
+    """--cuda-graph on CUDA: `step(*key)`, one whole update with no host sync (batch sampling, noise, losses, backward,
+    clipping, Adam's fused step, dual projections), recorded as one CUDA graph per `key` after `warmup` eager calls
+    (real updates, on a side stream as PyTorch's recipe asks) and replayed from then on; randomness comes from
+    `generator`, registered with each graph, so every replay draws new batches and noise. Its metrics are the graph's
+    static outputs, overwritten by the next replay: Logger.record queues its reads before that. Python in `step`
+    runs once, when it is recorded: what changes between updates must be a tensor or a `key`. A failed recording
+    (an op that cannot be captured): one line, then this run continues eager. `cuda`: a stand-in in the tests."""
+    if not args.cuda_graph or device.type != "cuda":
+        return step
+    graphs, calls, side = {}, {}, cuda.Stream()
+
+    def call(*key):
+        if key in graphs:
+            graph, outputs = graphs[key]
+            if graph is not None:
+                graph.replay()
+                return outputs
+        calls[key] = calls.get(key, 0) + 1
+        if calls[key] <= warmup or key in graphs:  # warm-up, or eager after a failed recording
+            side.wait_stream(cuda.current_stream())
+            with cuda.stream(side):
+                outputs = step(*key)
+            cuda.current_stream().wait_stream(side)
+            return outputs
+        graph, flags = cuda.CUDAGraph(), [(p, p.requires_grad) for p in agent.parameters()]
+        try:
+            graph.register_generator_state(generator)
+            with cuda.graph(graph):  # records the kernels; none runs until the replay
+                outputs = step(*key)
+        except Exception as error:
+            for parameter, flag in flags:  # `step` may have stopped between requires_grad_(False) and (True)
+                parameter.requires_grad_(flag)
+            print(f"{Path(sys.argv[0]).name}: recording the update as a CUDA graph failed ({type(error).__name__}: "
+                  f"{str(error).strip().splitlines()[-1][:160]}); this run continues without", file=sys.stderr)
+            graphs[key] = (None, None)
+            return call(*key)
+        graphs[key] = (graph, outputs)
+        graph.replay()
+        return outputs
     return call
 # --- end shared block ---
 
@@ -913,14 +975,15 @@ class Logger:
                 raise UserError("--track needs Weights & Biases: pip install wandb") from None
             self.wandb = wandb.init(project=args.wandb_project, config=json.loads((run_dir / "config.json").read_text()),
                                     dir=str(run_dir), name=run_dir.name, resume="allow", sync_tensorboard=True)
-        self.writer, self.sums, self.count, self.clock, self.step = SummaryWriter(str(run_dir)), {}, 0, time.time(), start
+        self.writer, self.sums, self.count, self.clock, self.step = SummaryWriter(str(run_dir)), None, 0, time.time(), start
         self.bad_step, self.bad = torch.zeros((), dtype=torch.long), False  # first non-finite update and its metrics
         self.progress = tqdm(initial=start, total=args.total_steps, desc=run_dir.name, disable=None)
         self.total, self.seen, self.seen_clock = args.total_steps, 0, 0.0  # for the one time-estimate line
 
     def record(self, step: int, metrics: dict) -> None:
-        self.sums = {key: self.sums.get(key, 0.0) + value for key, value in metrics.items()}
-        bad = ~torch.isfinite(torch.stack(list(metrics.values())))
+        values = torch.stack(list(metrics.values()))  # one tensor: a few kernel launches whatever the metrics
+        self.sums = values if self.count == 0 else self.sums + values
+        bad = ~torch.isfinite(values)
         first = bad.any() & (self.bad_step == 0)
         self.bad_step, self.bad = torch.where(first, step, self.bad_step), torch.where(first, bad, self.bad)
         self.step, self.count, self.keys = step, self.count + 1, list(metrics)
@@ -945,7 +1008,7 @@ class Logger:
 
     def write(self, step: int, evaluation: dict) -> None:  # the metrics' means since the last row, the returns
         self.check_finite()
-        row = {"step": step, **{key: float(value) / self.count for key, value in self.sums.items()},
+        row = {"step": step, **{key: value / self.count for key, value in zip(self.keys, self.sums.tolist())},
                "charts/updates_per_second": self.count / (time.time() - self.clock), **evaluation}
         self.rows.append(row)
         with open(self.path, "w", newline="") as handle:
@@ -956,7 +1019,7 @@ class Logger:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
         self.progress.set_postfix({k[5:]: f"{v:.1f}" for k, v in row.items() if k.startswith("eval/") and k.count("/") == 1})
-        self.sums, self.count, self.clock = {}, 0, time.time()
+        self.sums, self.count, self.clock = None, 0, time.time()
 
     def close(self) -> list[dict]:
         self.progress.close()

@@ -93,8 +93,12 @@ class Args:
     device: str = "auto"
     """`auto` (CUDA when present), `cpu` or `cuda`"""
     compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile the update's losses; `auto`: on for CUDA (with CUDA graphs), off on a CPU (compiled fp32
-    updates measured 0.98-1.18x eager there, README "Performance", for 35-150 s of compiling)"""
+    """torch.compile the update's losses; `auto`: on for CUDA, off on a CPU (compiled fp32 updates measured
+    0.98-1.18x eager there, README "Performance", for 35-150 s of compiling)"""
+    cuda_graph: bool = True
+    """on CUDA, record each whole update (batch sampling, losses, backward, clipping, Adam) as one CUDA graph after
+    3 eager updates and replay it: one launch per update instead of hundreds; `--no-cuda-graph`: launch each
+    kernel (then `--compile` uses torch.compile's own CUDA graphs for the losses)"""
     track: bool = False
     """also log to Weights & Biases (needs `pip install wandb`; it syncs the TensorBoard scalars)"""
     wandb_project: str = "behaviour-priors"
@@ -134,9 +138,10 @@ class Args:
     """hidden layers of the Q function (Table 1); sawyer: 400 -> 400 (Table 5)"""
     shared_layers: int = 1
     """first hidden layers shared by all tasks; the rest are one head per task (Table 5)"""
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
     """`bf16`: the batched Q passes over M sampled actions run their matrix products in bfloat16 (float32 weights
-    and losses); compiled bf16 updates measured 1.5x compiled fp32 on an AVX-512 BF16 CPU (README "Performance")"""
+    and losses); compiled bf16 updates measured 1.5x compiled fp32 on an AVX-512 BF16 CPU (README "Performance");
+    `tf32` (CUDA only): every float32 matrix product on TF32 tensor cores (inputs rounded to a 10-bit mantissa)"""
 
     def __post_init__(self):
         if self.env == "sawyer":  # Table 5's multi-task networks, where the Table 1 sizes were left
@@ -379,9 +384,10 @@ class Agent(nn.Module):
 
 
 def make_optimizer(agent: Agent, args: Args) -> torch.optim.Optimizer:
+    """Adam, fused: one kernel per step, its step count on the device (so a CUDA graph can record it)."""
     networks = [p for net in agent.networks() for p in net.parameters()]
     return torch.optim.Adam([{"params": networks, "lr": args.learning_rate},
-                             {"params": agent.duals(), "lr": args.dual_learning_rate}])
+                             {"params": agent.duals(), "lr": args.dual_learning_rate}], fused=True)
 
 
 def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict, args: Args, generator: torch.Generator,
@@ -476,7 +482,7 @@ def train(args: Args) -> dict:
         raise UserError("--total-steps, --batch-size and --num-action-samples must be positive")
     if args.resume:
         load_saved_config(args, "bm_mpo")  # the run's arguments; only budgets, devices and logging may change
-    device = pick_device(args.device)
+    device = pick_device(args.device, args.precision)
     env = make_env(dataset_env(args))  # checks --env; a Minari --dataset is converted first and names the env
     data, tasks, spec = load_data(args, env, device)  # checked; tensors on the device, one reward column per task
     mean, std = observation_statistics(data["observation"], args.normalize_observations)
@@ -494,9 +500,13 @@ def train(args: Args) -> dict:
     start = load_checkpoint(run_dir, modules, generator) if args.resume else 0
     logger, envs = Logger(args, run_dir, start), make_eval_envs(args, run_dir, tasks)
 
-    for step in range(start + 1, args.total_steps + 1):
+    def train_step() -> dict:  # one update of Algorithm 1: a batch of transitions, the losses, the gradient steps
         batch = sample_transitions(data, args.batch_size, generator)
-        metrics = update(agent, optimizer, batch, args, generator, low, high, losses)
+        return update(agent, optimizer, batch, args, generator, low, high, losses)
+    train_step = record_updates(train_step, agent, generator, args, device)  # on CUDA: one CUDA graph, replayed
+
+    for step in range(start + 1, args.total_steps + 1):
+        metrics = train_step()
         if step % args.target_update_period == 0:
             agent.update_targets()
         logger.record(step, metrics)  # sums on the device; a non-finite loss stops the run before the next write
@@ -530,18 +540,26 @@ def main(train_fn: Callable, args) -> None:
         sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, precision: str = "fp32") -> torch.device:
+    """--device; --precision tf32: TF32 matrix products (CUDA only, PyTorch's default is full fp32)."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available")
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if precision == "tf32":
+        if device.type != "cuda":
+            raise UserError("--precision tf32 is a CUDA setting (TF32 tensor cores); on a CPU use fp32 or bf16")
+        torch.set_float32_matmul_precision("high")
+    return device
 
 
 def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
-    """--compile (`auto`: CUDA only): `losses` through torch.compile, on CUDA with CUDA graphs, whose next replay
-    overwrites their outputs, so the metrics are copied out; if the first call fails: one line, then eager."""
+    """--compile (`auto`: CUDA only): `losses` through torch.compile; with --no-cuda-graph on CUDA, with torch.compile's
+    CUDA graphs, whose next replay overwrites their outputs, so the metrics are copied out (with --cuda-graph the
+    whole update is one graph, `record_updates`); if the first call fails: one line, then eager."""
     if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"):
         return losses
-    state = {"losses": torch.compile(losses, mode="reduce-overhead" if device.type == "cuda" else None), "first": True}
+    own_graphs = device.type == "cuda" and not getattr(args, "cuda_graph", False)
+    state = {"losses": torch.compile(losses, mode="reduce-overhead" if own_graphs else None), "first": True}
 
     def call(*inputs):  # -> (loss, ..., metrics)
         try:
@@ -554,7 +572,51 @@ def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
             state["losses"] = losses
             *outputs, metrics = losses(*inputs)
         state["first"] = False
-        return *outputs, {key: value.detach().clone() for key, value in metrics.items()} if device.type == "cuda" else metrics
+        return *outputs, {key: value.detach().clone() for key, value in metrics.items()} if own_graphs else metrics
+    return call
+
+
+def record_updates(step: Callable, agent: torch.nn.Module, generator: torch.Generator, args, device: torch.device,
+                   warmup: int = 3, cuda=torch.cuda) -> Callable:
+    """--cuda-graph on CUDA: `step(*key)`, one whole update with no host sync (batch sampling, noise, losses, backward,
+    clipping, Adam's fused step, dual projections), recorded as one CUDA graph per `key` after `warmup` eager calls
+    (real updates, on a side stream as PyTorch's recipe asks) and replayed from then on; randomness comes from
+    `generator`, registered with each graph, so every replay draws new batches and noise. Its metrics are the graph's
+    static outputs, overwritten by the next replay: Logger.record queues its reads before that. Python in `step`
+    runs once, when it is recorded: what changes between updates must be a tensor or a `key`. A failed recording
+    (an op that cannot be captured): one line, then this run continues eager. `cuda`: a stand-in in the tests."""
+    if not args.cuda_graph or device.type != "cuda":
+        return step
+    graphs, calls, side = {}, {}, cuda.Stream()
+
+    def call(*key):
+        if key in graphs:
+            graph, outputs = graphs[key]
+            if graph is not None:
+                graph.replay()
+                return outputs
+        calls[key] = calls.get(key, 0) + 1
+        if calls[key] <= warmup or key in graphs:  # warm-up, or eager after a failed recording
+            side.wait_stream(cuda.current_stream())
+            with cuda.stream(side):
+                outputs = step(*key)
+            cuda.current_stream().wait_stream(side)
+            return outputs
+        graph, flags = cuda.CUDAGraph(), [(p, p.requires_grad) for p in agent.parameters()]
+        try:
+            graph.register_generator_state(generator)
+            with cuda.graph(graph):  # records the kernels; none runs until the replay
+                outputs = step(*key)
+        except Exception as error:
+            for parameter, flag in flags:  # `step` may have stopped between requires_grad_(False) and (True)
+                parameter.requires_grad_(flag)
+            print(f"{Path(sys.argv[0]).name}: recording the update as a CUDA graph failed ({type(error).__name__}: "
+                  f"{str(error).strip().splitlines()[-1][:160]}); this run continues without", file=sys.stderr)
+            graphs[key] = (None, None)
+            return call(*key)
+        graphs[key] = (graph, outputs)
+        graph.replay()
+        return outputs
     return call
 # --- end shared block ---
 
@@ -853,14 +915,15 @@ class Logger:
                 raise UserError("--track needs Weights & Biases: pip install wandb") from None
             self.wandb = wandb.init(project=args.wandb_project, config=json.loads((run_dir / "config.json").read_text()),
                                     dir=str(run_dir), name=run_dir.name, resume="allow", sync_tensorboard=True)
-        self.writer, self.sums, self.count, self.clock, self.step = SummaryWriter(str(run_dir)), {}, 0, time.time(), start
+        self.writer, self.sums, self.count, self.clock, self.step = SummaryWriter(str(run_dir)), None, 0, time.time(), start
         self.bad_step, self.bad = torch.zeros((), dtype=torch.long), False  # first non-finite update and its metrics
         self.progress = tqdm(initial=start, total=args.total_steps, desc=run_dir.name, disable=None)
         self.total, self.seen, self.seen_clock = args.total_steps, 0, 0.0  # for the one time-estimate line
 
     def record(self, step: int, metrics: dict) -> None:
-        self.sums = {key: self.sums.get(key, 0.0) + value for key, value in metrics.items()}
-        bad = ~torch.isfinite(torch.stack(list(metrics.values())))
+        values = torch.stack(list(metrics.values()))  # one tensor: a few kernel launches whatever the metrics
+        self.sums = values if self.count == 0 else self.sums + values
+        bad = ~torch.isfinite(values)
         first = bad.any() & (self.bad_step == 0)
         self.bad_step, self.bad = torch.where(first, step, self.bad_step), torch.where(first, bad, self.bad)
         self.step, self.count, self.keys = step, self.count + 1, list(metrics)
@@ -885,7 +948,7 @@ class Logger:
 
     def write(self, step: int, evaluation: dict) -> None:  # the metrics' means since the last row, the returns
         self.check_finite()
-        row = {"step": step, **{key: float(value) / self.count for key, value in self.sums.items()},
+        row = {"step": step, **{key: value / self.count for key, value in zip(self.keys, self.sums.tolist())},
                "charts/updates_per_second": self.count / (time.time() - self.clock), **evaluation}
         self.rows.append(row)
         with open(self.path, "w", newline="") as handle:
@@ -896,7 +959,7 @@ class Logger:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
         self.progress.set_postfix({k[5:]: f"{v:.1f}" for k, v in row.items() if k.startswith("eval/") and k.count("/") == 1})
-        self.sums, self.count, self.clock = {}, 0, time.time()
+        self.sums, self.count, self.clock = None, 0, time.time()
 
     def close(self) -> list[dict]:
         self.progress.close()

@@ -88,18 +88,26 @@ def main(train_fn: Callable, args) -> None:
         sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, precision: str = "fp32") -> torch.device:
+    """--device; --precision tf32: TF32 matrix products (CUDA only, PyTorch's default is full fp32)."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available")
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if precision == "tf32":
+        if device.type != "cuda":
+            raise UserError("--precision tf32 is a CUDA setting (TF32 tensor cores); on a CPU use fp32 or bf16")
+        torch.set_float32_matmul_precision("high")
+    return device
 
 
 def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
-    """--compile (`auto`: CUDA only): `losses` through torch.compile, on CUDA with CUDA graphs, whose next replay
-    overwrites their outputs, so the metrics are copied out; if the first call fails: one line, then eager."""
+    """--compile (`auto`: CUDA only): `losses` through torch.compile; with --no-cuda-graph on CUDA, with torch.compile's
+    CUDA graphs, whose next replay overwrites their outputs, so the metrics are copied out (with --cuda-graph the
+    whole update is one graph, `record_updates`); if the first call fails: one line, then eager."""
     if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"):
         return losses
-    state = {"losses": torch.compile(losses, mode="reduce-overhead" if device.type == "cuda" else None), "first": True}
+    own_graphs = device.type == "cuda" and not getattr(args, "cuda_graph", False)
+    state = {"losses": torch.compile(losses, mode="reduce-overhead" if own_graphs else None), "first": True}
 
     def call(*inputs):  # -> (loss, ..., metrics)
         try:
@@ -112,7 +120,51 @@ def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
             state["losses"] = losses
             *outputs, metrics = losses(*inputs)
         state["first"] = False
-        return *outputs, {key: value.detach().clone() for key, value in metrics.items()} if device.type == "cuda" else metrics
+        return *outputs, {key: value.detach().clone() for key, value in metrics.items()} if own_graphs else metrics
+    return call
+
+
+def record_updates(step: Callable, agent: torch.nn.Module, generator: torch.Generator, args, device: torch.device,
+                   warmup: int = 3, cuda=torch.cuda) -> Callable:
+    """--cuda-graph on CUDA: `step(*key)`, one whole update with no host sync (batch sampling, noise, losses, backward,
+    clipping, Adam's fused step, dual projections), recorded as one CUDA graph per `key` after `warmup` eager calls
+    (real updates, on a side stream as PyTorch's recipe asks) and replayed from then on; randomness comes from
+    `generator`, registered with each graph, so every replay draws new batches and noise. Its metrics are the graph's
+    static outputs, overwritten by the next replay: Logger.record queues its reads before that. Python in `step`
+    runs once, when it is recorded: what changes between updates must be a tensor or a `key`. A failed recording
+    (an op that cannot be captured): one line, then this run continues eager. `cuda`: a stand-in in the tests."""
+    if not args.cuda_graph or device.type != "cuda":
+        return step
+    graphs, calls, side = {}, {}, cuda.Stream()
+
+    def call(*key):
+        if key in graphs:
+            graph, outputs = graphs[key]
+            if graph is not None:
+                graph.replay()
+                return outputs
+        calls[key] = calls.get(key, 0) + 1
+        if calls[key] <= warmup or key in graphs:  # warm-up, or eager after a failed recording
+            side.wait_stream(cuda.current_stream())
+            with cuda.stream(side):
+                outputs = step(*key)
+            cuda.current_stream().wait_stream(side)
+            return outputs
+        graph, flags = cuda.CUDAGraph(), [(p, p.requires_grad) for p in agent.parameters()]
+        try:
+            graph.register_generator_state(generator)
+            with cuda.graph(graph):  # records the kernels; none runs until the replay
+                outputs = step(*key)
+        except Exception as error:
+            for parameter, flag in flags:  # `step` may have stopped between requires_grad_(False) and (True)
+                parameter.requires_grad_(flag)
+            print(f"{Path(sys.argv[0]).name}: recording the update as a CUDA graph failed ({type(error).__name__}: "
+                  f"{str(error).strip().splitlines()[-1][:160]}); this run continues without", file=sys.stderr)
+            graphs[key] = (None, None)
+            return call(*key)
+        graphs[key] = (graph, outputs)
+        graph.replay()
+        return outputs
     return call
 # --- end shared block ---
 

@@ -66,3 +66,98 @@ def gaussian_samples(mean, std, num_samples: int, generator):
     import torch
 
     return mean + std * torch.randn((num_samples, *mean.shape), generator=generator, device=mean.device)
+
+
+class EmulatedCuda:
+    """A stand-in for `torch.cuda` in `record_updates(..., cuda=...)` that records a step the way a CUDA graph does,
+    on the CPU: while "capturing", every aten op the step dispatches is run and kept with its argument and output
+    tensors; a replay runs those ops again on the same tensors, in order, and copies each result into the recorded
+    output, and none of the step's Python. So a step that only works by running its Python each update (a Python
+    counter, a value read off a tensor) replays wrong here as it would on a GPU, and a host sync (`.item()`,
+    `float(tensor)`) fails the recording as CUDA's stream capture does. Random ops draw again from their generator
+    at each replay (as a registered generator advances on CUDA), so a replayed run equals the eager one bit for bit.
+    Unlike CUDA, the recording itself runs the step (it is the update the first replay would do, which is skipped).
+    Counts `captures`, `replays` and the `generators` registered; `fail_on_capture` raises inside the recording."""
+
+    def __init__(self, fail_on_capture: bool = False):
+        import contextlib
+
+        self.captures, self.replays, self.generators, self.fail_on_capture = 0, 0, [], fail_on_capture
+        self.capturing = False
+        outer = self
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        class CUDAGraph:
+            def __init__(self):
+                self.ops, self.recorded_run_pending = [], True
+
+            def register_generator_state(self, generator):
+                outer.generators.append(generator)
+
+            def replay(self):  # the first replay after the recording is the recording's own run, here on the CPU
+                outer.replays += 1
+                if self.recorded_run_pending:
+                    self.recorded_run_pending = False
+                else:
+                    replay_ops(self.ops)
+
+        @contextlib.contextmanager
+        def graph(cuda_graph):
+            outer.captures += 1
+            outer.capturing = True
+            try:
+                with OpRecorder(cuda_graph.ops):
+                    if outer.fail_on_capture:
+                        raise RuntimeError("operation not permitted when stream is capturing")
+                    yield
+            finally:
+                outer.capturing = False
+
+        self.Stream, self.CUDAGraph, self.graph = Stream, CUDAGraph, graph
+        self.stream = lambda stream: contextlib.nullcontext()
+        self.current_stream = Stream
+
+
+def _op_recorder_base():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
+class OpRecorder(_op_recorder_base()):
+    """Runs and keeps (op, args, kwargs, output) of every aten op; a host sync raises, as under stream capture."""
+
+    def __init__(self, ops: list):
+        super().__init__()
+        self.ops = ops
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import torch
+
+        kwargs = kwargs or {}
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+            raise RuntimeError(f"{func}: a host sync (.item(), float(), bool() of a tensor) while capturing a graph")
+        output = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, output))
+        return output
+
+
+def replay_ops(ops: list) -> None:
+    """Runs the recorded ops again on their tensors: an op that mutates its arguments (in place, `out=`) mutates
+    them again; a view op is skipped (its output aliases a recorded tensor, already current); any other op's
+    result is copied into the output recorded for it, where later ops read it."""
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    with torch.no_grad():
+        for func, args, kwargs, output in ops:
+            returns = func._schema.returns
+            if returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
+                continue  # a view
+            result = func(*args, **kwargs)
+            for old, new in zip(tree_flatten(output)[0], tree_flatten(result)[0]):
+                if isinstance(old, torch.Tensor) and old is not new:
+                    old.copy_(new)

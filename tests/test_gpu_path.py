@@ -98,8 +98,7 @@ def run_updates(module, overrides: dict, compile: str, batches: list) -> list[di
         losses = {name: bear.compile_losses(fn, args, torch.device("cpu"))
                   for name, fn in (("critic", bear.critic_step_loss), ("actor", bear.actor_step_loss))}
         return [{key: float(value) for key, value in bear.update(agent, optimizers, batch, args, generator,
-                                                                 args.warmup_steps + 1 + i, losses).items()}
-                for i, batch in enumerate(batches)]
+                                                                 False, losses).items()} for batch in batches]
     agent = module.Agent(OBS, ACT, 1, args)
     optimizer = module.make_optimizer(agent, args)
     generator = torch.Generator().manual_seed(0)
@@ -178,17 +177,27 @@ def test_a_compiler_failure_at_the_first_call_continues_eager_in_one_line(monkey
     assert err.count("\n") == 1 and "torch.compile failed (RuntimeError: PassManager::run failed)" in err
 
 
+def test_with_the_whole_update_recorded_the_losses_compile_without_graphs_of_their_own(monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda function, mode=None: modes.append(mode) or function)
+    for cuda_graph in (True, False):
+        abm_mpo.compile_losses(abm_mpo.update_losses, abm_mpo.Args(cuda_graph=cuda_graph), torch.device("cuda"))
+    assert modes == [None, "reduce-overhead"]  # a graph cannot be recorded inside another
+
+
 def test_compiled_metrics_are_copied_out_of_the_graphs_output_memory(monkeypatch):
-    """CUDA graphs reuse their output memory at the next replay, and BCQ and BEAR replay three graphs per update
-    before the run reads the metrics (seen on an H200: "accessing tensor output of CUDAGraphs that has been
-    overwritten"). The wrapper hands back copies of the metrics; the loss keeps its graph for backward."""
+    """With --no-cuda-graph, torch.compile's CUDA graphs reuse their output memory at the next replay, and BCQ and
+    BEAR replay three graphs per update before the run reads the metrics (seen on an H200: "accessing tensor output
+    of CUDAGraphs that has been overwritten"). The wrapper hands back copies of the metrics; the loss keeps its
+    graph for backward."""
     monkeypatch.setattr(torch, "compile", lambda function, mode=None: function)
     shared = torch.zeros(())  # stands for a graph's static output buffer
 
     def losses(x):
         shared.copy_(x.sum())
         return (x ** 2).sum(), {"charts/sum": shared}
-    call = abm_mpo.compile_losses(losses, abm_mpo.Args(compile="on"), torch.device("cuda"))  # tensors stay on the CPU
+    args = abm_mpo.Args(compile="on", cuda_graph=False)  # torch.compile's own graphs, not the whole update's
+    call = abm_mpo.compile_losses(losses, args, torch.device("cuda"))  # tensors stay on the CPU
     x = torch.ones(3, requires_grad=True)
     loss, first = call(x)
     call(torch.full((3,), 5.0))  # the next replay overwrites the buffer

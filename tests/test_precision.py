@@ -75,3 +75,14 @@ def test_bf16_e_step_weights_stay_within_0_02_at_the_initial_temperature(scored)
     assert same_best > 0.9, same_best
     loss = {precision: m.temperature_dual_loss(q[:, :, BATCH:], eta, 0.1)[0] for precision, q in scored.items()}
     assert abs(loss["bf16"] - loss["fp32"]) < 1e-2 * abs(loss["fp32"]), loss
+
+
+def test_tf32_is_a_cuda_setting_and_one_sentence_on_a_cpu(monkeypatch):
+    with pytest.raises(m.UserError, match="--precision tf32 is a CUDA setting"):
+        m.pick_device("cpu", "tf32")
+    assert torch.get_float32_matmul_precision() == "highest"  # nothing was switched on the way
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda value: calls.append(value))
+    calls = []
+    assert m.pick_device("cuda", "tf32").type == "cuda" and calls == ["high"]  # TF32 matmuls, on CUDA only
+    assert m.pick_device("cuda", "fp32").type == "cuda" and calls == ["high"]

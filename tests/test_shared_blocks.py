@@ -82,7 +82,7 @@ LEARNING_SCRIPTS = ["abm_mpo.py", "abm_svg.py", "bm_mpo.py", "bcq.py", "bear.py"
 # Issue 21's budgets: plumbing (banner to end of file) in every learning script, and the whole of the two MPO files.
 PLUMBING_BUDGET, TOTAL_BUDGETS = 350, {"bm_mpo.py": 750, "abm_mpo.py": 850}
 # What train() calls by name from the plumbing: the only names left unresolved when a script is cut at its banner.
-PLUMBING_ENTRY_POINTS = {"UserError", "pick_device", "compile_losses", "dataset_env", "make_env", "load_data",
+PLUMBING_ENTRY_POINTS = {"UserError", "pick_device", "compile_losses", "record_updates", "dataset_env", "make_env", "load_data",
                          "load_saved_config", "make_run_dir", "load_checkpoint", "Logger", "make_eval_envs",
                          "evaluate_policies", "save_checkpoint", "export_policy", "write_summary"}
 
@@ -93,14 +93,14 @@ def plumbing_lines(script: str) -> int:
     return len(text[text.rindex("\n", 0, banner) + 1:].splitlines())
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21's plumbing budget is not met yet: 459 lines in every script > 350")
+@pytest.mark.xfail(strict=True, reason="issue 21's plumbing budget is not met yet: 532 lines in every script > 350")
 @pytest.mark.parametrize("script", LEARNING_SCRIPTS)
 def test_plumbing_is_at_most_350_lines(script):
     assert plumbing_lines(script) <= PLUMBING_BUDGET, f"{plumbing_lines(script)} lines of plumbing"
 
 
 # Not met (2026-12-04, after the redesign): bm_mpo.py 971 lines, abm_mpo.py 1049 (issue 21 stays open).
-@pytest.mark.xfail(strict=True, reason="issue 21's budgets are not met yet: bm_mpo.py 971 > 750, abm_mpo.py 1049 > 850")
+@pytest.mark.xfail(strict=True, reason="issue 21's budgets are not met yet: bm_mpo.py 1055 > 750, abm_mpo.py 1133 > 850")
 @pytest.mark.parametrize("script", sorted(TOTAL_BUDGETS))
 def test_mpo_scripts_are_within_their_line_budgets(script):
     lines = len((ROOT / script).read_text().splitlines())
