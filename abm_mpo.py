@@ -310,13 +310,14 @@ CHUNK_ROWS = 1024
 def q_values(critic: nn.Module, observation: torch.Tensor, actions: torch.Tensor,
              low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """Q(s, a_j) for M actions per state: [K, B, obs], [M, K, B, act] -> [M, K, B] in float32.
-    The env clips actions, so a sampled action is scored at clip(a, low, high). The rows go through
-    the critic in chunks of CHUNK_ROWS per thread; under torch.compile in one
-    pass (unrolled chunks multiply the compile time, and the compiler schedules the pass itself)."""
+    The env clips actions, so a sampled action is scored at clip(a, low, high). On a CPU the rows go
+    through the critic in chunks of CHUNK_ROWS per thread; on a GPU, and under torch.compile, in one
+    pass (chunks would be kernels too small for a GPU; unrolled chunks multiply the compile time)."""
     num_samples, num_tasks, batch, act_dim = actions.shape
     repeated = observation.unsqueeze(1).expand(-1, num_samples, -1, -1).reshape(num_tasks, num_samples * batch, -1)
     flat_actions = actions.clamp(low, high).transpose(0, 1).reshape(num_tasks, num_samples * batch, act_dim)
-    rows = num_samples * batch if torch.compiler.is_compiling() else CHUNK_ROWS * torch.get_num_threads()
+    one_pass = torch.compiler.is_compiling() or observation.device.type != "cpu"
+    rows = num_samples * batch if one_pass else CHUNK_ROWS * torch.get_num_threads()
     chunks = zip(repeated.split(rows, dim=1), flat_actions.split(rows, dim=1))
     q = torch.cat([critic(states, chunk_actions) for states, chunk_actions in chunks], dim=1).float()
     return q.reshape(num_tasks, num_samples, batch).transpose(0, 1)

@@ -305,7 +305,8 @@ class TwinCritic(nn.Module):
         self.q2 = Critic(obs_dim, act_dim, hidden, num_heads, shared)
 
     def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        rows = CHUNK_ROWS * torch.get_num_threads()  # chunks as in q_values
+        # chunks as in q_values on a CPU; one pass on a GPU (chunks would be kernels too small for it)
+        rows = CHUNK_ROWS * torch.get_num_threads() if observation.device.type == "cpu" else observation.shape[1]
         chunks = zip(observation.split(rows, dim=1), action.split(rows, dim=1))
         return torch.cat([torch.stack([self.q1(o, a), self.q2(o, a)]) for o, a in chunks], dim=-1)
 

@@ -15,18 +15,25 @@ only itself; every line of their output goes to the terminal and to `<out>/sessi
 1. install: the carried wheels (`.whl/`, made by benchmarks/gpu_wheels.sh) into a private folder on
    PYTHONPATH; the GPU, driver, Python, torch and CUDA versions, and an import of every dependency.
 2. speed, with the GPU to itself: benchmarks/update_speed.py at the paper's settings (batch 512, M = 20,
-   Table 1 networks at cheetah's sizes, Table 5 multi-task networks at Sawyer --task all's sizes):
-   a. eager, fp32 / TF32 / bf16, all five scripts;
-   b. compiled (`--compile on`: CUDA graphs), fp32 and bf16, after compiling every configuration in
-      parallel processes once to fill Inductor's caches;
-   c. 1, 4, 8 and 16 ABM+MPO runs updating at once on the one GPU (total updates/s);
-   d. d3rlpy's BCQ and BEAR beside ours (benchmarks/peer_d3rlpy.py), only when its wheels were carried.
+   Table 1 networks at cheetah's sizes, Table 5 multi-task networks at Sawyer --task all's sizes), each row
+   one whole update as a run does it (batch sampling on the GPU included):
+   a. eager, fp32 / TF32 / bf16, all five scripts, each without and with the whole update recorded as one
+      CUDA graph (`--no-cuda-graph` / `--cuda-graph`, the scripts' default on CUDA);
+   b. compiled and recorded (`--compile on --cuda-graph`, what `--compile auto` runs on CUDA), fp32 and TF32,
+      after compiling every configuration in parallel processes once to fill Inductor's caches;
+   c. 1, 4, 8 and 16 ABM+MPO runs updating at once on the one GPU (total updates/s), in the results
+      stage's configuration (`--results-compile`, recorded, fp32);
+   d. d3rlpy's BCQ and BEAR beside ours (benchmarks/peer_d3rlpy.py), only when its wheels were carried;
+   e. compiled and recorded in bf16 (the first speed stage to go when time is short).
 3. tests and results, side by side (neither is timed, so they share the machine):
-   - the GPU tests: end to end, resume, export, mechanism, compiled-vs-eager and CPU-vs-CUDA, with
-     ABM_TEST_DEVICE=cuda (pass/fail counts in the summary, junit XML in the archive);
+   - the GPU tests with ABM_TEST_DEVICE=cuda and ABM_TEST_COMPILE=off: end to end, resume, export,
+     mechanism, compiled-vs-eager, CPU-vs-CUDA and real CUDA graphs (ABM+MPO compiled inside one);
+     pass/fail counts in the summary, junit XML in the archive;
    - benchmarks/reproduce.py --preset gpu --local: the Table 6 columns on the cpu preset's cheetah data
-     (carried) and Sawyer --task all, with the updates per run sized from stage 2c's measured speed so
-     that the grid ends inside the stage's budget (`--time-budget` stops and keeps whatever is left).
+     (carried) and Sawyer --task all, each run `--compile off` (`--results-compile`: 20 processes compiling
+     at once took the whole stage in the first call) with its update recorded as a CUDA graph, the updates per
+     run sized from stage 2c's measured speed so that the grid ends inside the stage's budget
+     (`--time-budget` stops and keeps whatever is left).
 4. pack: results/gpu/ (table.md, curves, per-run files, manifest.json, speed/*.json, tests/, session.md,
    session.log) into `<out>/gpu_session.tar.gz`.
 
@@ -131,12 +138,13 @@ def read_json(path: Path) -> dict:
         return {}
 
 
-def rate(results: dict, script: str, compiled: bool, precision: str = "fp32") -> float:
+def rate(results: dict, script: str, compiled: bool, precision: str = "fp32", graphed: bool = False) -> float:
     """Median updates/s of one row of an update_speed.py JSON (0 when it was not measured)."""
     for row in results.get("results", []):
         words = row["script"].split(" ")
         if (words[0] == script.split(" ")[0] and ("sawyer" in words) == ("sawyer" in script)
-                and ("compiled" in words) == compiled and row["precision"] == precision):
+                and ("compiled" in words) == compiled and ("graphed" in words) == graphed
+                and row["precision"] == precision):
             return row["updates_per_second"]
     return 0.0
 
@@ -148,9 +156,11 @@ def size_results(session: Session, budget: float) -> tuple[list, dict]:
     concurrent = read_json(speed / "update_speed_concurrent.json").get("results", [])
     packed = [r for r in concurrent if r["runs"] >= min(options.results_slots, max([r["runs"] for r in concurrent] or [0]))]
     per_run = min((r["updates_per_second_total"] / r["runs"] for r in packed), default=0.0)
-    single = read_json(speed / "update_speed_compiled.json") or read_json(speed / "update_speed_eager.json")
-    compiled = "update_speed_compiled.json" if read_json(speed / "update_speed_compiled.json") else "eager"
-    control, sawyer = rate(single, "abm_mpo:abm", compiled != "eager"), rate(single, "abm_mpo:abm sawyer", compiled != "eager")
+    compiled = options.results_compile == "on"
+    single = read_json(speed / ("update_speed_compiled.json" if compiled else "update_speed_eager.json"))
+    graphed = options.device != "cpu"  # the results' runs record their update as a CUDA graph (on CUDA)
+    control = rate(single, "abm_mpo:abm", compiled, graphed=graphed)
+    sawyer = rate(single, "abm_mpo:abm sawyer", compiled, graphed=graphed)
     if not per_run:  # stage 2c failed: the single-run speed, shared by the packed runs
         per_run = control / options.results_slots if control else options.fallback_rate
     jobs = len(options.seeds.split(",")) * (len(options.columns.split(",")) + len(options.sawyer_columns.split(",")))
@@ -164,10 +174,11 @@ def size_results(session: Session, budget: float) -> tuple[list, dict]:
     sawyer_updates = max(options.min_updates // 4, int(sawyer_updates) // options.round_to * options.round_to)
     sizing = {"per_run_updates_per_second_packed": per_run, "jobs": jobs, "slots": options.results_slots,
               "waves": waves, "training_seconds_per_wave": training, "updates": updates,
-              "sawyer_updates": sawyer_updates, "single_run_rates_from": compiled,
+              "sawyer_updates": sawyer_updates, "single_run_rates_from": "compiled" if compiled else "eager",
               "abm_mpo_single": control, "abm_mpo_sawyer_single": sawyer}
     assignments = [f"updates={updates}", f"sawyer_updates={sawyer_updates}", f"seeds={options.seeds}",
                    f"control_columns={options.columns}", f"sawyer_columns={options.sawyer_columns}",
+                   "extra_train_flags=" + ",".join(["--compile", options.results_compile, *options.train_flags]),
                    *options.results_set]
     return assignments, sizing
 
@@ -201,11 +212,11 @@ def main() -> None:
                         help="tiny budgets for a CPU: one script, a few updates, two learning runs")
     parser.add_argument("--total", type=float, default=540, help="the whole call")
     parser.add_argument("--install", type=float, default=60)
-    parser.add_argument("--speed-eager", type=float, default=60)
-    parser.add_argument("--speed-compiled", type=float, default=120)
-    parser.add_argument("--speed-compiled-bf16", type=float, default=90)
-    parser.add_argument("--speed-concurrent", type=float, default=120)
-    parser.add_argument("--peer", type=float, default=45)
+    parser.add_argument("--speed-eager", type=float, default=90)
+    parser.add_argument("--speed-compiled", type=float, default=110)
+    parser.add_argument("--speed-compiled-bf16", type=float, default=60)
+    parser.add_argument("--speed-concurrent", type=float, default=75)
+    parser.add_argument("--peer", type=float, default=40)
     parser.add_argument("--tests", type=float, default=200)
     parser.add_argument("--results", type=float, default=360, help="at most; in practice what is left of --total")
     parser.add_argument("--results-reserve", type=float, default=200,
@@ -217,6 +228,9 @@ def main() -> None:
     parser.add_argument("--columns", default="ABM+MPO,BM+MPO,MPO,ABM+SVG,BM+SVG,SVG,BCQ,BEAR,ABM eps=0")
     parser.add_argument("--sawyer-columns", default="ABM+MPO")
     parser.add_argument("--results-set", nargs="*", default=[], help="more reproduce.py --set assignments")
+    parser.add_argument("--results-compile", default="off", choices=["off", "on"],
+                        help="--compile of the results' runs (each records its update as a CUDA graph either way)")
+    parser.add_argument("--train-flags", nargs="*", default=[], help="more flags for every results run")
     parser.add_argument("--wave-overhead", type=float, default=90,
                         help="seconds a wave of runs spends outside its updates (start, compile, evaluations)")
     parser.add_argument("--sawyer-overhead", type=float, default=170,
@@ -231,8 +245,9 @@ def main() -> None:
         options.round_to, options.min_updates, options.max_updates = 10, 20, 40
         options.seeds, options.columns, options.sawyer_columns = "0", "ABM+MPO", "ABM+MPO"
         options.results_slots = 2
-        options.results_set = ["num_gpus=0", "collect_episodes=4", "batch=16", "sawyer_batch=16", "action_samples=4", "eval_episodes=1",
-                               "sawyer_episodes=8", "extra_train_flags=--eval-max-steps,30", *options.results_set]
+        options.results_set = ["num_gpus=0", "collect_episodes=4", "batch=16", "sawyer_batch=16", "action_samples=4",
+                               "eval_episodes=1", "sawyer_episodes=8", *options.results_set]
+        options.train_flags = ["--eval-max-steps", "30", *options.train_flags]
     session = Session(options)
     python, device, results = sys.executable, options.device, session.results
     session.say(f"GPU session on {device}: total budget {options.total:.0f} s, out {session.out}")
@@ -265,24 +280,23 @@ def main() -> None:
              "--sizes", *CHEETAH]
     scripts = ["bm_mpo"] if options.rehearsal else list(SCRIPTS)
     timing = ["--updates", "2", "--repeats", "1"] if options.rehearsal else ["--updates", "50", "--repeats", "3"]
-    session.run("speed-eager", [*speed, "--compile", "off", "--precisions", "fp32", "tf32", "bf16",
+    recorded = "off" if device == "cpu" else "on"  # the whole update as one CUDA graph: CUDA only
+    graphs = ["--graph", "off", *([recorded] if recorded == "on" else [])]  # eager rows: without and with it
+    session.run("speed-eager", [*speed, "--compile", "off", *graphs, "--precisions", "fp32", "tf32", "bf16",
                                 "--scripts", *scripts, "--multitask", *([] if options.rehearsal else ["abm_mpo:abm"]),
-                                *(timing if options.rehearsal else ["--updates", "20", "--repeats", "2"]),
+                                *(timing if options.rehearsal else ["--updates", "30", "--repeats", "2"]),
                                 "--output", results / "speed" / "update_speed_eager.json"], options.speed_eager,
                 keep=options.results_reserve)
-    # Compiled, in two calls so that a slow second one cannot lose the first: fp32 (the five scripts, and ABM+MPO at
-    # Sawyer's sizes), then bf16. --warm-extra compiles, untimed, the other Table 6 columns' updates, so that the
-    # results stage's runs find every column's update in Inductor's caches.
-    compiled = [("update_speed_compiled.json", ["--precisions", "fp32"] if options.rehearsal else [
-                    "--precisions", "fp32", "--multitask", "abm_mpo:abm", "--warm-extra", "abm_mpo:bm",
-                    "abm_mpo:none", "abm_svg:bm", "abm_svg:none", "abm_mpo:eps0"], options.speed_compiled)]
-    for name, rows, limit in compiled:
-        session.run(f"speed-{name.removeprefix('update_speed_').removesuffix('.json').replace('_', '-')}",
-                    [*speed, "--compile", "on", "--warm-cache", "--scripts", *scripts, *rows, *timing,
-                     "--output", results / "speed" / name], limit, keep=options.results_reserve)
+    # Compiled and recorded (--compile auto on CUDA), in two calls so that a slow second one cannot lose the first:
+    # fp32 and TF32 (the five scripts, and ABM+MPO at Sawyer's sizes), then bf16 last of all.
+    session.run("speed-compiled", [*speed, "--compile", "on", "--graph", recorded, "--warm-cache", "--scripts",
+                                   *scripts, "--precisions", *(["fp32"] if options.rehearsal else ["fp32", "tf32"]),
+                                   *([] if options.rehearsal else ["--multitask", "abm_mpo:abm"]), *timing,
+                                   "--output", results / "speed" / "update_speed_compiled.json"],
+                options.speed_compiled, keep=options.results_reserve)
     counts = ["1", "2"] if options.rehearsal else ["1", "4", "8", "16"]
-    session.run("speed-concurrent", [*speed, "--compile", "off" if options.rehearsal else "on", "--precisions", "fp32",
-                                     "--scripts", scripts[0], "--concurrent", *counts,
+    session.run("speed-concurrent", [*speed, "--compile", options.results_compile, "--graph", recorded,
+                                     "--precisions", "fp32", "--scripts", scripts[0], "--concurrent", *counts,
                                      "--seconds", "1" if options.rehearsal else "3",
                                      "--output", results / "speed" / "update_speed.json"], options.speed_concurrent,
                 keep=options.results_reserve)
@@ -296,7 +310,8 @@ def main() -> None:
         session.say("stage speed-peer: skipped (d3rlpy is not importable: its wheels were not carried)")
 
     if not options.rehearsal:  # last of the speed stages: the one to go when time is short
-        session.run("speed-compiled-bf16", [*speed, "--compile", "on", "--warm-cache", "--scripts", *scripts,
+        session.run("speed-compiled-bf16", [*speed, "--compile", "on", "--graph", recorded, "--warm-cache",
+                                            "--scripts", *scripts,
                                             "--precisions", "bf16", *timing, "--output",
                                             results / "speed" / "update_speed_compiled_bf16.json"],
                     options.speed_compiled_bf16, keep=options.results_reserve)
@@ -313,10 +328,10 @@ def main() -> None:
         linked.symlink_to(carried.resolve())
     elif not carried.exists():
         session.say(f"no carried cheetah dataset at {carried}: the results stage collects one (slow)")
-    tests_env = {**session.env, "ABM_TEST_DEVICE": device}
+    tests_env = {**session.env, "ABM_TEST_DEVICE": device, "ABM_TEST_COMPILE": "off"}
     xdist = subprocess.run([python, "-c", "import xdist"], cwd=ROOT, env=session.env, capture_output=True).returncode == 0
     test_files = ["tests/test_gpu_path.py", "-k", "sampler"] if options.rehearsal else [
-        "tests/test_end_to_end.py", "tests/test_mechanism.py", "tests/test_gpu_path.py"]
+        "tests/test_cuda_graph.py", "tests/test_gpu_path.py", "tests/test_end_to_end.py", "tests/test_mechanism.py"]
     test_command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *test_files,
                     *(["-n", "4"] if xdist and not options.rehearsal else []),
                     "--junitxml", results / "tests" / "junit.xml"]
@@ -352,9 +367,10 @@ def main() -> None:
              "| measure | value |", "|---|---|"]
     for script in (*scripts, "abm_mpo:abm sawyer"):
         for precision in ("fp32", "tf32", "bf16"):
-            values = [rate(eager, script, False, precision), rate(compiled, script, True, precision)]
+            values = [rate(eager, script, False, precision), rate(eager, script, False, precision, graphed=True),
+                      rate(compiled, script, True, precision, graphed=True)]
             if any(values):
-                lines.append(f"| {script} {precision} updates/s, eager / compiled | "
+                lines.append(f"| {script} {precision} updates/s, eager / eager graphed / compiled graphed | "
                              + " / ".join(f"{v:.0f}" if v else "-" for v in values) + " |")
     lines += [f"| {r['runs']} runs at once, total updates/s | {r['updates_per_second_total']:.0f} |" for r in concurrent]
     lines += [f"| tests passed / failed / errors / skipped | {tests.get('passed', '-')} / {tests.get('failures', '-')} "

@@ -56,7 +56,7 @@ def d3rlpy_update(name: str, data: dict, batch_size: int, device: str = "cpu"):
     batches = [dataset.sample_transition_batch(batch_size) for _ in range(4)]
     count = [0]
 
-    def update(_batch):
+    def update():
         count[0] += 1
         return algo.update(batches[count[0] % len(batches)])
 
@@ -82,19 +82,20 @@ def main() -> None:
     data = us.synthetic_data()
     batch_size = us.bcq.Args().batch_size
     device = options.device
-    generator = torch.Generator(device).manual_seed(0)
-    batches = [us.abm_mpo.sample_batch(us.on_device(data, device), batch_size, 1, 0.99, generator) for _ in range(4)]
     if device != "cpu":
         options.threads = options.threads[:1]
     updates, versions = {}, {}
     for name, module in (("bcq", us.bcq), ("bear", us.bear)):
         updates[f"ours {name}"] = us.make_update(module, "fp32", device=device)[1]
+        if device.startswith("cuda"):  # ours as a run does it there: the whole update one CUDA graph (--cuda-graph)
+            updates[f"ours graphed {name}"] = us.make_update(module, "fp32", device=device, graph=True)[1]
         updates[f"d3rlpy {name}"], versions[name] = d3rlpy_update(name, data, batch_size, device)
     torch.set_num_threads(1)
-    flops = {name: us.update_flops(update, batches[0]) for name, update in updates.items()}  # also the warm-up
+    flops = {name: us.update_flops(update)[0] for name, update in updates.items()}  # also the warm-up
 
     where = torch.cuda.get_device_name() if device.startswith("cuda") else us.machine()["cpu"]
-    print(f"# d3rlpy vs ours per update, both eager on {device}: {where}, torch {torch.__version__}, {versions}")
+    print(f"# d3rlpy vs ours per update, both eager on {device} (and ours graphed on CUDA): {where}, "
+          f"torch {torch.__version__}, {versions}")
     samples = {(name, threads): [] for name in updates for threads in options.threads}
     loads = [us.load_average()]
     for repeat in range(options.repeats):
@@ -103,8 +104,8 @@ def main() -> None:
             for name, update in updates.items():
                 us.synchronise(device)
                 start = time.perf_counter()
-                for i in range(options.updates):
-                    update(batches[i % len(batches)])
+                for _ in range(options.updates):
+                    update()
                 us.synchronise(device)
                 samples[(name, threads)].append(options.updates / (time.perf_counter() - start))
         loads.append(us.load_average())
@@ -116,16 +117,17 @@ def main() -> None:
           "GFLOP/update ours, d3rlpy |")
     print("|---|---|---|---|---|---|")
     results = []
-    for name in ("bcq", "bear"):
+    for name, variant in [(name, variant) for name in ("bcq", "bear") for variant in ("ours", "ours graphed")
+                          if (f"{variant} {name}", options.threads[0]) in samples]:
         for threads in options.threads:
-            ours, theirs = samples[(f"ours {name}", threads)], samples[(f"d3rlpy {name}", threads)]
+            ours, theirs = samples[(f"{variant} {name}", threads)], samples[(f"d3rlpy {name}", threads)]
             ratio = statistics.median(ours) / statistics.median(theirs)
             gflop = (flops[f"ours {name}"] / 1e9, flops[f"d3rlpy {name}"] / 1e9)
-            print(f"| {name} | {threads} | {statistics.median(ours):.2f} ({min(ours):.2f}-{max(ours):.2f}) | "
-                  f"{statistics.median(theirs):.2f} ({min(theirs):.2f}-{max(theirs):.2f}) | {ratio:.2f} | "
+            print(f"| {name}{' (ours graphed)' * (variant != 'ours')} | {threads} | "
+                  f"{statistics.median(ours):.2f} ({min(ours):.2f}-{max(ours):.2f}) | {statistics.median(theirs):.2f} ({min(theirs):.2f}-{max(theirs):.2f}) | {ratio:.2f} | "
                   f"{gflop[0]:.2f}, {gflop[1]:.2f} |")
-            results.append({"algorithm": name, "threads": threads, "ours": ours, "d3rlpy": theirs, "ratio": ratio,
-                            "gflop_per_update": {"ours": gflop[0], "d3rlpy": gflop[1]}})
+            results.append({"algorithm": name, "variant": variant, "threads": threads, "ours": ours, "d3rlpy": theirs,
+                            "ratio": ratio, "gflop_per_update": {"ours": gflop[0], "d3rlpy": gflop[1]}})
     output = Path(options.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"versions": versions, "device": where, "load_average": loads, "results": results},

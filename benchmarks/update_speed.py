@@ -1,26 +1,30 @@
-"""Gradient updates per second of every learning script at the paper's settings, on this CPU.
+"""Gradient updates per second of every learning script at the paper's settings, on this CPU (and GPU).
 
     python benchmarks/update_speed.py            # full run (a few minutes on 2 cores)
     python benchmarks/update_speed.py --quick    # fewer updates and repeats, a smoke check
     python benchmarks/update_speed.py --compile off on --baseline ''   # eager and compiled rows (`--compile`)
     python benchmarks/update_speed.py --concurrent 1 2 4 8 --scripts abm_mpo:abm   # runs packed on one device
+    python benchmarks/update_speed.py --devices cuda --compile off on --graph off on   # CUDA: + whole-update graphs
 
 Synthetic data with hopper's sizes (observation 15, action 4, one task; no env, no dataset file),
 batch 512, M = 20 (BCQ: 10, its paper's value), Table 1 networks (policy/prior 256-256, critic
-256-256-256). Each script's own `update()` is timed on pre-sampled batches (dataset sampling is
-not included). Every configuration (script x threads x precision) is measured `--repeats` times,
+256-256-256). What is timed is one whole update as train() runs it: a batch drawn on the device by the
+script's own sampler, `update()`, and BCQ's soft target update (a baseline revision: its `update()` on
+pre-sampled batches). Every configuration (script x threads x precision) is measured `--repeats` times,
 interleaved round-robin so that load from other processes hits all of them alike; the table gives
 the median and the min-max of updates/s over the repeats.
 
 Also measured and printed: the machine's fp32 and bf16 matmul rate (1024^3 products) per thread
-count; the FLOPs of one update (torch.utils.flop_counter.FlopCounterMode, forward + backward),
+count; the FLOPs of one update (torch.utils.flop_counter.FlopCounterMode, forward + backward) and the
+aten ops it dispatches eager (each a kernel launch on CUDA, what `--graph on` replays as one graph),
 and the achieved GFLOP/s = FLOPs x updates/s; the baseline = each script as it was before the
 speed work (git revision `--baseline`, default the commit this work started from), fp32, timed
 interleaved with the current code ("x baseline" column). bf16 is skipped when the CPU has no
 native bf16 matrix product (its bf16 matmul rate below half its fp32 rate): then autocast
 emulates it and an update takes seconds. `--force-bf16` times it anyway. `--compile off on` adds a row per
 script with its losses through torch.compile (the scripts' `--compile on`); the compile time is printed,
-not timed. On a machine with CUDA every configuration is also timed on
+not timed. `--graph off on` adds, on CUDA, rows with the whole update recorded as one CUDA graph and replayed
+(the scripts' `--cuda-graph`, their default on CUDA; "off" rows are `--no-cuda-graph`). On a machine with CUDA every configuration is also timed on
 the GPU (`--devices`; the device is synchronised before and after each measurement). `--concurrent N ...`
 instead times N processes updating at once on the same device (for packing runs per GPU) and reports their
 total updates/s. Writes benchmarks/results/update_speed.json.
@@ -28,6 +32,7 @@ total updates/s. Writes benchmarks/results/update_speed.json.
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -40,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +60,7 @@ import sawyer_env  # noqa: E402
 OBS_DIM, ACT_DIM = 15, 4  # hopper-hop; `--sizes 17 6` for cheetah-run (the GPU session's data)
 SAWYER_DIMS = (sawyer_env.OBS_DIM, sawyer_env.ACT_DIM, len(sawyer_env.TASKS))  # --task all (Table 5 networks)
 BASELINE_REVISION = "8c1079a"  # main before issue 7 (the speed work)
+WARM_UP = 5  # untimed updates per configuration: compiling, and a recorded CUDA graph (after 3 eager updates)
 
 
 def machine() -> dict:
@@ -102,11 +109,16 @@ def load_baseline(revision: str, script: str):
     return module, None
 
 
-def make_update(module, precision: str, seed: int = 0, compile: str = "off", device: str = "cpu", **overrides):
-    """(args, update(batch)) for one script with its paper defaults, on `device`; `compile` "on": its losses
-    through torch.compile, as the script's --compile on (scripts without a compiled path: None). `precision`
-    "tf32" is fp32 with TF32 matrix products (`set_precision`, a CUDA setting the scripts leave at PyTorch's
-    default, off); overrides `env="sawyer"` gives Table 5's multi-task networks for SAWYER_DIMS."""
+def make_update(module, precision: str, seed: int = 0, compile: str = "off", device: str = "cpu",
+                graph: bool = False, **overrides):
+    """(args, step) for one script with its paper defaults, on `device`: `step()` is one whole update as train()
+    runs it (a batch drawn on the device by the script's own sampler from synthetic data, the update, BCQ's soft
+    target update), returning its metrics. `compile` "on": its losses through torch.compile, as the script's
+    --compile on (scripts without a compiled path: None); `graph`: the whole step recorded as one CUDA graph, as
+    --cuda-graph (CUDA only; without it, compiled losses use torch.compile's own CUDA graphs, as --no-cuda-graph).
+    `precision` "tf32" is fp32 with TF32 matrix products (`set_precision`); overrides `env="sawyer"` gives Table
+    5's multi-task networks for SAWYER_DIMS. A baseline revision (before the one sampler) times its update on
+    four pre-sampled batches in turn."""
     fields = {"device": device, **overrides}
     obs_dim, act_dim, num_tasks = SAWYER_DIMS if overrides.get("env") == "sawyer" else (OBS_DIM, ACT_DIM, 1)
     if precision == "bf16":
@@ -115,10 +127,25 @@ def make_update(module, precision: str, seed: int = 0, compile: str = "off", dev
         if not hasattr(module, "compile_losses"):
             return None, None
         fields["compile"] = compile
+    current = hasattr(module, "record_updates")
+    if current:
+        fields["cuda_graph"] = graph
+    elif graph:
+        return None, None
     args = module.Args(**fields)
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     low, high = -torch.ones(act_dim, device=device), torch.ones(act_dim, device=device)
+    data = on_device(synthetic_data(dims=(obs_dim, act_dim, num_tasks)), device)
+    if hasattr(module, "sample_batch"):
+        sample = lambda: module.sample_batch(data, args.batch_size, args.snippet_length, args.discount,  # noqa: E731
+                                             generator)
+    else:
+        sample = lambda: module.sample_transitions(data, args.batch_size, generator)  # noqa: E731
+    if not current:  # a baseline revision: its own update on pre-sampled batches
+        batches = itertools.cycle([abm_mpo.sample_batch(data, args.batch_size, abm_mpo.Args().snippet_length, 0.99,
+                                                        generator) for _ in range(4)])
+        sample = lambda: next(batches)  # noqa: E731
     if hasattr(module, "make_optimizers"):  # bcq, bear: one optimiser per learner
         agent = module.Agent(obs_dim, act_dim, num_tasks, low, high, args).to(device)
         optimizers = module.make_optimizers(agent, args)
@@ -126,34 +153,35 @@ def make_update(module, precision: str, seed: int = 0, compile: str = "off", dev
             losses = {name: module.compile_losses(getattr(module, f"{name}_step_loss"), args, torch.device(device))
                       for name in ("vae", "critic", "actor")} if hasattr(module, "compile_losses") else None
 
-            def update(batch):
+            def step():
                 if losses is None:  # a baseline revision from before --compile
-                    metrics = module.update(agent, optimizers, batch, args, generator)
+                    metrics = module.update(agent, optimizers, sample(), args, generator)
                 else:
-                    metrics = module.update(agent, optimizers, batch, args, generator, losses)
+                    metrics = module.update(agent, optimizers, sample(), args, generator, losses)
                 agent.update_targets(args.target_update_rate)
                 return metrics
         else:
-            step = args.warmup_steps + 1  # past the warm-up: the actor's Q term is on
             losses = {name: module.compile_losses(getattr(module, f"{name}_step_loss"), args, torch.device(device))
                       for name in ("critic", "actor")} if hasattr(module, "compile_losses") else None
 
-            def update(batch):
-                if losses is None:  # a baseline revision from before --compile
-                    return module.update(agent, optimizers, batch, args, generator, step)
-                return module.update(agent, optimizers, batch, args, generator, step, losses)
+            def step():  # past the warm-up: the actor's Q term is on
+                if losses is None:  # a baseline revision from before --compile (it took the step number)
+                    return module.update(agent, optimizers, sample(), args, generator, args.warmup_steps + 1)
+                return module.update(agent, optimizers, sample(), args, generator, False, losses)
     else:
         agent = module.Agent(obs_dim, act_dim, num_tasks, args).to(device)
         optimizer = module.make_optimizer(agent, args)
         if hasattr(module, "compile_losses"):
             losses = module.compile_losses(module.update_losses, args, torch.device(device))
 
-            def update(batch):
-                return module.update(agent, optimizer, batch, args, generator, low, high, losses)
+            def step():
+                return module.update(agent, optimizer, sample(), args, generator, low, high, losses)
         else:  # a baseline revision from before --compile
-            def update(batch):
-                return module.update(agent, optimizer, batch, args, generator, low, high)
-    return args, update
+            def step():
+                return module.update(agent, optimizer, sample(), args, generator, low, high)
+    if current:
+        step = module.record_updates(step, agent, generator, args, torch.device(device))
+    return args, step
 
 
 def synchronise(device: str) -> None:
@@ -179,9 +207,10 @@ def dims_of(row: str) -> tuple:
     return SAWYER_DIMS if row.endswith(" sawyer") else (OBS_DIM, ACT_DIM, 1)
 
 
-def worker_command(options, row: str, device: str, compile: str, precision: str, *extra) -> list:
+def worker_command(options, row: str, device: str, compile: str, precision: str, *extra, graph: str = "") -> list:
     return [sys.executable, __file__, "--worker", row, "--seconds", str(options.seconds), "--devices", device,
-            "--compile", compile, "--precisions", precision, "--sizes", str(OBS_DIM), str(ACT_DIM), *extra]
+            "--compile", compile, "--graph", graph or options.graph[-1], "--precisions", precision,
+            "--sizes", str(OBS_DIM), str(ACT_DIM), *extra]
 
 
 def warm_compile_cache(options, rows: dict, device: str, extra: list = ()) -> float:
@@ -201,7 +230,7 @@ def warm_compile_cache(options, rows: dict, device: str, extra: list = ()) -> fl
     return seconds
 
 
-def concurrent(options, rows: dict, batches_of) -> list[dict]:
+def concurrent(options, rows: dict) -> list[dict]:
     """`--concurrent N ...`: N worker processes (this file with --worker) update at once on each device; the
     total updates/s of the N, each timed over `--seconds` after its warm-up."""
     results = []
@@ -220,7 +249,8 @@ def concurrent(options, rows: dict, batches_of) -> list[dict]:
                     continue
                 rates = [float(output[-1]) for output in outputs]
                 results.append({"script": row, "device": device, "runs": count, "updates_per_second_total": sum(rates),
-                                "per_run": rates, "compile": options.compile[-1], "load_average": load_average()})
+                                "per_run": rates, "compile": options.compile[-1], "graph": options.graph[-1],
+                                "precision": options.precisions[0], "load_average": load_average()})
                 print(f"| {row} | {device} | {count} | {sum(rates):.2f} | {', '.join(f'{r:.2f}' for r in rates)} |",
                       flush=True)
     return results
@@ -232,10 +262,10 @@ def worker(options, rows: dict) -> None:
     warm-up (which compiles), for --warm-cache."""
     device, (module, overrides) = options.devices[0], rows[options.worker]
     set_precision(options.precisions[0])
-    batches = batches_of(device, dims_of(options.worker))
-    update = make_update(module, options.precisions[0], compile=options.compile[-1], device=device, **overrides)[1]
-    for batch in batches[:3]:  # CUDA graphs are recorded at the third call of a compiled function
-        update(batch)
+    update = make_update(module, options.precisions[0], compile=options.compile[-1], device=device,
+                         graph=options.graph[-1] == "on", **overrides)[1]
+    for _ in range(WARM_UP):  # compiles; records the CUDA graphs
+        update()
     synchronise(device)
     if options.warm_only:
         return
@@ -246,7 +276,7 @@ def worker(options, rows: dict) -> None:
             time.sleep(0.01)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < options.seconds:
-        update(batches[count % len(batches)])
+        update()
         count += 1
         if count % 10 == 0:
             synchronise(device)
@@ -257,12 +287,6 @@ def worker(options, rows: dict) -> None:
 def on_device(data: dict, device: str) -> dict:
     """synthetic_data as load_data gives it to the samplers: tensors on `device`."""
     return {key: torch.as_tensor(value, device=device) for key, value in data.items()}
-
-
-def batches_of(device: str, dims: tuple = ()) -> list[dict]:
-    data, args = on_device(synthetic_data(dims=dims), device), abm_mpo.Args()
-    generator = torch.Generator(device).manual_seed(0)
-    return [abm_mpo.sample_batch(data, args.batch_size, args.snippet_length, 0.99, generator) for _ in range(4)]
 
 
 def cuda_matmul_tflops(dtype: torch.dtype, size: int = 8192, repeats: int = 10) -> float:
@@ -292,13 +316,27 @@ def matmul_gflops(dtype: torch.dtype, threads: int, size: int = 1024, budget: fl
     return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
 
 
-def update_flops(update, batch) -> int:
-    with FlopCounterMode(display=False) as counter:
-        update(batch)
-    return counter.get_total_flops()
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops one update dispatches: on CUDA each is (at least) one kernel launch, ~5-10 us of host time
+    in eager mode, which one CUDA graph replay of the whole update replaces (`--graph on`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
-def chunk_sweep(batch, options, sizes=(256, 512, 1024, 4096, 1 << 20)) -> list[dict]:
+def update_flops(update) -> tuple[int, int]:
+    """The FLOPs (forward + backward) and the aten ops of one update."""
+    with FlopCounterMode(display=False) as counter, OpCounter() as ops:
+        update()
+    return counter.get_total_flops(), ops.count
+
+
+def chunk_sweep(options, sizes=(256, 512, 1024, 4096, 1 << 20)) -> list[dict]:
     """abm_mpo:abm updates/s against the rows per critic pass (1 << 20: one pass over all rows)."""
     default = abm_mpo.CHUNK_ROWS
     updates = {size: make_update(abm_mpo, "fp32", prior="abm")[1] for size in sizes}
@@ -308,10 +346,10 @@ def chunk_sweep(batch, options, sizes=(256, 512, 1024, 4096, 1 << 20)) -> list[d
             for (size, threads), values in samples.items():
                 abm_mpo.CHUNK_ROWS = size
                 torch.set_num_threads(threads)
-                updates[size](batch)
+                updates[size]()
                 start = time.perf_counter()
                 for _ in range(options.updates):
-                    updates[size](batch)
+                    updates[size]()
                 values.append(options.updates / (time.perf_counter() - start))
     finally:
         abm_mpo.CHUNK_ROWS = default
@@ -345,6 +383,9 @@ def main() -> None:
                         help="also time abm_mpo:abm (fp32) at other CHUNK_ROWS, the rows per critic pass")
     parser.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"],
                         help="eager (off) and/or compiled (on) rows, the scripts' --compile")
+    parser.add_argument("--graph", nargs="+", default=["off"], choices=["off", "on"],
+                        help="rows without (off) and/or with (on) the whole update recorded as one CUDA graph, the "
+                             "scripts' --no-cuda-graph / --cuda-graph (CUDA devices only)")
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     parser.add_argument("--concurrent", type=int, nargs="+", default=None,
                         help="time this many processes updating at once per device (e.g. 1 2 4 8), then stop")
@@ -372,7 +413,7 @@ def main() -> None:
         print(f"# Concurrent runs: {machine()['cpu']}, load average {load_average()}, {options.seconds} s each\n")
         print("| script | device | runs | total updates/s | per run |\n|---|---|---|---|---|")
         set_precision(options.precisions[0])
-        results = concurrent(options, rows, batches_of)
+        results = concurrent(options, rows)
         output = Path(options.output).with_name("update_speed_concurrent.json")
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
@@ -409,7 +450,6 @@ def main() -> None:
               "rate), so an update under autocast would take seconds; --force-bf16 times it anyway.")
 
     batch_size = abm_mpo.Args().batch_size
-    batches = {(device, dims_of(row)): batches_of(device, dims_of(row)) for device in options.devices for row in rows}
     if options.warm_cache and "on" in options.compile:
         for device in options.devices:
             warm_compile_cache(options, {row: r for row, r in rows.items() if hasattr(r[0], "compile_losses")}, device,
@@ -419,15 +459,18 @@ def main() -> None:
     for row, (module, overrides) in rows.items():
         for precision in precisions:
             for threads in options.threads:
-                for compile in options.compile:
-                    for device in options.devices:
-                        if device != "cpu" and threads != options.threads[0]:
-                            continue  # a GPU row is timed once, at the first thread count
-                        set_precision(precision)
-                        update = make_update(module, precision, compile=compile, device=device, **overrides)[1]
-                        name = " ".join([row] + ["compiled"] * (compile == "on") + [device] * (device != "cpu"))
-                        if update is not None:
-                            configurations[f"{name}/{precision}/{threads}"] = (name, threads, precision, update, device)
+                for compile, graph, device in itertools.product(options.compile, options.graph, options.devices):
+                    if device != "cpu" and threads != options.threads[0]:
+                        continue  # a GPU row is timed once, at the first thread count
+                    if graph == "on" and not device.startswith("cuda"):
+                        continue  # CUDA graphs: CUDA only
+                    set_precision(precision)
+                    update = make_update(module, precision, compile=compile, device=device, graph=graph == "on",
+                                         **overrides)[1]
+                    name = " ".join([row] + ["compiled"] * (compile == "on") + ["graphed"] * (graph == "on")
+                                    + [device] * (device != "cpu"))
+                    if update is not None:
+                        configurations[f"{name}/{precision}/{threads}"] = (name, threads, precision, update, device)
         baseline, reason = load_baseline(options.baseline, module.__name__) if options.baseline else (None, "")
         if baseline is None:
             print(f"baseline of {row} not measured: {reason or 'no --baseline'}")
@@ -437,17 +480,16 @@ def main() -> None:
                 f"baseline {row}", threads, "fp32", make_update(baseline, "fp32", **overrides)[1], "cpu")
 
     torch.set_num_threads(1)
-    flops = {}
+    flops, ops = {}, {}
     for name, (row, threads, precision, update, device) in list(configurations.items()):
         base = flops_key(row)
         set_precision(precision)
-        data = batches[(device, dims_of(base))]
         start = time.perf_counter()
         try:
             if base not in flops:
-                flops[base] = update_flops(update, data[0])  # also the warm-up of this configuration
-            for batch in data[:3]:  # warm-up; compiles the compiled rows (CUDA graphs are recorded at the third call)
-                update(batch)
+                flops[base], ops[base] = update_flops(update)  # also the warm-up of this configuration
+            for _ in range(WARM_UP):  # compiles the compiled rows; records the CUDA graphs
+                update()
             synchronise(device)
         except Exception as error:  # one failing configuration (a compile error, say) must not lose the others
             print(f"{name}: dropped, its warm-up failed: {type(error).__name__}: {str(error).splitlines()[0]:.200}",
@@ -458,25 +500,26 @@ def main() -> None:
             print(f"{name}: compiled in {time.perf_counter() - start:.1f} s (first 2 updates)", file=sys.stderr,
                   flush=True)
     flops.update({row: flops[flops_key(row)] for _, (row, *_rest) in configurations.items() if row not in flops})
+    ops.update({row: ops[flops_key(row)] for _, (row, *_rest) in configurations.items() if row not in ops})
 
     def measure(name: str, warm_up: int = 0) -> None:
         row, threads, precision, update, device = configurations[name]
         torch.set_num_threads(threads)
         set_precision(precision)
-        data = batches[(device, dims_of(flops_key(row)))]
-        for i in range(warm_up):
-            update(data[i % len(data)])
+        for _ in range(warm_up):
+            update()
         synchronise(device)
         start = time.perf_counter()
-        for i in range(options.updates):
-            update(data[i % len(data)])
+        for _ in range(options.updates):
+            update()
         synchronise(device)
         samples[name].append(options.updates / (time.perf_counter() - start))
 
     # Compiled CUDA rows replay CUDA graphs. Interleaved round-robin with other compiled functions in one process,
     # ABM+MPO measured 41 updates/s on an H200, against 312 in a process of its own (--concurrent 1), consistent with
     # PyTorch's CUDA-graph trees re-warming at each switch: each such row is timed in one block after a warm-up.
-    blocked = [name for name, (row, *_rest, device) in configurations.items() if " compiled" in row and device != "cpu"]
+    blocked = [name for name, (row, *_rest, device) in configurations.items()
+               if " compiled" in row and " graphed" not in row and device != "cpu"]
     samples = {name: [] for name in configurations}
     loads = []
     for repeat in range(options.repeats):
@@ -490,7 +533,7 @@ def main() -> None:
             measure(name, warm_up=3 if repeat == 0 else 0)
     loads.append(load_average())
 
-    sweep = chunk_sweep(batches[("cpu", dims_of(""))][0], options) if options.chunk_sweep else []
+    sweep = chunk_sweep(options) if options.chunk_sweep else []
 
     results = []
     for name, (row, threads, precision, _, device) in configurations.items():
@@ -500,13 +543,14 @@ def main() -> None:
                         "updates_per_second": median,
                         "min": min(values), "max": max(values), "samples": values,
                         "gflop_per_update": flops[row] / 1e9, "achieved_gflops": flops[row] * median / 1e9,
+                        "aten_ops_per_update": ops[row],
                         "matmul_gflops": rates[f"cuda/{precision}" if device.startswith("cuda") else f"{precision}/{threads}"]})
 
     print(f"\nbatch {batch_size}, M = 20 (BCQ 10), {options.updates} updates x {options.repeats} interleaved repeats; "
           f"load average per repeat: {', '.join(loads)}\n")
     print("| script | precision | threads | updates/s median | min-max | GFLOP/update | achieved GFLOP/s | "
-          "matmul GFLOP/s | x baseline |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "matmul GFLOP/s | aten ops/update (eager) | x baseline |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     base = {(r["script"].removeprefix("baseline "), r["threads"]): r["updates_per_second"]
             for r in results if r["script"].startswith("baseline ")}
     for r in results:
@@ -514,7 +558,7 @@ def main() -> None:
         ratio = f"{r['updates_per_second'] / base[key]:.2f}" if key in base else ""
         print(f"| {r['script']} | {r['precision']} | {r['threads']} | {r['updates_per_second']:.2f} | "
               f"{r['min']:.2f}-{r['max']:.2f} | {r['gflop_per_update']:.2f} | {r['achieved_gflops']:.1f} | "
-              f"{r['matmul_gflops']:.1f} | {ratio} |")
+              f"{r['matmul_gflops']:.1f} | {r['aten_ops_per_update']} | {ratio} |")
 
     if sweep:
         print("\n| abm_mpo:abm fp32, CHUNK_ROWS | threads | updates/s median | min-max |\n|---|---|---|---|")

@@ -18,6 +18,10 @@ SMOKE_ENV = "cartpole-balance"  # Control Suite, obs 5, action 1; 1000-step epis
 # runs them on the GPU (the dataset then lives on it, batches are drawn there and updates are compiled as a
 # real run's would be with --compile auto on CUDA). Unset: cpu.
 TEST_DEVICE = os.environ.get("ABM_TEST_DEVICE", "cpu")
+# Their --compile: `auto` (compiled on CUDA, as a real run); benchmarks/gpu_session.py sets ABM_TEST_COMPILE=off so that
+# its test stage fits its budget (each run would compile for tens of seconds), and covers compiling on CUDA in
+# tests/test_cuda_graph.py and its speed stages.
+TEST_COMPILE = os.environ.get("ABM_TEST_COMPILE", "auto")
 
 
 def write_random_dataset(path: Path, obs_dim: int = 5, act_dim: int = 1, episodes: int = 6,

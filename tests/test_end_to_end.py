@@ -16,10 +16,11 @@ import torch
 
 import abm_mpo
 import bm_mpo
-from tests.helpers import ROOT, SMOKE_ENV, TEST_DEVICE, write_random_dataset
+from tests.helpers import ROOT, SMOKE_ENV, TEST_COMPILE, TEST_DEVICE, write_random_dataset
 
 TINY = ["--batch-size", "16", "--num-action-samples", "4", "--policy-layers", "32", "32",
-        "--critic-layers", "32", "32", "--eval-episodes", "1", "--device", TEST_DEVICE]
+        "--critic-layers", "32", "32", "--eval-episodes", "1", "--device", TEST_DEVICE,
+        "--compile", TEST_COMPILE]
 
 
 def run_script(script, *arguments, cwd=None):
@@ -31,7 +32,7 @@ def run_script(script, *arguments, cwd=None):
 def tiny_args(module, dataset, run_dir, **overrides):
     settings = dict(env=SMOKE_ENV, dataset=str(dataset), run_dir=str(run_dir), batch_size=16, num_action_samples=4,
                     policy_layers=(32, 32), critic_layers=(32, 32), eval_episodes=1, device=TEST_DEVICE,
-                    total_steps=8, eval_every=4, checkpoint_every=4, target_update_period=3)
+                    compile=TEST_COMPILE, total_steps=8, eval_every=4, checkpoint_every=4, target_update_period=3)
     return module.Args(**{**settings, **overrides})
 
 

@@ -204,3 +204,30 @@ def test_compiled_metrics_are_copied_out_of_the_graphs_output_memory(monkeypatch
     assert first["charts/sum"].item() == 3.0 and first["charts/sum"].data_ptr() != shared.data_ptr()
     loss.backward()
     assert x.grad.tolist() == [2.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("device,expected_passes", [("cpu", 4), ("meta", 1)])
+def test_the_q_pass_is_chunked_for_a_cpus_cache_and_one_pass_elsewhere(device, expected_passes, monkeypatch):
+    """Chunks of CHUNK_ROWS x threads rows suit a CPU core's L2 cache; on a GPU they would be kernels too small
+    for it (40 passes of 1,024 rows for ABM+MPO's 40,960; "meta" stands in for a GPU here)."""
+    monkeypatch.setattr(abm_mpo, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(bear, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    passes = []
+
+    class Critic(torch.nn.Module):
+        def forward(self, observation, action):
+            passes.append(observation.shape[1])
+            return observation.sum(-1, keepdim=True) + action.sum(-1, keepdim=True)
+
+    observation = torch.zeros(1, 8, OBS, device=device)  # [K, B, obs]
+    actions = torch.zeros(4, 1, 8, ACT, device=device)  # [M, K, B, act]: 32 rows
+    low, high = -torch.ones(ACT, device=device), torch.ones(ACT, device=device)
+    twin = bear.TwinCritic(OBS, ACT, (4,), 1, 1).to(device)
+    q = abm_mpo.q_values(Critic(), observation, actions, low, high)
+    assert q.shape == (4, 1, 8) and passes == [32 // expected_passes] * expected_passes
+    twin_passes = []
+    monkeypatch.setattr(twin.q1, "forward", lambda o, a: twin_passes.append(o.shape[1]) or o[..., :1].sum(-1))
+    monkeypatch.setattr(twin.q2, "forward", lambda o, a: o[..., :1].sum(-1))
+    twin(torch.zeros(1, 32, OBS, device=device), actions.reshape(1, 32, ACT))
+    assert twin_passes == [32 // expected_passes] * expected_passes

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import abm_mpo as m
-from tests.helpers import TEST_DEVICE
+from tests.helpers import TEST_COMPILE, TEST_DEVICE
 from tests.two_mode import BAD_ACTION, ENV_ID, GOOD_ACTION, make_two_mode_dataset
 
 pytestmark = pytest.mark.slow  # every test here trains or collects for seconds
@@ -34,7 +34,7 @@ def two_mode_dataset(tmp_path_factory):
 def small_args(**overrides) -> m.Args:
     settings = dict(env=ENV_ID, total_steps=600, eval_every=600, eval_episodes=50, checkpoint_every=600,
                     batch_size=128, policy_layers=(64, 64), critic_layers=(64, 64), learning_rate=1e-3,
-                    snippet_length=1, device=TEST_DEVICE)
+                    snippet_length=1, device=TEST_DEVICE, compile=TEST_COMPILE)
     return m.Args(**{**settings, **overrides})
 
 
