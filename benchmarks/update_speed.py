@@ -16,7 +16,8 @@ the median and the min-max of updates/s over the repeats.
 
 Also measured and printed: the machine's fp32 and bf16 matmul rate (1024^3 products) per thread
 count; the FLOPs of one update (torch.utils.flop_counter.FlopCounterMode, forward + backward) and the
-aten ops it dispatches eager (each a kernel launch on CUDA, what `--graph on` replays as one graph),
+aten ops it dispatches eager with its Q passes unchunked as on a GPU (each a kernel launch on CUDA, what
+`--graph on` replays as one graph),
 and the achieved GFLOP/s = FLOPs x updates/s; the baseline = each script as it was before the
 speed work (git revision `--baseline`, default the commit this work started from), fp32, timed
 interleaved with the current code ("x baseline" column). bf16 is skipped when the CPU has no
@@ -330,9 +331,18 @@ class OpCounter(TorchDispatchMode):
 
 
 def update_flops(update) -> tuple[int, int]:
-    """The FLOPs (forward + backward) and the aten ops of one update."""
-    with FlopCounterMode(display=False) as counter, OpCounter() as ops:
-        update()
+    """The FLOPs (forward + backward) and the aten ops of one update, its Q passes unchunked as on a GPU (on a
+    CPU they run in chunks of CHUNK_ROWS x threads rows, each chunk a few more ops; the FLOPs are the same)."""
+    modules = [module for module in (abm_mpo, abm_svg, bm_mpo, bcq, bear) if hasattr(module, "CHUNK_ROWS")]
+    saved = [module.CHUNK_ROWS for module in modules]
+    try:
+        for module in modules:
+            module.CHUNK_ROWS = 1 << 30
+        with FlopCounterMode(display=False) as counter, OpCounter() as ops:
+            update()
+    finally:
+        for module, value in zip(modules, saved):
+            module.CHUNK_ROWS = value
     return counter.get_total_flops(), ops.count
 
 
