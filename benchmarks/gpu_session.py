@@ -19,12 +19,12 @@ only itself; every line of their output goes to the terminal and to `<out>/sessi
    one whole update as a run does it (batch sampling on the GPU included):
    a. eager, fp32 / TF32 / bf16, all five scripts, each without and with the whole update recorded as one
       CUDA graph (`--no-cuda-graph` / `--cuda-graph`, the scripts' default on CUDA);
-   b. compiled and recorded (`--compile on --cuda-graph`, what `--compile auto` runs on CUDA), fp32 and TF32,
-      after compiling every configuration in parallel processes once to fill Inductor's caches;
+   b. compiled and recorded (`--compile on --cuda-graph`, what `--compile auto` runs on CUDA), fp32, after
+      compiling every configuration in parallel processes once to fill Inductor's caches;
    c. 1, 4, 8 and 16 ABM+MPO runs updating at once on the one GPU (total updates/s), in the results
       stage's configuration (`--results-compile`, recorded, fp32);
    d. d3rlpy's BCQ and BEAR beside ours (benchmarks/peer_d3rlpy.py), only when its wheels were carried;
-   e. compiled and recorded in bf16 (the first speed stage to go when time is short).
+   e. compiled and recorded in TF32 and bf16 (the first speed stage to go when time is short).
 3. tests and results, side by side (neither is timed, so they share the machine):
    - the GPU tests with ABM_TEST_DEVICE=cuda and ABM_TEST_COMPILE=off: end to end, resume, export,
      mechanism, compiled-vs-eager, CPU-vs-CUDA and real CUDA graphs (ABM+MPO compiled inside one);
@@ -43,6 +43,7 @@ Nothing here imports torch: this driver runs under the machine's python3 before 
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -183,6 +184,20 @@ def size_results(session: Session, budget: float) -> tuple[list, dict]:
     return assignments, sizing
 
 
+def same_data(dataset: Path, collection: Path) -> str:
+    """Whether the carried dataset is the one the cpu grid learned from (its sha256 in results/cpu/collection.json):
+    collect.py is not bit-reproducible across machines, so GPU and CPU tables compare only on the same file."""
+    try:
+        digest = hashlib.sha256(dataset.read_bytes()).hexdigest()
+    except OSError:
+        return f"data: no carried dataset at {dataset}"
+    recorded = read_json(collection).get("sha256", "")
+    verdict = "the cpu grid's data" if digest == recorded else (
+        f"NOT the cpu grid's data (sha256 {recorded[:12]}... in {collection.name}): compare the tables only in kind"
+        if recorded else f"no record of the cpu grid's data in {collection}")
+    return f"data: {dataset.name} sha256 {digest[:12]}..., {verdict}"
+
+
 def test_counts(junit: Path) -> dict:
     """passed / failed / errors / skipped from pytest's junit XML."""
     import xml.etree.ElementTree as ElementTree
@@ -205,8 +220,10 @@ def main() -> None:
     parser.add_argument("--results-dir", default=str(ROOT / "results" / "gpu"),
                         help="the results folder the archive is made of (unpacks as results/gpu/)")
     parser.add_argument("--work", default=str(ROOT / "runs" / "reproduce" / "gpu"), help="reproduce.py's --work")
-    parser.add_argument("--dataset", default=str(ROOT / "runs" / "reproduce" / "cpu" / "datasets" / "cheetah.npz"),
-                        help="the carried cheetah dataset of the cpu preset (linked into --work)")
+    parser.add_argument("--dataset", default=str(ROOT / "results" / "cpu" / "datasets" / "cheetah.npz"),
+                        help="the cheetah dataset of the cpu preset, in git (linked into --work)")
+    parser.add_argument("--cpu-collection", default=str(ROOT / "results" / "cpu" / "collection.json"),
+                        help="the cpu grid's record of its dataset (sha256), to say whether the carried data is it")
     parser.add_argument("--wheels", default=str(ROOT / ".whl"), help="carried wheels (benchmarks/gpu_wheels.sh)")
     parser.add_argument("--rehearsal", action="store_true",
                         help="tiny budgets for a CPU: one script, a few updates, two learning runs")
@@ -214,14 +231,14 @@ def main() -> None:
     parser.add_argument("--install", type=float, default=60)
     parser.add_argument("--speed-eager", type=float, default=90)
     parser.add_argument("--speed-compiled", type=float, default=110)
-    parser.add_argument("--speed-compiled-bf16", type=float, default=60)
+    parser.add_argument("--speed-compiled-tf32-bf16", type=float, default=60, help="the compiled TF32 and bf16 rows")
     parser.add_argument("--speed-concurrent", type=float, default=75)
     parser.add_argument("--peer", type=float, default=40)
     parser.add_argument("--tests", type=float, default=200)
     parser.add_argument("--results", type=float, default=360, help="at most; in practice what is left of --total")
     parser.add_argument("--results-reserve", type=float, default=200,
                         help="seconds the speed stages leave for the tests and results (a speed stage that would eat "
-                             "into them is cut short or skipped, the bf16 one first)")
+                             "into them is cut short or skipped, the TF32/bf16 one first)")
     parser.add_argument("--pack-reserve", type=float, default=10, help="seconds kept for packing at the end")
     parser.add_argument("--results-slots", type=int, default=20, help="learning runs at once in the results stage")
     parser.add_argument("--seeds", default="0,1")
@@ -288,9 +305,9 @@ def main() -> None:
                                 "--output", results / "speed" / "update_speed_eager.json"], options.speed_eager,
                 keep=options.results_reserve)
     # Compiled and recorded (--compile auto on CUDA), in two calls so that a slow second one cannot lose the first:
-    # fp32 and TF32 (the five scripts, and ABM+MPO at Sawyer's sizes), then bf16 last of all.
+    # fp32 (the five scripts, and ABM+MPO at Sawyer's sizes), then TF32 and bf16 last of all.
     session.run("speed-compiled", [*speed, "--compile", "on", "--graph", recorded, "--warm-cache", "--scripts",
-                                   *scripts, "--precisions", *(["fp32"] if options.rehearsal else ["fp32", "tf32"]),
+                                   *scripts, "--precisions", "fp32",
                                    *([] if options.rehearsal else ["--multitask", "abm_mpo:abm"]), *timing,
                                    "--output", results / "speed" / "update_speed_compiled.json"],
                 options.speed_compiled, keep=options.results_reserve)
@@ -310,11 +327,10 @@ def main() -> None:
         session.say("stage speed-peer: skipped (d3rlpy is not importable: its wheels were not carried)")
 
     if not options.rehearsal:  # last of the speed stages: the one to go when time is short
-        session.run("speed-compiled-bf16", [*speed, "--compile", "on", "--graph", recorded, "--warm-cache",
-                                            "--scripts", *scripts,
-                                            "--precisions", "bf16", *timing, "--output",
-                                            results / "speed" / "update_speed_compiled_bf16.json"],
-                    options.speed_compiled_bf16, keep=options.results_reserve)
+        session.run("speed-compiled-tf32-bf16", [*speed, "--compile", "on", "--graph", recorded, "--warm-cache",
+                                                 "--scripts", *scripts, "--precisions", "tf32", "bf16", *timing,
+                                                 "--output", results / "speed" / "update_speed_compiled_tf32_bf16.json"],
+                    options.speed_compiled_tf32_bf16, keep=options.results_reserve)
 
     # 3. tests and results side by side
     budget = max(30.0, min(options.results, session.left() - options.pack_reserve - 20))
@@ -328,6 +344,8 @@ def main() -> None:
         linked.symlink_to(carried.resolve())
     elif not carried.exists():
         session.say(f"no carried cheetah dataset at {carried}: the results stage collects one (slow)")
+    data_note = same_data(carried, Path(options.cpu_collection))
+    session.say(data_note)
     tests_env = {**session.env, "ABM_TEST_DEVICE": device, "ABM_TEST_COMPILE": "off"}
     xdist = subprocess.run([python, "-c", "import xdist"], cwd=ROOT, env=session.env, capture_output=True).returncode == 0
     test_files = ["tests/test_gpu_path.py", "-k", "sampler"] if options.rehearsal else [
@@ -352,8 +370,8 @@ def main() -> None:
     tests = test_counts(results / "tests" / "junit.xml")
     eager = read_json(results / "speed" / "update_speed_eager.json")
     compiled = read_json(results / "speed" / "update_speed_compiled.json")
-    compiled.setdefault("results", []).extend(read_json(results / "speed" / "update_speed_compiled_bf16.json").get(
-        "results", []))
+    extra = read_json(results / "speed" / "update_speed_compiled_tf32_bf16.json")
+    compiled.setdefault("results", []).extend(extra.get("results", []))
     concurrent = read_json(results / "speed" / "update_speed_concurrent.json").get("results", [])
     manifest = read_json(results / "manifest.json")
     done = sum(1 for job in manifest.get("jobs", {}).values()
@@ -377,6 +395,7 @@ def main() -> None:
               f"/ {tests.get('errors', '-')} / {tests.get('skipped', '-')} |",
               f"| results: learning runs finished / in the grid | {done} / {trains} |",
               f"| results: updates per run (Control Suite / Sawyer) | {sizing['updates']} / {sizing['sawyer_updates']} |",
+              f"| results: {data_note.split(': ', 1)[0]} | {data_note.split(': ', 1)[1]} |",
               f"| wall time of the call | {time.time() - session.start:.0f} s |"]
     summary = "\n".join(lines) + "\n"
     (session.out / "summary.md").write_text(summary)

@@ -25,6 +25,7 @@ and does not stop the others; jobs that needed its output are reported as skippe
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -147,9 +148,11 @@ PRESETS = {
         name="cpu", purpose="a grid built to decide the paper's orderings on a 2-core CPU: cheetah (where Table 6's "
                             "columns differ most), two data regimes, 5 seeds, final returns over 10 evaluation "
                             "episodes; about 5 hours of the 2 cores, runnable in pieces (finished runs are kept in "
-                            "results/cpu/runs and skipped)",
+                            "results/cpu/runs and skipped; every run reads results/cpu/datasets/cheetah.npz)",
         # One collecting MPO run of 80 episodes (collect.py at 1 update per step, batch 64): returns 6.1 in the first
-        # episode, 217.6 in the last, best 227.2 (results/cpu/collection.json).
+        # episode, 316.2 in the last, best 322.5 (results/cpu/collection.json). The file is published with the
+        # results (12 MB) because collect.py is not bit-reproducible across machines: the first grid's data (best
+        # 227.2) was not kept, and that grid (results/cpu-2026-12-04) cannot be continued.
         control_tasks=("cheetah",), collect_episodes=80, collect_seeds=(0,),
         collect_flags=("--steps-per-update", "1", "--batch-size", "64"),
         regimes=(("first 20", 20), ("all 80", None)),
@@ -322,6 +325,47 @@ def build_grid(preset: Preset, work: Path) -> list[Job]:
             for column in preset.sawyer_columns:
                 jobs.append(train_job(preset, work, "sawyer", task, ("", None), column, seed))
     return jobs
+
+
+def published_datasets(out: Path) -> dict:
+    """env -> {dataset sha256: [run names]} of the runs already published in <out>/runs (their config.json)."""
+    found: dict = {}
+    for config_path in sorted((out / "runs").glob("*/config.json")):
+        try:
+            config = json.loads(config_path.read_text())
+            job = json.loads((config_path.parent / "job.json").read_text())
+        except (OSError, ValueError):
+            continue
+        found.setdefault(job.get("env"), {}).setdefault(config.get("dataset_sha256"), []).append(config_path.parent.name)
+    return found
+
+
+def check_datasets(jobs: list, out: Path, collected: bool) -> None:
+    """One dataset per env for a grid's runs: SystemExit, in one sentence, when a run would learn from data other
+    than the runs already published in <out>/runs did. collect.py is not bit-reproducible across machines and
+    thread counts (the cpu preset's cheetah data, collected again on 2026-12-06, came out with another sha256
+    and best return 322.5 against 227.2), so a fresh checkout that collects again gets other data. Before the
+    grid (`collected` False) a missing dataset stops it too, before half an hour of collecting."""
+    published = published_datasets(out)
+    for env in sorted({job.labels["env"] for job in jobs if job.kind == "train"}):
+        if env not in published:
+            continue
+        path = next(job for job in jobs if job.kind == "train" and job.labels["env"] == env).command
+        path = Path(path[path.index("--dataset") + 1])
+        path = path if path.is_absolute() else ROOT / path
+        recorded, runs = next(iter(published[env])), sum(published[env].values(), [])
+        if not path.exists():
+            if collected:
+                continue
+            raise SystemExit(f"reproduce.py: error: {shown(out / 'runs')} holds {len(runs)} run(s) on {env} data with "
+                             f"sha256 {recorded[:12]}... and {shown(path)} is missing: put that file back (collecting "
+                             f"it again gives other data on another machine), or choose another --out for new data")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest not in published[env]:
+            raise SystemExit(f"reproduce.py: error: {shown(path)} (sha256 {digest[:12]}...) is not the {env} data "
+                             f"that the {len(runs)} run(s) in {shown(out / 'runs')} learned from (sha256 "
+                             f"{recorded[:12]}...); their results and new ones would mix two datasets: put the "
+                             f"recorded file back, or choose another --out for the new data")
 
 
 def dataset_episodes(path: Path) -> int:
@@ -539,7 +583,7 @@ def follow(jobs: list[Job], preset: Preset, ray, deadline: float = 0.0, out: Opt
     for job in [job for job in todo if job.kind != "train"]:
         submit(job)
     queue = [job for job in todo if job.kind == "train"]
-    start, last_print = time.time(), 0.0
+    start, last_print, checked = time.time(), 0.0, set()
     try:
         while pending or queue:
             if deadline and time.time() > deadline and queue:  # --time-budget spent: start nothing more
@@ -558,6 +602,9 @@ def follow(jobs: list[Job], preset: Preset, ray, deadline: float = 0.0, out: Opt
                                          "command": shlex.join(job.command), "log": shown(job.log)}
                     print(f"skipped: {job.name} (its dataset failed)", flush=True)
                 elif all(state in ("done", "done before") for state in states):
+                    if out is not None and job.labels["env"] not in checked:  # its dataset was just collected
+                        check_datasets([job], out, collected=True)
+                        checked.add(job.labels["env"])
                     queue.remove(job)
                     submit(job)
             if not pending:  # nothing runs and nothing could start: the rest need jobs outside the grid
@@ -1001,6 +1048,13 @@ def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], nu
     for job in jobs:
         if job.kind == "train":
             job.published = out / "runs" / job.name
+    for job in jobs:  # a dataset published beside the results (<out>/datasets/<env>.npz) is the one the grid uses
+        committed = out / "datasets" / job.dataset.name if job.dataset else None
+        if committed and committed.exists() and job.dataset.parent == work / "datasets" and not job.dataset.exists():
+            job.dataset.parent.mkdir(parents=True, exist_ok=True)
+            job.dataset.symlink_to(committed.resolve())
+            print(f"dataset: {shown(job.dataset)} -> {shown(committed)} (published with the results)", flush=True)
+    check_datasets(jobs, out, collected=False)
     try:
         outcome, interrupted = run_grid(jobs, preset, address, num_cpus, local, deadline, out), False
     except Interrupted as stop:

@@ -32,6 +32,8 @@ def test_rehearsal_runs_every_stage_and_packs_results_gpu(tmp_path):
     for stage in ("versions", "speed-eager", "speed-compiled", "speed-concurrent", "tests", "results"):
         assert f"| {stage} | ok |" in summary, summary
     assert (out / "session.log").stat().st_size > 1000
+    # the random rehearsal data is not the cpu grid's: said, so the two tables are not read as one experiment
+    assert "| results: data | cheetah.npz sha256 " in summary and "NOT the cpu grid's data" in summary, summary
 
     unpacked = tmp_path / "unpacked"
     with tarfile.open(out / "gpu_session.tar.gz") as archive:

@@ -6,6 +6,7 @@ per-run summaries. Plus the grids of the other presets, checked without running 
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import importlib
 import io
 import json
@@ -271,3 +272,32 @@ def test_bad_grid_settings_are_one_sentence_before_anything_runs(flags, words, t
     process = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert process.returncode != 0 and words in process.stderr and "Traceback" not in process.stderr, process.stderr
     assert not list((tmp_path / "w").glob("runs/*"))  # nothing started
+
+
+def test_a_grid_never_mixes_two_datasets_of_one_env(tmp_path):
+    """collect.py is not bit-reproducible across machines: a fresh checkout that collected again would continue a
+    published grid on other data. Before anything runs: one sentence, for a missing and for a different file."""
+    work, out = tmp_path / "work", tmp_path / "results"
+    jobs = reproduce.build_grid(SMOKE, work)
+    env = next(job.labels["env"] for job in jobs if job.kind == "train")
+    dataset = work / "datasets" / f"{env}.npz"
+    published = out / "runs" / "earlier-run"
+    published.mkdir(parents=True)
+    (published / "job.json").write_text(json.dumps({"env": env}))
+    recorded = write_random_dataset_bytes(tmp_path / "recorded.npz", seed=0)
+    (published / "config.json").write_text(json.dumps({"dataset_sha256": hashlib.sha256(recorded).hexdigest()}))
+    with pytest.raises(SystemExit, match=f"holds 1 run.*{env} data.*is missing: put that file back"):
+        reproduce.check_datasets(jobs, out, collected=False)
+    reproduce.check_datasets(jobs, out, collected=True)  # a dataset still being collected is checked when it is done
+    dataset.parent.mkdir(parents=True)
+    dataset.write_bytes(write_random_dataset_bytes(tmp_path / "other.npz", seed=1))
+    with pytest.raises(SystemExit, match="would mix two datasets"):
+        reproduce.check_datasets(jobs, out, collected=True)
+    dataset.write_bytes(recorded)
+    reproduce.check_datasets(jobs, out, collected=False)  # the recorded data: the grid goes on
+
+
+def write_random_dataset_bytes(path: Path, seed: int) -> bytes:
+    from tests.helpers import write_random_dataset
+
+    return write_random_dataset(path, seed=seed).read_bytes()
