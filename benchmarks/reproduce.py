@@ -1053,7 +1053,8 @@ def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], nu
         if committed and committed.exists() and job.dataset.parent == work / "datasets" and not job.dataset.exists():
             job.dataset.parent.mkdir(parents=True, exist_ok=True)
             job.dataset.symlink_to(committed.resolve())
-            print(f"dataset: {shown(job.dataset)} -> {shown(committed)} (published with the results)", flush=True)
+            print(f"dataset: {shown(job.dataset.parent)}/{job.dataset.name} -> {shown(committed)} (published with "
+                  f"the results)", flush=True)
     check_datasets(jobs, out, collected=False)
     try:
         outcome, interrupted = run_grid(jobs, preset, address, num_cpus, local, deadline, out), False
