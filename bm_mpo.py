@@ -554,9 +554,9 @@ def pick_device(name: str, precision: str = "fp32") -> torch.device:
 
 
 def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
-    """--compile (`auto`: CUDA only): `losses` through torch.compile; with --no-cuda-graph on CUDA, with torch.compile's
-    CUDA graphs, whose next replay overwrites their outputs, so the metrics are copied out (with --cuda-graph the
-    whole update is one graph, `record_updates`); if the first call fails: one line, then eager."""
+    """--compile (`auto`: CUDA only): `losses` through torch.compile (with --no-cuda-graph on CUDA with its own CUDA
+    graphs, whose next replay overwrites their outputs, so the metrics are copied out); if the first call fails: one
+    line, then eager."""
     if args.compile == "off" or (args.compile == "auto" and device.type != "cuda"):
         return losses
     own_graphs = device.type == "cuda" and not getattr(args, "cuda_graph", False)
@@ -579,13 +579,12 @@ def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
 
 def record_updates(step: Callable, agent: torch.nn.Module, generator: torch.Generator, args, device: torch.device,
                    warmup: int = 3, cuda=torch.cuda) -> Callable:
-    """--cuda-graph on CUDA: `step(*key)`, one whole update with no host sync (batch sampling, noise, losses, backward,
-    clipping, Adam's fused step, dual projections), recorded as one CUDA graph per `key` after `warmup` eager calls
-    (real updates, on a side stream as PyTorch's recipe asks) and replayed from then on; randomness comes from
-    `generator`, registered with each graph, so every replay draws new batches and noise. Its metrics are the graph's
-    static outputs, overwritten by the next replay: Logger.record queues its reads before that. Python in `step`
-    runs once, when it is recorded: what changes between updates must be a tensor or a `key`. A failed recording
-    (an op that cannot be captured): one line, then this run continues eager. `cuda`: a stand-in in the tests."""
+    """--cuda-graph on CUDA: `step(*key)`, one whole update without a host sync, recorded as one CUDA graph per `key`
+    after `warmup` eager calls (real updates, on a side stream) and replayed from then on. `generator` is registered
+    with each graph, so every replay draws new batches and noise; the metrics are the graph's outputs, overwritten by
+    the next replay (Logger.record reads them first); the Python in `step` runs once, at the recording, so what
+    changes between updates must be a tensor or the `key`. A failed recording: one line, then eager. `cuda`: a
+    stand-in in the tests."""
     if not args.cuda_graph or device.type != "cuda":
         return step
     graphs, calls, side = {}, {}, cuda.Stream()
