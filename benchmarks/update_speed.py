@@ -267,6 +267,8 @@ def worker(options, rows: dict) -> None:
                          graph=options.graph[-1] == "on", **overrides)[1]
     for _ in range(WARM_UP):  # compiles; records the CUDA graphs
         update()
+    if options.graph[-1] == "on" and not getattr(update, "recorded", lambda: 0)():
+        sys.exit(f"{options.worker}: its update was not recorded as a CUDA graph (the reason is on stderr above)")
     synchronise(device)
     if options.warm_only:
         return
@@ -500,6 +502,8 @@ def main() -> None:
                 flops[base], ops[base] = update_flops(update)  # also the warm-up of this configuration
             for _ in range(WARM_UP):  # compiles the compiled rows; records the CUDA graphs
                 update()
+            if " graphed" in row and not update.recorded():
+                raise RuntimeError("its update was not recorded as a CUDA graph (the reason is on stderr above)")
             synchronise(device)
         except Exception as error:  # one failing configuration (a compile error, say) must not lose the others
             print(f"{name}: dropped, its warm-up failed: {type(error).__name__}: {str(error).splitlines()[0]:.200}",
