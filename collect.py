@@ -33,6 +33,7 @@ import copy
 import json
 import math
 import os
+import signal
 import sys
 import time
 import zipfile
@@ -751,4 +752,7 @@ def train(args: Args) -> Path:
 
 
 if __name__ == "__main__":
+    # Ctrl-C (SIGINT) writes the finished episodes even when this was started in the background by a shell, which
+    # starts such jobs with SIGINT ignored (Python then installs no KeyboardInterrupt handler): `kill -INT` works.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     main(train, tyro.cli(Args))

@@ -129,3 +129,22 @@ def test_a_sawyer_crash_loses_at_most_one_block_and_the_rerun_redoes_it_exactly(
     a, b = load(straight), load(output)
     for key in ARRAYS:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.slow
+def test_sigint_stops_a_collection_started_with_sigint_ignored(tmp_path):
+    """A shell starts background jobs with SIGINT ignored (then Python installs no KeyboardInterrupt handler): seen
+    when this suite ran under `nohup bash -c ... &`, where the collection above ran all 50 episodes. collect.py
+    restores the handler, so `kill -INT` still writes what is finished."""
+    output = tmp_path / "data.npz"
+    parts = output.with_suffix(".episodes")
+    process = subprocess.Popen(command(output, 50), cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + 300
+    while not list(parts.glob("run*_episode*.npz")) and process.poll() is None:
+        assert time.monotonic() < deadline, "collection too slow"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=300)
+    assert process.returncode == 130 and output.exists()
