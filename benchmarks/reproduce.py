@@ -283,7 +283,8 @@ def train_job(preset: Preset, work: Path, env: str, task: str, regime: tuple, co
     name = "-".join([*parts, column, f"seed{seed}"]).replace(" ", "").replace("+", "_").replace("=", "")
     run_dir = work / "runs" / name
     command = ["python", COLUMNS[column].script, "--env", env, *(["--task", task] if sawyer else []),
-               "--dataset", shown(work / "datasets" / f"{env}.npz"),
+               "--dataset", f"{shown(work / 'datasets')}/{env}.npz",  # the link's path, never its target's: the
+               # command must not change once the link to a published dataset exists (--resume compares it)
                *(["--dataset-episodes", str(episodes)] if episodes else []),
                *COLUMNS[column].flags, "--seed", str(seed),
                "--total-steps", str(preset.sawyer_updates if sawyer else preset.updates),

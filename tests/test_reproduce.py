@@ -301,3 +301,16 @@ def write_random_dataset_bytes(path: Path, seed: int) -> bytes:
     from tests.helpers import write_random_dataset
 
     return write_random_dataset(path, seed=seed).read_bytes()
+
+
+def test_a_runs_command_stays_the_same_once_its_dataset_is_a_link(tmp_path):
+    """A published dataset is linked into the work folder; the train commands must name the link as before it
+    existed, or a killed run's --resume refuses the changed --dataset (seen when the cpu grid was restarted)."""
+    work = tmp_path / "work"
+    before = [job.command for job in reproduce.build_grid(SMOKE, work) if job.kind == "train"]
+    (work / "datasets").mkdir(parents=True)
+    for env in {command[command.index("--env") + 1] for command in before}:
+        (tmp_path / f"published-{env}.npz").write_bytes(b"")
+        (work / "datasets" / f"{env}.npz").symlink_to(tmp_path / f"published-{env}.npz")
+    after = [job.command for job in reproduce.build_grid(SMOKE, work) if job.kind == "train"]
+    assert after == before
