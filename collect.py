@@ -125,6 +125,9 @@ def main(train_fn: Callable, args) -> None:
     nothing is probed, so a machine without libEGL or a display trains, and no GLFW warning is printed)."""
     if sys.platform.startswith("linux"):
         os.environ.setdefault("MUJOCO_GL", "egl" if getattr(args, "capture_video", False) else "disable")
+    # Ctrl-C (SIGINT) writes the finished episodes even when a shell started this in the background, with SIGINT
+    # ignored (Python then installs no KeyboardInterrupt handler): `kill -INT` works there too.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         train_fn(args)
     except UserError as error:
@@ -752,7 +755,4 @@ def train(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    # Ctrl-C (SIGINT) writes the finished episodes even when this was started in the background by a shell, which
-    # starts such jobs with SIGINT ignored (Python then installs no KeyboardInterrupt handler): `kill -INT` works.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     main(train, tyro.cli(Args))
