@@ -884,7 +884,7 @@ def dataset_env(args) -> str:
 
 # --- shared block: run ---
 RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "checkpoint_every",
-                     "device", "compile", "track", "wandb_project", "capture_video"}
+                     "device", "compile", "cuda_graph", "track", "wandb_project", "capture_video"}
 
 
 def load_saved_config(args, script: str) -> None:

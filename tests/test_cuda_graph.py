@@ -134,6 +134,16 @@ def test_a_recording_that_fails_while_the_critic_is_frozen_leaves_it_trainable(t
     assert len(failed[0]) == len(eager[0]) and failed[0][-1].keys() == eager[0][-1].keys()
 
 
+def test_a_run_resumes_with_the_other_cuda_graph_setting(tmp_path):
+    """--cuda-graph is how an update is launched, not what it computes: a run may resume with it switched."""
+    dataset = write_random_dataset(tmp_path / "random.npz")
+    module, overrides = RUNS["abm_mpo"]
+    train(module, {**overrides, "total_steps": 5}, tmp_path / "run", dataset)
+    args = module.Args(resume=str(tmp_path / "run"), cuda_graph=False, total_steps=10)
+    module.load_saved_config(args, "abm_mpo")  # raises UserError for a setting that may not change
+    assert args.cuda_graph is False and args.batch_size == COMMON["batch_size"]
+
+
 def test_no_recording_on_a_cpu_or_with_no_cuda_graph():
     step = lambda: {}  # noqa: E731
     assert abm_mpo.record_updates(step, torch.nn.Linear(1, 1), torch.Generator(), abm_mpo.Args(),
