@@ -37,9 +37,13 @@ import csv
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import pickle
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -66,8 +70,8 @@ class Args:
     env: Optional[str] = None
     """`hopper`, `cheetah`, `walker`, `quadruped` (Control Suite hopper-hop, cheetah-run,
     walker-walk, quadruped-run), any Control Suite `domain-task`, `sawyer` (the simulated Sawyer
-    of sawyer_env.py, multi-task, Section 5.2), or a gymnasium id; default: the env a Minari
-    --dataset stores, else `hopper`"""
+    of sawyer_env.py, multi-task, Section 5.2), or a gymnasium id; default: the env the --dataset
+    records, else `hopper`"""
     task: str = "all"
     """reward column(s) of the dataset to learn: one task name, or `all` for every column (sawyer: the
     seven tasks); sawyer's new tasks `center` and `corner` are labelled from the data's s'"""
@@ -93,7 +97,9 @@ class Args:
     checkpoint_every: int = 10_000
     """gradient updates between checkpoints"""
     run_dir: Optional[str] = None
-    """run directory; default `runs/<script>__<env>__<seed>__<time>`"""
+    """run directory; default `runs/<script>__<env>__<seed>__<time>`; one that is not empty is refused"""
+    overwrite: bool = False
+    """start the new run in --run-dir even though it holds a run: that run's files are deleted first"""
     resume: Optional[str] = None
     """continue the run in this directory from its checkpoint.pt"""
     device: str = "auto"
@@ -553,12 +559,9 @@ class ActingPolicy(nn.Module):
 
 def train(args: Args) -> dict:
     """Algorithm 1 on a fixed dataset; returns the summary written to summary.json."""
+    check_args(args, "abm_mpo")  # every flag in range; --resume: the run's saved arguments; a used --run-dir refused
     if args.prior == "none" and args.epsilon == 0:
         raise UserError("--prior none with --epsilon 0 learns nothing: with epsilon 0 the prior is the policy")
-    if min(args.total_steps, args.batch_size, args.num_action_samples, args.snippet_length) < 1:
-        raise UserError("--total-steps, --batch-size, --num-action-samples and --snippet-length must be positive")
-    if args.resume:
-        load_saved_config(args, "abm_mpo")  # the run's arguments; only budgets, devices and logging may change
     device = pick_device(args.device, args.precision)
     env = make_env(dataset_env(args))  # checks --env; a Minari --dataset is converted first and names the env
     data, tasks, spec = load_data(args, env, device)  # checked; tensors on the device, one reward column per task
@@ -575,9 +578,9 @@ def train(args: Args) -> dict:
     if agent.prior is not None and agent.policy is not None:
         policies["prior_return"] = ActingPolicy(agent.prior, spec)
     losses = compile_losses(update_losses, args, device)  # --compile
-    modules = {"agent": agent, "optimizer": optimizer}
+    logger, envs = Logger(args, run_dir), make_eval_envs(args, run_dir, tasks)
+    modules = {"agent": agent, "optimizer": optimizer, "logger": logger}
     start = load_checkpoint(run_dir, modules, generator) if args.resume else 0
-    logger, envs = Logger(args, run_dir, start), make_eval_envs(args, run_dir, tasks)
 
     def train_step() -> dict:  # one update of Algorithm 1: a batch of snippets, the losses, the gradient steps
         batch = sample_batch(data, args.batch_size, args.snippet_length, args.discount, generator)
@@ -610,20 +613,55 @@ class UserError(Exception):
     """A problem with the user's input (arguments, files): reported in one sentence, exit status 1."""
 
 
+RUN = {}  # where this process's run stands, for main()'s last line: run_dir, new, step, checkpoint (update), given
+
+
 def main(train_fn: Callable, args) -> None:
+    """`train_fn(args)`: a UserError is one sentence (exit 1); Ctrl-C or SIGTERM one line saying where the run stopped
+    and how to continue it (exit 130). A new run that ends before its first checkpoint leaves no directory behind."""
     if sys.platform.startswith("linux"):  # OpenGL for videos only; with none probed, no libEGL or display is needed
         os.environ.setdefault("MUJOCO_GL", "egl" if getattr(args, "capture_video", False) else "disable")
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also where a background shell ignores Ctrl-C
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop: the same as Ctrl-C
+    RUN.clear()  # the flags typed: --resume honours or refuses each, even one equal to its default
+    RUN["given"] = {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in sys.argv if a[:2] == "--"}
+    name, status, line = Path(sys.argv[0]).name, 0, None
     try:
         train_fn(args)
     except UserError as error:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+        status, line = 1, f"{name}: error: {error}"
+    except KeyboardInterrupt:
+        status, line = 130, f"{name}: stopped" + (f" at update {RUN.get('step', 0):,}" if RUN.get("run_dir") else "")
+        if RUN.get("checkpoint"):
+            line += (f"; {RUN['run_dir'] / 'checkpoint.pt'} holds update {RUN['checkpoint']:,}: continue with "
+                     f"python {name} --resume {RUN['run_dir']}")
+    finally:
+        run_dir, new, saved = RUN.get("run_dir"), RUN.get("new"), RUN.get("checkpoint")
+        RUN.clear()
+    if status and run_dir is not None and new and not saved and run_dir.exists():  # nothing in it can be resumed
+        shutil.rmtree(run_dir)
+        line += f" (before the run's first checkpoint: {run_dir} removed)"
+    if line:
+        print(line, file=sys.stderr)
+        sys.exit(status)
+
+
+def stop_with_parent() -> None:
+    """Run in a child process before its program: Linux sends it SIGTERM when this process ends, however it ends."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def pick_device(name: str, precision: str = "fp32") -> torch.device:
     """--device; --precision tf32: TF32 matrix products (CUDA only, PyTorch's default is full fp32)."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if precision == "tf32":
         if device.type != "cuda":
             raise UserError("--precision tf32 is a CUDA setting (TF32 tensor cores); on a CPU use fp32 or bf16")
@@ -641,6 +679,10 @@ def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
     state = {"losses": torch.compile(losses, mode="reduce-overhead" if own_graphs else None), "first": True}
 
     def call(*inputs):  # -> (loss, ..., metrics)
+        if state["first"] and not RUN.get("compiling"):  # the first update waits: say so, once per run
+            RUN["compiling"] = True
+            print(f"{Path(sys.argv[0]).name}: compiling the losses (torch.compile) before the first update; this takes "
+                  f"a minute or two", file=sys.stderr, flush=True)
         try:
             *outputs, metrics = state["losses"](*inputs)
         except Exception as error:  # e.g. Triton's "PassManager::run failed"
@@ -705,7 +747,22 @@ CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walk
                          "quadruped": "quadruped-run"}
 
 
+class ShowOnce(logging.Filter):
+    """Lets each distinct message through once: dm_control warns of cheetah's `settotalmass` at every env built."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        new = record.getMessage() not in self.seen
+        self.seen.add(record.getMessage())
+        return new
+
+
 def control_suite():
+    if not any(isinstance(f, ShowOnce) for f in logging.getLogger("absl").filters):
+        logging.getLogger("absl").addFilter(ShowOnce())
     try:  # MUJOCO_GL is set only for --capture-video (main()): training needs no OpenGL
         from dm_control import suite
     except (AttributeError, ImportError, RuntimeError) as error:  # MUJOCO_GL=egl without libEGL, for one
@@ -755,10 +812,15 @@ def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str]
     if name and (domain, name) in control_suite().ALL_TASKS:
         return ControlSuiteEnv(domain, name, render_mode)
     try:
-        return gym.make(env_id, render_mode=render_mode)
+        env = gym.make(env_id, render_mode=render_mode)
     except Exception as error:  # gymnasium raises many types for an unknown or broken id
         raise UserError(f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
                         f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})") from None
+    if not all(isinstance(space, gym.spaces.Box) and len(space.shape) == 1
+               for space in (env.observation_space, env.action_space)):
+        raise UserError(f"env {env_id!r} has {env.observation_space} observations and {env.action_space} actions; "
+                        f"these scripts learn from flat vectors of real numbers (1-D Box spaces) for both")
+    return env
 # --- end shared block ---
 
 
@@ -774,12 +836,21 @@ DATASET_RULES = [  # (rule on the arrays a, what the user reads when it fails), 
     (lambda a: len(a["observation"]) > 0, "it holds no transitions"),
     (lambda a: a.get("next_observation", a["observation"]).shape == a["observation"].shape,
      "'next_observation' and 'observation' differ in shape"),
+    (lambda a: all(np.issubdtype(a[key].dtype, np.number) for key in ARRAY_DIMENSIONS if key in a),
+     "an array holds something other than numbers"),
+    (lambda a: all(np.issubdtype(a[key].dtype, np.integer) for key in ("episode_id", "step", "run_id", "task_id")
+                   if key in a), "'episode_id', 'step', 'run_id' and 'task_id' must be whole numbers"),
     (lambda a: all(np.isfinite(a[key]).all() for key in list(ARRAY_DIMENSIONS)[:7] if key in a),
      "an array contains NaN or infinite values"),
+    (lambda a: np.all((np.asarray(a["discount"]) >= 0) & (np.asarray(a["discount"]) <= 1)),
+     "'discount' must lie in [0, 1] (0 where an episode terminates)"),
     (lambda a: len(np.unique(a["episode_id"])) == len(episode_starts(a["episode_id"]))
      and np.all(np.diff(a["step"])[np.diff(a["episode_id"]) == 0] == 1),
      "episodes must be stored back to back with consecutive steps (snippets for Eq. 4)"),
 ]
+
+
+METADATA_TYPES = {"env": str, "tasks": list, "action_low": list, "action_high": list, "reference_scores": list}
 
 
 def episode_starts(episode_id) -> np.ndarray:
@@ -800,9 +871,19 @@ def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {key: archive[key] for key in archive.files}
         metadata = json.loads(str(arrays.pop("metadata", "{}")))
+    except json.JSONDecodeError as error:
+        raise UserError(f"dataset {path}: its 'metadata' is not JSON ({error})") from None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"dataset {path} cannot be read, it is corrupt, truncated or pickled ({reason})") from None
+        if "Object arrays" in reason or "pickled" in reason and path.is_file() and path.open("rb").read(1) == b"\x80":
+            reason = "it holds pickled Python objects, which are never loaded (allow_pickle=False)"
+        elif "pickled" in reason:  # numpy's guess for any file that is neither .npy nor .npz
+            reason = "it is not an .npz archive or a directory of .npy files"
+        raise UserError(f"dataset {path} cannot be read: {reason}") from None
+    for key, kind in METADATA_TYPES.items():
+        if not isinstance(metadata, dict) or key in metadata and not isinstance(metadata[key], kind):
+            raise UserError(f"dataset {path}: its 'metadata' must be a JSON object whose {key!r} is a "
+                            f"{kind.__name__} (README 'Datasets')")
     if "reward" in arrays and arrays["reward"].ndim == 1:
         arrays["reward"] = arrays["reward"][:, None]
     for rule, problem in DATASET_RULES:
@@ -842,14 +923,19 @@ def load_data(args, env: gym.Env, device: torch.device) -> tuple[dict, list[str]
     """The run's dataset checked against the env (the default one made by collect.py if missing) as tensors on
     `device` (float32 memory-mapped arrays stay on disk on a CPU), its task names, and its spec for config.json."""
     path = minari_npz(args.dataset) or Path(args.dataset or f"datasets/{args.env.replace(':', '_').replace('/', '_')}.npz")
-    if args.dataset is None and not path.exists():
-        print(f"No dataset at {path}: generating it with `python collect.py --env {args.env}` (default budget, about "
-              f"{5 if args.env == 'sawyer' else 20} minutes on 2 CPU cores); pass --dataset PATH to use your own data.",
-              flush=True)
+    unfinished = unfinished_collection(path) if args.dataset is None else None  # a stopped default one: continued
+    if args.dataset is None and not path.exists() or unfinished:
+        print(f"{f'{path} holds {unfinished}' if unfinished else f'No dataset at {path}'}: generating it with "
+              f"`python collect.py --env {args.env}` (default budget, about {5 if args.env == 'sawyer' else 20} "
+              f"minutes on 2 CPU cores); pass --dataset PATH to use your own data.", flush=True)
         command = [sys.executable, str(Path(__file__).resolve().parent / "collect.py"), "--env", args.env, "--output", str(path)]
-        if subprocess.run(command).returncode != 0 or not path.exists():
+        if subprocess.run(command, preexec_fn=stop_with_parent).returncode != 0 or not path.exists():
             raise UserError(f"collect.py failed to generate {path}; see its output above")
     data, (obs_dim,), (act_dim,) = load_dataset(path, args.dataset_episodes), env.observation_space.shape, env.action_space.shape
+    same = lambda env_id: CONTROL_SUITE_ALIASES.get(env_id, env_id).split(":")[-1]  # noqa: E731
+    if data["metadata"].get("env") and same(data["metadata"]["env"]) != same(args.env):
+        raise UserError(f"dataset {path} was recorded on {data['metadata']['env']!r}, not on --env {args.env!r}; "
+                        f"leave --env out to learn on the dataset's env")
     if data["observation"].shape[1] != obs_dim or data["action"].shape[1] != act_dim:
         raise UserError(f"dataset {path} has observation/action sizes {data['observation'].shape[1]}/"
                         f"{data['action'].shape[1]} but the env has {obs_dim}/{act_dim}; is it for another env?")
@@ -873,6 +959,29 @@ def load_data(args, env: gym.Env, device: torch.device) -> tuple[dict, list[str]
                                  device=device) for key in keys}, tasks, spec
 
 
+def stored_metadata(path: Path) -> dict:
+    """The metadata a dataset stores, {} where it has none or cannot be read (load_dataset says why)."""
+    try:
+        if path.is_dir():
+            return json.loads((path / "metadata.json").read_text())
+        with np.load(path, allow_pickle=False) as archive:
+            metadata = json.loads(str(archive["metadata"]))
+        return metadata if isinstance(metadata, dict) else {}
+    except Exception:  # any reason at all: the dataset's checks report it
+        return {}
+
+
+def unfinished_collection(path: Path) -> Optional[str]:
+    """'14 of 60 episodes' where collect.py wrote `path` when stopped before the end, else None."""
+    try:
+        metadata = stored_metadata(path)
+        stored = len(next(iter(metadata["episode_returns"].values())))
+        planned = metadata["collection"]["args"]["episodes"] * len(metadata["collection"]["args"]["seeds"])
+    except (KeyError, TypeError, AttributeError, StopIteration):
+        return None
+    return f"{stored} of {planned} episodes (its collection was stopped)" if stored < planned else None
+
+
 def minari_npz(dataset: Optional[str]) -> Optional[Path]:
     """Where the .npz copy of a Minari --dataset (`minari:<id>`, or a directory without .npy files) goes, else None."""
     if dataset and (dataset.startswith("minari:") or Path(dataset).is_dir() and not any(Path(dataset).glob("*.npy"))):
@@ -883,18 +992,23 @@ def minari_npz(dataset: Optional[str]) -> Optional[Path]:
 
 def dataset_env(args) -> str:
     """args.env, once `minari_io.py import` (only it imports minari) has made the .npz copy of a Minari --dataset
-    (again if the source changed) and checked --env; left out, --env is the env the dataset stores."""
+    (again if the source changed) and checked --env; left out, --env is the env the dataset stores; given, it must be
+    that env."""
     if (path := minari_npz(args.dataset)) is not None:
         command = [sys.executable, str(Path(__file__).resolve().parent / "minari_io.py"), "import", args.dataset,
                    "--output", str(path), *(["--env", args.env] if args.env else [])]
-        result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+        result = subprocess.run(command, stderr=subprocess.PIPE, text=True, preexec_fn=stop_with_parent)
         if result.returncode != 0:  # minari_io.py's one sentence
             raise UserError(result.stderr.partition("minari_io.py: error: ")[2].strip() or result.stderr.strip())
         metadata = json.loads(str(np.load(path, allow_pickle=False)["metadata"]))
         args.env = args.env or metadata["env"]
         if metadata.get("env_spec") and args.env == metadata["env"]:  # the stored kwargs and time limit
             gym.registry[args.env] = gym.envs.registration.EnvSpec.from_json(metadata["env_spec"])
+    elif args.dataset and not args.env:  # load_data checks a given --env against the dataset's
+        args.env = stored_metadata(Path(args.dataset)).get("env")
     args.env = args.env or "hopper"
+    if args.env == "sawyer" and args.task not in ("all", *sawyer_env.ALL_TASKS):  # before any data is generated
+        raise UserError(f"unknown sawyer --task {args.task!r}: use all or one of {', '.join(sawyer_env.ALL_TASKS)}")
     args.__post_init__()  # the defaults that depend on the env
     return args.env
 # --- end shared block ---
@@ -903,21 +1017,61 @@ def dataset_env(args) -> str:
 # --- shared block: run ---
 RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "checkpoint_every",
                      "device", "compile", "cuda_graph", "track", "wandb_project", "capture_video"}
+NUMBER_MAY_BE_ZERO = {"seed", "shared_layers", "discount", "double_q_lambda", "vae_kl_weight", "perturbation_scale",
+                      "mmd_threshold", "warmup_steps", "epsilon", "epsilon_mean", "epsilon_stddev"}
+ARG_RULES = [  # (rule on a flag's name and value, what the flag must be), checked for every flag in this order
+    (lambda key, v: not isinstance(v, float) or math.isfinite(v), "a finite number"),
+    (lambda key, v: type(v) not in (int, float) or v >= 0, "zero or more"),
+    (lambda key, v: type(v) not in (int, float) or v > 0 or key in NUMBER_MAY_BE_ZERO, "positive"),
+    (lambda key, v: not isinstance(v, tuple) or len(v) > 0 and min(v) >= 1, "one or more positive layer sizes"),
+    (lambda key, v: key not in ("discount", "double_q_lambda", "target_update_rate") or v <= 1, "at most 1"),
+]
+
+
+def check_args(args, script: str) -> None:
+    """Every flag in range; --resume: the run's saved arguments (only RESUME_MAY_CHANGE may differ, and a flag typed
+    on the command line is honoured or refused); a new run: a --run-dir that holds a run is refused (--overwrite)."""
+    if args.resume and args.overwrite:
+        raise UserError("--overwrite starts a new run and --resume continues one: give one of them")
+    if args.resume:
+        load_saved_config(args, script)
+    elif args.run_dir and Path(args.run_dir).is_dir() and any(Path(args.run_dir).iterdir()):
+        run_dir, files = Path(args.run_dir), sorted(p.name for p in Path(args.run_dir).iterdir())
+        if not args.overwrite:
+            raise UserError(f"run directory {run_dir} is not empty ({', '.join(files[:4])}{', ...' * (len(files) > 4)});"
+                            f" continue its run with --resume {run_dir}, choose a new --run-dir, or replace it with "
+                            f"--overwrite")
+        if any(not re.fullmatch(RUN_FILES, name) for name in files):  # make_run_dir deletes a run's files only
+            raise UserError(f"--overwrite deletes runs only, and {run_dir} also holds "
+                            f"{[name for name in files if not re.fullmatch(RUN_FILES, name)][:4]}")
+    for key, value in asdict(args).items():
+        for rule, expected in ARG_RULES:
+            if value is not None and not rule(key, value):
+                raise UserError(f"--{key.replace('_', '-')} must be {expected}, not {value!r}")
+
+
+RUN_FILES = r"config\.json|metrics\.(csv|tmp)|checkpoint\.(pt|tmp)|summary\.json|policy(\.tmp)?\.pt2|" \
+            r"events\.out\.tfevents\..*|videos|wandb"  # what a run writes into its directory
 
 
 def load_saved_config(args, script: str) -> None:
-    """--resume: arguments left at their defaults take the saved values; only RESUME_MAY_CHANGE may differ."""
-    run_dir = Path(args.resume)
+    run_dir, defaults, changed = Path(args.resume), asdict(type(args)()), []
     if not (run_dir / "config.json").exists() or not (run_dir / "checkpoint.pt").exists():
         raise UserError(f"cannot resume {run_dir}: it has no config.json and checkpoint.pt")
-    saved, defaults, changed = json.loads((run_dir / "config.json").read_text()), asdict(type(args)()), []
-    if saved.get("script") != script:
-        raise UserError(f"cannot resume {run_dir}: it is a run of {saved.get('script')}, not {script}")
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        saved_args, saved_script, _ = saved["args"], saved["script"], saved["dataset_sha256"]
+        assert isinstance(saved_args, dict)
+    except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot resume {run_dir}: its config.json is damaged ({type(error).__name__}); start a "
+                        f"fresh --run-dir") from None
+    if saved_script != script:
+        raise UserError(f"cannot resume {run_dir}: it is a run of {saved_script}, not {script}")
     for key, value in asdict(args).items():
-        old = saved["args"].get(key, value)
+        old = saved_args.get(key, value)
         if key in ("resume", "run_dir") or json.loads(json.dumps(value)) == old:
             continue
-        if value == defaults[key]:
+        if value == defaults[key] and key not in RUN.get("given", ()):
             setattr(args, key, tuple(old) if isinstance(value, tuple) else old)
         elif key not in RESUME_MAY_CHANGE:
             changed.append(f"--{key.replace('_', '-')} was {old!r}")
@@ -926,25 +1080,33 @@ def load_saved_config(args, script: str) -> None:
 
 
 def make_run_dir(args, script: str, spec: dict) -> Path:
-    """The run directory, checked writable, with config.json (every argument, the dataset's checksum, versions)."""
+    """The run directory, checked writable, with config.json (every argument, the dataset's checksum, versions); on
+    --resume the dataset is checked against the checksum config.json recorded."""
     import mujoco
 
     run_dir = Path(args.resume or args.run_dir or f"runs/{script}__{args.env.replace(':', '_')}__{args.seed}__{int(time.time())}")
+    RUN.update(run_dir=run_dir, new=not args.resume and (args.overwrite or not run_dir.exists()), checkpoint=0)
+    for name in os.listdir(run_dir) if args.overwrite and run_dir.is_dir() else []:  # checked by check_args
+        shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / ".write_test").write_text("")
         (run_dir / ".write_test").unlink()
     except OSError as error:
         raise UserError(f"run directory {run_dir} is not writable ({error.strerror})") from None
-    if not args.resume:
-        dataset, digest = Path(spec["dataset"]), hashlib.sha256()
-        for file in sorted(dataset.glob("*")) if dataset.is_dir() else [dataset]:
-            with open(file, "rb") as handle:
-                hashlib.file_digest(handle, lambda: digest)  # adds the file's bytes to `digest`
-        versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
-                    "gymnasium": gym.__version__, "mujoco": mujoco.__version__}
-        config = {"script": script, "args": asdict(args), "dataset": str(dataset), "dataset_sha256": digest.hexdigest()}
-        (run_dir / "config.json").write_text(json.dumps({**config, "versions": versions, "spec": spec}, indent=2))
+    dataset, digest = Path(spec["dataset"]), hashlib.sha256()
+    for file in sorted(dataset.glob("*")) if dataset.is_dir() else [dataset]:
+        with open(file, "rb") as handle:
+            hashlib.file_digest(handle, lambda: digest)  # adds the file's bytes to `digest`
+    if args.resume:
+        if json.loads((run_dir / "config.json").read_text())["dataset_sha256"] != digest.hexdigest():
+            raise UserError(f"cannot resume {run_dir}: dataset {dataset} is not the one the run started on (its "
+                            f"SHA-256 differs from config.json's)")
+        return run_dir
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
+                "gymnasium": gym.__version__, "mujoco": mujoco.__version__}
+    config = {"script": script, "args": asdict(args), "dataset": str(dataset), "dataset_sha256": digest.hexdigest()}
+    (run_dir / "config.json").write_text(json.dumps({**config, "versions": versions, "spec": spec}, indent=2))
     return run_dir
 
 
@@ -955,6 +1117,7 @@ def save_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator, st
     rng = {"torch": torch.get_rng_state(), "sampling": generator.get_state()}
     torch.save({**state, "rng": rng, "step": step, "spec": spec}, run_dir / "checkpoint.tmp")
     os.replace(run_dir / "checkpoint.tmp", run_dir / "checkpoint.pt")
+    RUN["checkpoint"] = step
 
 
 def load_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator) -> int:
@@ -962,7 +1125,7 @@ def load_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator) ->
     try:
         state = torch.load(path, map_location=generator.device, weights_only=True)
         for name, module in modules.items():
-            module.load_state_dict(state[name])
+            module.load_state_dict(state[name] if name != "logger" else {**state.get(name, {}), "step": state["step"]})
         torch.set_rng_state(state["rng"]["torch"].cpu())  # set_state takes the random states on the CPU
         generator.set_state(state["rng"]["sampling"].cpu())
     except (RuntimeError, KeyError, ValueError, EOFError, OSError, pickle.UnpicklingError) as error:
@@ -970,23 +1133,22 @@ def load_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator) ->
                         f"script ({type(error).__name__}: {str(error).strip().splitlines()[0][:120]}); start a "
                         f"fresh --run-dir") from None
     print(f"Resuming {run_dir} from update {state['step']}.", flush=True)
+    RUN["checkpoint"] = RUN["step"] = state["step"]
     return state["step"]
 
 
 ESTIMATE_AFTER = (20, 60)  # the run's time estimate: the rate of updates 20-60 of this process
+PROGRESS_SECONDS = 60  # with no terminal (a log file, a pipe), a progress line at most this often
 
 
 class Logger:
-    """metrics.csv (rows after the checkpoint dropped on --resume), TensorBoard (synced by W&B with --track), a
-    progress bar. Metrics are summed on the device, noting the first non-finite update: no host sync until a row or
-    checkpoint is written, and a non-finite loss stops the run before either."""
+    """metrics.csv, TensorBoard (synced by W&B with --track), progress (a bar on a terminal, else a line a minute).
+    Metrics are summed on the device, noting the first non-finite update: no host sync until a row or checkpoint is
+    written, and a non-finite loss stops the run before either. Its state (the sums since the last row) goes into
+    checkpoint.pt; on --resume, rows and TensorBoard values after the checkpoint are dropped, so each is written once."""
 
-    def __init__(self, args, run_dir: Path, start: int):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.run_dir, self.path, self.wandb = run_dir, run_dir / "metrics.csv", None
-        rows = list(csv.DictReader(self.path.read_text().splitlines())) if self.path.exists() else []
-        self.rows = [row for row in rows if int(row["step"]) <= start]
+    def __init__(self, args, run_dir: Path):
+        self.run_dir, self.path, self.wandb, self.writer, self.rows = run_dir, run_dir / "metrics.csv", None, None, []
         if args.track:
             try:
                 import wandb
@@ -994,10 +1156,25 @@ class Logger:
                 raise UserError("--track needs Weights & Biases: pip install wandb") from None
             self.wandb = wandb.init(project=args.wandb_project, config=json.loads((run_dir / "config.json").read_text()),
                                     dir=str(run_dir), name=run_dir.name, resume="allow", sync_tensorboard=True)
-        self.writer, self.sums, self.count, self.clock, self.step = SummaryWriter(str(run_dir)), None, 0, time.time(), start
+        self.sums, self.keys, self.count, self.clock, self.start = None, [], 0, time.time(), 0
         self.bad_step, self.bad = torch.zeros((), dtype=torch.long), False  # first non-finite update and its metrics
-        self.progress = tqdm(initial=start, total=args.total_steps, desc=run_dir.name, disable=None)
-        self.total, self.seen, self.seen_clock = args.total_steps, 0, 0.0  # for the one time-estimate line
+        self.progress = tqdm(total=args.total_steps, desc=run_dir.name, disable=None)
+        self.total, self.seen, self.seen_clock, self.started = args.total_steps, 0, 0.0, time.time()
+        self.line_clock = self.started
+        self.step = self.start  # the last update recorded
+
+    def state_dict(self) -> dict:
+        sums = self.sums if self.count else torch.zeros(0)
+        return {"sums": sums, "keys": self.keys, "count": self.count, "seconds": time.time() - self.clock}
+
+    def load_state_dict(self, state: dict) -> None:  # --resume: this process continues from update state["step"]
+        self.start = self.step = state["step"]
+        rows = list(csv.DictReader(self.path.read_text().splitlines())) if self.path.exists() else []
+        self.rows = [row for row in rows if int(row["step"]) <= self.start]
+        if state.get("count"):
+            self.sums, self.keys, self.count = state["sums"], state["keys"], state["count"]
+            self.clock = time.time() - state["seconds"]
+        self.progress.update(self.start)
 
     def record(self, step: int, metrics: dict) -> None:
         values = torch.stack(list(metrics.values()))  # one tensor: a few kernel launches whatever the metrics
@@ -1005,7 +1182,7 @@ class Logger:
         bad = ~torch.isfinite(values)
         first = bad.any() & (self.bad_step == 0)
         self.bad_step, self.bad = torch.where(first, step, self.bad_step), torch.where(first, bad, self.bad)
-        self.step, self.count, self.keys = step, self.count + 1, list(metrics)
+        self.step, self.count, self.keys, RUN["step"] = step, self.count + 1, list(metrics), step
         self.progress.update()
         self.seen += 1
         if self.seen == ESTIMATE_AFTER[0]:  # past compiling and warm-up
@@ -1017,23 +1194,35 @@ class Logger:
                        f"left take about {hours:.1f} h (evaluations not counted)" + (
                            "; a CPU-sized run that shows the methods apart: python benchmarks/reproduce.py --preset "
                            "cpu (README \"Results\")" if hours > 2 else ""), file=sys.stderr)
+        if self.progress.disable and time.time() - self.line_clock >= PROGRESS_SECONDS:  # no terminal: a line
+            rate = (step - self.start) / (time.time() - self.started)
+            last = {k: f"{float(v):.1f}" for k, v in (self.rows[-1] if self.rows else {}).items() if k.startswith("eval/")}
+            print(f"{self.run_dir.name}: update {step:,} of {self.total:,}, {rate:.1f} updates/s, about "
+                  f"{(self.total - step) / rate / 60:.0f} min left; last evaluation {last or 'none yet'}", flush=True)
+            self.line_clock = time.time()
 
     def check_finite(self) -> None:
         if int(self.bad_step):
             names = [key for key, bad in zip(self.keys, self.bad.tolist()) if bad]
+            kept = f"{self.run_dir / 'checkpoint.pt'} keeps the last good state" if RUN.get("checkpoint") else \
+                "there was no checkpoint yet"
             raise UserError(f"non-finite loss {[k for k in names if k.startswith('losses/')] or names} at update "
-                            f"{int(self.bad_step)} (checked at update {self.step}); stopped, "
-                            f"{self.run_dir / 'checkpoint.pt'} keeps the last good state")
+                            f"{int(self.bad_step)} (checked at update {self.step}); stopped, {kept}")
 
     def write(self, step: int, evaluation: dict) -> None:  # the metrics' means since the last row, the returns
         self.check_finite()
         row = {"step": step, **{key: value / self.count for key, value in zip(self.keys, self.sums.tolist())},
                "charts/updates_per_second": self.count / (time.time() - self.clock), **evaluation}
         self.rows.append(row)
-        with open(self.path, "w", newline="") as handle:
+        with open(self.path.with_suffix(".tmp"), "w", newline="") as handle:  # then renamed: never half a file
             writer = csv.DictWriter(handle, list(self.rows[0]), restval="", extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.rows)
+        os.replace(self.path.with_suffix(".tmp"), self.path)
+        if self.writer is None:  # purge_step: TensorBoard drops what an interrupted process wrote after the checkpoint
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir), purge_step=self.start + 1 if self.start else None)
         for key, value in list(row.items())[1:]:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
@@ -1042,15 +1231,17 @@ class Logger:
 
     def close(self) -> list[dict]:
         self.progress.close()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
-        return list(csv.DictReader(self.path.read_text().splitlines()))
+        return list(csv.DictReader(self.path.read_text().splitlines())) if self.path.exists() else []
 
 
 def write_summary(run_dir: Path, evaluations: list[dict], spec: dict) -> dict:
-    """summary.json: per `eval/` column the final return, the mean of its last 10% of evaluations (Table 6), and
-    its normalised score where the data has reference scores; `per_task` in Table 7's layout with the data's best."""
+    """summary.json (strict JSON): per `eval/` column the final return, the mean of its last 10% of evaluations
+    (Table 6), and its normalised score where the data has reference scores; `per_task` in Table 7's layout with the
+    data's best. A return that is not a finite number is null, with a note saying why."""
     best_in_data, (low, high) = spec["best_episode_return_in_dataset"], spec.get("reference_scores") or (None, None)
     summary, per_task = {"evaluations": len(evaluations), "best_episode_return_in_dataset": best_in_data}, {}
     for key in [key for key in (evaluations or [{}])[0] if key.startswith("eval/")]:
@@ -1059,14 +1250,19 @@ def write_summary(run_dir: Path, evaluations: list[dict], spec: dict) -> dict:
             summary["final/" + name] = float(np.mean(returns[-max(1, math.ceil(0.1 * len(returns))):]))
         if returns and high is not None:  # D4RL's normalised score
             summary["final/normalised_" + name] = 100 * (summary["final/" + name] - low) / (high - low)
+    summary = {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in summary.items()}
     for task, best in best_in_data.items():
         suffix = f"/{task}" if len(best_in_data) > 1 else ""
         per_task[task] = {name: summary[f"final/{name}{suffix}"] for name in ("return", "prior_return",
                           "normalised_return", "normalised_prior_return") if f"final/{name}{suffix}" in summary}
         per_task[task]["best_episode_return_in_dataset"] = best
-    (run_dir / "summary.json").write_text(json.dumps({**summary, "per_task": per_task}, indent=2))
+    summary = {**summary, "per_task": per_task}
+    if not evaluations or None in summary.values():
+        summary["note"] = "no evaluation ran, so there is no final return" if not evaluations else \
+            "a null final return: an evaluation returned a value that is not a finite number (metrics.csv has them)"
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     print((run_dir / "summary.json").read_text())
-    return {**summary, "per_task": per_task}
+    return summary
 
 
 def make_eval_envs(args, run_dir: Path, tasks: list) -> list:

@@ -31,6 +31,7 @@ online MPO duals use Acme's learning rate 1e-2 so the temperature adapts within 
 
 import copy
 import json
+import logging
 import math
 import os
 import signal
@@ -128,6 +129,7 @@ def main(train_fn: Callable, args) -> None:
     # Ctrl-C (SIGINT) writes the finished episodes even when a shell started this in the background, with SIGINT
     # ignored (Python then installs no KeyboardInterrupt handler): `kill -INT` works there too.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop (or the main job's end): the same
     try:
         train_fn(args)
     except UserError as error:
@@ -165,7 +167,22 @@ CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walk
                          "quadruped": "quadruped-run"}
 
 
+class ShowOnce(logging.Filter):
+    """Lets each distinct message through once: dm_control warns of cheetah's `settotalmass` at every env built."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        new = record.getMessage() not in self.seen
+        self.seen.add(record.getMessage())
+        return new
+
+
 def control_suite():
+    if not any(isinstance(f, ShowOnce) for f in logging.getLogger("absl").filters):
+        logging.getLogger("absl").addFilter(ShowOnce())
     try:  # MUJOCO_GL is set only for --capture-video (main()): training needs no OpenGL
         from dm_control import suite
     except (AttributeError, ImportError, RuntimeError) as error:  # MUJOCO_GL=egl without libEGL, for one
@@ -215,10 +232,15 @@ def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str]
     if name and (domain, name) in control_suite().ALL_TASKS:
         return ControlSuiteEnv(domain, name, render_mode)
     try:
-        return gym.make(env_id, render_mode=render_mode)
+        env = gym.make(env_id, render_mode=render_mode)
     except Exception as error:  # gymnasium raises many types for an unknown or broken id
         raise UserError(f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
                         f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})") from None
+    if not all(isinstance(space, gym.spaces.Box) and len(space.shape) == 1
+               for space in (env.observation_space, env.action_space)):
+        raise UserError(f"env {env_id!r} has {env.observation_space} observations and {env.action_space} actions; "
+                        f"these scripts learn from flat vectors of real numbers (1-D Box spaces) for both")
+    return env
 # --- end shared block ---
 
 

@@ -24,7 +24,10 @@ data the bounds of the episode return, 0 and the episode length (rewards are in 
 
 import importlib.metadata
 import json
+import logging
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -79,20 +82,55 @@ class UserError(Exception):
     """A problem with the user's input (arguments, files): reported in one sentence, exit status 1."""
 
 
+RUN = {}  # where this process's run stands, for main()'s last line: run_dir, new, step, checkpoint (update), given
+
+
 def main(train_fn: Callable, args) -> None:
+    """`train_fn(args)`: a UserError is one sentence (exit 1); Ctrl-C or SIGTERM one line saying where the run stopped
+    and how to continue it (exit 130). A new run that ends before its first checkpoint leaves no directory behind."""
     if sys.platform.startswith("linux"):  # OpenGL for videos only; with none probed, no libEGL or display is needed
         os.environ.setdefault("MUJOCO_GL", "egl" if getattr(args, "capture_video", False) else "disable")
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also where a background shell ignores Ctrl-C
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop: the same as Ctrl-C
+    RUN.clear()  # the flags typed: --resume honours or refuses each, even one equal to its default
+    RUN["given"] = {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in sys.argv if a[:2] == "--"}
+    name, status, line = Path(sys.argv[0]).name, 0, None
     try:
         train_fn(args)
     except UserError as error:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+        status, line = 1, f"{name}: error: {error}"
+    except KeyboardInterrupt:
+        status, line = 130, f"{name}: stopped" + (f" at update {RUN.get('step', 0):,}" if RUN.get("run_dir") else "")
+        if RUN.get("checkpoint"):
+            line += (f"; {RUN['run_dir'] / 'checkpoint.pt'} holds update {RUN['checkpoint']:,}: continue with "
+                     f"python {name} --resume {RUN['run_dir']}")
+    finally:
+        run_dir, new, saved = RUN.get("run_dir"), RUN.get("new"), RUN.get("checkpoint")
+        RUN.clear()
+    if status and run_dir is not None and new and not saved and run_dir.exists():  # nothing in it can be resumed
+        shutil.rmtree(run_dir)
+        line += f" (before the run's first checkpoint: {run_dir} removed)"
+    if line:
+        print(line, file=sys.stderr)
+        sys.exit(status)
+
+
+def stop_with_parent() -> None:
+    """Run in a child process before its program: Linux sends it SIGTERM when this process ends, however it ends."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def pick_device(name: str, precision: str = "fp32") -> torch.device:
     """--device; --precision tf32: TF32 matrix products (CUDA only, PyTorch's default is full fp32)."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if precision == "tf32":
         if device.type != "cuda":
             raise UserError("--precision tf32 is a CUDA setting (TF32 tensor cores); on a CPU use fp32 or bf16")
@@ -110,6 +148,10 @@ def compile_losses(losses: Callable, args, device: torch.device) -> Callable:
     state = {"losses": torch.compile(losses, mode="reduce-overhead" if own_graphs else None), "first": True}
 
     def call(*inputs):  # -> (loss, ..., metrics)
+        if state["first"] and not RUN.get("compiling"):  # the first update waits: say so, once per run
+            RUN["compiling"] = True
+            print(f"{Path(sys.argv[0]).name}: compiling the losses (torch.compile) before the first update; this takes "
+                  f"a minute or two", file=sys.stderr, flush=True)
         try:
             *outputs, metrics = state["losses"](*inputs)
         except Exception as error:  # e.g. Triton's "PassManager::run failed"
@@ -174,7 +216,22 @@ CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walk
                          "quadruped": "quadruped-run"}
 
 
+class ShowOnce(logging.Filter):
+    """Lets each distinct message through once: dm_control warns of cheetah's `settotalmass` at every env built."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        new = record.getMessage() not in self.seen
+        self.seen.add(record.getMessage())
+        return new
+
+
 def control_suite():
+    if not any(isinstance(f, ShowOnce) for f in logging.getLogger("absl").filters):
+        logging.getLogger("absl").addFilter(ShowOnce())
     try:  # MUJOCO_GL is set only for --capture-video (main()): training needs no OpenGL
         from dm_control import suite
     except (AttributeError, ImportError, RuntimeError) as error:  # MUJOCO_GL=egl without libEGL, for one
@@ -224,10 +281,15 @@ def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str]
     if name and (domain, name) in control_suite().ALL_TASKS:
         return ControlSuiteEnv(domain, name, render_mode)
     try:
-        return gym.make(env_id, render_mode=render_mode)
+        env = gym.make(env_id, render_mode=render_mode)
     except Exception as error:  # gymnasium raises many types for an unknown or broken id
         raise UserError(f"unknown env {env_id!r}: use hopper, cheetah, walker, quadruped, a Control Suite "
                         f"domain-task such as cartpole-swingup, sawyer, or a gymnasium id ({error})") from None
+    if not all(isinstance(space, gym.spaces.Box) and len(space.shape) == 1
+               for space in (env.observation_space, env.action_space)):
+        raise UserError(f"env {env_id!r} has {env.observation_space} observations and {env.action_space} actions; "
+                        f"these scripts learn from flat vectors of real numbers (1-D Box spaces) for both")
+    return env
 # --- end shared block ---
 
 
@@ -243,12 +305,21 @@ DATASET_RULES = [  # (rule on the arrays a, what the user reads when it fails), 
     (lambda a: len(a["observation"]) > 0, "it holds no transitions"),
     (lambda a: a.get("next_observation", a["observation"]).shape == a["observation"].shape,
      "'next_observation' and 'observation' differ in shape"),
+    (lambda a: all(np.issubdtype(a[key].dtype, np.number) for key in ARRAY_DIMENSIONS if key in a),
+     "an array holds something other than numbers"),
+    (lambda a: all(np.issubdtype(a[key].dtype, np.integer) for key in ("episode_id", "step", "run_id", "task_id")
+                   if key in a), "'episode_id', 'step', 'run_id' and 'task_id' must be whole numbers"),
     (lambda a: all(np.isfinite(a[key]).all() for key in list(ARRAY_DIMENSIONS)[:7] if key in a),
      "an array contains NaN or infinite values"),
+    (lambda a: np.all((np.asarray(a["discount"]) >= 0) & (np.asarray(a["discount"]) <= 1)),
+     "'discount' must lie in [0, 1] (0 where an episode terminates)"),
     (lambda a: len(np.unique(a["episode_id"])) == len(episode_starts(a["episode_id"]))
      and np.all(np.diff(a["step"])[np.diff(a["episode_id"]) == 0] == 1),
      "episodes must be stored back to back with consecutive steps (snippets for Eq. 4)"),
 ]
+
+
+METADATA_TYPES = {"env": str, "tasks": list, "action_low": list, "action_high": list, "reference_scores": list}
 
 
 def episode_starts(episode_id) -> np.ndarray:
@@ -269,9 +340,19 @@ def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {key: archive[key] for key in archive.files}
         metadata = json.loads(str(arrays.pop("metadata", "{}")))
+    except json.JSONDecodeError as error:
+        raise UserError(f"dataset {path}: its 'metadata' is not JSON ({error})") from None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"dataset {path} cannot be read, it is corrupt, truncated or pickled ({reason})") from None
+        if "Object arrays" in reason or "pickled" in reason and path.is_file() and path.open("rb").read(1) == b"\x80":
+            reason = "it holds pickled Python objects, which are never loaded (allow_pickle=False)"
+        elif "pickled" in reason:  # numpy's guess for any file that is neither .npy nor .npz
+            reason = "it is not an .npz archive or a directory of .npy files"
+        raise UserError(f"dataset {path} cannot be read: {reason}") from None
+    for key, kind in METADATA_TYPES.items():
+        if not isinstance(metadata, dict) or key in metadata and not isinstance(metadata[key], kind):
+            raise UserError(f"dataset {path}: its 'metadata' must be a JSON object whose {key!r} is a "
+                            f"{kind.__name__} (README 'Datasets')")
     if "reward" in arrays and arrays["reward"].ndim == 1:
         arrays["reward"] = arrays["reward"][:, None]
     for rule, problem in DATASET_RULES:
@@ -311,14 +392,19 @@ def load_data(args, env: gym.Env, device: torch.device) -> tuple[dict, list[str]
     """The run's dataset checked against the env (the default one made by collect.py if missing) as tensors on
     `device` (float32 memory-mapped arrays stay on disk on a CPU), its task names, and its spec for config.json."""
     path = minari_npz(args.dataset) or Path(args.dataset or f"datasets/{args.env.replace(':', '_').replace('/', '_')}.npz")
-    if args.dataset is None and not path.exists():
-        print(f"No dataset at {path}: generating it with `python collect.py --env {args.env}` (default budget, about "
-              f"{5 if args.env == 'sawyer' else 20} minutes on 2 CPU cores); pass --dataset PATH to use your own data.",
-              flush=True)
+    unfinished = unfinished_collection(path) if args.dataset is None else None  # a stopped default one: continued
+    if args.dataset is None and not path.exists() or unfinished:
+        print(f"{f'{path} holds {unfinished}' if unfinished else f'No dataset at {path}'}: generating it with "
+              f"`python collect.py --env {args.env}` (default budget, about {5 if args.env == 'sawyer' else 20} "
+              f"minutes on 2 CPU cores); pass --dataset PATH to use your own data.", flush=True)
         command = [sys.executable, str(Path(__file__).resolve().parent / "collect.py"), "--env", args.env, "--output", str(path)]
-        if subprocess.run(command).returncode != 0 or not path.exists():
+        if subprocess.run(command, preexec_fn=stop_with_parent).returncode != 0 or not path.exists():
             raise UserError(f"collect.py failed to generate {path}; see its output above")
     data, (obs_dim,), (act_dim,) = load_dataset(path, args.dataset_episodes), env.observation_space.shape, env.action_space.shape
+    same = lambda env_id: CONTROL_SUITE_ALIASES.get(env_id, env_id).split(":")[-1]  # noqa: E731
+    if data["metadata"].get("env") and same(data["metadata"]["env"]) != same(args.env):
+        raise UserError(f"dataset {path} was recorded on {data['metadata']['env']!r}, not on --env {args.env!r}; "
+                        f"leave --env out to learn on the dataset's env")
     if data["observation"].shape[1] != obs_dim or data["action"].shape[1] != act_dim:
         raise UserError(f"dataset {path} has observation/action sizes {data['observation'].shape[1]}/"
                         f"{data['action'].shape[1]} but the env has {obs_dim}/{act_dim}; is it for another env?")
@@ -342,6 +428,29 @@ def load_data(args, env: gym.Env, device: torch.device) -> tuple[dict, list[str]
                                  device=device) for key in keys}, tasks, spec
 
 
+def stored_metadata(path: Path) -> dict:
+    """The metadata a dataset stores, {} where it has none or cannot be read (load_dataset says why)."""
+    try:
+        if path.is_dir():
+            return json.loads((path / "metadata.json").read_text())
+        with np.load(path, allow_pickle=False) as archive:
+            metadata = json.loads(str(archive["metadata"]))
+        return metadata if isinstance(metadata, dict) else {}
+    except Exception:  # any reason at all: the dataset's checks report it
+        return {}
+
+
+def unfinished_collection(path: Path) -> Optional[str]:
+    """'14 of 60 episodes' where collect.py wrote `path` when stopped before the end, else None."""
+    try:
+        metadata = stored_metadata(path)
+        stored = len(next(iter(metadata["episode_returns"].values())))
+        planned = metadata["collection"]["args"]["episodes"] * len(metadata["collection"]["args"]["seeds"])
+    except (KeyError, TypeError, AttributeError, StopIteration):
+        return None
+    return f"{stored} of {planned} episodes (its collection was stopped)" if stored < planned else None
+
+
 def minari_npz(dataset: Optional[str]) -> Optional[Path]:
     """Where the .npz copy of a Minari --dataset (`minari:<id>`, or a directory without .npy files) goes, else None."""
     if dataset and (dataset.startswith("minari:") or Path(dataset).is_dir() and not any(Path(dataset).glob("*.npy"))):
@@ -352,18 +461,23 @@ def minari_npz(dataset: Optional[str]) -> Optional[Path]:
 
 def dataset_env(args) -> str:
     """args.env, once `minari_io.py import` (only it imports minari) has made the .npz copy of a Minari --dataset
-    (again if the source changed) and checked --env; left out, --env is the env the dataset stores."""
+    (again if the source changed) and checked --env; left out, --env is the env the dataset stores; given, it must be
+    that env."""
     if (path := minari_npz(args.dataset)) is not None:
         command = [sys.executable, str(Path(__file__).resolve().parent / "minari_io.py"), "import", args.dataset,
                    "--output", str(path), *(["--env", args.env] if args.env else [])]
-        result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+        result = subprocess.run(command, stderr=subprocess.PIPE, text=True, preexec_fn=stop_with_parent)
         if result.returncode != 0:  # minari_io.py's one sentence
             raise UserError(result.stderr.partition("minari_io.py: error: ")[2].strip() or result.stderr.strip())
         metadata = json.loads(str(np.load(path, allow_pickle=False)["metadata"]))
         args.env = args.env or metadata["env"]
         if metadata.get("env_spec") and args.env == metadata["env"]:  # the stored kwargs and time limit
             gym.registry[args.env] = gym.envs.registration.EnvSpec.from_json(metadata["env_spec"])
+    elif args.dataset and not args.env:  # load_data checks a given --env against the dataset's
+        args.env = stored_metadata(Path(args.dataset)).get("env")
     args.env = args.env or "hopper"
+    if args.env == "sawyer" and args.task not in ("all", *sawyer_env.ALL_TASKS):  # before any data is generated
+        raise UserError(f"unknown sawyer --task {args.task!r}: use all or one of {', '.join(sawyer_env.ALL_TASKS)}")
     args.__post_init__()  # the defaults that depend on the env
     return args.env
 # --- end shared block ---

@@ -25,7 +25,7 @@ TEST_COMPILE = os.environ.get("ABM_TEST_COMPILE", "auto")
 
 
 def write_random_dataset(path: Path, obs_dim: int = 5, act_dim: int = 1, episodes: int = 6,
-                         length: int = 40, seed: int = 0, tasks=("balance",)) -> Path:
+                         length: int = 40, seed: int = 0, tasks=("balance",), env: str = SMOKE_ENV) -> Path:
     """A small valid dataset of random numbers in the README format (episodes back to back)."""
     rng = np.random.default_rng(seed)
     size = episodes * length
@@ -39,7 +39,7 @@ def write_random_dataset(path: Path, obs_dim: int = 5, act_dim: int = 1, episode
         "episode_id": np.repeat(np.arange(episodes), length).astype(np.int64),
         "step": np.tile(np.arange(length), episodes).astype(np.int64),
         "run_id": np.repeat(np.arange(episodes) % 2, length).astype(np.int64),
-        "metadata": np.array(json.dumps({"env": SMOKE_ENV, "tasks": list(tasks)})),
+        "metadata": np.array(json.dumps({"env": env, "tasks": list(tasks)})),
     }
     np.savez(path, **arrays)
     return path

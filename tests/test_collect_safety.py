@@ -42,7 +42,7 @@ def interrupt_after_episodes(output, episodes, wanted, signum):
         assert time.monotonic() < deadline, "collection too slow"
         time.sleep(0.05)
     process.send_signal(signum)
-    process.communicate(timeout=300)
+    process.stdout, process.stderr = process.communicate(timeout=300)
     return process
 
 
@@ -71,10 +71,12 @@ def test_a_killed_collection_resumes_with_the_learners_state(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_writes_the_consolidated_file_of_the_finished_episodes(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_writes_the_consolidated_file_of_the_finished_episodes(tmp_path, signum):
     output = tmp_path / "data.npz"
-    process = interrupt_after_episodes(output, 50, 1, signal.SIGINT)
+    process = interrupt_after_episodes(output, 50, 1, signum)
     assert process.returncode == 130
+    assert "Traceback" not in process.stderr and "rerun the command to continue" in process.stdout
     files = sorted(output.with_suffix(".episodes").glob("run*_episode*.npz"))
     data = load(output)
     assert len(np.unique(data["episode_id"])) == len(files) >= 1

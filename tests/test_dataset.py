@@ -236,7 +236,7 @@ def test_a_missing_default_dataset_is_generated_by_collect_py_and_announced(tmp_
 
     def fake_collect(command, **kwargs):
         commands.append(command)
-        write_random_dataset(tmp_path / command[command.index("--output") + 1])
+        write_random_dataset(tmp_path / command[command.index("--output") + 1], env="hopper")
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(m.subprocess, "run", fake_collect)

@@ -235,7 +235,7 @@ def estimate_line(module, total: int, rate_seconds: float) -> str:
     logger = object.__new__(module.Logger)
     logger.total, logger.seen, logger.seen_clock, logger.count, logger.sums = total, 0, 0.0, 0, {}
     logger.bad_step, logger.bad, logger.step = torch.zeros((), dtype=torch.long), False, 0
-    logger.progress = mock.Mock()
+    logger.progress = mock.Mock(disable=False)  # a terminal: the bar, no progress lines
     stderr = io.StringIO()
     now = [1000.0]
     with mock.patch.object(clock, "time", lambda: now[0]), mock.patch("sys.stderr", stderr):
