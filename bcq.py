@@ -996,20 +996,31 @@ def dataset_env(args) -> str:
 # --- end shared block ---
 
 
-# --- shared block: run ---
-RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "checkpoint_every",
-                     "device", "compile", "cuda_graph", "track", "wandb_project", "capture_video"}
+# --- shared block: flags ---
 NUMBER_MAY_BE_ZERO = {"seed", "shared_layers", "discount", "double_q_lambda", "vae_kl_weight", "perturbation_scale",
-                      "mmd_threshold", "warmup_steps", "epsilon", "epsilon_mean", "epsilon_stddev"}
-ARG_RULES = [  # (rule on a flag's name and value, what the flag must be), checked for every flag in this order
+                      "mmd_threshold", "warmup_steps", "noise", "epsilon", "epsilon_mean", "epsilon_stddev"}
+FLAG_RULES = [  # (rule on a flag's name and value, what the flag must be), checked for every flag in this order
     (lambda key, v: not isinstance(v, float) or math.isfinite(v), "a finite number"),
     (lambda key, v: type(v) not in (int, float) or v >= 0, "zero or more"),
     (lambda key, v: type(v) not in (int, float) or v > 0 or key in NUMBER_MAY_BE_ZERO, "positive"),
-    (lambda key, v: not isinstance(v, tuple) or len(v) > 0 and min(v) >= 1, "one or more positive layer sizes"),
+    (lambda key, v: not key.endswith("_layers") or type(v) is int or len(v) > 0 and min(v) >= 1,
+     "one or more positive layer sizes"),
     (lambda key, v: key not in ("discount", "double_q_lambda", "target_update_rate") or v <= 1, "at most 1"),
 ]
 
 
+def check_flags(args) -> None:
+    """Every number a flag gives in range, checked where it enters: one sentence naming the flag."""
+    for key, value in asdict(args).items():
+        for rule, expected in FLAG_RULES:
+            if value is not None and not rule(key, value):
+                raise UserError(f"--{key.replace('_', '-')} must be {expected}, not {value!r}")
+# --- end shared block ---
+
+
+# --- shared block: run ---
+RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "checkpoint_every",
+                     "device", "compile", "cuda_graph", "track", "wandb_project", "capture_video"}
 def check_args(args, script: str) -> None:
     """Every flag in range; --resume: the run's saved arguments (only RESUME_MAY_CHANGE may differ, and a flag typed
     on the command line is honoured or refused); a new run: a --run-dir that holds a run is refused (--overwrite)."""
@@ -1026,10 +1037,7 @@ def check_args(args, script: str) -> None:
         if any(not re.fullmatch(RUN_FILES, name) for name in files):  # make_run_dir deletes a run's files only
             raise UserError(f"--overwrite deletes runs only, and {run_dir} also holds "
                             f"{[name for name in files if not re.fullmatch(RUN_FILES, name)][:4]}")
-    for key, value in asdict(args).items():
-        for rule, expected in ARG_RULES:
-            if value is not None and not rule(key, value):
-                raise UserError(f"--{key.replace('_', '-')} must be {expected}, not {value!r}")
+    check_flags(args)
 
 
 RUN_FILES = r"config\.json|metrics\.(csv|tmp)|checkpoint\.(pt|tmp)|summary\.json|policy(\.tmp)?\.pt2|" \
@@ -1067,7 +1075,8 @@ def make_run_dir(args, script: str, spec: dict) -> Path:
     import mujoco
 
     run_dir = Path(args.resume or args.run_dir or f"runs/{script}__{args.env.replace(':', '_')}__{args.seed}__{int(time.time())}")
-    RUN.update(run_dir=run_dir, new=not args.resume and (args.overwrite or not run_dir.exists()), checkpoint=0)
+    RUN.update(run_dir=run_dir, new=not args.resume and (args.overwrite or not run_dir.exists()), checkpoint=0,
+               compiling=False)
     for name in os.listdir(run_dir) if args.overwrite and run_dir.is_dir() else []:  # checked by check_args
         shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
     try:

@@ -136,12 +136,37 @@ def main(train_fn: Callable, args) -> None:
         sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
 
 
+# --- shared block: flags ---
+NUMBER_MAY_BE_ZERO = {"seed", "shared_layers", "discount", "double_q_lambda", "vae_kl_weight", "perturbation_scale",
+                      "mmd_threshold", "warmup_steps", "noise", "epsilon", "epsilon_mean", "epsilon_stddev"}
+FLAG_RULES = [  # (rule on a flag's name and value, what the flag must be), checked for every flag in this order
+    (lambda key, v: not isinstance(v, float) or math.isfinite(v), "a finite number"),
+    (lambda key, v: type(v) not in (int, float) or v >= 0, "zero or more"),
+    (lambda key, v: type(v) not in (int, float) or v > 0 or key in NUMBER_MAY_BE_ZERO, "positive"),
+    (lambda key, v: not key.endswith("_layers") or type(v) is int or len(v) > 0 and min(v) >= 1,
+     "one or more positive layer sizes"),
+    (lambda key, v: key not in ("discount", "double_q_lambda", "target_update_rate") or v <= 1, "at most 1"),
+]
+
+
+def check_flags(args) -> None:
+    """Every number a flag gives in range, checked where it enters: one sentence naming the flag."""
+    for key, value in asdict(args).items():
+        for rule, expected in FLAG_RULES:
+            if value is not None and not rule(key, value):
+                raise UserError(f"--{key.replace('_', '-')} must be {expected}, not {value!r}")
+# --- end shared block ---
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N") from None
 
 
 def autocast(precision: str, device: torch.device):
@@ -732,8 +757,7 @@ def consolidate_sawyer(parts: Path, output: Path, args: Args) -> dict:
 
 def train(args: Args) -> Path:
     """Collect every seed, then write the consolidated dataset; returns its path."""
-    if args.episodes < 1 or args.steps_per_update < 1 or args.batch_size < 1:
-        raise UserError("--episodes, --steps-per-update and --batch-size must be positive")
+    check_flags(args)  # every number in range
     device = pick_device(args.device)
     make_env(args.env)  # validates --env before anything is written
     output = Path(args.output) if args.output else default_dataset_path(args.env)
@@ -744,8 +768,6 @@ def train(args: Args) -> Path:
         raise UserError(f"cannot create {parts} ({error.strerror})") from None
     start = time.time()
     if args.env == "sawyer":
-        if not 0 <= args.noise:
-            raise UserError("--noise must be >= 0")
         try:
             for seed in args.seeds:
                 collect_sawyer(args, seed, parts)

@@ -16,7 +16,7 @@ BLOCK = re.compile(r"# --- shared block: (.*?) ---\n.*?# --- end shared block --
 SCRIPTS = ["abm_mpo.py", "abm_svg.py", "bm_mpo.py", "bcq.py", "bear.py", "collect.py"]
 # Above the banner (the algorithm) and below it (the plumbing) in every learning script.
 ALGORITHM_BLOCKS = {"args", "networks", "acting policy"}
-PLUMBING_BLOCKS = {"utilities", "env", "dataset", "run"}
+PLUMBING_BLOCKS = {"utilities", "env", "dataset", "flags", "run"}
 LEARNING_BLOCKS = ALGORITHM_BLOCKS | PLUMBING_BLOCKS
 BANNER = "# TRY NOT TO MODIFY"
 DEFINITION = re.compile(r"^(?:def|class) (\w+)|^([A-Z_]+) =", re.M)

@@ -50,8 +50,9 @@ def run_main(module, *argv) -> tuple[int, str]:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
             try:
                 module.main(module.train, tyro.cli(module.Args, args=argv))
-            except SystemExit as exit_:
-                status = exit_.code
+            except SystemExit as exit_:  # sys.exit("message"): Python prints it to stderr, status 1
+                status = 1 if isinstance(exit_.code, str) else exit_.code
+                print(exit_.code, file=sys.stderr) if isinstance(exit_.code, str) else None
     finally:
         sys.argv = old_argv
         for sig, handler in handlers.items():
@@ -462,3 +463,91 @@ def test_rows_after_a_resume_average_the_updates_they_say(tmp_path, monkeypatch)
     for a, b in zip(straight, resumed):
         losses = [key for key in a if key.startswith(("losses/", "eval/"))]
         assert losses and {key: a[key] for key in losses} == {key: b[key] for key in losses}
+
+
+# --- the tools ----------------------------------------------------------------------------------------------------
+COLLECT_FLAGS = [
+    (["--episodes", "0"], "--episodes must be positive"),
+    (["--steps-per-update", "0"], "--steps-per-update must be positive"),
+    (["--batch-size", "-3"], "--batch-size must be zero or more"),
+    (["--learning-rate", "nan"], "--learning-rate must be a finite number"),
+    (["--discount", "2"], "--discount must be at most 1"),
+    (["--policy-layers", "0"], "--policy-layers must be one or more positive layer sizes"),
+    (["--env", "sawyer", "--noise", "-1"], "--noise must be zero or more"),
+    (["--device", "tpu"], "unknown --device 'tpu'"),
+    (["--env", "no-such-env"], "unknown env 'no-such-env'"),
+]
+
+
+@pytest.mark.parametrize("flags,phrase", COLLECT_FLAGS, ids=[" ".join(f) for f, _ in COLLECT_FLAGS])
+def test_collect_py_says_one_sentence_for_a_bad_flag_and_writes_nothing(flags, phrase, tmp_path):
+    import collect
+
+    output = tmp_path / "data.npz"
+    status, stderr = run_main(collect, "--output", output, "--env", SMOKE_ENV, *flags)
+    one_sentence(status, stderr, phrase, "collect.py")
+    assert not output.exists() and not output.with_suffix(".episodes").exists()
+
+
+def test_minari_io_stops_in_one_line_on_ctrl_c(monkeypatch):
+    import minari_io
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_:
+            minari_io.main(interrupted, None)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert exit_.value.code == 130 and stderr.getvalue().strip() == "test_user_errors.py: stopped" or \
+        stderr.getvalue().strip().endswith(": stopped"), stderr.getvalue()
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_default_data_is_made_stops_both_and_the_rerun_continues_it(tmp_path):
+    """The main job with no dataset runs collect.py; Ctrl-C in the terminal (SIGINT to the whole process group):
+    one line from each, no traceback; the rerun continues the stopped collection instead of training on it, and a
+    SIGTERM to the main job alone also ends its collect.py."""
+    command = [sys.executable, str(ROOT / "abm_mpo.py"), "--env", SMOKE_ENV, *tiny(abm_mpo)]
+    episodes = tmp_path / "datasets" / f"{SMOKE_ENV}.episodes"
+
+    def start():
+        return subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    process, deadline = start(), time.time() + 240
+    while not list(episodes.glob("run*_episode*.npz")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert [line for line in stderr.splitlines() if "abm_mpo.py" in line] == ["abm_mpo.py: stopped"], stderr
+    assert "rerun the command to continue" in stdout
+    process = start()
+    announcement = process.stdout.readline()  # printed just before collect.py starts
+    assert "(its collection was stopped): generating it" in announcement, announcement
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)  # the main job alone: its child must not go on without it
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    for _ in range(100):
+        collectors = collect_processes_in(tmp_path)
+        if not collectors:
+            break
+        time.sleep(0.05)
+    assert not collectors, "collect.py outlived the main job"
+
+
+def collect_processes_in(folder: Path) -> list:
+    """The collect.py processes running in `folder` (the main job starts it with a path relative to its cwd)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            if "collect.py" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace") and \
+                    os.path.realpath(f"/proc/{pid}/cwd") == str(folder.resolve()):
+                found.append(pid)
+    return found
