@@ -573,7 +573,7 @@ class UserError(Exception):
     """A problem with the user's input (arguments, files): reported in one sentence, exit status 1."""
 
 
-RUN = {}  # where this process's run stands, for main()'s last line: run_dir, new, step, checkpoint (update), given
+RUN = {}  # this process's run, for main()'s last line: run_dir, new, step, checkpoint; the flags given; compiling
 
 
 def main(train_fn: Callable, args) -> None:
@@ -999,6 +999,10 @@ def check_flags(args) -> None:
 # --- shared block: run ---
 RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "checkpoint_every",
                      "device", "compile", "cuda_graph", "track", "wandb_project", "capture_video"}
+RUN_FILES = r"config\.json|metrics\.(csv|tmp)|checkpoint\.(pt|tmp)|summary\.json|policy(\.tmp)?\.pt2|" \
+            r"events\.out\.tfevents\..*|videos|wandb"  # what a run writes into its directory
+
+
 def check_args(args, script: str) -> None:
     """Every flag in range; --resume: the run's saved arguments (only RESUME_MAY_CHANGE may differ, and a flag typed
     on the command line is honoured or refused); a new run: a --run-dir that holds a run is refused (--overwrite)."""
@@ -1018,25 +1022,22 @@ def check_args(args, script: str) -> None:
     check_flags(args)
 
 
-RUN_FILES = r"config\.json|metrics\.(csv|tmp)|checkpoint\.(pt|tmp)|summary\.json|policy(\.tmp)?\.pt2|" \
-            r"events\.out\.tfevents\..*|videos|wandb"  # what a run writes into its directory
-
-
 def load_saved_config(args, script: str) -> None:
+    """--resume: flags neither typed nor changed from their defaults take the saved values; only RESUME_MAY_CHANGE
+    may differ."""
     run_dir, defaults, changed = Path(args.resume), asdict(type(args)()), []
     if not (run_dir / "config.json").exists() or not (run_dir / "checkpoint.pt").exists():
         raise UserError(f"cannot resume {run_dir}: it has no config.json and checkpoint.pt")
     try:
         saved = json.loads((run_dir / "config.json").read_text())
-        saved_args, saved_script, _ = saved["args"], saved["script"], saved["dataset_sha256"]
-        assert isinstance(saved_args, dict)
-    except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot resume {run_dir}: its config.json is damaged ({type(error).__name__}); start a "
-                        f"fresh --run-dir") from None
-    if saved_script != script:
-        raise UserError(f"cannot resume {run_dir}: it is a run of {saved_script}, not {script}")
+    except (ValueError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict) or "dataset_sha256" not in saved:
+        raise UserError(f"cannot resume {run_dir}: its config.json is damaged; start a fresh --run-dir")
+    if saved.get("script") != script:
+        raise UserError(f"cannot resume {run_dir}: it is a run of {saved.get('script')}, not {script}")
     for key, value in asdict(args).items():
-        old = saved_args.get(key, value)
+        old = saved["args"].get(key, value)
         if key in ("resume", "run_dir") or json.loads(json.dumps(value)) == old:
             continue
         if value == defaults[key] and key not in RUN.get("given", ()):

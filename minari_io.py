@@ -82,7 +82,7 @@ class UserError(Exception):
     """A problem with the user's input (arguments, files): reported in one sentence, exit status 1."""
 
 
-RUN = {}  # where this process's run stands, for main()'s last line: run_dir, new, step, checkpoint (update), given
+RUN = {}  # this process's run, for main()'s last line: run_dir, new, step, checkpoint; the flags given; compiling
 
 
 def main(train_fn: Callable, args) -> None:

@@ -44,7 +44,7 @@ def main() -> None:
                  "--batch-size", "64", "--total-steps", str(options.total_steps), "--eval-every",
                  str(options.eval_every), "--eval-episodes", "3", "--checkpoint-every", str(options.total_steps),
                  "--device", "cpu", "--seed", str(seed), "--normalize-observations", str(normalize),
-                 "--run-dir", str(run_dir)])
+                 "--run-dir", str(run_dir), "--overwrite"])  # a rerun replaces the last one
             with open(run_dir / "metrics.csv") as handle:
                 for row in csv.DictReader(handle):
                     print(f"| {seed} | {'standardised' if normalize else 'raw'} | {row['step']} | "
