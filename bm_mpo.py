@@ -669,22 +669,19 @@ CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walk
                          "quadruped": "quadruped-run"}
 
 
-class ShowOnce(logging.Filter):
-    """Lets each distinct message through once: dm_control warns of cheetah's `settotalmass` at every env built."""
+SHOWN = set()  # dm_control's log messages shown so far: it warns of cheetah's `settotalmass` at every env built
 
-    def __init__(self):
-        super().__init__()
-        self.seen = set()
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        new = record.getMessage() not in self.seen
-        self.seen.add(record.getMessage())
-        return new
+def show_once(record: logging.LogRecord) -> bool:
+    """A logging filter: each distinct message once."""
+    new = record.getMessage() not in SHOWN
+    SHOWN.add(record.getMessage())
+    return new
 
 
 def control_suite():
-    if not any(isinstance(f, ShowOnce) for f in logging.getLogger("absl").filters):
-        logging.getLogger("absl").addFilter(ShowOnce())
+    if show_once not in logging.getLogger("absl").filters:
+        logging.getLogger("absl").addFilter(show_once)
     try:  # MUJOCO_GL is set only for --capture-video (main()): training needs no OpenGL
         from dm_control import suite
     except (AttributeError, ImportError, RuntimeError) as error:  # MUJOCO_GL=egl without libEGL, for one
@@ -975,9 +972,9 @@ def check_args(args, script: str) -> None:
     elif args.run_dir and Path(args.run_dir).is_dir() and any(Path(args.run_dir).iterdir()):
         run_dir, files = Path(args.run_dir), sorted(p.name for p in Path(args.run_dir).iterdir())
         if not args.overwrite:
-            raise UserError(f"run directory {run_dir} is not empty ({', '.join(files[:4])}{', ...' * (len(files) > 4)});"
-                            f" continue its run with --resume {run_dir}, choose a new --run-dir, or replace it with "
-                            f"--overwrite")
+            raise UserError(f"run directory {run_dir} is not empty ({', '.join(files[:4])}"
+                            f"{', ...' * (len(files) > 4)}); continue its run with --resume {run_dir}, choose a new "
+                            f"--run-dir, or replace it with --overwrite")
         if any(not re.fullmatch(RUN_FILES, name) for name in files):  # make_run_dir deletes a run's files only
             raise UserError(f"--overwrite deletes runs only, and {run_dir} also holds "
                             f"{[name for name in files if not re.fullmatch(RUN_FILES, name)][:4]}")
@@ -1077,7 +1074,7 @@ class Logger:
     """metrics.csv, TensorBoard (synced by W&B with --track), progress (a bar on a terminal, else a line a minute).
     Metrics are summed on the device, noting the first non-finite update: no host sync until a row or checkpoint is
     written, and a non-finite loss stops the run before either. Its state (the sums since the last row) goes into
-    checkpoint.pt; on --resume, rows and TensorBoard values after the checkpoint are dropped, so each is written once."""
+    checkpoint.pt; on --resume, rows and TensorBoard values after the checkpoint are dropped: each is written once."""
 
     def __init__(self, args, run_dir: Path):
         self.run_dir, self.path, self.wandb, self.writer, self.rows = run_dir, run_dir / "metrics.csv", None, None, []
@@ -1128,7 +1125,7 @@ class Logger:
                            "cpu (README \"Results\")" if hours > 2 else ""), file=sys.stderr)
         if self.progress.disable and time.time() - self.line_clock >= PROGRESS_SECONDS:  # no terminal: a line
             rate = (step - self.start) / (time.time() - self.started)
-            last = {k: f"{float(v):.1f}" for k, v in (self.rows[-1] if self.rows else {}).items() if k.startswith("eval/")}
+            last = {k: f"{float(v):.1f}" for k, v in (self.rows or [{}])[-1].items() if k.startswith("eval/")}
             print(f"{self.run_dir.name}: update {step:,} of {self.total:,}, {rate:.1f} updates/s, about "
                   f"{(self.total - step) / rate / 60:.0f} min left; last evaluation {last or 'none yet'}", flush=True)
             self.line_clock = time.time()
@@ -1182,7 +1179,8 @@ def write_summary(run_dir: Path, evaluations: list[dict], spec: dict) -> dict:
             summary["final/" + name] = float(np.mean(returns[-max(1, math.ceil(0.1 * len(returns))):]))
         if returns and high is not None:  # D4RL's normalised score
             summary["final/normalised_" + name] = 100 * (summary["final/" + name] - low) / (high - low)
-    summary = {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in summary.items()}
+    summary = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+               for key, value in summary.items()}
     for task, best in best_in_data.items():
         suffix = f"/{task}" if len(best_in_data) > 1 else ""
         per_task[task] = {name: summary[f"final/{name}{suffix}"] for name in ("return", "prior_return",

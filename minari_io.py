@@ -216,22 +216,19 @@ CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walk
                          "quadruped": "quadruped-run"}
 
 
-class ShowOnce(logging.Filter):
-    """Lets each distinct message through once: dm_control warns of cheetah's `settotalmass` at every env built."""
+SHOWN = set()  # dm_control's log messages shown so far: it warns of cheetah's `settotalmass` at every env built
 
-    def __init__(self):
-        super().__init__()
-        self.seen = set()
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        new = record.getMessage() not in self.seen
-        self.seen.add(record.getMessage())
-        return new
+def show_once(record: logging.LogRecord) -> bool:
+    """A logging filter: each distinct message once."""
+    new = record.getMessage() not in SHOWN
+    SHOWN.add(record.getMessage())
+    return new
 
 
 def control_suite():
-    if not any(isinstance(f, ShowOnce) for f in logging.getLogger("absl").filters):
-        logging.getLogger("absl").addFilter(ShowOnce())
+    if show_once not in logging.getLogger("absl").filters:
+        logging.getLogger("absl").addFilter(show_once)
     try:  # MUJOCO_GL is set only for --capture-video (main()): training needs no OpenGL
         from dm_control import suite
     except (AttributeError, ImportError, RuntimeError) as error:  # MUJOCO_GL=egl without libEGL, for one

@@ -1108,8 +1108,13 @@ def main(args: Args) -> dict:
         missing = [t for t in tasks if t not in spec["tasks"]]
         if missing or not tasks:
             raise RobotError(f"the policy knows the tasks {spec['tasks']}, not {missing or args.task!r}")
-        if args.backend not in ("sim", "intera") or args.episodes < 1:
-            raise RobotError("--backend must be sim or intera, and --episodes positive")
+        if args.backend not in ("sim", "intera"):
+            raise RobotError(f"--backend must be sim or intera, not {args.backend!r}")
+        checks = (("--episodes", args.episodes, args.episodes >= 1, "positive"), ("--seed", args.seed, args.seed >= 0,
+                  "zero or more"), ("--deadline", args.deadline, 0 < args.deadline < float("inf"), "positive"))
+        for flag, value, valid, expected in checks:
+            if not valid:  # a NaN --deadline fails too
+                raise RobotError(f"{flag} must be {expected}, not {value!r}")
         folder = Path(args.policy).resolve().parent
         output = Path(args.output or folder / f"eval_{args.backend}_{args.task}.json")
         _previous_results(output, tasks)  # refuse a file we would not append to, before the arm moves

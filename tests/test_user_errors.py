@@ -551,3 +551,32 @@ def collect_processes_in(folder: Path) -> list:
                     os.path.realpath(f"/proc/{pid}/cwd") == str(folder.resolve()):
                 found.append(pid)
     return found
+
+
+REAL_ROBOT_FLAGS = [
+    (["--episodes", "0"], "--episodes must be positive, not 0"),
+    (["--seed", "-2"], "--seed must be zero or more"),
+    (["--deadline", "0"], "--deadline must be positive"),
+    (["--deadline", "nan"], "--deadline must be positive"),
+    (["--backend", "ros"], "--backend must be sim or intera, not 'ros'"),
+    (["--task", "juggle"], "the policy knows the tasks"),
+]
+
+
+@pytest.mark.parametrize("flags,phrase", REAL_ROBOT_FLAGS, ids=[" ".join(f) for f, _ in REAL_ROBOT_FLAGS])
+def test_real_robot_py_says_one_sentence_for_a_bad_flag_before_the_arm_moves(flags, phrase, tmp_path):
+    import real_robot
+    import sawyer_env
+
+    spec = {"env": "sawyer", "obs_dim": sawyer_env.OBS_DIM, "act_dim": sawyer_env.ACT_DIM,
+            "tasks": list(sawyer_env.ALL_TASKS), "action_low": [-1.0] * sawyer_env.ACT_DIM,
+            "action_high": [1.0] * sawyer_env.ACT_DIM, "env_action_low": sawyer_env.ACTION_LOW.tolist(),
+            "env_action_high": sawyer_env.ACTION_HIGH.tolist()}
+    net = abm_mpo.GaussianPolicy(sawyer_env.OBS_DIM, sawyer_env.ACT_DIM, (8,), len(sawyer_env.ALL_TASKS), 1)
+    abm_mpo.export_policy(abm_mpo.ActingPolicy(net, spec), spec, tmp_path)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_:
+        real_robot.main(tyro.cli(real_robot.Args, args=["--policy", str(tmp_path / "policy.pt2"), *flags]))
+    line = str(exit_.value.code)
+    assert line.startswith("real_robot.py: error: ") and phrase in line and "\n" not in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy.pt2"]  # no log, no results file
