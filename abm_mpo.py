@@ -618,7 +618,8 @@ RUN = {}  # this process's run, for main()'s last line: run_dir, new, step, chec
 
 def main(train_fn: Callable, args) -> None:
     """`train_fn(args)`: a UserError is one sentence (exit 1); Ctrl-C or SIGTERM one line saying where the run stopped
-    and how to continue it (exit 130). A new run that ends before its first checkpoint leaves no directory behind."""
+    and how to continue it (exit 130). A new run that ends with neither a checkpoint nor an evaluation leaves no
+    directory behind."""
     if sys.platform.startswith("linux"):  # OpenGL for videos only; with none probed, no libEGL or display is needed
         os.environ.setdefault("MUJOCO_GL", "egl" if getattr(args, "capture_video", False) else "disable")
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also where a background shell ignores Ctrl-C
@@ -639,8 +640,11 @@ def main(train_fn: Callable, args) -> None:
         run_dir, new, saved = RUN.get("run_dir"), RUN.get("new"), RUN.get("checkpoint")
         RUN.clear()
     if status and run_dir is not None and new and not saved and run_dir.exists():  # nothing in it can be resumed
-        shutil.rmtree(run_dir)
-        line += f" (before the run's first checkpoint: {run_dir} removed)"
+        if (run_dir / "metrics.csv").exists():
+            line += f" (no checkpoint yet, so it cannot be resumed; {run_dir / 'metrics.csv'} keeps its evaluations)"
+        else:
+            shutil.rmtree(run_dir)
+            line += f" (before the run's first checkpoint and evaluation: {run_dir} removed)"
     if line:
         print(line, file=sys.stderr)
         sys.exit(status)

@@ -265,7 +265,24 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tmp_pa
                                   "--total-steps", "4", "--eval-every", "2", *tiny(abm_mpo)),
                         "non-finite loss ['losses/critic'] at update 1")
     assert "there was no checkpoint yet" in line and "checkpoint.pt" not in line
-    assert f"{tmp_path / 'run'} removed" in line and not (tmp_path / "run").exists()
+    assert f"first checkpoint and evaluation: {tmp_path / 'run'} removed" in line and not (tmp_path / "run").exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_keeps_its_evaluations(tmp_path, monkeypatch):
+    dataset = write_random_dataset(tmp_path / "data.npz")
+    real_record = abm_mpo.Logger.record
+
+    def record(self, step, metrics):
+        if step == 5:
+            raise KeyboardInterrupt
+        real_record(self, step, metrics)
+
+    monkeypatch.setattr(abm_mpo.Logger, "record", record)
+    status, stderr = run_main(abm_mpo, "--env", SMOKE_ENV, "--dataset", dataset, "--run-dir", tmp_path / "run",
+                              "--eval-every", "2", "--checkpoint-every", "100", *tiny(abm_mpo))
+    line = one_sentence(status, stderr, "abm_mpo.py: stopped at update 4")
+    assert status == 130 and "cannot be resumed" in line and "metrics.csv keeps its evaluations" in line
+    assert [row["step"] for row in csv.DictReader((tmp_path / "run" / "metrics.csv").open())] == ["2", "4"]
 
 
 def test_resume_refuses_a_damaged_config_in_one_sentence(finished_run, tmp_path):
