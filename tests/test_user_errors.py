@@ -268,16 +268,20 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tmp_pa
     assert f"first checkpoint and evaluation: {tmp_path / 'run'} removed" in line and not (tmp_path / "run").exists()
 
 
-def test_a_run_stopped_before_its_first_checkpoint_keeps_its_evaluations(tmp_path, monkeypatch):
-    dataset = write_random_dataset(tmp_path / "data.npz")
-    real_record = abm_mpo.Logger.record
+def ctrl_c_at(module, stop: int):
+    """Logger.record of `module` as if Ctrl-C came when update `stop` was about to be recorded."""
+    real_record = module.Logger.record
 
     def record(self, step, metrics):
-        if step == 5:
+        if step == stop:
             raise KeyboardInterrupt
         real_record(self, step, metrics)
+    return record
 
-    monkeypatch.setattr(abm_mpo.Logger, "record", record)
+
+def test_a_run_stopped_before_its_first_checkpoint_keeps_its_evaluations(tmp_path, monkeypatch):
+    dataset = write_random_dataset(tmp_path / "data.npz")
+    monkeypatch.setattr(abm_mpo.Logger, "record", ctrl_c_at(abm_mpo, 5))
     status, stderr = run_main(abm_mpo, "--env", SMOKE_ENV, "--dataset", dataset, "--run-dir", tmp_path / "run",
                               "--eval-every", "2", "--checkpoint-every", "100", *tiny(abm_mpo))
     line = one_sentence(status, stderr, "abm_mpo.py: stopped at update 4")
@@ -462,17 +466,10 @@ def test_rows_after_a_resume_average_the_updates_they_say(tmp_path, monkeypatch)
              "--checkpoint-every", "3", *tiny(bm_mpo)]
     with contextlib.redirect_stdout(io.StringIO()):
         bm_mpo.train(tyro.cli(bm_mpo.Args, args=[*flags, "--run-dir", str(tmp_path / "straight")]))
-        real_record = bm_mpo.Logger.record
-
-        def record(self, step, metrics):
-            if step == 7:
-                raise KeyboardInterrupt
-            real_record(self, step, metrics)
-
-        monkeypatch.setattr(bm_mpo.Logger, "record", record)
+        monkeypatch.setattr(bm_mpo.Logger, "record", ctrl_c_at(bm_mpo, 7))
         with pytest.raises(KeyboardInterrupt):
             bm_mpo.train(tyro.cli(bm_mpo.Args, args=[*flags, "--run-dir", str(tmp_path / "stopped")]))
-        monkeypatch.setattr(bm_mpo.Logger, "record", real_record)
+        monkeypatch.undo()
         assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["step"] == 6
         bm_mpo.train(tyro.cli(bm_mpo.Args, args=["--resume", str(tmp_path / "stopped")]))
     straight, resumed = (list(csv.DictReader((tmp_path / name / "metrics.csv").open())) for name in ("straight", "stopped"))
