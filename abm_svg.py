@@ -788,6 +788,7 @@ def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str]
 # --- shared block: dataset ---
 ARRAY_DIMENSIONS = {"observation": 2, "action": 2, "reward": 2, "discount": 1, "episode_id": 1, "step": 1,
                     "next_observation": 2, "run_id": 1, "task_id": 1}  # the first six are required
+WHOLE_NUMBERS = ("episode_id", "step", "run_id", "task_id")
 DATASET_RULES = [  # (rule on the arrays a, what the user reads when it fails), checked in order
     (lambda a: all(key in a for key in list(ARRAY_DIMENSIONS)[:6]),
      f"it lacks some of the arrays {list(ARRAY_DIMENSIONS)[:6]}; see README 'Datasets'"),
@@ -797,12 +798,10 @@ DATASET_RULES = [  # (rule on the arrays a, what the user reads when it fails), 
     (lambda a: len(a["observation"]) > 0, "it holds no transitions"),
     (lambda a: a.get("next_observation", a["observation"]).shape == a["observation"].shape,
      "'next_observation' and 'observation' differ in shape"),
-    (lambda a: all(np.issubdtype(a[key].dtype, np.number) for key in ARRAY_DIMENSIONS if key in a),
-     "an array holds something other than numbers"),
-    (lambda a: all(np.issubdtype(a[key].dtype, np.integer) for key in ("episode_id", "step", "run_id", "task_id")
-                   if key in a), "'episode_id', 'step', 'run_id' and 'task_id' must be whole numbers"),
-    (lambda a: all(np.isfinite(a[key]).all() for key in list(ARRAY_DIMENSIONS)[:7] if key in a),
-     "an array contains NaN or infinite values"),
+    *[(lambda a, key=key: key not in a or np.issubdtype(a[key].dtype, np.integer if key in WHOLE_NUMBERS else np.number),
+       f"array {key!r} must hold {'whole numbers' if key in WHOLE_NUMBERS else 'numbers'}") for key in ARRAY_DIMENSIONS],
+    *[(lambda a, key=key: key not in a or np.isfinite(a[key]).all(), f"array {key!r} contains NaN or infinite values")
+      for key in list(ARRAY_DIMENSIONS)[:7]],
     (lambda a: np.all((np.asarray(a["discount"]) >= 0) & (np.asarray(a["discount"]) <= 1)),
      "'discount' must lie in [0, 1] (0 where an episode terminates)"),
     (lambda a: len(np.unique(a["episode_id"])) == len(episode_starts(a["episode_id"]))

@@ -585,6 +585,7 @@ def collect_seed(args: Args, seed: int, parts: Path, device: torch.device) -> No
     first = len(done_files)
     progress = tqdm(range(first, args.episodes), initial=first, total=args.episodes,
                     desc=f"collect {args.env} seed {seed}", disable=None, dynamic_ncols=True)
+    started = time.time()
     for index in progress:
         episode = run_episode(env, agent, int(rng.integers(2**31)), generator, device)
         replay.add(episode)
@@ -606,6 +607,10 @@ def collect_seed(args: Args, seed: int, parts: Path, device: torch.device) -> No
         save_checkpoint(learner_file, {"agent": agent, "optimizer": optimizer}, rng, generator,
                         updates=updates, env_steps=env_steps, episodes=index + 1)
         progress.set_postfix(episode_return=f"{episode['reward'].sum():.1f}", updates=updates)
+        if progress.disable:  # no terminal (a log file, the main job's pipe): a line per episode instead of the bar
+            left = (time.time() - started) / (index + 1 - first) * (args.episodes - index - 1)
+            print(f"collect {args.env} seed {seed}: episode {index + 1} of {args.episodes}, return "
+                  f"{episode['reward'].sum():.1f}, {updates:,} updates, about {left / 60:.0f} min left", flush=True)
 
 
 def read_parts(files: list) -> list[dict]:
@@ -695,6 +700,9 @@ def collect_sawyer(args: Args, seed: int, parts: Path) -> None:
         arrays = collect_sawyer_block(seed, block, count, args.noise)
         write_atomically(file, {**arrays, "run_id": np.int64(seed), "noise": np.float64(args.noise)})
         progress.update(count)
+        if progress.disable:  # no terminal: a line per block of episodes instead of the bar
+            print(f"collect sawyer seed {seed}: {min((block + 1) * period, args.episodes)} of {args.episodes} "
+                  f"episodes", flush=True)
     progress.close()
 
 

@@ -167,10 +167,10 @@ BAD_DATASETS = [  # (how the arrays are damaged, what the sentence says)
     (lambda a: a.pop("action"), "it lacks some of the arrays"),
     (lambda a: a.update(reward=np.zeros((3, 1), np.float32)), "array 'reward' has shape other than 2-D"),
     (lambda a: a.update(observation=a["observation"][:, :, None]), "array 'observation' has shape other than 2-D"),
-    (lambda a: a.update(discount=np.array(["x"] * len(a["discount"]))), "holds something other than numbers"),
-    (lambda a: a.update(episode_id=a["episode_id"] + 0.5), "must be whole numbers"),
-    (lambda a: a["reward"].__setitem__(7, np.nan), "contains NaN or infinite values"),
-    (lambda a: a["observation"].__setitem__(3, np.inf), "contains NaN or infinite values"),
+    (lambda a: a.update(discount=np.array(["x"] * len(a["discount"]))), "array 'discount' must hold numbers"),
+    (lambda a: a.update(episode_id=a["episode_id"] + 0.5), "array 'episode_id' must hold whole numbers"),
+    (lambda a: a["reward"].__setitem__(7, np.nan), "array 'reward' contains NaN or infinite values"),
+    (lambda a: a["observation"].__setitem__(3, np.inf), "array 'observation' contains NaN or infinite values"),
     (lambda a: a["discount"].__setitem__(5, 2.0), "'discount' must lie in [0, 1]"),
     (lambda a: a.update(step=a["step"] * 2), "consecutive steps"),
     (lambda a: a.update(metadata=np.array("{not json")), "its 'metadata' is not JSON"),
@@ -350,6 +350,20 @@ def test_without_a_terminal_progress_is_a_line_at_a_steady_interval(tmp_path, mo
     lines = [line for line in stdout.getvalue().splitlines() if " of 6, " in line]
     assert [line.split("update ")[1].split(" of")[0] for line in lines] == ["1", "2", "3", "4", "5", "6"]
     assert "last evaluation none yet" in lines[0] and "'eval/return'" in lines[3] and "updates/s" in lines[3]
+
+
+@pytest.mark.slow
+def test_collect_py_without_a_terminal_says_each_episode(tmp_path):
+    """The main job's default collection runs 20 minutes with its output in a pipe, where no bar is drawn."""
+    command = [sys.executable, str(ROOT / "collect.py"), "--env", SMOKE_ENV, "--output", str(tmp_path / "data.npz"),
+               "--episodes", "2", "--warmup-steps", "500", "--steps-per-update", "100", "--batch-size", "16",
+               "--policy-layers", "16", "--critic-layers", "16"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith(f"collect {SMOKE_ENV} seed 0: episode")]
+    assert [line.split("episode ")[1].split(",")[0] for line in lines] == ["1 of 2", "2 of 2"], result.stdout
+    assert "updates, about" in lines[1] and lines[1].endswith("0 min left")
 
 
 def test_dm_control_warnings_are_shown_once(tmp_path):
