@@ -572,10 +572,9 @@ def collect_seed(args: Args, seed: int, parts: Path, device: torch.device) -> No
     learner_file = parts / f"run{seed:03d}_learner.pt"
     done_files = episode_files(parts, seed)
     updates, env_steps = 0, 0
+    if done_files and not learner_file.exists():  # killed between its first episode and first checkpoint
+        done_files = []  # all redone from the seed: the same episodes, written again
     if done_files:
-        if not learner_file.exists():
-            raise UserError(f"{parts} has episodes of seed {seed} but no {learner_file.name}; "
-                            f"delete them or the directory to start this seed again")
         state = load_checkpoint(learner_file, device, {"agent": agent, "optimizer": optimizer}, rng, generator)
         updates, env_steps = state["updates"], state["env_steps"]
         done_files = done_files[: state["episodes"]]  # an episode written after the last checkpoint is redone

@@ -6,6 +6,7 @@ Only the command line, collect.train(collect.Args(...)) and the files written ar
 import contextlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +68,25 @@ def test_a_killed_collection_resumes_with_the_learners_state(tmp_path):
     a, b = load(straight), load(resumed)
     assert len(np.unique(a["episode_id"])) == 3
     for key in ARRAYS:  # the episodes after the kill are those of the learner that never stopped
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.slow
+def test_a_kill_between_the_first_episode_and_the_first_checkpoint_is_redone(tmp_path):
+    """Seen in a loaded suite run: SIGKILL after run000_episode000000.npz was written but before run000_learner.pt;
+    the rerun refused the folder ("has episodes of seed 0 but no run000_learner.pt")."""
+    straight = tmp_path / "straight.npz"
+    assert subprocess.run(command(straight, 2), cwd=ROOT, env=environment(), capture_output=True,
+                          timeout=600).returncode == 0
+    killed = tmp_path / "killed.npz"
+    killed.with_suffix(".episodes").mkdir()
+    first = "run000_episode000000.npz"
+    shutil.copyfile(straight.with_suffix(".episodes") / first, killed.with_suffix(".episodes") / first)
+    rerun = subprocess.run(command(killed, 2), cwd=ROOT, env=environment(), capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    a, b = load(straight), load(killed)
+    for key in ARRAYS:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
