@@ -904,7 +904,7 @@ def select_tasks(data: dict, task: str, env_id: Optional[str] = None) -> tuple[l
 def load_data(args, env: gym.Env, device: torch.device) -> tuple[dict, list[str], dict]:
     """The run's dataset checked against the env (the default one made by collect.py if missing) as tensors on
     `device` (float32 memory-mapped arrays stay on disk on a CPU), its task names, and its spec for config.json."""
-    path = minari_npz(args.dataset) or Path(args.dataset or f"datasets/{args.env.replace(':', '_').replace('/', '_')}.npz")
+    path = minari_npz(args.dataset) or Path(args.dataset or default_dataset(args.env))
     unfinished = unfinished_collection(path) if args.dataset is None else None  # a stopped default one: continued
     if args.dataset is None and not path.exists() or unfinished:
         print(f"{f'{path} holds {unfinished}' if unfinished else f'No dataset at {path}'}: generating it with "
@@ -939,6 +939,10 @@ def load_data(args, env: gym.Env, device: torch.device) -> tuple[dict, list[str]
     keys = ("observation", "action", "reward", "discount", "next_observation", "episode_last")
     return {key: torch.as_tensor(np.asarray(data[key], None if key == "episode_last" else np.float32),
                                  device=device) for key in keys}, tasks, spec
+
+
+def default_dataset(env_id: str) -> Path:
+    return Path("datasets", env_id.replace(":", "_").replace("/", "_") + ".npz")
 
 
 def stored_metadata(path: Path) -> dict:
@@ -991,6 +995,11 @@ def dataset_env(args) -> str:
     args.env = args.env or "hopper"
     if args.env == "sawyer" and args.task not in ("all", *sawyer_env.ALL_TASKS):  # before any data is generated
         raise UserError(f"unknown sawyer --task {args.task!r}: use all or one of {', '.join(sawyer_env.ALL_TASKS)}")
+    task = CONTROL_SUITE_ALIASES.get(args.env, args.env)  # the one task of the default data collect.py would make
+    if args.dataset is None and args.task not in ("all", task) and args.env != "sawyer" and \
+            not default_dataset(args.env).exists():
+        raise UserError(f"unknown --task {args.task!r}: the default {args.env} data that collect.py makes has the one "
+                        f"task {task!r} (or give all)")
     args.__post_init__()  # the defaults that depend on the env
     return args.env
 # --- end shared block ---

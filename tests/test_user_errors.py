@@ -154,6 +154,13 @@ def test_a_bad_sawyer_task_is_refused_before_any_data_is_generated(tmp_path, mon
     assert not (tmp_path / "datasets").exists()
 
 
+def test_a_task_the_default_data_will_not_have_is_refused_before_it_is_generated(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(abm_mpo.subprocess, "run", lambda *a, **k: pytest.fail("collect.py was started"))
+    line = one_sentence(*run_main(abm_mpo, "--env", "cheetah", "--task", "hop", *TINY), "unknown --task 'hop'")
+    assert "'cheetah-run'" in line and not (tmp_path / "datasets").exists()
+
+
 # --- datasets ---------------------------------------------------------------------------------------------------
 def damaged(path: Path, change) -> Path:
     with np.load(write_random_dataset(path)) as archive:
