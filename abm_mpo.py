@@ -1193,7 +1193,8 @@ class Logger:
         if state.get("count"):
             self.sums, self.keys, self.count = state["sums"], state["keys"], state["count"]
             self.clock = time.time() - state["seconds"]
-        self.progress.update(self.start)
+        self.progress.initial = self.progress.n = self.progress.last_print_n = self.start  # tqdm(initial=start)
+        self.progress.refresh()
 
     def record(self, step: int, metrics: dict) -> None:
         values = torch.stack(list(metrics.values()))  # one tensor: a few kernel launches whatever the metrics
