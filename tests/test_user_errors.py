@@ -50,9 +50,10 @@ def run_main(module, *argv) -> tuple[int, str]:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
             try:
                 module.main(module.train, tyro.cli(module.Args, args=argv))
-            except SystemExit as exit_:  # sys.exit("message"): Python prints it to stderr, status 1
+            except SystemExit as exit_:
+                if isinstance(exit_.code, str):  # sys.exit("message"): Python prints it to stderr, status 1
+                    print(exit_.code, file=sys.stderr)
                 status = 1 if isinstance(exit_.code, str) else exit_.code
-                print(exit_.code, file=sys.stderr) if isinstance(exit_.code, str) else None
     finally:
         sys.argv = old_argv
         for sig, handler in handlers.items():
@@ -61,6 +62,7 @@ def run_main(module, *argv) -> tuple[int, str]:
 
 
 def one_sentence(status, stderr, phrase, script="") -> str:
+    """Asserts a failure told in one line that holds `phrase` (an error of `script`, or a stop); returns the line."""
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     assert status not in (0, None), stderr
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
