@@ -1258,9 +1258,10 @@ class Logger:
                            "cpu (README \"Results\")" if hours > 2 else ""), file=sys.stderr)
         if self.progress.disable and time.time() - self.line_clock >= PROGRESS_SECONDS:  # no terminal: a line
             rate = (step - self.start) / (time.time() - self.started)
-            last = {k: f"{float(v):.1f}" for k, v in (self.rows or [{}])[-1].items() if k.startswith("eval/")}
+            last = ", ".join(f"{key[5:]} {float(value):.1f}" for key, value in (self.rows or [{}])[-1].items()
+                             if key.startswith("eval/"))
             print(f"{self.run_dir.name}: update {step:,} of {self.total:,}, {rate:.1f} updates/s, about "
-                  f"{(self.total - step) / rate / 60:.0f} min left; last evaluation {last or 'none yet'}", flush=True)
+                  f"{(self.total - step) / rate / 60:.0f} min left; last evaluation: {last or 'none yet'}", flush=True)
             self.line_clock = time.time()
 
     def check_finite(self) -> None:

@@ -358,7 +358,8 @@ def test_without_a_terminal_progress_is_a_line_at_a_steady_interval(tmp_path, mo
                                                  *tiny(bm_mpo)]))
     lines = [line for line in stdout.getvalue().splitlines() if " of 6, " in line]
     assert [line.split("update ")[1].split(" of")[0] for line in lines] == ["1", "2", "3", "4", "5", "6"]
-    assert "last evaluation none yet" in lines[0] and "'eval/return'" in lines[3] and "updates/s" in lines[3]
+    assert "last evaluation: none yet" in lines[0] and "updates/s" in lines[3]
+    assert "last evaluation: return " in lines[3] and ", prior_return " in lines[3]
 
 
 @pytest.mark.slow
