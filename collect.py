@@ -183,10 +183,6 @@ def to_torch(batch: dict, device: torch.device) -> dict:
     return {key: torch.as_tensor(value, device=device) for key, value in batch.items()}
 
 
-def default_dataset_path(env_id: str) -> Path:
-    return Path("datasets") / (env_id.replace(":", "_").replace("/", "_") + ".npz")
-
-
 # --- shared block: env ---
 CONTROL_SUITE_ALIASES = {"hopper": "hopper-hop", "cheetah": "cheetah-run", "walker": "walker-walk",
                          "quadruped": "quadruped-run"}
@@ -263,6 +259,11 @@ def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str]
         raise UserError(f"env {env_id!r} has {env.observation_space} observations and {env.action_space} actions; "
                         f"these scripts learn from flat vectors of real numbers (1-D Box spaces) for both")
     return env
+
+
+def default_dataset(env_id: str) -> Path:
+    """Where collect.py writes an env's data when no --output is given, and where the learning scripts look for it."""
+    return Path("datasets", env_id.replace(":", "_").replace("/", "_") + ".npz")
 # --- end shared block ---
 
 
@@ -764,7 +765,7 @@ def train(args: Args) -> Path:
     check_flags(args)  # every number in range
     device = pick_device(args.device)
     make_env(args.env)  # validates --env before anything is written
-    output = Path(args.output) if args.output else default_dataset_path(args.env)
+    output = Path(args.output) if args.output else default_dataset(args.env)
     parts = output.with_suffix(".episodes")
     try:
         parts.mkdir(parents=True, exist_ok=True)

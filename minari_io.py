@@ -291,6 +291,11 @@ def make_env(env_id: str, render_mode: Optional[str] = None, task: Optional[str]
         raise UserError(f"env {env_id!r} has {env.observation_space} observations and {env.action_space} actions; "
                         f"these scripts learn from flat vectors of real numbers (1-D Box spaces) for both")
     return env
+
+
+def default_dataset(env_id: str) -> Path:
+    """Where collect.py writes an env's data when no --output is given, and where the learning scripts look for it."""
+    return Path("datasets", env_id.replace(":", "_").replace("/", "_") + ".npz")
 # --- end shared block ---
 
 
@@ -426,10 +431,6 @@ def load_data(args, env: gym.Env, device: torch.device) -> tuple[dict, list[str]
     keys = ("observation", "action", "reward", "discount", "next_observation", "episode_last")
     return {key: torch.as_tensor(np.asarray(data[key], None if key == "episode_last" else np.float32),
                                  device=device) for key in keys}, tasks, spec
-
-
-def default_dataset(env_id: str) -> Path:
-    return Path("datasets", env_id.replace(":", "_").replace("/", "_") + ".npz")
 
 
 def stored_metadata(path: Path) -> dict:
