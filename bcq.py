@@ -1194,9 +1194,9 @@ class Logger:
             rate = (ESTIMATE_AFTER[1] - ESTIMATE_AFTER[0]) / (time.time() - self.seen_clock)
             hours = (self.total - step) / rate / 3600
             tqdm.write(f"{Path(sys.argv[0]).name}: {rate:.1f} updates/s here, so the {self.total - step:,} updates "
-                       f"left take about {hours:.1f} h (evaluations not counted)" + (
-                           "; a CPU-sized run that shows the methods apart: python benchmarks/reproduce.py --preset "
-                           "cpu (README \"Results\")" if hours > 2 else ""), file=sys.stderr)
+                       f"left take about {f'{hours:.1f} h' if hours >= 1 else f'{60 * hours:.0f} min'} (evaluations "
+                       "not counted)" + ("; every method at a CPU-sized budget: python benchmarks/reproduce.py "
+                                         "--preset cpu (README \"Results\")" if hours > 2 else ""), file=sys.stderr)
         if self.progress.disable and time.time() - self.line_clock >= PROGRESS_SECONDS:  # no terminal: a line
             rate = (step - self.start) / (time.time() - self.started)
             last = ", ".join(f"{key[5:]} {float(value):.1f}" for key, value in (self.rows or [{}])[-1].items()

@@ -122,7 +122,8 @@ class Preset:
     sawyer_eval_every: int
     num_cpus: float = 1.0  # Ray resources per job
     num_gpus: float = 0.0
-    extra_train_flags: tuple = ()  # smoke only: shortened evaluation episodes
+    extra_train_flags: tuple = ()  # flags added to every learning run (smoke: shortened evaluation episodes)
+    datasets_from: str = ""  # learn from the data published in this folder (relative to the repository) instead of collecting
     differences: tuple = ()  # settings that differ from the paper, named in the table header
     run_here: str = ""
 
@@ -171,6 +172,27 @@ PRESETS = {
                      "columns ABM+SVG, BM+SVG and SVG left out (the gpu preset runs them)",
                      "BEAR's warm-up 2% of the updates, as the original's 20k of 1M (80 here)"),
         run_here="on this project's 2-core CPU, in pieces (results accumulate in results/cpu)"),
+    "cpu-critic": Preset(
+        name="cpu-critic", purpose="a test of why the cpu grid did not separate the ABM and BM priors: the same "
+                                   "data, budgets and seeds, with the target networks copied every 20 updates "
+                                   "instead of 200, so the critic gets 10x the Bellman backups in 4,000 updates; "
+                                   "ABM+MPO and BM+MPO only, about 40 minutes of the 2 cores",
+        # Why: in the cpu grid the mean Q on a batch was 2.0 after 4,000 updates (copies every 200) and still rising
+        # by 0.5 per 1,000, while this data's rewards (0.14 per step on average) put V near 14 at gamma = 0.99. With V
+        # that small, Eq. 4's advantage is mostly the snippet's (non-negative) rewards, and the ABM prior accepted
+        # 82-89% of the data (charts/abm_accepted_fraction): nearly a BM prior. Pilot (runs/pilot-critic, seed 0,
+        # all 80, copies every 20): Q 1.3 at 400 updates, 9.4 at 2,400; accepted fraction 0.84 -> 0.60.
+        control_tasks=("cheetah",), collect_episodes=80, collect_seeds=(0,),
+        collect_flags=("--steps-per-update", "1", "--batch-size", "64"),
+        regimes=(("first 20", 20), ("all 80", None)), control_columns=("ABM+MPO", "BM+MPO"),
+        sawyer_tasks=(), sawyer_episodes=0, sawyer_columns=(),
+        seeds=(0, 1, 2, 3, 4), updates=4000, batch=128, sawyer_updates=0, sawyer_batch=0, action_samples=20,
+        eval_every=200, eval_episodes=5, sawyer_eval_every=1, num_cpus=1.0,
+        extra_train_flags=("--target-update-period", "20"), datasets_from="results/cpu/datasets",
+        differences=("the cpu preset's settings and data (results/cpu/datasets/cheetah.npz), and:",
+                     "target networks copied every 20 updates (paper and cpu preset: 200)",
+                     "columns ABM+MPO and BM+MPO (with their priors) only"),
+        run_here="on this project's 2-core CPU (results/cpu-critic)"),
     "cpu-walker": Preset(
         name="cpu-walker", purpose="a subset that answers the question on a 2-core CPU in about 100 minutes "
                             "(at most 3 hours, over several runs of the command)",
@@ -964,10 +986,12 @@ def budgets_text(preset: Preset) -> str:
                + f"; {preset.updates} updates, batch {preset.batch}")
     sawyer = (f"Sawyer --task {', '.join(preset.sawyer_tasks)}: {preset.sawyer_episodes} scripted episodes per "
               f"collecting seed; {preset.sawyer_updates} updates, batch {preset.sawyer_batch}") if preset.sawyer_tasks else ""
-    return (f"{control}. {sawyer}. M = {preset.action_samples}, {len(preset.seeds)} seeds "
-            f"({', '.join(map(str, preset.seeds))}), evaluation every {preset.eval_every} updates "
-            f"(Sawyer {preset.sawyer_eval_every}) with {preset.eval_episodes} episodes; Ray: {preset.num_cpus:g} CPU"
-            f"{f', {preset.num_gpus:g} GPU' if preset.num_gpus else ''} per job. Paper: {PAPER_SCALE}.")
+    extra = f"; every run with {' '.join(preset.extra_train_flags)}" if preset.extra_train_flags else ""
+    return (". ".join(part for part in (control, sawyer) if part) + f". M = {preset.action_samples}, "
+            f"{len(preset.seeds)} seeds ({', '.join(map(str, preset.seeds))}), evaluation every {preset.eval_every} "
+            f"updates{f' (Sawyer {preset.sawyer_eval_every})' if sawyer else ''} with {preset.eval_episodes} episodes"
+            f"{extra}; Ray: {preset.num_cpus:g} CPU{f', {preset.num_gpus:g} GPU' if preset.num_gpus else ''} per job. "
+            f"Paper: {PAPER_SCALE}.")
 
 
 def machine() -> dict:
@@ -1049,8 +1073,9 @@ def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], nu
     for job in jobs:
         if job.kind == "train":
             job.published = out / "runs" / job.name
+    published = ROOT / preset.datasets_from if preset.datasets_from else out / "datasets"
     for job in jobs:  # a dataset published beside the results (<out>/datasets/<env>.npz) is the one the grid uses
-        committed = out / "datasets" / job.dataset.name if job.dataset else None
+        committed = published / job.dataset.name if job.dataset else None
         if committed and committed.exists() and job.dataset.parent == work / "datasets" and not job.dataset.exists():
             job.dataset.parent.mkdir(parents=True, exist_ok=True)
             job.dataset.symlink_to(committed.resolve())

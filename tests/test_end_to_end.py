@@ -217,12 +217,13 @@ def test_a_run_says_once_how_long_it_will_take(random_dataset, tmp_path):
                          "--eval-every", "70", "--eval-max-steps", "5", *TINY, "--run-dir", tmp_path / "short")
     assert process.returncode == 0, process.stderr[-2000:]
     lines = [line for line in process.stderr.splitlines() if "updates/s here" in line]
-    assert len(lines) == 1 and "the 10 updates left take about 0.0 h" in lines[0], process.stderr[-2000:]
+    assert len(lines) == 1 and "the 10 updates left take about 0 min" in lines[0], process.stderr[-2000:]
     assert "--preset cpu" not in lines[0]  # minutes, not hours: no advice
     # A long run (checked through the Logger with a fake clock): 40 updates in 1 s, 9,999,940 left.
     logger_line = estimate_line(bm_mpo, total=10_000_000, rate_seconds=1.0)
     assert logger_line.count("\n") == 1 and "40.0 updates/s here, so the 9,999,940 updates left take about 69.4 h" \
         in logger_line and "python benchmarks/reproduce.py --preset cpu" in logger_line
+    assert "updates left take about 25 min" in estimate_line(bm_mpo, total=60_060, rate_seconds=1.0)  # 60,000 at 40/s
 
 
 def estimate_line(module, total: int, rate_seconds: float) -> str:

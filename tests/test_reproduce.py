@@ -314,3 +314,33 @@ def test_a_runs_command_stays_the_same_once_its_dataset_is_a_link(tmp_path):
         (work / "datasets" / f"{env}.npz").symlink_to(tmp_path / f"published-{env}.npz")
     after = [job.command for job in reproduce.build_grid(SMOKE, work) if job.kind == "train"]
     assert after == before
+
+
+def test_a_preset_can_learn_from_another_presets_published_data(tmp_path):
+    """The cpu-critic preset reruns two columns of the cpu grid with one setting changed: it must learn from the
+    cpu preset's published file (collecting again gives other data), with the changed flag in every run."""
+    import tyro
+
+    import abm_mpo
+
+    critic = reproduce.PRESETS["cpu-critic"]
+    assert (ROOT / critic.datasets_from / "cheetah.npz").exists()  # results/cpu/datasets, published in git
+    runs = [job for job in reproduce.build_grid(critic, Path("/tmp/grid")) if job.kind == "train"]
+    assert len(runs) == 2 * 2 * 5 and {job.labels["column"] for job in runs} == {"ABM+MPO", "BM+MPO"}
+    assert {tyro.cli(abm_mpo.Args, args=job.command[2:]).target_update_period for job in runs} == {20}
+    # A smoke grid whose data is published elsewhere: its dataset is linked from there and nothing is collected.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = SMOKE.control_tasks[0]
+    from tests.helpers import write_random_dataset
+
+    write_random_dataset(elsewhere / f"{env}.npz", episodes=SMOKE.collect_episodes, env=env)
+    preset = dataclasses.replace(SMOKE, datasets_from=str(elsewhere))  # absolute: ROOT / it is itself
+    work, out = tmp_path / "work", tmp_path / "results"
+    collection = [job for job in reproduce.build_grid(preset, work) if job.name == f"dataset-{env}"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        reproduce.reproduce(preset, out, work, num_cpus=1, jobs=collection, local=True)
+    assert (work / "datasets" / f"{env}.npz").resolve() == (elsewhere / f"{env}.npz").resolve()
+    assert f"-> {elsewhere / f'{env}.npz'} (published with the results)" in printed.getvalue()
+    assert not (work / "logs" / f"dataset-{env}.log").exists()  # not collected

@@ -1,0 +1,175 @@
+"""What an ABM prior keeps: the share of each episode's transitions that Eq. 4 accepts, against the episode's return.
+
+    python benchmarks/abm_filter.py runs/reproduce/cpu/runs/cheetah-all80-ABM_MPO-seed*   # one or more run dirs
+    python benchmarks/abm_filter.py RUN_DIR... --out filter.md --json filter.json
+
+The ABM prior (Eq. 4) imitates a logged action a_t when the advantage of its snippet is non-negative:
+
+    R(s_t..s_N) + gamma^N V(s_N) - V(s_t) >= 0,   V(s) = mean_j Q(s, a_j), a_j ~ pi(.|s)
+
+"Keep doing what worked" holds only when that test prefers the good episodes of the data. For each abm_mpo.py
+run directory given, this loads checkpoint.pt (the target critic and target policy, as its last update used them)
+and the run's own data, scores every transition of it with M samples from the run's M and snippet length, and
+prints the fraction accepted overall and in each fifth of the episodes ranked by return (lowest first), the mean
+V(s_t) beside the mean discounted return-to-go of the data, and the rank correlation between an episode's return
+and its accepted fraction. Any abm_mpo.py run works (`--prior bm` and `none` too: what ABM would keep under that
+run's critic). Several runs are also summarised as mean +- std over runs.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("MUJOCO_GL", "disable")  # nothing here renders
+import abm_mpo  # noqa: E402  (the learning script itself: its networks, data loading and Eq. 4)
+
+FIFTHS = 5
+CHUNK = 4096  # transitions scored at once
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1, tied values sharing the mean of their ranks (an accepted fraction is often 0 or 1)."""
+    order = np.argsort(values, kind="stable")
+    positions = np.empty(len(values))
+    positions[order] = np.arange(len(values))
+    _, tie, count = np.unique(values, return_inverse=True, return_counts=True)
+    return (np.bincount(tie, positions) / count)[tie]
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the ranks (nan when either is constant)."""
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def load_run(run_dir: Path):
+    """The run's Args (config.json), data, spec and Agent with the checkpoint's weights."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise SystemExit(f"abm_filter.py: error: {run_dir} is not a run directory with config.json and "
+                         f"checkpoint.pt ({error})") from None
+    if config.get("script") != "abm_mpo":
+        raise SystemExit(f"abm_filter.py: error: {run_dir} is a run of {config.get('script')}.py; this reads "
+                         f"abm_mpo.py runs (their critic, target policy and snippets)")
+    args = abm_mpo.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["args"].items()})
+    args.dataset = config["spec"]["dataset"]
+    env = abm_mpo.make_env(args.env)
+    data, tasks, spec = abm_mpo.load_data(args, env, torch.device("cpu"))
+    agent = abm_mpo.Agent(spec["obs_dim"], spec["act_dim"], len(tasks), args)
+    agent.load_state_dict(state["agent"])
+    return args, data, tasks, spec, agent, state["step"]
+
+
+@torch.no_grad()
+def score(args, data: dict, spec: dict, agent, seed: int = 0) -> dict:
+    """Per transition and task: the Eq. 4 weight, V(s_t) and the advantage, as the run's last update computed them
+    (target networks, M samples, snippets of args.snippet_length), [N, K] arrays."""
+    generator = torch.Generator().manual_seed(seed)
+    low, high = torch.tensor(spec["action_low"]), torch.tensor(spec["action_high"])
+    size, num_tasks = data["reward"].shape
+    weights, values, advantages = [], [], []
+    for start in range(0, size, CHUNK):
+        index = torch.arange(start, min(start + CHUNK, size)).expand(num_tasks, -1)  # [K, B]
+        batch = abm_mpo.sample_batch(data, index.shape[1], args.snippet_length, args.discount, generator, index)
+        states = torch.cat([batch["observation"], batch["bootstrap_observation"]], dim=1)  # [K, 2B, obs]
+        mean, std = agent.target_policy(states)
+        noise = torch.randn((args.num_action_samples, *mean.shape), generator=generator)
+        value, bootstrap_value = abm_mpo.q_values(agent.target_critic, states, mean + std * noise, low, high) \
+            .mean(0).split(index.shape[1], dim=1)
+        weights.append(abm_mpo.advantage_weights(batch["snippet_return"], batch["bootstrap_discount"],
+                                                 bootstrap_value, value).T)
+        values.append(value.T)
+        advantages.append((batch["snippet_return"] + batch["bootstrap_discount"] * bootstrap_value - value).T)
+    return {name: torch.cat(parts).numpy() for name, parts in
+            (("weight", weights), ("value", values), ("advantage", advantages))}
+
+
+def returns_to_go(reward: np.ndarray, discount: np.ndarray, episode_last: np.ndarray, gamma: float) -> np.ndarray:
+    """The data's discounted return from each transition to its episode's end, [N, K]: what V would be for the
+    behaviour itself (no bootstrap past the episode's end: a 1,000-step episode cut by its time limit)."""
+    result = np.zeros_like(reward, dtype=np.float64)
+    following = np.zeros(reward.shape[1])
+    for i in range(len(reward) - 1, -1, -1):
+        if episode_last[i] == i:
+            following = np.zeros(reward.shape[1])
+        following = reward[i] + gamma * discount[i] * following
+        result[i] = following
+    return result
+
+
+def analyse(run_dir: Path) -> dict:
+    args, data, tasks, spec, agent, step = load_run(run_dir)
+    scores = score(args, data, spec, agent)
+    reward = data["reward"].numpy().astype(np.float64)
+    last = data["episode_last"].numpy()
+    to_go = returns_to_go(reward, data["discount"].numpy(), last, args.discount)
+    episodes, episode_of = np.unique(last, return_inverse=True)  # one id per episode (its last index)
+    result = {"run": str(run_dir), "update": step, "prior": args.prior, "target_update_period": args.target_update_period,
+              "transitions": len(reward), "episodes": len(episodes), "tasks": {}}
+    for k, task in enumerate(tasks):
+        episode_return = np.bincount(episode_of, reward[:, k])
+        accepted = np.bincount(episode_of, scores["weight"][:, k]) / np.bincount(episode_of)
+        fifths = np.array_split(np.argsort(episode_return, kind="stable"), FIFTHS)  # episodes, lowest return first
+        result["tasks"][task] = {
+            "accepted": float(scores["weight"][:, k].mean()),
+            "mean_value": float(scores["value"][:, k].mean()),
+            "mean_return_to_go": float(to_go[:, k].mean()),
+            "rank_correlation": spearman(episode_return, accepted),
+            "fifths": [{"episode_return": float(episode_return[f].mean()), "accepted": float(accepted[f].mean())}
+                       for f in fifths]}
+    return result
+
+
+def report(results: list[dict]) -> str:
+    """A markdown table: one row per run and task, then mean +- std over the runs per task."""
+    header = ("| run | update | accepted | " + " | ".join(f"fifth {i + 1}" for i in range(FIFTHS)) +
+              " | rank corr. | mean V(s) | mean return-to-go |")
+    lines = ["Accepted fraction of Eq. 4 (ABM) per fifth of the episodes ranked by return (fifth 1: lowest; "
+             "the fifth's mean episode return in brackets).", "", header, "|" + "---|" * (FIFTHS + 6)]
+    for result in results:
+        for task, t in result["tasks"].items():
+            cells = [f"{f['accepted']:.2f} ({f['episode_return']:.0f})" for f in t["fifths"]]
+            lines.append(f"| {Path(result['run']).name}{f' {task}' if len(result['tasks']) > 1 else ''} | "
+                         f"{result['update']:,} | {t['accepted']:.2f} | " + " | ".join(cells) +
+                         f" | {t['rank_correlation']:.2f} | {t['mean_value']:.1f} | {t['mean_return_to_go']:.1f} |")
+    if len(results) > 1:
+        for task in results[0]["tasks"]:
+            rows = [r["tasks"][task] for r in results if task in r["tasks"]]
+            pm = lambda values: f"{np.mean(values):.2f} ± {np.std(values):.2f}"  # noqa: E731
+            cells = [pm([row["fifths"][i]["accepted"] for row in rows]) for i in range(FIFTHS)]
+            lines.append(f"| mean ± std over {len(rows)} runs{f' {task}' if len(results[0]['tasks']) > 1 else ''} | "
+                         f"| {pm([row['accepted'] for row in rows])} | " + " | ".join(cells) +
+                         f" | {pm([row['rank_correlation'] for row in rows])} | "
+                         f"{np.mean([row['mean_value'] for row in rows]):.1f} | "
+                         f"{np.mean([row['mean_return_to_go'] for row in rows]):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="abm_mpo.py run directories (checkpoint.pt, config.json)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
+    parser.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
+    args = parser.parse_args()
+    results = [analyse(run_dir) for run_dir in args.run_dirs]
+    table = report(results)
+    print(table, end="")
+    if args.out:
+        args.out.write_text(table)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

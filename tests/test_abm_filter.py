@@ -1,0 +1,100 @@
+"""benchmarks/abm_filter.py: what an ABM prior keeps. With a critic that scores every action at the same Q = c, Eq. 4's
+advantage of a snippet of constant reward r is (1 - gamma^n) (r / (1 - gamma) - c): an episode is kept whole when
+r >= c (1 - gamma) and dropped whole otherwise, whatever the snippet length n. The tool must find exactly that, per
+episode and per fifth of the episodes ranked by return, from a real abm_mpo.py run directory."""
+
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import ROOT, SMOKE_ENV, TEST_DEVICE, write_random_dataset
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import abm_filter  # noqa: E402
+import abm_mpo  # noqa: E402
+
+LEVELS = [0.3, 0.6, 0.1, 0.5, 0.2, 0.4]  # the constant reward of episodes 0..5 (out of order on purpose)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("filter")
+    path = write_random_dataset(folder / "levels.npz", episodes=len(LEVELS), length=30)
+    with np.load(path) as stored:
+        arrays = dict(stored)
+    arrays["reward"] = np.repeat(np.array(LEVELS, np.float32), 30)[:, None]
+    np.savez(path, **arrays)
+    args = abm_mpo.Args(env=SMOKE_ENV, dataset=str(path), run_dir=str(folder / "run"), batch_size=16,
+                        num_action_samples=4, policy_layers=(32, 32), critic_layers=(32, 32), eval_episodes=1,
+                        eval_max_steps=5, device=TEST_DEVICE, compile="off", total_steps=3, eval_every=3,
+                        checkpoint_every=3, snippet_length=4)
+    abm_mpo.train(args)
+    return folder / "run"
+
+
+def constant_critic(agent, value: float) -> None:
+    """Every Q(s, a) of the target critic becomes `value`: zero weights, the output layer's bias `value`."""
+    parameters = list(agent.target_critic.named_parameters())
+    with torch.no_grad():
+        for _, parameter in parameters:
+            parameter.zero_()
+        [bias for name, bias in parameters if name.endswith("bias")][-1].fill_(value)
+
+
+def test_the_filter_keeps_the_episodes_whose_reward_beats_the_critic(run_dir):
+    args, data, tasks, spec, agent, step = abm_filter.load_run(run_dir)
+    assert (step, tasks, args.snippet_length) == (3, ["balance"], 4)
+    threshold = 0.35  # between the levels 0.3 and 0.4
+    constant_critic(agent, threshold / (1 - args.discount))
+    weights = abm_filter.score(args, data, spec, agent)["weight"][:, 0]
+    expected = np.repeat([level >= threshold for level in LEVELS], 30).astype(np.float32)
+    np.testing.assert_array_equal(weights, expected)
+    # A critic below every level keeps everything (the cpu grid's case: V far below its fixed point).
+    constant_critic(agent, 0.05 / (1 - args.discount))
+    assert abm_filter.score(args, data, spec, agent)["weight"].mean() == 1.0
+
+
+def test_fifths_and_rank_correlation_of_a_real_run(run_dir, monkeypatch):
+    real = abm_filter.load_run
+
+    def with_constant_critic(path):
+        loaded = real(path)
+        constant_critic(loaded[4], 0.35 / (1 - loaded[0].discount))
+        return loaded
+
+    monkeypatch.setattr(abm_filter, "load_run", with_constant_critic)
+    result = abm_filter.analyse(run_dir)
+    task = result["tasks"]["balance"]
+    assert (result["episodes"], result["transitions"], result["prior"]) == (6, 180, "abm")
+    assert task["accepted"] == pytest.approx(0.5)
+    # 6 episodes in 5 fifths: the two lowest (0.1, 0.2) first, then one each
+    assert [f["accepted"] for f in task["fifths"]] == [0.0, 0.0, 1.0, 1.0, 1.0]
+    assert [f["episode_return"] for f in task["fifths"]] == pytest.approx([30 * 0.15, 30 * 0.3, 30 * 0.4, 30 * 0.5, 30 * 0.6])
+    # ranks of the returns 0..5 against the accepted fractions' tied ranks (1, 1, 1, 4, 4, 4)
+    assert task["rank_correlation"] == pytest.approx(np.corrcoef(np.arange(6), [1, 1, 1, 4, 4, 4])[0, 1])
+    assert task["mean_value"] == pytest.approx(35.0, rel=1e-5)
+    table = abm_filter.report([result, result])
+    assert re.search(r"\| 0\.00 \([45]\) \| 0\.00 \(9\) \| 1\.00 \(12\) \| 1\.00 \(15\) \| 1\.00 \(18\) \| 0\.88 \|", table)
+    assert "| mean ± std over 2 runs | | 0.50 ± 0.00 |" in table
+
+
+def test_returns_to_go_stop_at_each_episode_end():
+    reward = np.array([[1.0], [1.0], [1.0], [2.0], [2.0]])
+    episode_last = np.array([2, 2, 2, 4, 4])
+    to_go = abm_filter.returns_to_go(reward, np.ones(5), episode_last, gamma=0.5)
+    np.testing.assert_allclose(to_go[:, 0], [1.75, 1.5, 1.0, 3.0, 2.0])
+
+
+def test_ranks_share_ties_and_spearman_reads_order():
+    np.testing.assert_array_equal(abm_filter.ranks(np.array([3.0, 1.0, 3.0, 2.0])), [2.5, 0.0, 2.5, 1.0])
+    assert abm_filter.spearman(np.array([1.0, 2.0, 3.0]), np.array([10.0, 20.0, 90.0])) == pytest.approx(1.0)
+    assert abm_filter.spearman(np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
+    assert np.isnan(abm_filter.spearman(np.array([1.0, 2.0]), np.array([1.0, 1.0])))
+
+
+def test_a_folder_that_is_not_an_abm_mpo_run_is_one_sentence(tmp_path):
+    with pytest.raises(SystemExit, match="is not a run directory with config.json and checkpoint.pt"):
+        abm_filter.load_run(tmp_path)
