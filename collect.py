@@ -37,8 +37,6 @@ import os
 import signal
 import sys
 import time
-import zipfile
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional

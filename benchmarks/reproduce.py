@@ -1146,6 +1146,11 @@ def main() -> None:
     reproduce(preset, out, work, args.address, args.num_cpus, local=args.local, time_budget=60 * args.time_budget)
 
 
+# Preset fields that `--set` must keep above zero.
+POSITIVE_FIELDS = ("collect_episodes", "updates", "batch", "action_samples", "eval_every", "eval_episodes",
+                   "num_cpus", "sawyer_episodes", "sawyer_updates", "sawyer_batch", "sawyer_eval_every")
+
+
 def override(preset: Preset, assignments: list) -> Preset:
     """`--set FIELD=VALUE ...`: a copy of `preset` with those fields changed, each VALUE read as the field's type
     (tuples comma-separated); `updates` and `sawyer_updates` keep the preset's number of evaluations."""
@@ -1170,7 +1175,17 @@ def override(preset: Preset, assignments: list) -> Preset:
     unknown = [c for c in changes.get("control_columns", ()) + changes.get("sawyer_columns", ()) if c not in COLUMNS]
     if unknown:
         raise ValueError(f"--set: unknown column(s) {', '.join(unknown)} (columns: {', '.join(COLUMNS)})")
-    return dataclasses.replace(preset, **changes)
+    changed = dataclasses.replace(preset, **changes)
+    for name in changes:  # out of range: one sentence now, not a failed job per run in the logs later
+        value = getattr(changed, name)
+        if name in POSITIVE_FIELDS and not value > 0 or name == "num_gpus" and value < 0:
+            raise ValueError(f"--set {name}={value:g}: {name} must be {'>= 0' if name == 'num_gpus' else '> 0'}")
+        if name in ("seeds", "collect_seeds") and (not value or min(value) < 0):
+            raise ValueError(f"--set {name}: give one or more seeds >= 0, comma-separated")
+        if name == "regimes":
+            raise ValueError("--set regimes: data regimes are (label, episodes) pairs; edit the preset in "
+                             "benchmarks/reproduce.py instead")
+    return changed
 
 
 if __name__ == "__main__":

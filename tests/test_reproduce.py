@@ -264,6 +264,10 @@ def test_statistics_over_seeds():
     (["--set", "num_gpus=0.5"], "asks for 0.5 GPU per job"),
     (["--set", "seeds=x"], "'x' is not a tuple"),
     (["--set", "control_columns=ABM+MPO,NOPE"], "unknown column(s) NOPE"),
+    (["--set", "updates=0"], "--set updates=0: updates must be > 0"),
+    (["--set", "eval_episodes=-2"], "eval_episodes must be > 0"),
+    (["--set", "seeds="], "give one or more seeds >= 0"),
+    (["--set", "num_gpus=-1"], "num_gpus must be >= 0"),
 ])
 def test_bad_grid_settings_are_one_sentence_before_anything_runs(flags, words, tmp_path):
     """An unsatisfiable resource request used to leave Ray waiting forever; an unwritable folder gave a traceback."""
