@@ -193,6 +193,22 @@ PRESETS = {
                      "target networks copied every 20 updates (paper and cpu preset: 200)",
                      "columns ABM+MPO and BM+MPO (with their priors) only"),
         run_here="on this project's 2-core CPU (results/cpu-critic)"),
+    "cpu-long": Preset(
+        name="cpu-long", purpose="the other test of the cpu grid's tie between the ABM and BM priors: the paper's "
+                                 "target copies every 200 updates, 10x the updates (40,000) so the critic gets the "
+                                 "backups cpu-critic gives it in 4,000; ABM+MPO and BM+MPO on all 80 episodes, 3 "
+                                 "seeds, about 90 minutes of the 2 cores",
+        control_tasks=("cheetah",), collect_episodes=80, collect_seeds=(0,),
+        collect_flags=("--steps-per-update", "1", "--batch-size", "64"),
+        regimes=(("all 80", None),), control_columns=("ABM+MPO", "BM+MPO"),
+        sawyer_tasks=(), sawyer_episodes=0, sawyer_columns=(),
+        seeds=(0, 1, 2), updates=40000, batch=128, sawyer_updates=0, sawyer_batch=0, action_samples=20,
+        eval_every=2000, eval_episodes=5, sawyer_eval_every=1, num_cpus=1.0, datasets_from="results/cpu/datasets",
+        differences=("the cpu preset's data (results/cpu/datasets/cheetah.npz), batch and M, and:",
+                     "40,000 updates (paper: 1M; cpu preset: 4,000), 5 evaluation episodes every 2,000; final return "
+                     "= mean of the last 2 evaluations (10 episodes)",
+                     "all 80 episodes only; columns ABM+MPO and BM+MPO (with their priors) only; 3 seeds"),
+        run_here="on this project's 2-core CPU (results/cpu-long)"),
     "cpu-walker": Preset(
         name="cpu-walker", purpose="a subset that answers the question on a 2-core CPU in about 100 minutes "
                             "(at most 3 hours, over several runs of the command)",
@@ -389,6 +405,11 @@ def check_datasets(jobs: list, out: Path, collected: bool) -> None:
                              f"that the {len(runs)} run(s) in {shown(out / 'runs')} learned from (sha256 "
                              f"{recorded[:12]}...); their results and new ones would mix two datasets: put the "
                              f"recorded file back, or choose another --out for the new data")
+
+
+def published_data(preset: Preset, out: Path) -> Path:
+    """The folder of the datasets published with the results: <out>/datasets, or the preset's `datasets_from`."""
+    return ROOT / preset.datasets_from if preset.datasets_from else out / "datasets"
 
 
 def dataset_episodes(path: Path) -> int:
@@ -1073,9 +1094,8 @@ def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], nu
     for job in jobs:
         if job.kind == "train":
             job.published = out / "runs" / job.name
-    published = ROOT / preset.datasets_from if preset.datasets_from else out / "datasets"
-    for job in jobs:  # a dataset published beside the results (<out>/datasets/<env>.npz) is the one the grid uses
-        committed = published / job.dataset.name if job.dataset else None
+    for job in jobs:  # a published dataset (<out>/datasets/<env>.npz or datasets_from's) is the one the grid uses
+        committed = published_data(preset, out) / job.dataset.name if job.dataset else None
         if committed and committed.exists() and job.dataset.parent == work / "datasets" and not job.dataset.exists():
             job.dataset.parent.mkdir(parents=True, exist_ok=True)
             job.dataset.symlink_to(committed.resolve())
@@ -1135,7 +1155,9 @@ def main() -> None:
     if args.dry_run:
         for job in build_grid(preset, work):
             job.published = out / "runs" / job.name if job.kind == "train" else None
-            print(f"{'done' if is_done(job) else 'todo'}  {job.name}: {shlex.join(job.command)}")
+            published = job.dataset and (published_data(preset, out) / job.dataset.name).exists()
+            print(f"{'done' if is_done(job) else 'published' if published else 'todo'}  {job.name}: "
+                  f"{shlex.join(job.command)}")
         return
     if args.report:
         manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}

@@ -332,6 +332,9 @@ def test_a_preset_can_learn_from_another_presets_published_data(tmp_path):
     runs = [job for job in reproduce.build_grid(critic, Path("/tmp/grid")) if job.kind == "train"]
     assert len(runs) == 2 * 2 * 5 and {job.labels["column"] for job in runs} == {"ABM+MPO", "BM+MPO"}
     assert {tyro.cli(abm_mpo.Args, args=job.command[2:]).target_update_period for job in runs} == {20}
+    dry = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--preset", "cpu-critic", "--dry-run", "--work",
+                          str(tmp_path / "dry")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert dry.stdout.startswith("published  dataset-cheetah: python collect.py"), dry.stdout[:300] + dry.stderr
     # A smoke grid whose data is published elsewhere: its dataset is linked from there and nothing is collected.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
