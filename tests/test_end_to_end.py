@@ -136,6 +136,30 @@ def test_bm_mpo_equals_abm_mpo_with_bm_prior(random_dataset, tmp_path):
                 assert row_bm[key] == row_abm[key], key
 
 
+def test_the_bm_prior_does_not_depend_on_the_critic(tmp_path):
+    """Eq. 3 never reads Q, and the batches and samples come from one seeded stream whatever the critic does: the BM
+    prior of a run is the same bit for bit under another target period (results/cpu-critic's BM priors equal
+    results/cpu's, a check that those grids differ only in the critic), while the ABM prior (Eq. 4 reads V) is not.
+    Rewards of both signs: with the random dataset's rewards in [0, 1] a fresh critic's V is too small for Eq. 4 to
+    reject any snippet, and the ABM prior would be the BM prior too (the cpu grid's case, README "Results")."""
+    dataset = write_random_dataset(tmp_path / "signed.npz")
+    with np.load(dataset) as stored:
+        arrays = {**stored, "reward": stored["reward"] - 0.5}
+    np.savez(dataset, **arrays)
+
+    def prior(name, **overrides):
+        quiet(abm_mpo.train, tiny_args(abm_mpo, dataset, tmp_path / name, total_steps=12, eval_every=12,
+                                       checkpoint_every=12, **overrides))
+        return torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["agent"]
+
+    for kind, same in (("bm", True), ("abm", False)):
+        slow, fast = (prior(f"{kind}-{period}", prior=kind, target_update_period=period, learning_rate=1e-2)
+                      for period in (6, 1))  # a fast-moving critic, copied once or every update
+        assert not torch.equal(slow["critic.net.torso.0.weight"], fast["critic.net.torso.0.weight"])
+        priors = [key for key in slow if key.startswith("prior.")]
+        assert priors and all(torch.equal(slow[key], fast[key]) for key in priors) == same, kind
+
+
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(random_dataset, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
