@@ -17,6 +17,7 @@ run's critic). Several runs are also summarised as mean +- std over runs.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -115,8 +116,8 @@ def analyse(run_dir: Path) -> dict:
     last = data["episode_last"].numpy()
     to_go = returns_to_go(reward, data["discount"].numpy(), last, args.discount)
     episodes, episode_of = np.unique(last, return_inverse=True)  # one id per episode (its last index)
-    result = {"run": str(run_dir), "update": step, "prior": args.prior, "target_update_period": args.target_update_period,
-              "transitions": len(reward), "episodes": len(episodes), "tasks": {}}
+    result = {"run": str(run_dir), "update": step, "prior": args.prior, "transitions": len(reward),
+              "episodes": len(episodes), "args": dataclasses.asdict(args), "tasks": {}}
     for k, task in enumerate(tasks):
         episode_return = np.bincount(episode_of, reward[:, k])
         accepted = np.bincount(episode_of, scores["weight"][:, k]) / np.bincount(episode_of)
