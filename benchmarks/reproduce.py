@@ -177,8 +177,8 @@ PRESETS = {
                                    "data, budgets and seeds, with the target networks copied every 20 updates "
                                    "instead of 200, so the critic gets 10x the Bellman backups in 4,000 updates; "
                                    "ABM+MPO and BM+MPO only, about 40 minutes of the 2 cores",
-        # Why: in the cpu grid the mean Q on a batch was 2.0 after 4,000 updates (copies every 200) and still rising
-        # by 0.5 per 1,000, while this data's rewards (0.14 per step on average) put V near 14 at gamma = 0.99. With V
+        # Why: in the cpu grid the mean Q on a batch was 2.3-2.4 after 4,000 updates (copies every 200) and still
+        # rising by 0.5-0.6 per 1,000, while the data's mean discounted return-to-go is 11.4 (abm_filter.py). With V
         # that small, Eq. 4's advantage is mostly the snippet's (non-negative) rewards, and the ABM prior accepted
         # 82-89% of the data (charts/abm_accepted_fraction): nearly a BM prior. Pilot (runs/pilot-critic, seed 0,
         # all 80, copies every 20): Q 1.3 at 400 updates, 9.4 at 2,400; accepted fraction 0.84 -> 0.60.
