@@ -172,43 +172,6 @@ PRESETS = {
                      "columns ABM+SVG, BM+SVG and SVG left out (the gpu preset runs them)",
                      "BEAR's warm-up 2% of the updates, as the original's 20k of 1M (80 here)"),
         run_here="on this project's 2-core CPU, in pieces (results accumulate in results/cpu)"),
-    "cpu-critic": Preset(
-        name="cpu-critic", purpose="a test of why the cpu grid did not separate the ABM and BM priors: the same "
-                                   "data, budgets and seeds, with the target networks copied every 20 updates "
-                                   "instead of 200, so the critic gets 10x the Bellman backups in 4,000 updates; "
-                                   "ABM+MPO and BM+MPO only, about 40 minutes of the 2 cores",
-        # Why: in the cpu grid the mean Q on a batch was 2.3-2.4 after 4,000 updates (copies every 200) and still
-        # rising by 0.5-0.6 per 1,000, while the data's mean discounted return-to-go is 11.4 (abm_filter.py). With V
-        # that small, Eq. 4's advantage is mostly the snippet's (non-negative) rewards, and the ABM prior accepted
-        # 82-89% of the data (charts/abm_accepted_fraction): nearly a BM prior. Pilot (runs/pilot-critic, seed 0,
-        # all 80, copies every 20): Q 1.3 at 400 updates, 9.4 at 2,400; accepted fraction 0.84 -> 0.60.
-        control_tasks=("cheetah",), collect_episodes=80, collect_seeds=(0,),
-        collect_flags=("--steps-per-update", "1", "--batch-size", "64"),
-        regimes=(("first 20", 20), ("all 80", None)), control_columns=("ABM+MPO", "BM+MPO"),
-        sawyer_tasks=(), sawyer_episodes=0, sawyer_columns=(),
-        seeds=(0, 1, 2, 3, 4), updates=4000, batch=128, sawyer_updates=0, sawyer_batch=0, action_samples=20,
-        eval_every=200, eval_episodes=5, sawyer_eval_every=1, num_cpus=1.0,
-        extra_train_flags=("--target-update-period", "20"), datasets_from="results/cpu/datasets",
-        differences=("the cpu preset's settings and data (results/cpu/datasets/cheetah.npz), and:",
-                     "target networks copied every 20 updates (paper and cpu preset: 200)",
-                     "columns ABM+MPO and BM+MPO (with their priors) only"),
-        run_here="on this project's 2-core CPU (results/cpu-critic)"),
-    "cpu-long": Preset(
-        name="cpu-long", purpose="the other test of the cpu grid's tie between the ABM and BM priors: the paper's "
-                                 "target copies every 200 updates, 10x the updates (40,000) so the critic gets the "
-                                 "backups cpu-critic gives it in 4,000; ABM+MPO and BM+MPO on all 80 episodes, 3 "
-                                 "seeds, about 90 minutes of the 2 cores",
-        control_tasks=("cheetah",), collect_episodes=80, collect_seeds=(0,),
-        collect_flags=("--steps-per-update", "1", "--batch-size", "64"),
-        regimes=(("all 80", None),), control_columns=("ABM+MPO", "BM+MPO"),
-        sawyer_tasks=(), sawyer_episodes=0, sawyer_columns=(),
-        seeds=(0, 1, 2), updates=40000, batch=128, sawyer_updates=0, sawyer_batch=0, action_samples=20,
-        eval_every=2000, eval_episodes=5, sawyer_eval_every=1, num_cpus=1.0, datasets_from="results/cpu/datasets",
-        differences=("the cpu preset's data (results/cpu/datasets/cheetah.npz), batch and M, and:",
-                     "40,000 updates (paper: 1M; cpu preset: 4,000), 5 evaluation episodes every 2,000; final return "
-                     "= mean of the last 2 evaluations (10 episodes)",
-                     "all 80 episodes only; columns ABM+MPO and BM+MPO (with their priors) only; 3 seeds"),
-        run_here="on this project's 2-core CPU (results/cpu-long)"),
     "cpu-walker": Preset(
         name="cpu-walker", purpose="a subset that answers the question on a 2-core CPU in about 100 minutes "
                             "(at most 3 hours, over several runs of the command)",
@@ -265,6 +228,35 @@ PRESETS = {
         differences=("Sawyer data from noisy scripted policies, not the paper's learners",),
         run_here="never (1M updates per run: days per run on a CPU)"),
 }
+# Two tests of why the cpu grid tied the ABM and BM priors: its data, seeds and budgets, one thing changed each.
+PRESETS["cpu-critic"] = dataclasses.replace(
+    PRESETS["cpu"], name="cpu-critic",
+    purpose="a test of why the cpu grid did not separate the ABM and BM priors: the same data, budgets and seeds, "
+            "with the target networks copied every 20 updates instead of 200, so the critic gets 10x the Bellman "
+            "backups in 4,000 updates; ABM+MPO and BM+MPO only, about 40 minutes of the 2 cores",
+    # Why: in the cpu grid the mean Q on a batch was 2.3-2.4 after 4,000 updates (copies every 200) and still rising
+    # by 0.5-0.6 per 1,000, while the data's mean discounted return-to-go is 11.4 (abm_filter.py). With V that
+    # small, Eq. 4's advantage is mostly the snippet's (non-negative) rewards, and the ABM prior accepted 82-89% of
+    # the data (charts/abm_accepted_fraction): nearly a BM prior. Pilot (runs/pilot-critic, seed 0, all 80, copies
+    # every 20): Q 1.3 at 400 updates, 9.4 at 2,400; accepted fraction 0.84 -> 0.60.
+    control_columns=("ABM+MPO", "BM+MPO"), extra_train_flags=("--target-update-period", "20"),
+    datasets_from="results/cpu/datasets",
+    differences=("the cpu preset's settings and data (results/cpu/datasets/cheetah.npz), and:",
+                 "target networks copied every 20 updates (paper and cpu preset: 200)",
+                 "columns ABM+MPO and BM+MPO (with their priors) only"),
+    run_here="on this project's 2-core CPU (results/cpu-critic)")
+PRESETS["cpu-long"] = dataclasses.replace(
+    PRESETS["cpu"], name="cpu-long",
+    purpose="the other test of the cpu grid's tie between the ABM and BM priors: the paper's target copies every 200 "
+            "updates, 10x the updates (40,000) so the critic gets the backups cpu-critic gives it in 4,000; ABM+MPO "
+            "and BM+MPO on all 80 episodes, 3 seeds, about 90 minutes of the 2 cores",
+    regimes=(("all 80", None),), control_columns=("ABM+MPO", "BM+MPO"), seeds=(0, 1, 2), updates=40000,
+    eval_every=2000, datasets_from="results/cpu/datasets",
+    differences=("the cpu preset's data (results/cpu/datasets/cheetah.npz), batch and M, and:",
+                 "40,000 updates (paper: 1M; cpu preset: 4,000), 5 evaluation episodes every 2,000; final return = "
+                 "mean of the last 2 evaluations (10 episodes)",
+                 "all 80 episodes only; columns ABM+MPO and BM+MPO (with their priors) only; 3 seeds"),
+    run_here="on this project's 2-core CPU (results/cpu-long)")
 
 
 # ----------------------------------------------------------------------------------------------
