@@ -123,7 +123,7 @@ class Preset:
     num_cpus: float = 1.0  # Ray resources per job
     num_gpus: float = 0.0
     extra_train_flags: tuple = ()  # flags added to every learning run (smoke: shortened evaluation episodes)
-    datasets_from: str = ""  # learn from the data published in this folder (relative to the repository) instead of collecting
+    datasets_from: str = ""  # learn from the data published in this folder (from the repository root); no collecting
     differences: tuple = ()  # settings that differ from the paper, named in the table header
     run_here: str = ""
 
