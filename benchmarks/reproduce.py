@@ -160,13 +160,15 @@ PRESETS = {
         control_columns=("ABM+MPO", "BM+MPO", "MPO", "BCQ", "BEAR", "ABM eps=0"),
         sawyer_tasks=(), sawyer_episodes=0, sawyer_columns=(),
         # Pilot (runs/pilot, seed 0, all 80 episodes, batch 128, 5 episodes every 400 updates): ABM+MPO's policy
-        # reached 112 at 400 updates and stayed within 84-147 to 5,600; MPO stayed at 0-9 to 8,000: flat by 2,000.
+        # reached 112 at 400 updates and stayed within 84-147 to 5,600; MPO stayed at 0-9 to 8,000: flat by 2,000, it
+        # seemed; the cpu-long preset found ABM+MPO, BM+MPO and both priors 2-4x higher at 40,000.
         seeds=(0, 1, 2, 3, 4), updates=4000, batch=128, sawyer_updates=0, sawyer_batch=0, action_samples=20,
         eval_every=200, eval_episodes=5, sawyer_eval_every=1, num_cpus=1.0,
         differences=("cheetah only (Table 6 has hopper, quadruped and walker too)",
                      "data: 1 collecting run of 80 episodes (paper: 5 runs of 10k), collect.py at 1 update per step "
                      "with batch 64; regimes: its first 20 episodes (paper: 2k) and all 80 (paper: 10k)",
-                     "4,000 updates (paper: 1M), batch 128 (paper: 512); curves flat from about 2,000 in the pilot",
+                     "4,000 updates (paper: 1M), batch 128 (paper: 512); the pilot's curves looked flat from about 2,000, "
+                     "but at 40,000 updates every column tried was 2-4x higher (cpu-long preset)",
                      "5 evaluation episodes every 200 updates (paper: 10 every 10k); final return = mean of the last "
                      "10% of evaluations, i.e. the last 2 (10 episodes)",
                      "columns ABM+SVG, BM+SVG and SVG left out (the gpu preset runs them)",
