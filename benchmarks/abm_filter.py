@@ -74,12 +74,12 @@ def load_run(run_dir: Path):
 
 @torch.no_grad()
 def score(args, data: dict, spec: dict, agent, seed: int = 0) -> dict:
-    """Per transition and task: the Eq. 4 weight, V(s_t) and the advantage, as the run's last update computed them
+    """Per transition and task: the Eq. 4 weight and V(s_t), as the run's last update computed them
     (target networks, M samples, snippets of args.snippet_length), [N, K] arrays."""
     generator = torch.Generator().manual_seed(seed)
     low, high = torch.tensor(spec["action_low"]), torch.tensor(spec["action_high"])
     size, num_tasks = data["reward"].shape
-    weights, values, advantages = [], [], []
+    weights, values = [], []
     for start in range(0, size, CHUNK):
         index = torch.arange(start, min(start + CHUNK, size)).expand(num_tasks, -1)  # [K, B]
         batch = abm_mpo.sample_batch(data, index.shape[1], args.snippet_length, args.discount, generator, index)
@@ -91,9 +91,8 @@ def score(args, data: dict, spec: dict, agent, seed: int = 0) -> dict:
         weights.append(abm_mpo.advantage_weights(batch["snippet_return"], batch["bootstrap_discount"],
                                                  bootstrap_value, value).T)
         values.append(value.T)
-        advantages.append((batch["snippet_return"] + batch["bootstrap_discount"] * bootstrap_value - value).T)
     return {name: torch.cat(parts).numpy() for name, parts in
-            (("weight", weights), ("value", values), ("advantage", advantages))}
+            (("weight", weights), ("value", values))}
 
 
 def returns_to_go(reward: np.ndarray, discount: np.ndarray, episode_last: np.ndarray, gamma: float) -> np.ndarray:

@@ -1088,8 +1088,9 @@ def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], nu
     for job in jobs:
         if job.kind == "train":
             job.published = out / "runs" / job.name
+    published = published_data(preset, out)
     for job in jobs:  # a published dataset (<out>/datasets/<env>.npz or datasets_from's) is the one the grid uses
-        committed = published_data(preset, out) / job.dataset.name if job.dataset else None
+        committed = published / job.dataset.name if job.dataset else None
         if committed and committed.exists() and job.dataset.parent == work / "datasets" and not job.dataset.exists():
             job.dataset.parent.mkdir(parents=True, exist_ok=True)
             job.dataset.symlink_to(committed.resolve())
