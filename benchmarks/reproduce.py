@@ -43,6 +43,7 @@ from typing import Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from best_episodes import write_best_episodes  # noqa: E402  (benchmarks/best_episodes.py)
 from plot import collect_panels, plot_panels  # noqa: E402  (benchmarks/plot.py, the same drawing for users)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,6 +125,7 @@ class Preset:
     num_gpus: float = 0.0
     extra_train_flags: tuple = ()  # flags added to every learning run (smoke: shortened evaluation episodes)
     datasets_from: str = ""  # learn from the data published in this folder (from the repository root); no collecting
+    best_episodes: int = 0  # learn from only this many of the highest-return episodes (benchmarks/best_episodes.py)
     differences: tuple = ()  # settings that differ from the paper, named in the table header
     run_here: str = ""
 
@@ -251,14 +253,32 @@ PRESETS["cpu-long"] = dataclasses.replace(
     PRESETS["cpu"], name="cpu-long",
     purpose="the other test of the cpu grid's tie between the ABM and BM priors: the paper's target copies every 200 "
             "updates, 10x the updates (40,000) so the critic gets the backups cpu-critic gives it in 4,000; ABM+MPO "
-            "and BM+MPO on all 80 episodes, 3 seeds, about 90 minutes of the 2 cores",
-    regimes=(("all 80", None),), control_columns=("ABM+MPO", "BM+MPO"), seeds=(0, 1, 2), updates=40000,
+            "and BM+MPO on all 80 episodes, 5 seeds, about 150 minutes of the 2 cores (seeds 0-2 ran first, in 92 minutes)",
+    regimes=(("all 80", None),), control_columns=("ABM+MPO", "BM+MPO"), seeds=(0, 1, 2, 3, 4), updates=40000,
     eval_every=2000, datasets_from="results/cpu/datasets",
     differences=("the cpu preset's data (results/cpu/datasets/cheetah.npz), batch and M, and:",
                  "40,000 updates (paper: 1M; cpu preset: 4,000), 5 evaluation episodes every 2,000; final return = "
                  "mean of the last 2 evaluations (10 episodes)",
-                 "all 80 episodes only; columns ABM+MPO and BM+MPO (with their priors) only; 3 seeds"),
+                 "all 80 episodes only; columns ABM+MPO and BM+MPO (with their priors) only"),
     run_here="on this project's 2-core CPU (results/cpu-long)")
+# A control for both: how much any filter can gain on this data, with no critic at all.
+PRESETS["cpu-filtered"] = dataclasses.replace(
+    PRESETS["cpu-long"], name="cpu-filtered",
+    purpose="a control for the ABM prior: BM+MPO, with its BM prior, learned from only the best 16 of the 80 "
+            "episodes by logged return (filtered behaviour cloning, '%BC'), at cpu-long's budgets; 3 seeds, about "
+            "90 minutes of one core",
+    # Why: abm_filter.py found Eq. 4 keeping 26% of the worst fifth of the episodes and 63% of the best fifth
+    # (cpu-long's critics), and the ABM prior no better than the BM prior. A BM prior on the best fifth alone is the
+    # filter that knows the returns: if it beats the BM prior on all 80, filtering can pay on this data and Eq. 4
+    # filters too softly; if not, the data leaves no room for the ABM prior at this budget.
+    control_columns=("BM+MPO",), seeds=(0, 1, 2), best_episodes=16,
+    differences=("the cpu preset's data (results/cpu/datasets/cheetah.npz), batch and M, and:",
+                 "only its best 16 episodes by return (204.6 to 322.5; all 80: mean 127.2), chosen with "
+                 "benchmarks/best_episodes.py: not in the paper",
+                 "40,000 updates (paper: 1M), 5 evaluation episodes every 2,000; final return = mean of the last 2 "
+                 "evaluations (10 episodes)",
+                 "column BM+MPO (with its prior) only; 3 seeds"),
+    run_here="on this project's 2-core CPU (results/cpu-filtered)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,12 +331,15 @@ def collection_jobs(env: str, preset: Preset, episodes: int, flags: tuple, work:
 def train_job(preset: Preset, work: Path, env: str, task: str, regime: tuple, column: str, seed: int) -> Job:
     sawyer = env == "sawyer"
     label, episodes = regime
+    best = f"-best{preset.best_episodes}" if preset.best_episodes and not sawyer else ""  # its derived data
+    label = f"best {preset.best_episodes} of {label}" if best else label
     parts = (env, task) if sawyer else (env, label)
     name = "-".join([*parts, column, f"seed{seed}"]).replace(" ", "").replace("+", "_").replace("=", "")
     run_dir = work / "runs" / name
     command = ["python", COLUMNS[column].script, "--env", env, *(["--task", task] if sawyer else []),
-               "--dataset", f"{shown(work / 'datasets')}/{env}.npz",  # the link's path, never its target's: the
-               # command must not change once the link to a published dataset exists (--resume compares it)
+               # the link's path, never its target's: the command must not change once the link to a published
+               # dataset exists (--resume compares it); with best_episodes, the file derived from it
+               "--dataset", f"{shown(work / 'datasets')}/{env}{best}.npz",
                *(["--dataset-episodes", str(episodes)] if episodes else []),
                *COLUMNS[column].flags, "--seed", str(seed),
                "--total-steps", str(preset.sawyer_updates if sawyer else preset.updates),
@@ -343,6 +366,9 @@ def bear_warmup(preset: Preset, sawyer: bool, column: str) -> list:
 def build_grid(preset: Preset, work: Path) -> list[Job]:
     """Collections first, then the learning runs in the order that informs soonest: seed 0 of every
     column on every task before seed 1; within a seed, the largest data regime first."""
+    if preset.best_episodes and any(episodes for _, episodes in preset.regimes):
+        raise SystemExit(f"reproduce.py: error: preset {preset.name} keeps the best {preset.best_episodes} episodes "
+                         f"of all its data; its regimes must use all episodes (None), not the first K")
     jobs = []
     for env in preset.control_tasks:
         jobs += collection_jobs(env, preset, preset.collect_episodes, preset.collect_flags, work)
@@ -404,6 +430,24 @@ def check_datasets(jobs: list, out: Path, collected: bool) -> None:
 def published_data(preset: Preset, out: Path) -> Path:
     """The folder of the datasets published with the results: <out>/datasets, or the preset's `datasets_from`."""
     return ROOT / preset.datasets_from if preset.datasets_from else out / "datasets"
+
+
+def derive_best_episodes(preset: Preset, jobs: list, work: Path) -> None:
+    """<work>/datasets/<env>-best<N>.npz from the published <env>.npz, before the grid: the same bytes on every
+    machine and every rerun (benchmarks/best_episodes.py), so the runs' recorded sha256 still holds."""
+    for env in sorted({job.labels["env"] for job in jobs if job.kind == "train" and job.labels["env"] != "sawyer"}):
+        source, output = work / "datasets" / f"{env}.npz", work / "datasets" / f"{env}-best{preset.best_episodes}.npz"
+        if not source.exists():
+            raise SystemExit(f"reproduce.py: error: preset {preset.name} learns from the best episodes of published "
+                             f"{env} data and {shown(source)} is missing: set its datasets_from, or run the preset "
+                             f"that collects the data first")
+        try:
+            record = write_best_episodes(source, output, preset.best_episodes)
+        except ValueError as error:
+            raise SystemExit(f"reproduce.py: error: {shown(source)}: {error}") from None
+        print(f"dataset: {shown(output)}: the best {record['episodes']} of {record['of']} episodes of "
+              f"{shown(source)} (returns {record['lowest_kept_return']:.1f} to {record['highest_return']:.1f})",
+              flush=True)
 
 
 def dataset_episodes(path: Path) -> int:
@@ -998,6 +1042,8 @@ def budgets_text(preset: Preset) -> str:
     control = (f"Control Suite {', '.join(preset.control_tasks)}: {len(preset.collect_seeds)} collecting run(s) x "
                f"{preset.collect_episodes} episodes (collect.py {' '.join(preset.collect_flags)}), regimes "
                + ", ".join(f"{label} (--dataset-episodes {k})" if k else f"{label} (all episodes)" for label, k in preset.regimes)
+               + (f", of which only the best {preset.best_episodes} episodes by return are learned from "
+                  f"(benchmarks/best_episodes.py)" if preset.best_episodes else "")
                + f"; {preset.updates} updates, batch {preset.batch}")
     sawyer = (f"Sawyer --task {', '.join(preset.sawyer_tasks)}: {preset.sawyer_episodes} scripted episodes per "
               f"collecting seed; {preset.sawyer_updates} updates, batch {preset.sawyer_batch}") if preset.sawyer_tasks else ""
@@ -1096,6 +1142,8 @@ def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], nu
             job.dataset.symlink_to(committed.resolve())
             print(f"dataset: {shown(job.dataset.parent)}/{job.dataset.name} -> {shown(committed)} (published with "
                   f"the results)", flush=True)
+    if preset.best_episodes:
+        derive_best_episodes(preset, jobs, work)
     check_datasets(jobs, out, collected=False)
     try:
         outcome, interrupted = run_grid(jobs, preset, address, num_cpus, local, deadline, out), False
@@ -1195,8 +1243,8 @@ def override(preset: Preset, assignments: list) -> Preset:
     changed = dataclasses.replace(preset, **changes)
     for name in changes:  # out of range: one sentence now, not a failed job per run in the logs later
         value = getattr(changed, name)
-        if name in POSITIVE_FIELDS and not value > 0 or name == "num_gpus" and value < 0:
-            raise ValueError(f"--set {name}={value:g}: {name} must be {'>= 0' if name == 'num_gpus' else '> 0'}")
+        if name in POSITIVE_FIELDS and not value > 0 or name in ("num_gpus", "best_episodes") and value < 0:
+            raise ValueError(f"--set {name}={value:g}: {name} must be {'> 0' if name in POSITIVE_FIELDS else '>= 0'}")
         if name in ("seeds", "collect_seeds") and (not value or min(value) < 0):
             raise ValueError(f"--set {name}: give one or more seeds >= 0, comma-separated")
         if name == "regimes":

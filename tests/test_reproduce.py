@@ -268,6 +268,8 @@ def test_statistics_over_seeds():
     (["--set", "eval_episodes=-2"], "eval_episodes must be > 0"),
     (["--set", "seeds="], "give one or more seeds >= 0"),
     (["--set", "num_gpus=-1"], "num_gpus must be >= 0"),
+    (["--set", "best_episodes=-1"], "best_episodes must be >= 0"),
+    (["--set", "best_episodes=1"], "learns from the best episodes of published cartpole-balance data and"),
 ])
 def test_bad_grid_settings_are_one_sentence_before_anything_runs(flags, words, tmp_path):
     """An unsatisfiable resource request used to leave Ray waiting forever; an unwritable folder gave a traceback."""
@@ -351,3 +353,40 @@ def test_a_preset_can_learn_from_another_presets_published_data(tmp_path):
     assert (work / "datasets" / f"{env}.npz").resolve() == (elsewhere / f"{env}.npz").resolve()
     assert f"-> {elsewhere / f'{env}.npz'} (published with the results)" in printed.getvalue()
     assert not (work / "logs" / f"dataset-{env}.log").exists()  # not collected
+
+
+def test_a_preset_can_learn_from_the_best_episodes_of_published_data(tmp_path):
+    """The cpu-filtered control learns from the best 16 of the cpu preset's 80 episodes. The grid derives that file
+    from the published one before it starts, every time, and must get the same bytes again, or a rerun would refuse
+    its own runs as learned from other data."""
+    filtered = reproduce.PRESETS["cpu-filtered"]
+    runs = [job for job in reproduce.build_grid(filtered, Path("/tmp/grid")) if job.kind == "train"]
+    assert len(runs) == 3 and {job.labels["column"] for job in runs} == {"BM+MPO"}
+    assert {job.command[job.command.index("--dataset") + 1] for job in runs} == {"/tmp/grid/datasets/cheetah-best16.npz"}
+    assert {job.labels["regime"] for job in runs} == {"best 16 of all 80"}
+    with pytest.raises(SystemExit, match="its regimes must use all episodes"):
+        reproduce.build_grid(dataclasses.replace(reproduce.PRESETS["cpu"], best_episodes=16), Path("/tmp/grid"))
+    # A smoke grid learning from the best 2 of 4 published episodes of random rewards.
+    from tests.helpers import write_random_dataset
+
+    env = SMOKE.control_tasks[0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    source = write_random_dataset(elsewhere / f"{env}.npz", episodes=4, length=50, env=env)
+    with np.load(source) as stored:
+        returns = [stored["reward"][stored["episode_id"] == i].sum() for i in range(4)]
+    preset = dataclasses.replace(SMOKE, datasets_from=str(elsewhere), best_episodes=2, sawyer_tasks=())
+    work, out = tmp_path / "work", tmp_path / "results"
+    grid = reproduce.build_grid(preset, work)
+    jobs = [job for job in grid if job.kind != "train"] + [next(job for job in grid if job.kind == "train")]
+    for attempt in range(2):  # the second: the run is done and its data derived again
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            reproduce.reproduce(preset, out, work, num_cpus=1, jobs=jobs, local=True)
+        assert f"datasets/{env}-best2.npz: the best 2 of 4 episodes" in printed.getvalue()
+    derived = work / "datasets" / f"{env}-best2.npz"
+    with np.load(derived) as kept:
+        assert np.unique(kept["episode_id"]).tolist() == sorted(np.argsort(returns)[-2:].tolist())
+    config = json.loads((out / "runs" / jobs[-1].name / "config.json").read_text())
+    assert config["dataset_sha256"] == hashlib.sha256(derived.read_bytes()).hexdigest()
+    assert "of which only the best 2 episodes by return" in (out / "table.md").read_text()
