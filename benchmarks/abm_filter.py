@@ -119,15 +119,18 @@ def analyse(run_dir: Path) -> dict:
               "episodes": len(episodes), "args": dataclasses.asdict(args), "tasks": {}}
     for k, task in enumerate(tasks):
         episode_return = np.bincount(episode_of, reward[:, k])
-        accepted = np.bincount(episode_of, scores["weight"][:, k]) / np.bincount(episode_of)
+        kept = np.bincount(episode_of, scores["weight"][:, k])  # accepted transitions per episode
+        accepted = kept / np.bincount(episode_of)
         fifths = np.array_split(np.argsort(episode_return, kind="stable"), FIFTHS)  # episodes, lowest return first
         result["tasks"][task] = {
             "accepted": float(scores["weight"][:, k].mean()),
             "mean_value": float(scores["value"][:, k].mean()),
             "mean_return_to_go": float(to_go[:, k].mean()),
             "rank_correlation": spearman(episode_return, accepted),
-            "fifths": [{"episode_return": float(episode_return[f].mean()), "accepted": float(accepted[f].mean())}
-                       for f in fifths]}
+            # kept_share: the fifth's part of everything accepted, the mix the ABM prior imitates (a BM prior's
+            # is each fifth's share of the transitions, 0.2 for equal episodes; filtered BC's is 1 for the kept)
+            "fifths": [{"episode_return": float(episode_return[f].mean()), "accepted": float(accepted[f].mean()),
+                        "kept_share": float(kept[f].sum() / max(kept.sum(), 1e-12))} for f in fifths]}
     return result
 
 
@@ -153,6 +156,19 @@ def report(results: list[dict]) -> str:
                          f" | {pm([row['rank_correlation'] for row in rows])} | "
                          f"{np.mean([row['mean_value'] for row in rows]):.1f} | "
                          f"{np.mean([row['mean_return_to_go'] for row in rows]):.1f} |")
+    lines += ["", "Share of everything accepted that each fifth holds: the mix of episodes the ABM prior imitates (a BM "
+              "prior's is each fifth's share of the transitions: 0.20 when the episodes are equally long).", "",
+              "| run | " + " | ".join(f"fifth {i + 1}" for i in range(FIFTHS)) + " |", "|" + "---|" * (FIFTHS + 1)]
+    for result in results:
+        for task, t in result["tasks"].items():
+            lines.append(f"| {Path(result['run']).name}{f' {task}' if len(result['tasks']) > 1 else ''} | " +
+                         " | ".join(f"{f['kept_share']:.2f}" for f in t["fifths"]) + " |")
+    if len(results) > 1:
+        for task in results[0]["tasks"]:
+            rows = [r["tasks"][task] for r in results if task in r["tasks"]]
+            lines.append(f"| mean over {len(rows)} runs{f' {task}' if len(results[0]['tasks']) > 1 else ''} | " +
+                         " | ".join(f"{np.mean([row['fifths'][i]['kept_share'] for row in rows]):.2f}"
+                                    for i in range(FIFTHS)) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -72,6 +72,8 @@ def test_fifths_and_rank_correlation_of_a_real_run(run_dir, monkeypatch):
     assert task["accepted"] == pytest.approx(0.5)
     # 6 episodes in 5 fifths: the two lowest (0.1, 0.2) first, then one each
     assert [f["accepted"] for f in task["fifths"]] == [0.0, 0.0, 1.0, 1.0, 1.0]
+    # what the prior imitates: the three kept episodes, 30 transitions each, a third of the kept data apiece
+    assert [f["kept_share"] for f in task["fifths"]] == pytest.approx([0.0, 0.0, 1 / 3, 1 / 3, 1 / 3])
     assert [f["episode_return"] for f in task["fifths"]] == pytest.approx([30 * 0.15, 30 * 0.3, 30 * 0.4, 30 * 0.5, 30 * 0.6])
     # ranks of the returns 0..5 against the accepted fractions' tied ranks (1, 1, 1, 4, 4, 4)
     assert task["rank_correlation"] == pytest.approx(np.corrcoef(np.arange(6), [1, 1, 1, 4, 4, 4])[0, 1])
@@ -79,6 +81,7 @@ def test_fifths_and_rank_correlation_of_a_real_run(run_dir, monkeypatch):
     table = abm_filter.report([result, result])
     assert re.search(r"\| 0\.00 \([45]\) \| 0\.00 \(9\) \| 1\.00 \(12\) \| 1\.00 \(15\) \| 1\.00 \(18\) \| 0\.88 \|", table)
     assert "| mean ± std over 2 runs | | 0.50 ± 0.00 |" in table
+    assert "| mean over 2 runs | 0.00 | 0.00 | 0.33 | 0.33 | 0.33 |" in table
 
 
 def test_returns_to_go_stop_at_each_episode_end():
