@@ -771,6 +771,7 @@ def publish_run(job: Job, outcome: dict, out: Path) -> Optional[Path]:
         return None
     target = out / "runs" / job.name
     target.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "unfinished" / job.name, ignore_errors=True)  # its partial copy, from a stopped session
     for name in ("summary.json", "metrics.csv", "config.json"):
         shutil.copyfile(job.run_dir / name, target / name)
     seconds = outcome.get(job.name, {}).get("seconds") or None
@@ -796,14 +797,15 @@ def publish_runs(jobs: list[Job], outcome: dict, out: Path) -> list[Path]:
     """Copy each finished run's small files (summary.json, metrics.csv, config.json) and its job.json
     (command, grid labels) to <out>/runs/<job>; the table and curves are built from these copies."""
     copies = [target for job in jobs if job.kind == "train" and (target := publish_run(job, outcome, out))]
-    for job in jobs:  # runs stopped by --time-budget: their evaluations so far, kept apart from the table's runs
+    for job in jobs:  # runs stopped (--time-budget, Ctrl-C): their evaluations so far, apart from the table's runs
         metrics = job.run_dir / "metrics.csv" if job.run_dir else None
         if outcome.get(job.name, {}).get("status") == "stopped" and metrics and metrics.exists():
             target = out / "unfinished" / job.name
             target.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(metrics, target / "metrics.csv")
             (target / "job.json").write_text(json.dumps({**job.labels, "command": shlex.join(job.command),
-                                                         "status": "stopped by --time-budget"}, indent=2))
+                                                         "status": "stopped before it finished (--time-budget "
+                                                                   "or an interrupt); a rerun resumes it"}, indent=2))
     return copies
 
 
@@ -1049,7 +1051,7 @@ def budgets_text(preset: Preset) -> str:
               f"collecting seed; {preset.sawyer_updates} updates, batch {preset.sawyer_batch}") if preset.sawyer_tasks else ""
     extra = f"; every run with {' '.join(preset.extra_train_flags)}" if preset.extra_train_flags else ""
     return (". ".join(part for part in (control, sawyer) if part) + f". M = {preset.action_samples}, "
-            f"{len(preset.seeds)} seeds ({', '.join(map(str, preset.seeds))}), evaluation every {preset.eval_every} "
+            f"{len(preset.seeds)} seed{'s' * (len(preset.seeds) != 1)} ({', '.join(map(str, preset.seeds))}), evaluation every {preset.eval_every} "
             f"updates{f' (Sawyer {preset.sawyer_eval_every})' if sawyer else ''} with {preset.eval_episodes} episodes"
             f"{extra}; Ray: {preset.num_cpus:g} CPU{f', {preset.num_gpus:g} GPU' if preset.num_gpus else ''} per job. "
             f"Paper: {PAPER_SCALE}.")

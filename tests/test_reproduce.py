@@ -355,6 +355,7 @@ def test_a_preset_can_learn_from_another_presets_published_data(tmp_path):
     assert not (work / "logs" / f"dataset-{env}.log").exists()  # not collected
 
 
+@pytest.mark.slow  # one smoke learning run (two for the time budget)
 def test_a_preset_can_learn_from_the_best_episodes_of_published_data(tmp_path):
     """The cpu-filtered control learns from the best 16 of the cpu preset's 80 episodes. The grid derives that file
     from the published one before it starts, every time, and must get the same bytes again, or a rerun would refuse
@@ -390,3 +391,34 @@ def test_a_preset_can_learn_from_the_best_episodes_of_published_data(tmp_path):
     config = json.loads((out / "runs" / jobs[-1].name / "config.json").read_text())
     assert config["dataset_sha256"] == hashlib.sha256(derived.read_bytes()).hexdigest()
     assert "of which only the best 2 episodes by return" in (out / "table.md").read_text()
+
+
+@pytest.mark.slow  # one smoke learning run (two for the time budget)
+def test_a_time_budget_stops_a_run_and_the_rerun_resumes_it(tmp_path):
+    """--time-budget: the run still going at the deadline is stopped, its evaluations so far are kept apart in
+    <out>/unfinished (never in the table); the rerun resumes it from its checkpoint, publishes it and drops the
+    partial copy, which would otherwise sit beside the finished run."""
+    from tests.helpers import write_random_dataset
+
+    env = SMOKE.control_tasks[0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_random_dataset(elsewhere / f"{env}.npz", episodes=4, length=50, env=env)
+    preset = dataclasses.replace(SMOKE, datasets_from=str(elsewhere), updates=1000, eval_every=25, sawyer_tasks=())
+    work, out = tmp_path / "work", tmp_path / "results"
+    grid = reproduce.build_grid(preset, work)
+    job = next(job for job in grid if job.kind == "train")
+    jobs = [j for j in grid if j.kind != "train"] + [job]
+    with contextlib.redirect_stdout(io.StringIO()):
+        reproduce.reproduce(preset, out, work, num_cpus=1, jobs=jobs, local=True, time_budget=8)
+    partial = out / "unfinished" / job.name
+    assert (partial / "metrics.csv").exists() and "a rerun resumes it" in (partial / "job.json").read_text()
+    assert not (out / "runs" / job.name).exists() and (job.run_dir / "checkpoint.pt").exists()
+    assert "# stopped by --time-budget" in job.log.read_text()
+    with contextlib.redirect_stdout(io.StringIO()):
+        reproduce.reproduce(preset, out, work, num_cpus=1, jobs=jobs, local=True)
+    assert f"--resume {reproduce.shown(job.run_dir)}" in job.log.read_text()
+    assert json.loads((out / "runs" / job.name / "summary.json").read_text())["evaluations"] == 1000 // 25
+    with open(out / "runs" / job.name / "metrics.csv") as handle:
+        assert int(list(csv.DictReader(handle))[-1]["step"]) == 1000
+    assert not partial.exists()
