@@ -1,7 +1,8 @@
 """Compare table cells across results folders: the difference of their means and P(first > second), with intervals.
 
     python benchmarks/compare.py "results/cpu-filtered:BM+MPO prior" "results/cpu-long:BM+MPO prior"
-    python benchmarks/compare.py "results/cpu:ABM+MPO prior@cheetah (first 20)" "results/cpu-critic:ABM+MPO prior@cheetah (first 20)" --out cmp.md
+    python benchmarks/compare.py "results/cpu:ABM+MPO prior@cheetah (first 20)" \
+        "results/cpu-critic:ABM+MPO prior@cheetah (first 20)" --out cmp.md
 
 Each table.md of benchmarks/reproduce.py compares the columns of one preset. A control often lives in another
 preset (cpu-filtered's BM prior against cpu-long's priors); this reads the published runs (<folder>/runs) of each
