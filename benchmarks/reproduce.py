@@ -265,19 +265,19 @@ PRESETS["cpu-long"] = dataclasses.replace(
 PRESETS["cpu-filtered"] = dataclasses.replace(
     PRESETS["cpu-long"], name="cpu-filtered",
     purpose="a control for the ABM prior: BM+MPO, with its BM prior, learned from only the best 16 of the 80 "
-            "episodes by logged return (filtered behaviour cloning, '%BC'), at cpu-long's budgets; 3 seeds, about "
-            "90 minutes of one core",
+            "episodes by logged return (filtered behaviour cloning, '%BC'), at cpu-long's budgets; 5 seeds, about "
+            "75 minutes of one core",
     # Why: abm_filter.py found Eq. 4 keeping 26% of the worst fifth of the episodes and 63% of the best fifth
     # (cpu-long's critics), and the ABM prior no better than the BM prior. A BM prior on the best fifth alone is the
     # filter that knows the returns: if it beats the BM prior on all 80, filtering can pay on this data and Eq. 4
     # filters too softly; if not, the data leaves no room for the ABM prior at this budget.
-    control_columns=("BM+MPO",), seeds=(0, 1, 2), best_episodes=16,
+    control_columns=("BM+MPO",), best_episodes=16,
     differences=("the cpu preset's data (results/cpu/datasets/cheetah.npz), batch and M, and:",
                  "only its best 16 episodes by return (204.6 to 322.5; all 80: mean 127.2), chosen with "
                  "benchmarks/best_episodes.py: not in the paper",
                  "40,000 updates (paper: 1M), 5 evaluation episodes every 2,000; final return = mean of the last 2 "
                  "evaluations (10 episodes)",
-                 "column BM+MPO (with its prior) only; 3 seeds"),
+                 "column BM+MPO (with its prior) only"),
     run_here="on this project's 2-core CPU (results/cpu-filtered)")
 
 

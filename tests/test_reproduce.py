@@ -362,7 +362,7 @@ def test_a_preset_can_learn_from_the_best_episodes_of_published_data(tmp_path):
     its own runs as learned from other data."""
     filtered = reproduce.PRESETS["cpu-filtered"]
     runs = [job for job in reproduce.build_grid(filtered, Path("/tmp/grid")) if job.kind == "train"]
-    assert len(runs) == 3 and {job.labels["column"] for job in runs} == {"BM+MPO"}
+    assert len(runs) == 5 and {job.labels["column"] for job in runs} == {"BM+MPO"}
     assert {job.command[job.command.index("--dataset") + 1] for job in runs} == {"/tmp/grid/datasets/cheetah-best16.npz"}
     assert {job.labels["regime"] for job in runs} == {"best 16 of all 80"}
     with pytest.raises(SystemExit, match="its regimes must use all episodes"):
