@@ -878,6 +878,9 @@ def comparisons(rows: dict) -> list[str]:
             lines.append(f"| {label} | {better} vs {worse} | {np.mean(x) - np.mean(y):.1f} [{low:.1f}, {high:.1f}] | "
                          f"{verdict} | {probability_of_improvement(x, y):.2f} [{p_low:.2f}, {p_high:.2f}] | "
                          f"{len(x)}, {len(y)} |")
+    if len(lines) == 2:  # a control preset (one column) or a single seed: an empty table would say nothing
+        return ["No pair of the paper's orderings has two or more seeds in both of its columns here; "
+                "`benchmarks/compare.py` compares cells of different presets."]
     return lines
 
 

@@ -256,6 +256,8 @@ def test_statistics_over_seeds():
                                                                      "MPO": x}})
     assert "| ABM+MPO vs BM+MPO | 5.6 [" in lines[2] and "yes, first higher" in lines[2]
     assert "| ABM+MPO vs MPO | 0.0 [" in lines[3] and "| no |" in lines[3]
+    alone = reproduce.comparisons({("cheetah (best 16 of all 80)", None): {"best": [300.0], "BM+MPO": x}})
+    assert len(alone) == 1 and alone[0].startswith("No pair of the paper's orderings")
 
 
 @pytest.mark.parametrize("flags, words", [
