@@ -125,7 +125,7 @@ class Preset:
     num_gpus: float = 0.0
     extra_train_flags: tuple = ()  # flags added to every learning run (smoke: shortened evaluation episodes)
     datasets_from: str = ""  # learn from the data published in this folder (from the repository root); no collecting
-    best_episodes: int = 0  # learn from only this many of the highest-return episodes (benchmarks/best_episodes.py)
+    best_episodes: int = 0  # Control Suite: learn from only this many of the highest-return episodes (best_episodes.py)
     differences: tuple = ()  # settings that differ from the paper, named in the table header
     run_here: str = ""
 
@@ -253,7 +253,8 @@ PRESETS["cpu-long"] = dataclasses.replace(
     PRESETS["cpu"], name="cpu-long",
     purpose="the other test of the cpu grid's tie between the ABM and BM priors: the paper's target copies every 200 "
             "updates, 10x the updates (40,000) so the critic gets the backups cpu-critic gives it in 4,000; ABM+MPO "
-            "and BM+MPO on all 80 episodes, 5 seeds, about 150 minutes of the 2 cores (seeds 0-2 ran first, in 92 minutes)",
+            "and BM+MPO on all 80 episodes, 5 seeds, about 130 minutes of the 2 cores (an ABM+MPO run takes about 33 "
+            "minutes of one core, a BM+MPO run about 18)",
     regimes=(("all 80", None),), control_columns=("ABM+MPO", "BM+MPO"), seeds=(0, 1, 2, 3, 4), updates=40000,
     eval_every=2000, datasets_from="results/cpu/datasets",
     differences=("the cpu preset's data (results/cpu/datasets/cheetah.npz), batch and M, and:",
@@ -266,11 +267,12 @@ PRESETS["cpu-filtered"] = dataclasses.replace(
     PRESETS["cpu-long"], name="cpu-filtered",
     purpose="a control for the ABM prior: BM+MPO, with its BM prior, learned from only the best 16 of the 80 "
             "episodes by logged return (filtered behaviour cloning, '%BC'), at cpu-long's budgets; 5 seeds, about "
-            "75 minutes of one core",
-    # Why: abm_filter.py found Eq. 4 keeping 26% of the worst fifth of the episodes and 63% of the best fifth
+            "90 minutes of one core",
+    # Why: abm_filter.py found Eq. 4 keeping 28% of the worst fifth of the episodes and 62% of the best fifth
     # (cpu-long's critics), and the ABM prior no better than the BM prior. A BM prior on the best fifth alone is the
     # filter that knows the returns: if it beats the BM prior on all 80, filtering can pay on this data and Eq. 4
-    # filters too softly; if not, the data leaves no room for the ABM prior at this budget.
+    # filters too softly; if not, the data leaves no room for the ABM prior at this budget. It did beat it, by 49.8
+    # [21.9, 76.5] (README "A control: what a filter that knows the returns gains").
     control_columns=("BM+MPO",), best_episodes=16,
     differences=("the cpu preset's data (results/cpu/datasets/cheetah.npz), batch and M, and:",
                  "only its best 16 episodes by return (204.6 to 322.5; all 80: mean 127.2), chosen with "
