@@ -62,6 +62,9 @@ def write_best_episodes(source: Path, output: Path, episodes: int, task: Optiona
     source = Path(source)
     with np.load(source, allow_pickle=False) as archive:
         arrays = {key: archive[key] for key in archive.files}
+    missing = [key for key in ("reward", "episode_id") if key not in arrays]
+    if missing:
+        raise ValueError(f"it lacks the array(s) {missing}, which rank its episodes (README 'Datasets')")
     metadata = json.loads(str(arrays.pop("metadata", "{}")))
     columns = 1 if arrays["reward"].ndim == 1 else arrays["reward"].shape[1]
     tasks = metadata.get("tasks") or [f"task{i}" for i in range(columns)]

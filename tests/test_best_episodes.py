@@ -103,10 +103,13 @@ def test_multi_task_data_is_ranked_by_the_task_asked_for(tmp_path):
     (["{src}", "{src}", "--episodes", "2"], "the output would overwrite the source"),
     (["{tmp}", "{out}", "--episodes", "2"], "is not a file"),
     (["{src}", "{out}", "--episodes", "2", "--task", "run"], "--task run: not in"),
+    (["{noids}", "{out}", "--episodes", "1"], "it lacks the array(s) ['episode_id'], which rank its episodes"),
 ])
 def test_bad_input_is_one_sentence(tmp_path, arguments, words):
     source, _ = levels_dataset(tmp_path / "levels.npz")
-    values = {"src": str(source), "out": str(tmp_path / "out.npz"), "tmp": str(tmp_path)}
+    np.savez(tmp_path / "no_ids.npz", observation=np.zeros((3, 2)), reward=np.zeros(3))
+    values = {"src": str(source), "out": str(tmp_path / "out.npz"), "tmp": str(tmp_path),
+              "noids": str(tmp_path / "no_ids.npz")}
     result = subprocess.run([sys.executable, "benchmarks/best_episodes.py", *(a.format(**values) for a in arguments)],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and words in result.stderr, result.stderr
