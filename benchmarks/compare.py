@@ -17,10 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import bootstrap, load_published, mean_std, probability_of_improvement, table_rows  # noqa: E402
+from reproduce import difference_cells, load_published, mean_std, table_rows  # noqa: E402
 
 
 def cell(argument: str) -> tuple[str, list[float]]:
@@ -53,11 +51,7 @@ def report(cells: list[tuple[str, list[float]]]) -> str:
             if len(x) < 2 or len(y) < 2:
                 lines.append(f"| {first} | {second} | (needs 2 seeds in each) | - | - |")
                 continue
-            low, high = bootstrap(lambda a, b: a.mean(-1) - b.mean(-1), x, y)
-            p_low, p_high = bootstrap(probability_of_improvement, x, y)
-            verdict = "yes, first higher" if low > 0 else "yes, second higher" if high < 0 else "no"
-            lines.append(f"| {first} | {second} | {np.mean(x) - np.mean(y):.1f} [{low:.1f}, {high:.1f}] | {verdict} | "
-                         f"{probability_of_improvement(x, y):.2f} [{p_low:.2f}, {p_high:.2f}] |")
+            lines.append(f"| {first} | {second} | {difference_cells(x, y)} |")
     return "\n".join(lines) + "\n"
 
 

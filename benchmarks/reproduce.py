@@ -411,9 +411,7 @@ def check_datasets(jobs: list, out: Path, collected: bool) -> None:
     for env in sorted({job.labels["env"] for job in jobs if job.kind == "train"}):
         if env not in published:
             continue
-        path = next(job for job in jobs if job.kind == "train" and job.labels["env"] == env).command
-        path = Path(path[path.index("--dataset") + 1])
-        path = path if path.is_absolute() else ROOT / path
+        path = train_dataset(next(job for job in jobs if job.kind == "train" and job.labels["env"] == env))
         recorded, runs = next(iter(published[env])), sum(published[env].values(), [])
         if not path.exists():
             if collected:
@@ -434,11 +432,20 @@ def published_data(preset: Preset, out: Path) -> Path:
     return ROOT / preset.datasets_from if preset.datasets_from else out / "datasets"
 
 
+def train_dataset(job: Job) -> Path:
+    """The dataset a train job's command reads (its --dataset), from the repository root."""
+    path = Path(job.command[job.command.index("--dataset") + 1])
+    return path if path.is_absolute() else ROOT / path
+
+
 def derive_best_episodes(preset: Preset, jobs: list, work: Path) -> None:
-    """<work>/datasets/<env>-best<N>.npz from the published <env>.npz, before the grid: the same bytes on every
-    machine and every rerun (benchmarks/best_episodes.py), so the runs' recorded sha256 still holds."""
-    for env in sorted({job.labels["env"] for job in jobs if job.kind == "train" and job.labels["env"] != "sawyer"}):
-        source, output = work / "datasets" / f"{env}.npz", work / "datasets" / f"{env}-best{preset.best_episodes}.npz"
+    """Each Control Suite run's dataset, <work>/datasets/<env>-best<N>.npz (train_job names it), from the published
+    <env>.npz, before the grid: the same bytes on every machine and every rerun (benchmarks/best_episodes.py), so
+    the runs' recorded sha256 still holds."""
+    outputs = {job.labels["env"]: train_dataset(job) for job in jobs
+               if job.kind == "train" and job.labels["env"] != "sawyer"}
+    for env, output in sorted(outputs.items()):
+        source = work / "datasets" / f"{env}.npz"
         if not source.exists():
             raise SystemExit(f"reproduce.py: error: preset {preset.name} learns from the best episodes of published "
                              f"{env} data and {shown(source)} is missing: set its datasets_from, or run the preset "
@@ -864,6 +871,16 @@ def mean_std(values: list) -> str:
     return f"{np.mean(values):.1f} [{low:.1f}, {high:.1f}] ({len(values)})"
 
 
+def difference_cells(x, y) -> str:
+    """Three table cells for seeds x against seeds y: the difference of means [95% CI], whether that interval
+    excludes 0, and the probability of improvement [95% CI] (also benchmarks/compare.py's)."""
+    low, high = bootstrap(lambda a, b: a.mean(-1) - b.mean(-1), x, y)
+    p_low, p_high = bootstrap(probability_of_improvement, x, y)
+    verdict = "yes, first higher" if low > 0 else "yes, second higher" if high < 0 else "no"
+    return (f"{np.mean(x) - np.mean(y):.1f} [{low:.1f}, {high:.1f}] | {verdict} | "
+            f"{probability_of_improvement(x, y):.2f} [{p_low:.2f}, {p_high:.2f}]")
+
+
 def comparisons(rows: dict) -> list[str]:
     """For each row (task and data regime) and each ordered pair present: the difference of means with its 95%
     interval, whether the interval excludes zero, and the probability of improvement with its interval."""
@@ -874,12 +891,7 @@ def comparisons(rows: dict) -> list[str]:
             x, y = row.get(better, []), row.get(worse, [])
             if len(x) < 2 or len(y) < 2:
                 continue
-            low, high = bootstrap(lambda a, b: a.mean(-1) - b.mean(-1), x, y)
-            p_low, p_high = bootstrap(probability_of_improvement, x, y)
-            verdict = "yes, first higher" if low > 0 else "yes, second higher" if high < 0 else "no"
-            lines.append(f"| {label} | {better} vs {worse} | {np.mean(x) - np.mean(y):.1f} [{low:.1f}, {high:.1f}] | "
-                         f"{verdict} | {probability_of_improvement(x, y):.2f} [{p_low:.2f}, {p_high:.2f}] | "
-                         f"{len(x)}, {len(y)} |")
+            lines.append(f"| {label} | {better} vs {worse} | {difference_cells(x, y)} | {len(x)}, {len(y)} |")
     if len(lines) == 2:  # a control preset (one column) or a single seed: an empty table would say nothing
         return ["No pair of the paper's orderings has two or more seeds in both of its columns here; "
                 "`benchmarks/compare.py` compares cells of different presets."]
