@@ -311,6 +311,17 @@ def write_random_dataset_bytes(path: Path, seed: int) -> bytes:
     return write_random_dataset(path, seed=seed).read_bytes()
 
 
+def published_elsewhere(tmp_path: Path, episodes: int, length: int = 40, **changes):
+    """The smoke preset with `changes`, learning from random cartpole data published in <tmp_path>/elsewhere
+    (`datasets_from`, absolute: ROOT / it is itself); returns (preset, the published file)."""
+    from tests.helpers import write_random_dataset
+
+    env = SMOKE.control_tasks[0]
+    (tmp_path / "elsewhere").mkdir()
+    published = write_random_dataset(tmp_path / "elsewhere" / f"{env}.npz", episodes=episodes, length=length, env=env)
+    return dataclasses.replace(SMOKE, datasets_from=str(published.parent), **changes), published
+
+
 def test_a_runs_command_stays_the_same_once_its_dataset_is_a_link(tmp_path):
     """A published dataset is linked into the work folder; the train commands must name the link as before it
     existed, or a killed run's --resume refuses the changed --dataset (seen when the cpu grid was restarted)."""
@@ -340,13 +351,9 @@ def test_a_preset_can_learn_from_another_presets_published_data(tmp_path):
                           str(tmp_path / "dry")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert dry.stdout.startswith("published  dataset-cheetah: python collect.py"), dry.stdout[:300] + dry.stderr
     # A smoke grid whose data is published elsewhere: its dataset is linked from there and nothing is collected.
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
     env = SMOKE.control_tasks[0]
-    from tests.helpers import write_random_dataset
-
-    write_random_dataset(elsewhere / f"{env}.npz", episodes=SMOKE.collect_episodes, env=env)
-    preset = dataclasses.replace(SMOKE, datasets_from=str(elsewhere))  # absolute: ROOT / it is itself
+    preset, published = published_elsewhere(tmp_path, SMOKE.collect_episodes)
+    elsewhere = published.parent
     work, out = tmp_path / "work", tmp_path / "results"
     collection = [job for job in reproduce.build_grid(preset, work) if job.name == f"dataset-{env}"]
     printed = io.StringIO()
@@ -370,15 +377,10 @@ def test_a_preset_can_learn_from_the_best_episodes_of_published_data(tmp_path):
     with pytest.raises(SystemExit, match="its regimes must use all episodes"):
         reproduce.build_grid(dataclasses.replace(reproduce.PRESETS["cpu"], best_episodes=16), Path("/tmp/grid"))
     # A smoke grid learning from the best 2 of 4 published episodes of random rewards.
-    from tests.helpers import write_random_dataset
-
     env = SMOKE.control_tasks[0]
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    source = write_random_dataset(elsewhere / f"{env}.npz", episodes=4, length=50, env=env)
+    preset, source = published_elsewhere(tmp_path, 4, length=50, best_episodes=2, sawyer_tasks=())
     with np.load(source) as stored:
         returns = [stored["reward"][stored["episode_id"] == i].sum() for i in range(4)]
-    preset = dataclasses.replace(SMOKE, datasets_from=str(elsewhere), best_episodes=2, sawyer_tasks=())
     work, out = tmp_path / "work", tmp_path / "results"
     grid = reproduce.build_grid(preset, work)
     jobs = [job for job in grid if job.kind != "train"] + [next(job for job in grid if job.kind == "train")]
@@ -400,13 +402,7 @@ def test_a_time_budget_stops_a_run_and_the_rerun_resumes_it(tmp_path):
     """--time-budget: the run still going at the deadline is stopped, its evaluations so far are kept apart in
     <out>/unfinished (never in the table); the rerun resumes it from its checkpoint, publishes it and drops the
     partial copy, which would otherwise sit beside the finished run."""
-    from tests.helpers import write_random_dataset
-
-    env = SMOKE.control_tasks[0]
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    write_random_dataset(elsewhere / f"{env}.npz", episodes=4, length=50, env=env)
-    preset = dataclasses.replace(SMOKE, datasets_from=str(elsewhere), updates=1000, eval_every=25, sawyer_tasks=())
+    preset, _ = published_elsewhere(tmp_path, 4, length=50, updates=1000, eval_every=25, sawyer_tasks=())
     work, out = tmp_path / "work", tmp_path / "results"
     grid = reproduce.build_grid(preset, work)
     job = next(job for job in grid if job.kind == "train")
