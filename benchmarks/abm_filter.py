@@ -135,41 +135,36 @@ def analyse(run_dir: Path) -> dict:
 
 
 def report(results: list[dict]) -> str:
-    """A markdown table: one row per run and task, then mean +- std over the runs per task."""
-    header = ("| run | update | accepted | " + " | ".join(f"fifth {i + 1}" for i in range(FIFTHS)) +
-              " | rank corr. | mean V(s) | mean return-to-go |")
-    lines = ["Accepted fraction of Eq. 4 (ABM) per fifth of the episodes ranked by return (fifth 1: lowest; "
-             "the fifth's mean episode return in brackets).", "", header, "|" + "---|" * (FIFTHS + 6)]
-    for result in results:
-        for task, t in result["tasks"].items():
-            cells = [f"{f['accepted']:.2f} ({f['episode_return']:.0f})" for f in t["fifths"]]
-            lines.append(f"| {Path(result['run']).name}{f' {task}' if len(result['tasks']) > 1 else ''} | "
-                         f"{result['update']:,} | {t['accepted']:.2f} | " + " | ".join(cells) +
-                         f" | {t['rank_correlation']:.2f} | {t['mean_value']:.1f} | {t['mean_return_to_go']:.1f} |")
-    if len(results) > 1:
-        for task in results[0]["tasks"]:
-            rows = [r["tasks"][task] for r in results if task in r["tasks"]]
-            pm = lambda values: f"{np.mean(values):.2f} ± {np.std(values):.2f}"  # noqa: E731
-            cells = [pm([row["fifths"][i]["accepted"] for row in rows]) for i in range(FIFTHS)]
-            lines.append(f"| mean ± std over {len(rows)} runs{f' {task}' if len(results[0]['tasks']) > 1 else ''} | "
-                         f"| {pm([row['accepted'] for row in rows])} | " + " | ".join(cells) +
-                         f" | {pm([row['rank_correlation'] for row in rows])} | "
-                         f"{np.mean([row['mean_value'] for row in rows]):.1f} | "
-                         f"{np.mean([row['mean_return_to_go'] for row in rows]):.1f} |")
-    lines += ["", "Share of everything accepted that each fifth holds: the mix of episodes the ABM prior imitates (a BM "
+    """Two markdown tables, the accepted fractions and each fifth's share of what is kept: one row per run and
+    task, then the mean (and for the fractions the std) over the runs per task."""
+    several = len(results[0]["tasks"]) > 1  # name the task in each row
+    accepted = ["Accepted fraction of Eq. 4 (ABM) per fifth of the episodes ranked by return (fifth 1: lowest; "
+                "the fifth's mean episode return in brackets).", "",
+                "| run | update | accepted | " + " | ".join(f"fifth {i + 1}" for i in range(FIFTHS)) +
+                " | rank corr. | mean V(s) | mean return-to-go |", "|" + "---|" * (FIFTHS + 6)]
+    shares = ["Share of everything accepted that each fifth holds: the mix of episodes the ABM prior imitates (a BM "
               "prior's is each fifth's share of the transitions: 0.20 when the episodes are equally long).", "",
               "| run | " + " | ".join(f"fifth {i + 1}" for i in range(FIFTHS)) + " |", "|" + "---|" * (FIFTHS + 1)]
     for result in results:
         for task, t in result["tasks"].items():
-            lines.append(f"| {Path(result['run']).name}{f' {task}' if len(result['tasks']) > 1 else ''} | " +
-                         " | ".join(f"{f['kept_share']:.2f}" for f in t["fifths"]) + " |")
+            name = f"{Path(result['run']).name}{f' {task}' if len(result['tasks']) > 1 else ''}"
+            cells = [f"{f['accepted']:.2f} ({f['episode_return']:.0f})" for f in t["fifths"]]
+            accepted.append(f"| {name} | {result['update']:,} | {t['accepted']:.2f} | " + " | ".join(cells) +
+                            f" | {t['rank_correlation']:.2f} | {t['mean_value']:.1f} | {t['mean_return_to_go']:.1f} |")
+            shares.append(f"| {name} | " + " | ".join(f"{f['kept_share']:.2f}" for f in t["fifths"]) + " |")
     if len(results) > 1:
+        pm = lambda values: f"{np.mean(values):.2f} ± {np.std(values):.2f}"  # noqa: E731
         for task in results[0]["tasks"]:
-            rows = [r["tasks"][task] for r in results if task in r["tasks"]]
-            lines.append(f"| mean over {len(rows)} runs{f' {task}' if len(results[0]['tasks']) > 1 else ''} | " +
-                         " | ".join(f"{np.mean([row['fifths'][i]['kept_share'] for row in rows]):.2f}"
-                                    for i in range(FIFTHS)) + " |")
-    return "\n".join(lines) + "\n"
+            rows, suffix = [r["tasks"][task] for r in results if task in r["tasks"]], f" {task}" if several else ""
+            cells = [pm([row["fifths"][i]["accepted"] for row in rows]) for i in range(FIFTHS)]
+            accepted.append(f"| mean ± std over {len(rows)} runs{suffix} | | {pm([row['accepted'] for row in rows])} | "
+                            + " | ".join(cells) + f" | {pm([row['rank_correlation'] for row in rows])} | "
+                            f"{np.mean([row['mean_value'] for row in rows]):.1f} | "
+                            f"{np.mean([row['mean_return_to_go'] for row in rows]):.1f} |")
+            shares.append(f"| mean over {len(rows)} runs{suffix} | " +
+                          " | ".join(f"{np.mean([row['fifths'][i]['kept_share'] for row in rows]):.2f}"
+                                     for i in range(FIFTHS)) + " |")
+    return "\n".join(accepted + [""] + shares) + "\n"
 
 
 def main() -> None:
