@@ -281,6 +281,27 @@ PRESETS["cpu-filtered"] = dataclasses.replace(
                  "evaluations (10 episodes)",
                  "column BM+MPO (with its prior) only"),
     run_here="on this project's 2-core CPU (results/cpu-filtered)")
+# Does Eq. 4 filter softly because its snippets are short? The paper gives no N for its ABM columns (only |tau| = 2
+# for "ABM eps=0", where it calls short snippets vital); these scripts default to 10.
+PRESETS["cpu-snippets"] = dataclasses.replace(
+    PRESETS["cpu-long"], name="cpu-snippets",
+    purpose="ABM+MPO at cpu-long's budgets with Eq. 4's snippets 100 steps long instead of 10, to test whether "
+            "longer snippets make the ABM prior filter the data as a return filter does; 5 seeds, about 100 minutes "
+            "of the 2 cores",
+    # Why: abm_filter.py --snippet-lengths on cpu-long's five final ABM+MPO checkpoints (the same critic and policy
+    # scored with other N, before this preset ran) keeps 0.12 of the imitated mix from the worst fifth of the
+    # episodes and 0.27 from the best at N = 10, but 0.06 and 0.41 at N = 100 (seed 0; results/cpu-long/
+    # abm_filter_snippets.md). At N = 1 the test is nearly a coin flip in every fifth (0.43-0.54 accepted): the
+    # logged rewards carry the signal, and V's differences between s_t and s_N carry mostly the critic's noise.
+    # 100 = 1 / (1 - gamma), the discount's horizon, chosen before any run of this preset.
+    control_columns=("ABM+MPO",), extra_train_flags=("--snippet-length", "100"),
+    differences=("the cpu preset's data (results/cpu/datasets/cheetah.npz), batch and M, and:",
+                 "Eq. 4's snippets 100 steps long (these scripts' default and cpu-long: 10; the paper states none but "
+                 "2 for ABM eps=0)",
+                 "40,000 updates (paper: 1M), 5 evaluation episodes every 2,000; final return = mean of the last 2 "
+                 "evaluations (10 episodes)",
+                 "column ABM+MPO (with its prior) only; compare with cpu-long's BM+MPO (the same seeds and budgets)"),
+    run_here="on this project's 2-core CPU (results/cpu-snippets)")
 
 
 # ----------------------------------------------------------------------------------------------
