@@ -984,7 +984,9 @@ def markdown_table(rows: dict, columns: list[str], paper: dict, paper_columns: t
         lines.append(f"| {label} | {max(row['best']):.1f} | " + " | ".join(mean_std(row.get(h, [])) for h in headers) + " |")
         if paper_key in paper:
             numbers = dict(zip(paper_columns, paper[paper_key]))
-            lines.append("| paper | - | " + " | ".join(f"{numbers[h]:g}" if h in numbers else "-" for h in headers) + " |")
+            name = "paper (all its data; it ran no filtered data)" if "(best " in label else "paper"  # best_episodes
+            lines.append(f"| {name} | - | " + " | ".join(f"{numbers[h]:g}" if h in numbers else "-" for h in headers)
+                         + " |")
     return lines
 
 

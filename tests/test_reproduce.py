@@ -216,6 +216,34 @@ def test_grids_cover_the_paper_columns_and_order_seed_zero_first():
         assert seeds == sorted(seeds)  # every column's seed 0 before any seed 1
 
 
+
+def test_the_snippet_preset_changes_only_eq4s_snippet_length():
+    """cpu-snippets is cpu-long's ABM+MPO column with snippets of 100: the same data, seeds and budgets, so its runs
+    compare with cpu-long's BM+MPO seed for seed."""
+    def runs(name):
+        return [job for job in reproduce.build_grid(reproduce.PRESETS[name], Path("/tmp/grid")) if job.kind == "train"]
+
+    snippets, long = runs("cpu-snippets"), [job for job in runs("cpu-long") if job.labels["column"] == "ABM+MPO"]
+    assert [job.labels for job in snippets] == [job.labels for job in long] and len(snippets) == 5
+    for new, old in zip(snippets, long):
+        added = [flag.replace("cpu-snippets", "cpu-long") for flag in new.command]
+        assert added == [*old.command[:-2], "--snippet-length", "100", *old.command[-2:]]
+
+
+def test_the_paper_row_under_filtered_data_says_the_paper_ran_none():
+    def run(regime):
+        numbers = {"return": 50.0, "prior_return": 40.0, "best_episode_return_in_dataset": 90.0}
+        return {"env": "cheetah", "regime": regime, "regime_episodes": None, "task": "all", "column": "BM+MPO",
+                "summary": {"per_task": {"run": numbers}}}
+
+    def paper_row(regime):
+        table = reproduce.markdown_table(reproduce.table_rows([run(regime)], ["BM+MPO"]), ["BM+MPO"],
+                                         reproduce.PAPER_TABLE_6, reproduce.PAPER_TABLE_6_COLUMNS)
+        return table[3]
+
+    assert paper_row("all 80") == "| paper | - | 891.8 | 465.3 |"
+    assert paper_row("best 16 of all 80") == "| paper (all its data; it ran no filtered data) | - | 891.8 | 465.3 |"
+
 def test_paper_numbers_transcribed():
     assert all(len(row) == len(reproduce.PAPER_TABLE_6_COLUMNS) for row in reproduce.PAPER_TABLE_6.values())
     assert all(len(row) == len(reproduce.PAPER_TABLE_7_COLUMNS) for row in reproduce.PAPER_TABLE_7.values())
