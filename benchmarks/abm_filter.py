@@ -2,6 +2,7 @@
 
     python benchmarks/abm_filter.py runs/reproduce/cpu/runs/cheetah-all80-ABM_MPO-seed*   # one or more run dirs
     python benchmarks/abm_filter.py RUN_DIR... --out filter.md --json filter.json
+    python benchmarks/abm_filter.py RUN_DIR... --snippet-lengths 1 10 100   # the same critics, other N
 
 The ABM prior (Eq. 4) imitates a logged action a_t when the advantage of its snippet is non-negative:
 
@@ -13,15 +14,18 @@ and the run's own data, scores every transition of it with M samples from the ru
 prints the fraction accepted overall and in each fifth of the episodes ranked by return (lowest first), the mean
 V(s_t) beside the mean discounted return-to-go of the data, and the rank correlation between an episode's return
 and its accepted fraction. Any abm_mpo.py run works (`--prior bm` and `none` too: what ABM would keep under that
-run's critic). Several runs are also summarised as mean +- std over runs.
+run's critic). Several runs are also summarised as mean +- std over runs. `--snippet-lengths` scores the same
+checkpoints with other N: how sharply Eq. 4 filters depends on how much of the logged rewards it reads.
 """
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -64,9 +68,17 @@ def load_run(run_dir: Path):
         raise SystemExit(f"abm_filter.py: error: {run_dir} is a run of {config.get('script')}.py; this reads "
                          f"abm_mpo.py runs (their critic, target policy and snippets)")
     args = abm_mpo.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["args"].items()})
-    args.dataset = config["spec"]["dataset"]
-    env = abm_mpo.make_env(args.env)
-    data, tasks, spec = abm_mpo.load_data(args, env, torch.device("cpu"))
+    dataset = Path(config["spec"]["dataset"])  # relative to where the run started: here, or the repository's root
+    args.dataset = str(ROOT / dataset if not dataset.exists() and (ROOT / dataset).exists() else dataset)
+    if Path(args.dataset).is_file() and "dataset_sha256" in config and \
+            hashlib.sha256(Path(args.dataset).read_bytes()).hexdigest() != config["dataset_sha256"]:
+        raise SystemExit(f"abm_filter.py: error: {args.dataset} is not the data {run_dir} learned from (its SHA-256 "
+                         f"differs from config.json's), so its critic would be scored on other transitions")
+    try:
+        data, tasks, spec = abm_mpo.load_data(args, abm_mpo.make_env(args.env), torch.device("cpu"))
+    except abm_mpo.UserError as error:  # the data moved, for one
+        raise SystemExit(f"abm_filter.py: error: {run_dir}: {error} (config.json names it relative to the "
+                         f"directory the run started in)") from None
     agent = abm_mpo.Agent(spec["obs_dim"], spec["act_dim"], len(tasks), args)
     agent.load_state_dict(state["agent"])
     return args, data, tasks, spec, agent, state["step"]
@@ -108,14 +120,17 @@ def returns_to_go(reward: np.ndarray, discount: np.ndarray, episode_last: np.nda
     return result
 
 
-def analyse(run_dir: Path) -> dict:
+def analyse(run_dir: Path, snippet_length: Optional[int] = None) -> dict:
+    """One run's numbers; `snippet_length`: score Eq. 4 with this N instead of the run's own (same critic, policy)."""
     args, data, tasks, spec, agent, step = load_run(run_dir)
+    args.snippet_length = snippet_length or args.snippet_length
     scores = score(args, data, spec, agent)
     reward = data["reward"].numpy().astype(np.float64)
     last = data["episode_last"].numpy()
     to_go = returns_to_go(reward, data["discount"].numpy(), last, args.discount)
     episodes, episode_of = np.unique(last, return_inverse=True)  # one id per episode (its last index)
-    result = {"run": str(run_dir), "update": step, "prior": args.prior, "transitions": len(reward),
+    result = {"run": str(run_dir), "update": step, "prior": args.prior, "snippet_length": args.snippet_length,
+              "transitions": len(reward),
               "episodes": len(episodes), "args": dataclasses.asdict(args), "tasks": {}}
     for k, task in enumerate(tasks):
         episode_return = np.bincount(episode_of, reward[:, k])
@@ -136,8 +151,11 @@ def analyse(run_dir: Path) -> dict:
 
 def report(results: list[dict]) -> str:
     """Two markdown tables, the accepted fractions and each fifth's share of what is kept: one row per run and
-    task, then the mean (and for the fractions the std) over the runs per task."""
+    task, then the mean (and for the fractions the std) over the runs per task, and per snippet length N where the
+    runs were scored with several (--snippet-lengths)."""
     several = len(results[0]["tasks"]) > 1  # name the task in each row
+    lengths = list(dict.fromkeys(result.get("snippet_length") for result in results))  # None: JSON of older versions
+    by_length = lambda n: f" N = {n}" if len(lengths) > 1 else ""  # noqa: E731
     accepted = ["Accepted fraction of Eq. 4 (ABM) per fifth of the episodes ranked by return (fifth 1: lowest; "
                 "the fifth's mean episode return in brackets).", "",
                 "| run | update | accepted | " + " | ".join(f"fifth {i + 1}" for i in range(FIFTHS)) +
@@ -147,15 +165,18 @@ def report(results: list[dict]) -> str:
               "| run | " + " | ".join(f"fifth {i + 1}" for i in range(FIFTHS)) + " |", "|" + "---|" * (FIFTHS + 1)]
     for result in results:
         for task, t in result["tasks"].items():
-            name = f"{Path(result['run']).name}{f' {task}' if len(result['tasks']) > 1 else ''}"
+            name = (f"{Path(result['run']).name}{f' {task}' if len(result['tasks']) > 1 else ''}"
+                    f"{by_length(result.get('snippet_length'))}")
             cells = [f"{f['accepted']:.2f} ({f['episode_return']:.0f})" for f in t["fifths"]]
             accepted.append(f"| {name} | {result['update']:,} | {t['accepted']:.2f} | " + " | ".join(cells) +
                             f" | {t['rank_correlation']:.2f} | {t['mean_value']:.1f} | {t['mean_return_to_go']:.1f} |")
             shares.append(f"| {name} | " + " | ".join(f"{f['kept_share']:.2f}" for f in t["fifths"]) + " |")
-    if len(results) > 1:
-        pm = lambda values: f"{np.mean(values):.2f} ± {np.std(values):.2f}"  # noqa: E731
-        for task in results[0]["tasks"]:
-            rows, suffix = [r["tasks"][task] for r in results if task in r["tasks"]], f" {task}" if several else ""
+    pm = lambda values: f"{np.mean(values):.2f} ± {np.std(values):.2f}"  # noqa: E731
+    for length in lengths:
+        group = [result for result in results if result.get("snippet_length") == length]
+        for task in group[0]["tasks"] if len(group) > 1 else ():
+            rows = [r["tasks"][task] for r in group if task in r["tasks"]]
+            suffix = f"{f' {task}' if several else ''}{by_length(length)}"
             cells = [pm([row["fifths"][i]["accepted"] for row in rows]) for i in range(FIFTHS)]
             accepted.append(f"| mean ± std over {len(rows)} runs{suffix} | | {pm([row['accepted'] for row in rows])} | "
                             + " | ".join(cells) + f" | {pm([row['rank_correlation'] for row in rows])} | "
@@ -172,8 +193,13 @@ def main() -> None:
     parser.add_argument("run_dirs", nargs="+", type=Path, help="abm_mpo.py run directories (checkpoint.pt, config.json)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
     parser.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
+    parser.add_argument("--snippet-lengths", type=int, nargs="+", default=[None], metavar="N",
+                        help="score Eq. 4 with each of these snippet lengths, with each run's own critic and policy "
+                             "(default: the run's own N)")
     args = parser.parse_args()
-    results = [analyse(run_dir) for run_dir in args.run_dirs]
+    if any(length is not None and length < 1 for length in args.snippet_lengths):
+        parser.error(f"--snippet-lengths must be positive, not {args.snippet_lengths}")
+    results = [analyse(run_dir, length) for length in args.snippet_lengths for run_dir in args.run_dirs]
     table = report(results)
     print(table, end="")
     if args.out:

@@ -3,8 +3,10 @@ advantage of a snippet of constant reward r is (1 - gamma^n) (r / (1 - gamma) - 
 r >= c (1 - gamma) and dropped whole otherwise, whatever the snippet length n. The tool must find exactly that, per
 episode and per fifth of the episodes ranked by return, from a real abm_mpo.py run directory."""
 
+import json
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +103,64 @@ def test_ranks_share_ties_and_spearman_reads_order():
 def test_a_folder_that_is_not_an_abm_mpo_run_is_one_sentence(tmp_path):
     with pytest.raises(SystemExit, match="is not a run directory with config.json and checkpoint.pt"):
         abm_filter.load_run(tmp_path)
+
+
+def test_snippet_length_decides_how_much_of_the_logged_rewards_the_filter_reads(run_dir, monkeypatch):
+    """Reward 1 at each episode's last step, 0 before it, and a constant critic of V = 1 (gamma = 0.99): a snippet of
+    one step has advantage r_t - (1 - gamma) V, so only the last steps pass (1 in 30); a snippet of 30 reaches the
+    episode's end from every step t and has advantage gamma^(m-1) - (1 - gamma^m) V with m = 30 - t steps left, at
+    least 0.747 - 0.260 > 0, so every step passes. The same checkpoint, scored with the two N."""
+    real = abm_filter.load_run
+
+    def with_reward_at_the_end(path):
+        args, data, tasks, spec, agent, step = real(path)
+        constant_critic(agent, 1.0)
+        last = data["episode_last"] == torch.arange(len(data["episode_last"]))
+        data["reward"] = last.float()[:, None]
+        return args, data, tasks, spec, agent, step
+
+    monkeypatch.setattr(abm_filter, "load_run", with_reward_at_the_end)
+    assert abm_mpo.Args().discount == 0.99
+    short, long = abm_filter.analyse(run_dir, 1), abm_filter.analyse(run_dir, 30)
+    assert (short["snippet_length"], long["snippet_length"]) == (1, 30)
+    assert short["tasks"]["balance"]["accepted"] == pytest.approx(1 / 30)
+    assert long["tasks"]["balance"]["accepted"] == 1.0
+    assert abm_filter.analyse(run_dir)["snippet_length"] == 4  # the run's own N
+    table = abm_filter.report([short, short, long, long])
+    assert table.count("| mean ± std over 2 runs N = 1 | | 0.03 ± 0.00 |") == 1
+    assert table.count("| mean ± std over 2 runs N = 30 | | 1.00 ± 0.00 |") == 1
+    assert "| run N = 1 | 3 |" in table and "| mean over 2 runs N = 30 |" in table
+
+
+def test_a_snippet_length_below_one_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["abm_filter.py", "somewhere", "--snippet-lengths", "10", "0"])
+    with pytest.raises(SystemExit) as stopped:
+        abm_filter.main()
+    assert stopped.value.code == 2
+    assert "--snippet-lengths must be positive" in capsys.readouterr().err
+
+
+def test_a_run_whose_data_moved_or_changed_is_one_sentence(run_dir, tmp_path, monkeypatch):
+    """config.json names the data relative to where the run started: found from another directory when that was the
+    repository's root; else, or when the file's bytes differ from the checksum the run recorded, one sentence."""
+    copy = tmp_path / "run"
+    copy.mkdir()
+    (copy / "checkpoint.pt").write_bytes((run_dir / "checkpoint.pt").read_bytes())
+    config = json.loads((run_dir / "config.json").read_text())
+    data = Path(config["spec"]["dataset"])
+    (tmp_path / "root" / "datasets").mkdir(parents=True)
+    (tmp_path / "root" / "datasets" / "levels.npz").write_bytes(data.read_bytes())
+    config["spec"]["dataset"] = "datasets/levels.npz"  # as a run started in the root names it
+    (copy / "config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(abm_filter, "ROOT", tmp_path / "root")
+    assert abm_filter.load_run(copy)[1]["observation"].shape[0] == 180  # found under the root
+    monkeypatch.setattr(abm_filter, "ROOT", tmp_path / "elsewhere")
+    with pytest.raises(SystemExit, match=r"^abm_filter.py: error: .*run: dataset datasets/levels.npz does not exist "
+                                         r"\(config.json names it relative to the directory the run started in\)$"):
+        abm_filter.load_run(copy)
+    config["dataset_sha256"] = "0" * 64
+    (copy / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(abm_filter, "ROOT", tmp_path / "root")
+    with pytest.raises(SystemExit, match="is not the data .* learned from"):
+        abm_filter.load_run(copy)
