@@ -19,6 +19,7 @@ checkpoints with other N: how sharply Eq. 4 filters depends on how much of the l
 """
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -120,9 +121,11 @@ def returns_to_go(reward: np.ndarray, discount: np.ndarray, episode_last: np.nda
     return result
 
 
-def analyse(run_dir: Path, snippet_length: Optional[int] = None) -> dict:
-    """One run's numbers; `snippet_length`: score Eq. 4 with this N instead of the run's own (same critic, policy)."""
-    args, data, tasks, spec, agent, step = load_run(run_dir)
+def analyse(run_dir: Path, snippet_length: Optional[int] = None, loaded: Optional[tuple] = None) -> dict:
+    """One run's numbers; `snippet_length`: score Eq. 4 with this N instead of the run's own (same critic, policy);
+    `loaded`: load_run(run_dir) already done, for scoring one run with several N."""
+    args, data, tasks, spec, agent, step = loaded or load_run(run_dir)
+    args = copy.copy(args)  # the loaded run's own N stays for the next call
     args.snippet_length = snippet_length or args.snippet_length
     scores = score(args, data, spec, agent)
     reward = data["reward"].numpy().astype(np.float64)
@@ -199,7 +202,9 @@ def main() -> None:
     args = parser.parse_args()
     if any(length is not None and length < 1 for length in args.snippet_lengths):
         parser.error(f"--snippet-lengths must be positive, not {args.snippet_lengths}")
-    results = [analyse(run_dir, length) for length in args.snippet_lengths for run_dir in args.run_dirs]
+    loaded = {run_dir: load_run(run_dir) for run_dir in args.run_dirs}  # once per run, whatever the number of N
+    results = [analyse(run_dir, length, loaded[run_dir])
+               for length in args.snippet_lengths for run_dir in args.run_dirs]
     table = report(results)
     print(table, end="")
     if args.out:

@@ -164,3 +164,12 @@ def test_a_run_whose_data_moved_or_changed_is_one_sentence(run_dir, tmp_path, mo
     monkeypatch.setattr(abm_filter, "ROOT", tmp_path / "root")
     with pytest.raises(SystemExit, match="is not the data .* learned from"):
         abm_filter.load_run(copy)
+
+
+def test_a_run_loaded_once_is_scored_with_each_n_and_keeps_its_own(run_dir):
+    """main() loads each run once for all --snippet-lengths: scoring it with another N must not change the run's
+    own N for the next call."""
+    loaded = abm_filter.load_run(run_dir)
+    assert abm_filter.analyse(run_dir, 30, loaded)["snippet_length"] == 30
+    assert abm_filter.analyse(run_dir, None, loaded)["snippet_length"] == 4
+    assert loaded[0].snippet_length == 4
