@@ -195,6 +195,8 @@ def test_every_preset_command_parses_with_its_script():
             args = tyro.cli(module.Args, args=job.command[2:])
             if job.kind == "train" and job.labels["column"] == "ABM eps=0":
                 assert (args.epsilon, args.snippet_length) == (0.0, 2)
+            if job.kind == "train" and job.labels["column"] == "ABM+MPO N=100":
+                assert (args.prior, args.snippet_length) == ("abm", 100)
 
 
 def test_grids_cover_the_paper_columns_and_order_seed_zero_first():
@@ -228,6 +230,35 @@ def test_the_snippet_preset_changes_only_eq4s_snippet_length():
     for new, old in zip(snippets, long):
         added = [flag.replace("cpu-snippets", "cpu-long") for flag in new.command]
         assert added == [*old.command[:-2], "--snippet-length", "100", *old.command[-2:]]
+
+
+def test_the_quadruped_preset_varies_only_the_snippet_length_between_its_abm_columns():
+    """cpu-quadruped's two ABM+MPO columns differ in --snippet-length alone (seed for seed), and its table puts the
+    N = 100 column beside ABM+MPO and tests the paper's orderings of the priors with it."""
+    jobs = [job for job in reproduce.build_grid(reproduce.PRESETS["cpu-quadruped"], Path("/tmp/grid"))
+            if job.kind == "train"]
+    assert len(jobs) == 3 * 4 and {job.labels["env"] for job in jobs} == {"quadruped"}
+    short = [job for job in jobs if job.labels["column"] == "ABM+MPO"]
+    long = [job for job in jobs if job.labels["column"] == "ABM+MPO N=100"]
+    for a, b in zip(short, long):
+        assert [flag.replace(b.name, a.name) for flag in b.command] == [
+            *a.command[:8], "--snippet-length", "100", *a.command[8:]]
+
+    def run(column, seed):
+        numbers = {"return": 100.0 * (column != "BM+MPO") + seed, "prior_return": 60.0 + seed,
+                   "best_episode_return_in_dataset": 500.0}
+        return {"env": "quadruped", "regime": "all 60", "regime_episodes": None, "task": "all", "column": column,
+                "summary": {"per_task": {"run": numbers}}}
+
+    columns = ["ABM+MPO", "ABM+MPO N=100", "BM+MPO"]
+    rows = reproduce.table_rows([run(c, seed) for c in columns for seed in (0, 1, 2)], columns)
+    table = reproduce.markdown_table(rows, columns, reproduce.PAPER_TABLE_6, reproduce.PAPER_TABLE_6_COLUMNS)
+    assert table[0].startswith("| task (data) | best episode in the data | ABM+MPO | ABM+MPO prior | ABM+MPO N=100 | "
+                               "ABM+MPO N=100 prior | BM+MPO |")
+    assert table[3] == "| paper | - | 786.6 | 733.4 | - | - | 710.8 | 398.8 |"  # the paper states no N
+    pairs = [line.split(" | ")[1] for line in reproduce.comparisons(rows)[2:]]
+    assert "ABM+MPO N=100 prior vs BM+MPO prior" in pairs and "ABM+MPO N=100 vs BM+MPO" in pairs
+    assert list(reproduce.COLUMN_ORDER[:3]) == columns
 
 
 def test_the_paper_row_under_filtered_data_says_the_paper_ran_none():
