@@ -1,0 +1,154 @@
+"""Evaluate finished abm_mpo.py runs again, each from the same many start states: the final policy and prior.
+
+    python benchmarks/final_eval.py runs/reproduce/cpu-quadruped/runs/*-seed* --episodes 50
+    python benchmarks/final_eval.py RUN_DIR... --episodes 50 --seed 1000 --out final_eval.md --json final_eval.json
+
+A run's final return (the paper's protocol: the mean of its last 10% of evaluations) comes from a few episodes
+whose start states follow the run's seed (reset(seed=seed + 100 + i)). Where the start state decides much of the
+return, that noise can hide the differences between columns: quadruped-run starts in a random orientation, and a
+quadruped that stays upright without running earns about 500, one left upside down about 0. This tool loads each
+run's checkpoint.pt and acts with the policy the run evaluated and with its prior, in `--episodes` episodes that
+start from reset(seed=--seed + i) for every run, so every run meets the same start states. Runs that differ only
+in their seed form a cell. It prints each cell's mean over seeds with a 95% bootstrap interval, and for every pair
+of cells the mean of the per-seed differences over their common seeds (paired: the same seed and the same start
+states), with its 95% interval (seeds resampled) and the number of seeds where the first is higher.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("MUJOCO_GL", "disable")  # nothing here renders
+import abm_mpo  # noqa: E402  (the learning script itself: its networks, acting policy and evaluation)
+from reproduce import bootstrap, mean_std  # noqa: E402  (the grid's statistics over seeds)
+
+COLUMN = {"abm": "ABM+MPO", "bm": "BM+MPO", "none": "MPO"}
+
+
+def cell_name(args) -> str:
+    """The run's column, as the grid names it, with Eq. 4's N for an ABM prior: 'ABM+MPO N=10', 'BM+MPO'."""
+    name = COLUMN[args.prior] + (f" N={args.snippet_length}" if args.prior == "abm" else "")
+    return name + (" eps=0" if args.epsilon == 0 else "")
+
+
+def load_run(run_dir: Path):
+    """The run's Args and spec (config.json) and its Agent with the weights of checkpoint.pt, and that step."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise SystemExit(f"final_eval.py: error: {run_dir} is not a run directory with config.json and "
+                         f"checkpoint.pt ({error})") from None
+    if config.get("script") != "abm_mpo":
+        raise SystemExit(f"final_eval.py: error: {run_dir} is a run of {config.get('script')}.py; this reads "
+                         f"abm_mpo.py runs (their policy and prior)")
+    args = abm_mpo.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["args"].items()})
+    spec = config["spec"]
+    agent = abm_mpo.Agent(spec["obs_dim"], spec["act_dim"], len(spec["tasks"]), args)
+    agent.load_state_dict(state["agent"])  # the observation statistics are buffers of the networks: no data needed
+    return args, spec, agent.eval(), state["step"]
+
+
+@torch.no_grad()
+def evaluate_run(run_dir: Path, episodes: int, seed: int) -> dict:
+    """Returns of the run's policy (and prior, where it has both) in `episodes` episodes from reset(seed=seed + i),
+    averaged over the tasks of a multi-task run: {"policy": [...], "prior": [...]}, with the run's labels."""
+    args, spec, agent, step = load_run(run_dir)
+    args.capture_video = False
+    tasks = spec["tasks"]
+    envs = abm_mpo.make_eval_envs(args, run_dir, tasks)
+    actors = {"policy": agent.evaluated_policy()}
+    if agent.prior is not None and agent.policy is not None:
+        actors["prior"] = agent.prior
+    result = {"run": str(run_dir), "cell": cell_name(args), "env": args.env, "seed": args.seed, "step": step,
+              "total_steps": args.total_steps}
+    for name, actor in actors.items():
+        policy = abm_mpo.ActingPolicy(actor, spec)
+        per_task = []
+        for k in range(len(tasks)):
+            act = lambda o, k=k: policy(torch.as_tensor(o, dtype=torch.float32)[None], torch.tensor([k]))[0].numpy()  # noqa: E731
+            per_task.append(abm_mpo.evaluate(act, envs[k], episodes, seed, args.eval_max_steps))
+        result[name] = np.mean(per_task, axis=0).tolist()
+    return result
+
+
+def paired(x: dict, y: dict) -> str:
+    """Cells of the pairs table: the mean over common seeds of x - y [95% interval], and how many seeds x wins."""
+    seeds = sorted(set(x) & set(y))
+    difference = np.array([x[s] - y[s] for s in seeds])
+    if len(seeds) < 2:
+        return f"{difference.mean():.1f} (one seed) | - | {len(seeds)}"
+    low, high = bootstrap(lambda d: d.mean(-1), difference)
+    return (f"{difference.mean():.1f} [{low:.1f}, {high:.1f}] | {int((difference > 0).sum())} of {len(seeds)} | "
+            f"{'yes' if low > 0 or high < 0 else 'no'}")
+
+
+def report(results: list[dict], episodes: int, seed: int) -> str:
+    envs = sorted({r["env"] for r in results})
+    cells: dict = {}  # "<cell>" or "<cell> prior" -> {seed: mean return}
+    for r in results:
+        base = r["cell"] if len(envs) == 1 else f"{r['env']}: {r['cell']}"
+        for name, suffix in (("policy", ""), ("prior", " prior")):
+            if name in r:
+                cells.setdefault(base + suffix, {})[r["seed"]] = float(np.mean(r[name]))
+    lines = [f"Every run's final checkpoint, acting in the same {episodes} episodes (start states reset(seed={seed} + i), "
+             f"i < {episodes}); a cell's seeds are its runs.", "",
+             "| cell | mean over seeds [95% CI] (seeds) | per seed |", "|---|---|---|"]
+    for name, values in cells.items():
+        lines.append(f"| {name} | {mean_std(list(values.values()))} | "
+                     + ", ".join(f"{s}: {v:.1f}" for s, v in sorted(values.items())) + " |")
+    lines += ["", "Pairs: the mean over the seeds both cells have of first - second (the same seed and start states) "
+                  "[95% CI, seeds resampled].", "",
+              "| first | second | paired difference [95% CI] | first higher | interval excludes 0 |",
+              "|---|---|---|---|---|"]
+    names = list(cells)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            if set(cells[first]) & set(cells[second]):
+                lines.append(f"| {first} | {second} | {paired(cells[first], cells[second])} |")
+    lines += ["", "| run | step | policy | prior |", "|---|---|---|---|"]
+    for r in results:
+        prior = f"{np.mean(r['prior']):.1f}" if "prior" in r else "-"
+        lines.append(f"| {Path(r['run']).name} | {r['step']} of {r['total_steps']} | {np.mean(r['policy']):.1f} | {prior} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="abm_mpo.py run directories (config.json, checkpoint.pt)")
+    parser.add_argument("--episodes", type=int, default=50, help="episodes per policy and run (default 50)")
+    parser.add_argument("--seed", type=int, default=1000,
+                        help="episode i starts from reset(seed=SEED + i) in every run (default 1000: away from the "
+                             "seeds the runs' own evaluations used, seed + 100 + i)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
+    parser.add_argument("--json", type=Path, default=None, help="also write every return to this JSON file")
+    args = parser.parse_args()
+    if args.episodes < 1:
+        parser.error("--episodes must be >= 1")
+    torch.set_num_threads(1)  # one episode's acting is a batch of one: more threads only contend
+    results = []
+    for run_dir in args.run_dirs:
+        results.append(evaluate_run(run_dir, args.episodes, args.seed))
+        print(f"{run_dir}: policy {np.mean(results[-1]['policy']):.1f}"
+              + (f", prior {np.mean(results[-1]['prior']):.1f}" if "prior" in results[-1] else ""), flush=True)
+    text = report(results, args.episodes, args.seed)
+    print(text, end="")
+    command = "python benchmarks/final_eval.py " + " ".join(map(str, args.run_dirs)) + \
+              f" --episodes {args.episodes} --seed {args.seed}"
+    if args.out:
+        args.out.write_text(f"Command: `{command}`\n\n{text}")
+    if args.json:
+        args.json.write_text(json.dumps({"command": command, "episodes": args.episodes, "seed": args.seed,
+                                         "runs": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
