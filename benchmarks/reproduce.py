@@ -320,7 +320,8 @@ PRESETS["cpu-quadruped"] = Preset(
     # updates/s and an evaluation episode (policy or prior) took 0.34 s, so a 20,000-update run takes about 21 minutes;
     # 40,000 as cpu-long would not fit one session.
     # The rule for the scripts' default N, set before any of these runs finished: it becomes 100 if the N = 100 prior
-    # beats the N = 10 prior here with a 95% interval above 0 (on cheetah: 58.3 [27.6, 88.0]); otherwise it stays 10.
+    # beats the N = 10 prior here with a 95% interval above 0 (on cheetah: 58.3 [27.6, 88.0]) both in the grid's final
+    # returns (compare.py) and in final_eval.py's 100 episodes from start states shared by every run; otherwise 10.
     control_tasks=("quadruped",), collect_episodes=60, collect_seeds=(0,),
     collect_flags=("--steps-per-update", "1", "--batch-size", "64"),
     regimes=(("all 60", None),), control_columns=("ABM+MPO", "ABM+MPO N=100", "BM+MPO"),
