@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("MUJOCO_GL", "disable")  # nothing here renders
 import abm_mpo  # noqa: E402  (the learning script itself: its networks, acting policy and evaluation)
-from reproduce import bootstrap, mean_std  # noqa: E402  (the grid's statistics over seeds)
+from reproduce import bootstrap, machine, mean_std  # noqa: E402  (the grid's statistics over seeds)
 
 COLUMN = {"abm": "ABM+MPO", "bm": "BM+MPO", "none": "MPO"}
 
@@ -117,7 +118,7 @@ def report(results: list[dict], episodes: int, seed: int) -> str:
     lines += ["", "| run | step | policy | prior |", "|---|---|---|---|"]
     for r in results:
         prior = f"{np.mean(r['prior']):.1f}" if "prior" in r else "-"
-        lines.append(f"| {Path(r['run']).name} | {r['step']} of {r['total_steps']} | {np.mean(r['policy']):.1f} | {prior} |")
+        lines.append(f"| {r['run']} | {r['step']} of {r['total_steps']} | {np.mean(r['policy']):.1f} | {prior} |")
     return "\n".join(lines) + "\n"
 
 
@@ -134,7 +135,7 @@ def main() -> None:
     if args.episodes < 1:
         parser.error("--episodes must be >= 1")
     torch.set_num_threads(1)  # one episode's acting is a batch of one: more threads only contend
-    results = []
+    results, started = [], time.time()
     for run_dir in args.run_dirs:
         results.append(evaluate_run(run_dir, args.episodes, args.seed))
         print(f"{run_dir}: policy {np.mean(results[-1]['policy']):.1f}"
@@ -147,6 +148,7 @@ def main() -> None:
         args.out.write_text(f"Command: `{command}`\n\n{text}")
     if args.json:
         args.json.write_text(json.dumps({"command": command, "episodes": args.episodes, "seed": args.seed,
+                                         "machine": machine()["cpu"], "wall_seconds": round(time.time() - started),
                                          "runs": results}, indent=1))
 
 
