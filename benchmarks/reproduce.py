@@ -1281,6 +1281,9 @@ def main() -> None:
                   f"{shlex.join(job.command)}")
         return
     if args.report:
+        if not load_published(out):
+            raise SystemExit(f"reproduce.py: error: --report: {shown(out)} holds no finished runs "
+                             f"({shown(out)}/runs/*/summary.json): run the preset first, or give the --out it wrote to")
         manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
         write_curves(out)
         table = write_table(preset, out, {"this_run_minutes": 0.0,

@@ -331,6 +331,7 @@ def test_statistics_over_seeds():
     (["--set", "num_gpus=-1"], "num_gpus must be >= 0"),
     (["--set", "best_episodes=-1"], "best_episodes must be >= 0"),
     (["--set", "best_episodes=1"], "learns from the best episodes of published cartpole-balance data and"),
+    (["--report"], "holds no finished runs"),  # a folder the preset never wrote to: a traceback before
 ])
 def test_bad_grid_settings_are_one_sentence_before_anything_runs(flags, words, tmp_path):
     """An unsatisfiable resource request used to leave Ray waiting forever; an unwritable folder gave a traceback."""
