@@ -2,6 +2,7 @@
 
     python benchmarks/final_eval.py runs/reproduce/cpu-quadruped/runs/*-seed* --episodes 50
     python benchmarks/final_eval.py RUN_DIR... --episodes 50 --seed 1000 --out final_eval.md --json final_eval.json
+    python benchmarks/final_eval.py --from-json part1.json part2.json --episodes 50 --out final_eval.md  # pieces
 
 A run's final return (the paper's protocol: the mean of its last 10% of evaluations) comes from a few episodes
 whose start states follow the run's seed (reset(seed=seed + 100 + i)). Where the start state decides much of the
@@ -122,20 +123,42 @@ def report(results: list[dict], episodes: int, seed: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_json(paths: list, episodes: int, seed: int) -> list[dict]:
+    """The runs of earlier --json files (the same evaluation evaluated in pieces); SystemExit in one sentence when
+    a file is unreadable or evaluated other start states."""
+    runs = []
+    for path in paths:
+        try:
+            saved = json.loads(Path(path).read_text())
+            found = (saved["episodes"], saved["seed"])
+            runs += saved["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise SystemExit(f"final_eval.py: error: {path} is not a --json file of final_eval.py ({error})") from None
+        if found != (episodes, seed):
+            raise SystemExit(f"final_eval.py: error: {path} evaluated --episodes {found[0]} --seed {found[1]}, not "
+                             f"--episodes {episodes} --seed {seed}: its runs met other start states")
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dirs", nargs="+", type=Path, help="abm_mpo.py run directories (config.json, checkpoint.pt)")
+    parser.add_argument("run_dirs", nargs="*", type=Path, help="abm_mpo.py run directories (config.json, checkpoint.pt)")
     parser.add_argument("--episodes", type=int, default=50, help="episodes per policy and run (default 50)")
     parser.add_argument("--seed", type=int, default=1000,
                         help="episode i starts from reset(seed=SEED + i) in every run (default 1000: away from the "
                              "seeds the runs' own evaluations used, seed + 100 + i)")
+    parser.add_argument("--from-json", nargs="+", default=[], metavar="JSON",
+                        help="add the runs of these --json files (an evaluation done in pieces, with the same "
+                             "--episodes and --seed) to the report")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
     parser.add_argument("--json", type=Path, default=None, help="also write every return to this JSON file")
     args = parser.parse_args()
     if args.episodes < 1:
         parser.error("--episodes must be >= 1")
+    if not args.run_dirs and not args.from_json:
+        parser.error("give run directories, --from-json files, or both")
     torch.set_num_threads(1)  # one episode's acting is a batch of one: more threads only contend
-    results, started = [], time.time()
+    results, started = read_json(args.from_json, args.episodes, args.seed), time.time()
     for run_dir in args.run_dirs:
         results.append(evaluate_run(run_dir, args.episodes, args.seed))
         print(f"{run_dir}: policy {np.mean(results[-1]['policy']):.1f}"
@@ -143,7 +166,8 @@ def main() -> None:
     text = report(results, args.episodes, args.seed)
     print(text, end="")
     command = "python benchmarks/final_eval.py " + " ".join(map(str, args.run_dirs)) + \
-              f" --episodes {args.episodes} --seed {args.seed}"
+              f" --episodes {args.episodes} --seed {args.seed}" + \
+              (" --from-json " + " ".join(args.from_json) if args.from_json else "")
     if args.out:
         args.out.write_text(f"Command: `{command}`\n\n{text}")
     if args.json:

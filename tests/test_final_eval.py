@@ -81,3 +81,21 @@ def test_a_folder_that_is_not_an_abm_mpo_run_gets_one_sentence(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"final_eval.py: error: {tmp_path} is not a run directory")
+
+
+def test_an_evaluation_in_pieces_reports_as_one(runs, tmp_path):
+    """Two --json pieces combined with --from-json give the report of one command over every run; a piece that met
+    other start states is refused in one sentence."""
+    script = [sys.executable, str(ROOT / "benchmarks" / "final_eval.py")]
+    dirs = [str(path) for path in runs.values()]
+    for name, part in (("one", dirs[:2]), ("two", dirs[2:]), ("all", dirs)):
+        subprocess.run([*script, *part, "--episodes", "2", "--json", str(tmp_path / f"{name}.json"),
+                        "--out", str(tmp_path / f"{name}.md")], check=True, capture_output=True)
+    subprocess.run([*script, "--from-json", str(tmp_path / "one.json"), str(tmp_path / "two.json"), "--episodes", "2",
+                    "--out", str(tmp_path / "joined.md")], check=True, capture_output=True)
+    body = lambda name: (tmp_path / name).read_text().split("\n", 2)[2]  # noqa: E731  (after the command line)
+    assert body("joined.md") == body("all.md") and "| BM+MPO prior |" in body("joined.md")
+    refused = subprocess.run([*script, "--from-json", str(tmp_path / "one.json"), "--episodes", "3"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "evaluated --episodes 2 --seed 1000, not --episodes 3 --seed 1000" in refused.stderr
