@@ -24,8 +24,8 @@ Differences from the paper (stated choices where the paper is silent or self-con
     the full horizon N from t; a snippet is clipped at its episode's end (bootstrapping from the last next-state),
     and the prior loss is the batch mean of weight * log-likelihood.
   - N = 10 by default (`--snippet-length`): the paper states no N for its ABM columns, only |tau| = 2 for eps = 0,
-    where it calls short snippets vital. On cheetah, N = 100 made Eq. 4 filter more sharply and its prior beat the BM
-    prior, where N = 10's tied it (README "Longer snippets"); one task, so the default stays.
+    where it calls short snippets vital. N = 100 filtered more sharply; its prior beat N = 10's on cheetah, and on
+    quadruped by less (README "Longer snippets", "A second task"), so the default stays.
   - Networks (Table 1): layer norm then ELU on the first layer (Acme's MPO: tanh after its layer norm); minimum
     variance 0.01 as std = softplus(h) + 0.1; gradients clipped at global norm 40 per network (Acme's default).
   - `--env sawyer` (Section 5.2): Table 5's networks (a torso shared by the tasks, one head per task); actions

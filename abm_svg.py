@@ -38,8 +38,8 @@ Differences from the paper (all stated choices where the paper is silent):
   - The ABM prior (Eq. 4) learns from the first transition (s_t, a_t) of each sampled snippet, weighted
     by the return of the full horizon N from t (clipped at the episode end).
   - N = 10 by default (`--snippet-length`): the paper states no N for its ABM columns, only |tau| = 2 for eps = 0,
-    where it calls short snippets vital. On cheetah with abm_mpo.py, N = 100 made Eq. 4 filter more sharply and its
-    prior beat the BM prior, where N = 10's tied it (README "Longer snippets"); one task, so the default stays.
+    where it calls short snippets vital. With abm_mpo.py N = 100 filtered more sharply; its prior beat N = 10's on
+    cheetah, and on quadruped by less (README "Longer snippets", "A second task"), so the default stays.
   - Networks (Table 2): layer norm then ELU on the first layer, ELU after the others (Acme uses tanh
     after its first-layer layer norm).
   - No `--epsilon 0` variant (the prior alone): use `abm_mpo.py --epsilon 0`.
