@@ -57,18 +57,24 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def load_run(run_dir: Path):
-    """The run's Args (config.json), data, spec and Agent with the checkpoint's weights."""
+def read_run(run_dir: Path, tool: str = "abm_filter.py", reads: str = "their critic, target policy and snippets"):
+    """An abm_mpo.py run's config.json, checkpoint.pt (on the CPU) and Args; SystemExit in one sentence, from `tool`,
+    for a folder that is not one (also benchmarks/final_eval.py's)."""
     try:
         config = json.loads((run_dir / "config.json").read_text())
         state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     except (OSError, ValueError, RuntimeError) as error:
-        raise SystemExit(f"abm_filter.py: error: {run_dir} is not a run directory with config.json and "
+        raise SystemExit(f"{tool}: error: {run_dir} is not a run directory with config.json and "
                          f"checkpoint.pt ({error})") from None
     if config.get("script") != "abm_mpo":
-        raise SystemExit(f"abm_filter.py: error: {run_dir} is a run of {config.get('script')}.py; this reads "
-                         f"abm_mpo.py runs (their critic, target policy and snippets)")
-    args = abm_mpo.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["args"].items()})
+        raise SystemExit(f"{tool}: error: {run_dir} is a run of {config.get('script')}.py; this reads "
+                         f"abm_mpo.py runs ({reads})")
+    return config, state, abm_mpo.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["args"].items()})
+
+
+def load_run(run_dir: Path):
+    """The run's Args (config.json), data, spec and Agent with the checkpoint's weights."""
+    config, state, args = read_run(run_dir)
     dataset = Path(config["spec"]["dataset"])  # relative to where the run started: here, or the repository's root
     args.dataset = str(ROOT / dataset if not dataset.exists() and (ROOT / dataset).exists() else dataset)
     if Path(args.dataset).is_file() and "dataset_sha256" in config and \

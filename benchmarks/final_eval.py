@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("MUJOCO_GL", "disable")  # nothing here renders
 import abm_mpo  # noqa: E402  (the learning script itself: its networks, acting policy and evaluation)
+from abm_filter import read_run  # noqa: E402  (config.json, checkpoint.pt and Args of an abm_mpo.py run)
 from reproduce import bootstrap, machine, mean_std  # noqa: E402  (the grid's statistics over seeds)
 
 COLUMN = {"abm": "ABM+MPO", "bm": "BM+MPO", "none": "MPO"}
@@ -43,16 +44,7 @@ def cell_name(args) -> str:
 
 def load_run(run_dir: Path):
     """The run's Args and spec (config.json) and its Agent with the weights of checkpoint.pt, and that step."""
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-        state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise SystemExit(f"final_eval.py: error: {run_dir} is not a run directory with config.json and "
-                         f"checkpoint.pt ({error})") from None
-    if config.get("script") != "abm_mpo":
-        raise SystemExit(f"final_eval.py: error: {run_dir} is a run of {config.get('script')}.py; this reads "
-                         f"abm_mpo.py runs (their policy and prior)")
-    args = abm_mpo.Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["args"].items()})
+    config, state, args = read_run(run_dir, "final_eval.py", "their policy and prior")
     spec = config["spec"]
     agent = abm_mpo.Agent(spec["obs_dim"], spec["act_dim"], len(spec["tasks"]), args)
     agent.load_state_dict(state["agent"])  # the observation statistics are buffers of the networks: no data needed
