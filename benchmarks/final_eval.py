@@ -78,11 +78,11 @@ def paired(x: dict, y: dict) -> str:
     """Cells of the pairs table: the mean over common seeds of x - y [95% interval], and how many seeds x wins."""
     seeds = sorted(set(x) & set(y))
     difference = np.array([x[s] - y[s] for s in seeds])
+    wins = f"{int((difference > 0).sum())} of {len(seeds)}"
     if len(seeds) < 2:
-        return f"{difference.mean():.1f} (one seed) | - | {len(seeds)}"
+        return f"{difference.mean():.1f} (one seed) | {wins} | -"
     low, high = bootstrap(lambda d: d.mean(-1), difference)
-    return (f"{difference.mean():.1f} [{low:.1f}, {high:.1f}] | {int((difference > 0).sum())} of {len(seeds)} | "
-            f"{'yes' if low > 0 or high < 0 else 'no'}")
+    return f"{difference.mean():.1f} [{low:.1f}, {high:.1f}] | {wins} | {'yes' if low > 0 or high < 0 else 'no'}"
 
 
 def report(results: list[dict], episodes: int, seed: int) -> str:

@@ -99,3 +99,9 @@ def test_an_evaluation_in_pieces_reports_as_one(runs, tmp_path):
                              capture_output=True, text=True)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert "evaluated --episodes 2 --seed 1000, not --episodes 3 --seed 1000" in refused.stderr
+
+
+def test_a_pair_with_one_common_seed_fills_the_same_columns():
+    """One seed in common: the difference, the win count and '-' for the interval, in the table's column order."""
+    assert final_eval.paired({0: 5.0, 1: 9.0}, {0: 2.0, 2: 1.0}) == "3.0 (one seed) | 1 of 1 | -"
+    assert final_eval.paired({0: 5.0, 1: 9.0}, {0: 2.0, 1: 1.0}).endswith("| 2 of 2 | yes")
