@@ -1283,14 +1283,15 @@ def main() -> None:
                   f"{shlex.join(job.command)}")
         return
     if args.report:
-        if not load_published(out):
+        published = len(load_published(out))
+        if not published:
             raise SystemExit(f"reproduce.py: error: --report: {shown(out)} holds no finished runs "
                              f"({shown(out)}/runs/*/summary.json): run the preset first, or give the --out it wrote to")
         manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
         write_curves(out)
         table = write_table(preset, out, {"this_run_minutes": 0.0,
                                           "total_minutes": manifest.get("total_wall_seconds", 0.0) / 60})
-        return print(f"Table: {shown(table)} (from {len(load_published(out))} published runs)")
+        return print(f"Table: {shown(table)} (from {published} published runs)")
     reproduce(preset, out, work, args.address, args.num_cpus, local=args.local, time_budget=60 * args.time_budget)
 
 
