@@ -123,6 +123,10 @@ class Args:
     """episodes per evaluation, for the policy and for the prior"""
     eval_max_steps: Optional[int] = None
     """cut evaluation episodes after this many steps (default: the env's own length, 200 for sawyer)"""
+    final_eval_episodes: int = 0
+    """after the last update, the final policy (and prior) act this many more episodes, episode i from
+    reset(seed=1000 + i) in every run whatever its --seed: summary.json's `final_eval`, a final return whose start
+    states are shared by every run (0: none); a finished run gets it with --resume RUN --final-eval-episodes K"""
     checkpoint_every: int = 10_000
     """gradient updates between checkpoints"""
     run_dir: Optional[str] = None
@@ -641,7 +645,7 @@ def train(args: Args) -> dict:
             logger.check_finite()
             save_checkpoint(run_dir, modules, generator, step, spec)
             export_policy(policies["return"], spec, run_dir)
-    return write_summary(run_dir, logger.close(), spec)
+    return write_summary(run_dir, logger.close(), spec, final_evaluation(policies, envs, tasks, args))
 
 
 # ==================================================================================================
@@ -1067,8 +1071,8 @@ def dataset_env(args) -> str:
 
 
 # --- shared block: flags ---
-NUMBER_MAY_BE_ZERO = {"seed", "shared_layers", "discount", "double_q_lambda", "vae_kl_weight", "perturbation_scale",
-                      "mmd_threshold", "warmup_steps", "noise", "epsilon", "epsilon_mean", "epsilon_stddev"}
+NUMBER_MAY_BE_ZERO = {"seed", "final_eval_episodes", "shared_layers", "discount", "double_q_lambda", "vae_kl_weight",
+                      "perturbation_scale", "mmd_threshold", "warmup_steps", "noise", "epsilon", "epsilon_mean", "epsilon_stddev"}
 FLAG_RULES = [  # (rule on a flag's name and value, what the flag must be), checked for every flag in this order
     (lambda key, v: not isinstance(v, float) or math.isfinite(v), "a finite number"),
     (lambda key, v: type(v) not in (int, float) or v >= 0, "zero or more"),
@@ -1089,7 +1093,8 @@ def check_flags(args) -> None:
 
 
 # --- shared block: run ---
-RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "checkpoint_every",
+RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "final_eval_episodes",
+                     "checkpoint_every",
                      "device", "compile", "cuda_graph", "track", "wandb_project", "capture_video"}
 RUN_FILES = r"config\.json|metrics\.(csv|tmp)|checkpoint\.(pt|tmp)|summary\.json|policy(\.tmp)?\.pt2|" \
             r"events\.out\.tfevents\..*|videos|wandb"  # what a run writes into its directory
@@ -1302,10 +1307,11 @@ class Logger:
         return list(csv.DictReader(self.path.read_text().splitlines())) if self.path.exists() else []
 
 
-def write_summary(run_dir: Path, evaluations: list[dict], spec: dict) -> dict:
+def write_summary(run_dir: Path, evaluations: list[dict], spec: dict, final: Optional[dict] = None) -> dict:
     """summary.json (strict JSON): per `eval/` column the final return, the mean of its last 10% of evaluations
     (Table 6), and its normalised score where the data has reference scores; `per_task` in Table 7's layout with the
-    data's best. A return that is not a finite number is null, with a note saying why."""
+    data's best; `final_eval`, the returns of final_evaluation (--final-eval-episodes). A return that is not a finite
+    number is null, with a note saying why."""
     best_in_data, (low, high) = spec["best_episode_return_in_dataset"], spec.get("reference_scores") or (None, None)
     summary, per_task = {"evaluations": len(evaluations), "best_episode_return_in_dataset": best_in_data}, {}
     for key in [key for key in (evaluations or [{}])[0] if key.startswith("eval/")]:
@@ -1322,7 +1328,10 @@ def write_summary(run_dir: Path, evaluations: list[dict], spec: dict) -> dict:
                           "normalised_return", "normalised_prior_return") if f"final/{name}{suffix}" in summary}
         per_task[task]["best_episode_return_in_dataset"] = best
     summary = {**summary, "per_task": per_task}
-    if not evaluations or None in summary.values():
+    if final:
+        summary["final_eval"] = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                                 for key, value in final.items()}
+    if not evaluations or None in summary.values() or None in summary.get("final_eval", {}).values():
         summary["note"] = "no evaluation ran, so there is no final return" if not evaluations else \
             "a null final return: an evaluation returned a value that is not a finite number (metrics.csv has them)"
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
@@ -1362,18 +1371,36 @@ def evaluate(act: Callable, env: gym.Env, episodes: int, seed: int, max_steps: O
 
 
 @torch.no_grad()
-def evaluate_policies(policies: dict, envs: list, tasks: list, args) -> dict:
-    """`eval/<name>`: the mean return over tasks of each ActingPolicy, `eval/<name>/<task>`: its head k in envs[k]."""
-    results = {}
+def evaluate_policies(policies: dict, envs: list, tasks: list, args, episodes: Optional[int] = None,
+                      seed: Optional[int] = None) -> dict:
+    """`eval/<name>`: the mean return over tasks of each ActingPolicy, `eval/<name>/<task>`: its head k in envs[k];
+    --eval-episodes from reset(seed=--seed + 100 + i), unless `episodes` from reset(seed=seed + i) are asked for."""
+    episodes, seed, results = episodes or args.eval_episodes, args.seed + 100 if seed is None else seed, {}
     for name, policy in policies.items():
         device = policy.action_low.device
         act = lambda observation, k: policy(torch.as_tensor(observation, dtype=torch.float32, device=device)[None],
                                             torch.tensor([k], device=device))[0].cpu().numpy()  # noqa: E731
-        per_task = [np.mean(evaluate(lambda o: act(o, k), envs[k], args.eval_episodes, args.seed + 100,
-                                     args.eval_max_steps)) for k in range(len(tasks))]
+        per_task = [np.mean(evaluate(lambda o: act(o, k), envs[k], episodes, seed, args.eval_max_steps))
+                    for k in range(len(tasks))]
         results[f"eval/{name}"] = float(np.mean(per_task))
         results.update({f"eval/{name}/{task}": float(value) for task, value in zip(tasks, per_task) if len(tasks) > 1})
     return results
+
+
+FINAL_EVAL_SEED = 1000  # --final-eval-episodes: episode i from reset(seed=1000 + i), away from evaluate_policies'
+                        # own seed + 100 + i for the seeds a grid uses
+
+
+def final_evaluation(policies: dict, envs: list, tasks: list, args) -> dict:
+    """--final-eval-episodes: each policy's mean return (and per task) in episodes that start from the same states in
+    every run, for summary.json's `final_eval`; {} when not asked for."""
+    if not args.final_eval_episodes:
+        return {}
+    print(f"Final evaluation: {args.final_eval_episodes} episodes per policy from reset(seed={FINAL_EVAL_SEED} + i).",
+          flush=True)
+    results = evaluate_policies(policies, envs, tasks, args, args.final_eval_episodes, FINAL_EVAL_SEED)
+    return {"episodes": args.final_eval_episodes, "first_start_seed": FINAL_EVAL_SEED,
+            **{key.removeprefix("eval/"): value for key, value in results.items()}}
 
 
 def export_policy(policy: nn.Module, spec: dict, run_dir: Path) -> None:

@@ -84,7 +84,7 @@ PLUMBING_BUDGET, TOTAL_BUDGETS = 350, {"bm_mpo.py": 750, "abm_mpo.py": 850}
 # What train() calls by name from the plumbing: the only names left unresolved when a script is cut at its banner.
 PLUMBING_ENTRY_POINTS = {"UserError", "pick_device", "compile_losses", "record_updates", "dataset_env", "make_env", "load_data",
                          "check_args", "make_run_dir", "load_checkpoint", "Logger", "make_eval_envs",
-                         "evaluate_policies", "save_checkpoint", "export_policy", "write_summary"}
+                         "evaluate_policies", "save_checkpoint", "export_policy", "final_evaluation", "write_summary"}
 
 
 def plumbing_lines(script: str) -> int:

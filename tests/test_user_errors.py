@@ -96,6 +96,7 @@ BAD_FLAGS = [  # (flags, what the sentence names)
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--num-action-samples", "0"], "--num-action-samples must be positive"),
     (["--eval-max-steps", "0"], "--eval-max-steps must be positive"),
+    (["--final-eval-episodes", "-1"], "--final-eval-episodes must be zero or more"),
     (["--dataset-episodes", "0"], "--dataset-episodes must be positive"),
     (["--seed", "-1"], "--seed must be zero or more"),
     (["--learning-rate", "0"], "--learning-rate must be positive"),
