@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("MUJOCO_GL", "disable")  # nothing here renders
 import abm_mpo  # noqa: E402  (the learning script itself: its networks, acting policy and evaluation)
 from abm_filter import read_run  # noqa: E402  (config.json, checkpoint.pt and Args of an abm_mpo.py run)
-from reproduce import bootstrap, machine, mean_std  # noqa: E402  (the grid's statistics over seeds)
+from reproduce import machine, mean_std, paired  # noqa: E402  (the grid's statistics over seeds)
 
 COLUMN = {"abm": "ABM+MPO", "bm": "BM+MPO", "none": "MPO"}
 
@@ -72,17 +72,6 @@ def evaluate_run(run_dir: Path, episodes: int, seed: int) -> dict:
             per_task.append(abm_mpo.evaluate(act, envs[k], episodes, seed, args.eval_max_steps))
         result[name] = np.mean(per_task, axis=0).tolist()
     return result
-
-
-def paired(x: dict, y: dict) -> str:
-    """Cells of the pairs table: the mean over common seeds of x - y [95% interval], and how many seeds x wins."""
-    seeds = sorted(set(x) & set(y))
-    difference = np.array([x[s] - y[s] for s in seeds])
-    wins = f"{int((difference > 0).sum())} of {len(seeds)}"
-    if len(seeds) < 2:
-        return f"{difference.mean():.1f} (one seed) | {wins} | -"
-    low, high = bootstrap(lambda d: d.mean(-1), difference)
-    return f"{difference.mean():.1f} [{low:.1f}, {high:.1f}] | {wins} | {'yes' if low > 0 or high < 0 else 'no'}"
 
 
 def report(results: list[dict], episodes: int, seed: int) -> str:

@@ -132,6 +132,9 @@ class Preset:
     datasets_from: str = ""  # learn from the data published in this folder (from the repository root); no collecting
     best_episodes: int = 0  # Control Suite: learn from only this many of the highest-return episodes (best_episodes.py)
     differences: tuple = ()  # settings that differ from the paper, named in the table header
+    # Every run's final policy and prior also act this many episodes from start states shared by every run and seed
+    # (the scripts' --final-eval-episodes, summary.json's final_eval): table.md's paired section. 0: none.
+    final_eval_episodes: int = 0
     run_here: str = ""
 
 
@@ -330,6 +333,10 @@ PRESETS["cpu-quadruped"] = Preset(
     sawyer_tasks=(), sawyer_episodes=0, sawyer_columns=(),
     seeds=(0, 1, 2, 3), updates=20000, batch=128, sawyer_updates=0, sawyer_batch=0, action_samples=20,
     eval_every=1000, eval_episodes=5, sawyer_eval_every=1,
+    # Added after the 12 runs had finished (their checkpoints still here, so the grid resumed each to evaluate): the
+    # grid's final return (10 episodes from start states that follow the seed) could not separate the priors, which
+    # final_eval.py's 100 episodes from shared start states did.
+    final_eval_episodes=100,
     differences=("quadruped only",
                  "data: 1 collecting run of 60 episodes (paper: 5 runs of 10k), collect.py at 1 update per step "
                  "with batch 64 (its defaults)",
@@ -408,8 +415,9 @@ def train_job(preset: Preset, work: Path, env: str, task: str, regime: tuple, co
                *bear_warmup(preset, sawyer, column),
                "--eval-every", str(preset.sawyer_eval_every if sawyer else preset.eval_every),
                "--checkpoint-every", str(preset.sawyer_eval_every if sawyer else preset.eval_every),
-               "--eval-episodes", str(preset.eval_episodes), *preset.extra_train_flags,
-               "--run-dir", shown(run_dir)]
+               "--eval-episodes", str(preset.eval_episodes),
+               *(["--final-eval-episodes", str(preset.final_eval_episodes)] if preset.final_eval_episodes else []),
+               *preset.extra_train_flags, "--run-dir", shown(run_dir)]
     return Job(name, "train", command, work / "logs" / f"{name}.log", needs=(f"dataset-{env}",), run_dir=run_dir,
                labels={"env": env, "task": task, "regime": label if not sawyer else "", "regime_episodes": episodes,
                        "column": column, "seed": seed})
@@ -528,10 +536,27 @@ def dataset_episodes(path: Path) -> int:
 
 def is_done(job: Job) -> bool:
     """A run is done when its summary is in its run directory or published under <out>/runs (committed: so a
-    fresh checkout on another machine continues the grid instead of restarting it)."""
-    if job.kind == "train":
-        return (job.run_dir / "summary.json").exists() or bool(job.published and (job.published / "summary.json").exists())
-    return dataset_episodes(job.dataset) >= job.episodes
+    fresh checkout on another machine continues the grid instead of restarting it), and holds the final evaluation
+    its command asks for (--final-eval-episodes) unless its checkpoint is not here to give it: a finished run that
+    lacks it is resumed, which only evaluates (a preset that gained final_eval_episodes after its runs finished)."""
+    if job.kind != "train":
+        return dataset_episodes(job.dataset) >= job.episodes
+    found = [folder / "summary.json" for folder in (job.run_dir, job.published)
+             if folder is not None and (folder / "summary.json").exists()]
+    if not found:
+        return False
+    return any(not lacks_final_eval(job, path) for path in found) or not (job.run_dir / "checkpoint.pt").exists()
+
+
+def lacks_final_eval(job: Job, summary: Path) -> bool:
+    """Whether the finished run's summary.json lacks the final evaluation the job's command asks for."""
+    if "--final-eval-episodes" not in job.command:
+        return False
+    episodes = int(job.command[job.command.index("--final-eval-episodes") + 1])
+    try:
+        return json.loads(summary.read_text()).get("final_eval", {}).get("episodes") != episodes
+    except (OSError, ValueError):
+        return True
 
 
 def prepare_command(job: Job) -> list:
@@ -716,6 +741,12 @@ def follow(jobs: list[Job], preset: Preset, ray, deadline: float = 0.0, out: Opt
             todo.append(job)
     print(f"{len(jobs)} jobs: {len(outcome)} already done, {len(todo)} to run, {slots} at a time "
           f"(Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs)", flush=True)
+    unevaluated = [job.name for job in jobs if job.name in outcome and job.kind == "train" and all(
+        lacks_final_eval(job, folder / "summary.json") for folder in (job.run_dir, job.published)
+        if folder is not None and (folder / "summary.json").exists())]
+    if unevaluated:
+        print(f"{len(unevaluated)} finished run(s) lack the preset's final evaluation and their checkpoints are not "
+              f"here to give it (e.g. {unevaluated[0]}): table.md's shared-start section leaves them out", flush=True)
     pending: dict = {}  # ObjectRef -> job name
 
     def submit(job: Job) -> None:
@@ -838,14 +869,17 @@ def publish_run(job: Job, outcome: dict, out: Path) -> Optional[Path]:
     target = out / "runs" / job.name
     target.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "unfinished" / job.name, ignore_errors=True)  # its partial copy, from a stopped session
+    before = json.loads((target / "job.json").read_text()) if (target / "job.json").exists() else {}
+    evaluated_only = bool(before.get("seconds")) and lacks_final_eval(job, target / "summary.json")
     for name in ("summary.json", "metrics.csv", "config.json"):
         shutil.copyfile(job.run_dir / name, target / name)
     seconds = outcome.get(job.name, {}).get("seconds") or None
-    if seconds is None and (target / "job.json").exists():
-        seconds = json.loads((target / "job.json").read_text()).get("seconds")
+    extra = {key: before[key] for key in ("final_eval_seconds",) if key in before}
+    if evaluated_only:  # published before without its final evaluation: this session only added that
+        seconds, extra = before["seconds"], {"final_eval_seconds": seconds}
     (target / "job.json").write_text(json.dumps({**job.labels, "command": shlex.join(job.command),
-                                                 "log": shown(job.log), "seconds": seconds,
-                                                 "commit": run_commit(job)}, indent=2))
+                                                 "log": shown(job.log), "seconds": seconds or before.get("seconds"),
+                                                 **extra, "commit": run_commit(job)}, indent=2))
     return target
 
 
@@ -896,6 +930,12 @@ ORDERED_PAIRS = (("ABM+MPO prior", "BM+MPO prior"), ("ABM+MPO", "BM+MPO"), ("ABM
                  ("ABM+MPO", "BEAR"),
                  # the same orderings with Eq. 4's snippets of 100 (cpu-quadruped)
                  ("ABM+MPO N=100 prior", "BM+MPO prior"), ("ABM+MPO N=100", "BM+MPO"))
+# This project's own question, not an ordering of the paper's (which states no N): is N = 100 better than N = 10?
+PROJECT_PAIRS = (("ABM+MPO N=100 prior", "ABM+MPO prior"), ("ABM+MPO N=100", "ABM+MPO"))
+
+
+def pair_label(better: str, worse: str) -> str:
+    return f"{better} vs {worse}" + (" (not in the paper)" if (better, worse) in PROJECT_PAIRS else "")
 
 
 def bootstrap(statistic, *groups, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
@@ -946,15 +986,63 @@ def comparisons(rows: dict) -> list[str]:
     lines = ["| task (data) | pair (paper: first > second) | difference of means [95% CI] | interval excludes 0 | "
              "P(first > second) [95% CI] | seeds |", "|---|---|---|---|---|---|"]
     for (label, _), row in rows.items():
-        for better, worse in ORDERED_PAIRS:
+        for better, worse in ORDERED_PAIRS + PROJECT_PAIRS:
             x, y = row.get(better, []), row.get(worse, [])
             if len(x) < 2 or len(y) < 2:
                 continue
-            lines.append(f"| {label} | {better} vs {worse} | {difference_cells(x, y)} | {len(x)}, {len(y)} |")
+            lines.append(f"| {label} | {pair_label(better, worse)} | {difference_cells(x, y)} | {len(x)}, {len(y)} |")
     if len(lines) == 2:  # a control preset (one column) or a single seed: an empty table would say nothing
         return ["No pair of the paper's orderings has two or more seeds in both of its columns here; "
                 "`benchmarks/compare.py` compares cells of different presets."]
     return lines
+
+
+def paired(x: dict, y: dict) -> str:
+    """Table cells for two cells' {seed: return}: the mean over their common seeds of x - y [95% interval, seeds
+    resampled], how many of those seeds x is higher, and whether the interval excludes 0 (also final_eval.py's)."""
+    seeds = sorted(set(x) & set(y))
+    difference = np.array([x[s] - y[s] for s in seeds])
+    wins = f"{int((difference > 0).sum())} of {len(seeds)}"
+    if len(seeds) < 2:
+        return f"{difference.mean():.1f} (one seed) | {wins} | -"
+    low, high = bootstrap(lambda d: d.mean(-1), difference)
+    return f"{difference.mean():.1f} [{low:.1f}, {high:.1f}] | {wins} | {'yes' if low > 0 or high < 0 else 'no'}"
+
+
+def final_eval_section(runs: list[dict], headers: list[str]) -> list[str]:
+    """table.md's section on the runs' final_eval (--final-eval-episodes): every run's final policy and prior from the
+    same start states, each cell's mean over seeds, and the ordered pairs paired seed for seed."""
+    evaluated = [run for run in runs if run["summary"].get("final_eval")]
+    if not evaluated:
+        return []
+    rows: dict = {}  # row label -> header -> {seed: return}
+    for run in evaluated:
+        final, label = run["summary"]["final_eval"], f"{run['env']} ({run['regime']})"
+        for name, suffix in (("return", ""), ("prior_return", " prior")):
+            if final.get(name) is not None and (not suffix or COLUMNS[run["column"]].prior):
+                rows.setdefault(label, {}).setdefault(run["column"] + suffix, {})[run["seed"]] = final[name]
+    episodes = sorted({run["summary"]["final_eval"]["episodes"] for run in evaluated})
+    first = sorted({run["summary"]["final_eval"]["first_start_seed"] for run in evaluated})
+    shown_headers = [h for h in headers if any(h in row for row in rows.values())]
+    lines = ["## The final checkpoint from shared start states (`--final-eval-episodes`)", "",
+             f"After its last update each run's final policy and prior acted {' or '.join(map(str, episodes))} more "
+             f"episodes, episode i from reset(seed={' or '.join(map(str, first))} + i) in every run whatever its seed "
+             "(summary.json's `final_eval`). Not the paper's protocol, which the table above follows: a measure "
+             "whose start states are the same for every run, so that seeds differ only by what they learned. "
+             f"{len(evaluated)} of {len(runs)} runs have it.", "",
+             "| task (data) | " + " | ".join(shown_headers) + " |", "|---|" + "---|" * len(shown_headers)]
+    for label, row in rows.items():
+        lines.append(f"| {label} | " + " | ".join(mean_std(list(row.get(h, {}).values())) for h in shown_headers)
+                     + " |")
+    lines += ["", "Pairs, seed for seed: the mean over the seeds both columns have of first - second (the same seed, "
+                  "the same start states) [95% interval, seeds resampled].", "",
+              "| task (data) | pair (paper: first > second) | paired difference [95% CI] | first higher | "
+              "interval excludes 0 |", "|---|---|---|---|---|"]
+    for label, row in rows.items():
+        for better, worse in ORDERED_PAIRS + PROJECT_PAIRS:
+            if set(row.get(better, {})) & set(row.get(worse, {})):
+                lines.append(f"| {label} | {pair_label(better, worse)} | {paired(row[better], row[worse])} |")
+    return lines + [""]
 
 
 def iqm_table(rows: dict, headers: list[str]) -> list[str]:
@@ -1061,6 +1149,7 @@ def write_table(preset: Preset, out: Path, wall: dict) -> Path:
         figure = interval_plot(rows, headers, out / "intervals.png")
         if figure:
             lines += [f"Final returns per column with 95% intervals: `{figure.name}`.", ""]
+        lines += final_eval_section(control, headers)
     if sawyer:
         columns = [c for c in COLUMN_ORDER if any(r["column"] == c for r in sawyer)]
         lines += ["## Simulated Sawyer (Table 7 layout)", "",
@@ -1128,6 +1217,8 @@ def budgets_text(preset: Preset) -> str:
     sawyer = (f"Sawyer --task {', '.join(preset.sawyer_tasks)}: {preset.sawyer_episodes} scripted episodes per "
               f"collecting seed; {preset.sawyer_updates} updates, batch {preset.sawyer_batch}") if preset.sawyer_tasks else ""
     extra = f"; every run with {' '.join(preset.extra_train_flags)}" if preset.extra_train_flags else ""
+    extra += (f"; then {preset.final_eval_episodes} episodes of the final policy and prior from start states shared "
+              "by every run (--final-eval-episodes)") if preset.final_eval_episodes else ""
     return (". ".join(part for part in (control, sawyer) if part) + f". M = {preset.action_samples}, "
             f"{len(preset.seeds)} seed{'s' * (len(preset.seeds) != 1)} ({', '.join(map(str, preset.seeds))}), evaluation every {preset.eval_every} "
             f"updates{f' (Sawyer {preset.sawyer_eval_every})' if sawyer else ''} with {preset.eval_episodes} episodes"
