@@ -874,12 +874,14 @@ def publish_run(job: Job, outcome: dict, out: Path) -> Optional[Path]:
     for name in ("summary.json", "metrics.csv", "config.json"):
         shutil.copyfile(job.run_dir / name, target / name)
     seconds = outcome.get(job.name, {}).get("seconds") or None
-    extra = {key: before[key] for key in ("final_eval_seconds",) if key in before}
     if evaluated_only:  # published before without its final evaluation: this session only added that
-        seconds, extra = before["seconds"], {"final_eval_seconds": seconds}
+        times = {"seconds": before["seconds"], "final_eval_seconds": seconds}
+    elif "final_eval_seconds" in before:  # that run again (publish_runs at the session's end): keep both
+        times = {key: before[key] for key in ("seconds", "final_eval_seconds")}
+    else:
+        times = {"seconds": seconds or before.get("seconds")}
     (target / "job.json").write_text(json.dumps({**job.labels, "command": shlex.join(job.command),
-                                                 "log": shown(job.log), "seconds": seconds or before.get("seconds"),
-                                                 **extra, "commit": run_commit(job)}, indent=2))
+                                                 "log": shown(job.log), **times, "commit": run_commit(job)}, indent=2))
     return target
 
 

@@ -480,3 +480,77 @@ def test_a_time_budget_stops_a_run_and_the_rerun_resumes_it(tmp_path):
     with open(out / "runs" / job.name / "metrics.csv") as handle:
         assert int(list(csv.DictReader(handle))[-1]["step"]) == 1000
     assert not partial.exists()
+
+
+def test_the_shared_start_section_pairs_the_columns_seed_for_seed():
+    """table.md's final_eval section: a cell's mean over its seeds, and each ordered pair's paired difference over
+    the seeds both columns have, with the seeds where the first is higher, as computed here from the same numbers."""
+    finals = {("ABM+MPO", 0): (30.0, 20.0), ("ABM+MPO", 1): (34.0, 26.0), ("ABM+MPO", 2): (31.0, 21.0),
+              ("BM+MPO", 0): (25.0, 10.0), ("BM+MPO", 1): (36.0, 12.0), ("BM+MPO", 2): (27.0, 11.0)}
+
+    def run(column, seed, final):
+        summary = {"per_task": {}, **({"final_eval": {"episodes": 100, "first_start_seed": 1000,
+                                                      "return": final[0], "prior_return": final[1]}} if final else {})}
+        return {"env": "quadruped", "regime": "all 60", "column": column, "seed": seed, "summary": summary}
+
+    runs = [run(column, seed, final) for (column, seed), final in finals.items()] + [run("BM+MPO", 3, None)]
+    lines = reproduce.final_eval_section(runs, ["ABM+MPO", "ABM+MPO prior", "BM+MPO", "BM+MPO prior"])
+    text = "\n".join(lines)
+    assert "acted 100 more episodes, episode i from reset(seed=1000 + i)" in text and "6 of 7 runs have it" in text
+    cells = next(line for line in lines if line.startswith("| quadruped (all 60) | 31.7"))
+    assert cells.removesuffix(" |").split(" | ")[1:5] == [reproduce.mean_std([30.0, 34.0, 31.0]), reproduce.mean_std([20.0, 26.0, 21.0]),
+                                       reproduce.mean_std([25.0, 36.0, 27.0]), reproduce.mean_std([10.0, 12.0, 11.0])]
+    pairs = {line.split(" | ")[1]: line.split(" | ")[2:] for line in lines if " vs " in line}
+    policy = np.array([30.0, 34.0, 31.0]) - np.array([25.0, 36.0, 27.0])  # 5, -2, 4
+    assert pairs["ABM+MPO vs BM+MPO"][0].startswith(f"{policy.mean():.1f} [") and pairs["ABM+MPO vs BM+MPO"][1] == "2 of 3"
+    assert pairs["ABM+MPO prior vs BM+MPO prior"][1:] == ["3 of 3", "yes |"]  # 10, 14, 10: the interval is [10, 14]
+    assert pairs["ABM+MPO prior vs BM+MPO prior"][0] == "11.3 [10.0, 14.0]"
+    assert reproduce.final_eval_section([run("BM+MPO", 3, None)], ["BM+MPO"]) == []  # no run has one: no section
+
+
+@pytest.mark.slow  # one smoke learning run, resumed once to evaluate
+def test_a_preset_that_gains_a_final_evaluation_resumes_its_finished_runs_to_give_it(tmp_path):
+    """final_eval_episodes added to a preset after its runs finished: the rerun resumes each finished run whose
+    checkpoint is here, which only evaluates (metrics.csv and the training's seconds stay), publishes the summary
+    with final_eval and puts the section in table.md; a run whose checkpoint is gone stays done, and is named."""
+    preset, _ = published_elsewhere(tmp_path, 4, length=50, updates=40, eval_every=20, sawyer_tasks=(),
+                                    extra_train_flags=("--eval-max-steps", "30"))
+    work, out = tmp_path / "work", tmp_path / "results"
+    grid = reproduce.build_grid(preset, work)
+    job = next(job for job in grid if job.kind == "train")
+    jobs = [j for j in grid if j.kind != "train"] + [job]
+    with contextlib.redirect_stdout(io.StringIO()):
+        reproduce.reproduce(preset, out, work, num_cpus=1, jobs=jobs, local=True)
+    published = out / "runs" / job.name
+    metrics, trained = (published / "metrics.csv").read_bytes(), json.loads((published / "job.json").read_text())
+    assert "final_eval" not in json.loads((published / "summary.json").read_text()) and trained["seconds"] > 0
+
+    evaluated = dataclasses.replace(preset, final_eval_episodes=2)
+    grid = reproduce.build_grid(evaluated, work)
+    job = next(job for job in grid if job.kind == "train")
+    assert job.command[job.command.index("--final-eval-episodes") + 1] == "2" and not reproduce.is_done(job)
+    jobs = [j for j in grid if j.kind != "train"] + [job]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        reproduce.reproduce(evaluated, out, work, num_cpus=1, jobs=jobs, local=True)
+    assert "1 to run" in printed.getvalue() and "from update 40." in job.log.read_text()
+    final = json.loads((published / "summary.json").read_text())["final_eval"]
+    assert final["episodes"] == 2 and final["first_start_seed"] == 1000
+    assert (published / "metrics.csv").read_bytes() == metrics
+    record = json.loads((published / "job.json").read_text())
+    assert record["seconds"] == trained["seconds"] and record["final_eval_seconds"] > 0
+    table = (out / "table.md").read_text()
+    assert "## The final checkpoint from shared start states" in table and "1 of 1 runs have it" in table
+
+    printed = io.StringIO()  # done now; and a run that lacks it with no checkpoint here counts as done, named
+    with contextlib.redirect_stdout(printed):
+        reproduce.reproduce(evaluated, out, work, num_cpus=1, jobs=jobs, local=True)
+    assert "0 to run" in printed.getvalue() and "lack the preset's final evaluation" not in printed.getvalue()
+    again = dataclasses.replace(preset, final_eval_episodes=3)
+    (job.run_dir / "checkpoint.pt").unlink()
+    grid = reproduce.build_grid(again, work)
+    jobs = [j for j in grid if j.kind != "train"] + [next(job for job in grid if job.kind == "train")]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        reproduce.reproduce(again, out, work, num_cpus=1, jobs=jobs, local=True)
+    assert "0 to run" in printed.getvalue() and "1 finished run(s) lack the preset's final evaluation" in printed.getvalue()
