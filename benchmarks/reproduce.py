@@ -265,6 +265,9 @@ PRESETS["cpu-long"] = dataclasses.replace(
             "minutes of one core, a BM+MPO run about 18)",
     regimes=(("all 80", None),), control_columns=("ABM+MPO", "BM+MPO"), seeds=(0, 1, 2, 3, 4), updates=40000,
     eval_every=2000, datasets_from="results/cpu/datasets",
+    # Added after its runs (and those of cpu-filtered and cpu-snippets, which inherit it) had finished, their
+    # checkpoints still here: the 50 shared start states of final_eval.py's cheetah evaluation, now in each table.md.
+    final_eval_episodes=50,
     differences=("the cpu preset's data (results/cpu/datasets/cheetah.npz), batch and M, and:",
                  "40,000 updates (paper: 1M; cpu preset: 4,000), 5 evaluation episodes every 2,000; final return = "
                  "mean of the last 2 evaluations (10 episodes)",
