@@ -865,8 +865,9 @@ def progress_line(outcome: dict, submitted: dict, pending: dict, queue: list, sl
 # Publishing: per-run summaries, table.md, curves, manifest
 # ----------------------------------------------------------------------------------------------
 def publish_run(job: Job, outcome: dict, out: Path) -> Optional[Path]:
-    """One finished run's small files to <out>/runs/<job>, with job.json (labels, command, and the wall seconds
-    of the session that ran it: a later session that finds it done keeps them)."""
+    """One finished run's small files to <out>/runs/<job>, with job.json (labels, command, and the wall seconds and
+    commit of the session that ran it: a later session that finds it done keeps them; one that only added its final
+    evaluation adds its own as final_eval_seconds and final_eval_commit)."""
     if not (job.run_dir / "summary.json").exists():
         return None
     target = out / "runs" / job.name
@@ -878,13 +879,14 @@ def publish_run(job: Job, outcome: dict, out: Path) -> Optional[Path]:
         shutil.copyfile(job.run_dir / name, target / name)
     seconds = outcome.get(job.name, {}).get("seconds") or None
     if evaluated_only:  # published before without its final evaluation: this session only added that
-        times = {"seconds": before["seconds"], "final_eval_seconds": seconds}
+        record = {"seconds": before["seconds"], "commit": before.get("commit"), "final_eval_seconds": seconds,
+                  "final_eval_commit": run_commit(job)}
     elif "final_eval_seconds" in before:  # that run again (publish_runs at the session's end): keep both
-        times = {key: before[key] for key in ("seconds", "final_eval_seconds")}
+        record = {key: before.get(key) for key in ("seconds", "commit", "final_eval_seconds", "final_eval_commit")}
     else:
-        times = {"seconds": seconds or before.get("seconds")}
+        record = {"seconds": seconds or before.get("seconds"), "commit": run_commit(job)}
     (target / "job.json").write_text(json.dumps({**job.labels, "command": shlex.join(job.command),
-                                                 "log": shown(job.log), **times, "commit": run_commit(job)}, indent=2))
+                                                 "log": shown(job.log), **record}, indent=2))
     return target
 
 
@@ -1267,12 +1269,25 @@ def write_manifest(preset: Preset, out: Path, jobs: list[Job], outcome: dict, st
         executor = "local (--local, no Ray installed)"
     manifest = {"preset": asdict(preset), "budgets": budgets_text(preset), "executor": executor,
                 "sessions": sessions, "total_wall_seconds": round(sum(s["wall_seconds"] for s in sessions), 1),
-                "jobs": {job.name: previous.get("jobs", {}).get(job.name)
-                         if outcome.get(job.name, {}).get("status") == "done before" and job.name in previous.get("jobs", {})
-                         else {"kind": job.kind, "command": shlex.join(job.command), "log": shown(job.log),
-                               **outcome.get(job.name, {"status": "not run"})} for job in jobs}}
+                "jobs": {job.name: manifest_entry(job, outcome, previous.get("jobs", {}).get(job.name), out)
+                         for job in jobs}}
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def manifest_entry(job: Job, outcome: dict, before: Optional[dict], out: Path) -> dict:
+    """A job's line in manifest.json: this session's outcome, or the earlier one for a job found done; a run this
+    session only evaluated (its job.json has final_eval_seconds) keeps its training's seconds beside those."""
+    status = outcome.get(job.name, {}).get("status")
+    if status == "done before" and before:
+        return before
+    entry = {"kind": job.kind, "command": shlex.join(job.command), "log": shown(job.log),
+             **outcome.get(job.name, {"status": "not run"})}
+    published = out / "runs" / job.name / "job.json"
+    if status == "done" and before and published.exists() and \
+            "final_eval_seconds" in json.loads(published.read_text()):
+        entry = {**entry, "seconds": before.get("seconds"), "final_eval_seconds": entry.get("seconds")}
+    return entry
 
 
 def _interrupt(signum, frame) -> None:

@@ -539,6 +539,9 @@ def test_a_preset_that_gains_a_final_evaluation_resumes_its_finished_runs_to_giv
     assert (published / "metrics.csv").read_bytes() == metrics
     record = json.loads((published / "job.json").read_text())
     assert record["seconds"] == trained["seconds"] and record["final_eval_seconds"] > 0
+    assert record["commit"] == trained["commit"] and record["final_eval_commit"] == reproduce.run_commit(job)
+    entry = json.loads((out / "manifest.json").read_text())["jobs"][job.name]
+    assert entry["seconds"] == trained["seconds"] and entry["final_eval_seconds"] == record["final_eval_seconds"]
     table = (out / "table.md").read_text()
     assert "## The final checkpoint from shared start states" in table and "1 of 1 runs have it" in table
 
