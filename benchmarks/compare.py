@@ -11,6 +11,13 @@ column, needed when the folder has more than one) and prints each cell's final r
 seeds, 95% stratified-bootstrap interval), then every pair in the order given: the difference of means and the
 probability that a seed of the first beats a seed of the second, each with its 95% interval. Seeds are resampled
 independently in each cell, as they are independent runs.
+
+    python benchmarks/compare.py "results/cpu-snippets:ABM+MPO prior" "results/cpu-long:BM+MPO prior" --final-eval
+
+--final-eval compares the runs' final_eval instead (reproduce.py's final_eval_episodes: each run's final checkpoint
+from start states shared by every run) and pairs the cells seed for seed, as table.md's section on it does: the mean
+over the seeds both cells have of first - second [95% interval, seeds resampled], and how many seeds the first wins.
+Seed s of two presets on the same data starts from the same weights and meets the same start states.
 """
 
 import argparse
@@ -18,11 +25,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import difference_cells, load_published, mean_std, table_rows  # noqa: E402
+from reproduce import difference_cells, final_eval_rows, load_published, mean_std, paired, table_rows  # noqa: E402
 
 
-def cell(argument: str) -> tuple[str, list[float]]:
-    """`FOLDER:COLUMN[@ROW]` -> (its label, the final returns of its seeds); SystemExit in one sentence otherwise."""
+def cell(argument: str, final_eval: bool = False) -> tuple[str, list[float]]:
+    """`FOLDER:COLUMN[@ROW]` -> (its label, the final returns of its seeds; with `final_eval`, {seed: final_eval
+    return}); SystemExit in one sentence otherwise."""
     folder, _, rest = argument.partition(":")
     column, _, row = rest.partition("@")
     if not column:
@@ -30,15 +38,35 @@ def cell(argument: str) -> tuple[str, list[float]]:
     runs = load_published(Path(folder))
     if not runs:
         raise SystemExit(f"compare.py: error: {folder} holds no published runs (<folder>/runs/*/summary.json)")
-    rows = {label: values for (label, _), values in table_rows(runs, []).items() if column in values}
+    if final_eval:
+        table = final_eval_rows([run for run in runs if run["env"] != "sawyer"])
+        if not table:
+            raise SystemExit(f"compare.py: error: {folder}'s runs have no final_eval (its preset has no "
+                             f"final_eval_episodes); compare their final returns without --final-eval")
+    else:
+        table = {label: values for (label, _), values in table_rows(runs, []).items()}
+    rows = {label: values for label, values in table.items() if column in values}
     if not rows:
-        columns = sorted({name for values in table_rows(runs, []).values() for name in values if name != "best"})
+        columns = sorted({name for values in table.values() for name in values if name != "best"})
         raise SystemExit(f"compare.py: error: {folder} has no column {column!r} (its columns: {', '.join(columns)})")
     if row and row not in rows or not row and len(rows) > 1:
         raise SystemExit(f"compare.py: error: {argument!r}: {'no row ' + repr(row) if row else 'several rows'} in "
                          f"{folder}; add one of @" + ", @".join(rows))
     label = row or next(iter(rows))
     return f"{folder}: {column} ({label})", rows[label][column]
+
+
+def paired_report(cells: list[tuple[str, dict]]) -> str:
+    """--final-eval: each cell's mean over its seeds, then every pair seed for seed over the seeds both have."""
+    lines = ["| cell | final_eval return, mean over seeds [95% CI] (seeds) |", "|---|---|"]
+    lines += [f"| {label} | {mean_std(list(values.values()))} |" for label, values in cells]
+    lines += ["", "| first | second | paired difference [95% CI] | first higher | interval excludes 0 |",
+              "|---|---|---|---|---|"]
+    for i, (first, x) in enumerate(cells):
+        for second, y in cells[i + 1:]:
+            common = set(x) & set(y)
+            lines.append(f"| {first} | {second} | " + (paired(x, y) if common else "(no common seed) | - | -") + " |")
+    return "\n".join(lines) + "\n"
 
 
 def report(cells: list[tuple[str, list[float]]]) -> str:
@@ -59,13 +87,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cells", nargs="+", metavar="FOLDER:COLUMN[@ROW]", help="two or more table cells")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown to this file, with the command")
+    parser.add_argument("--final-eval", action="store_true",
+                        help="compare the runs' final_eval (shared start states), paired seed for seed")
     args = parser.parse_args()
     if len(args.cells) < 2:
         parser.error("give at least two cells to compare")
-    text = report([cell(argument) for argument in args.cells])
+    cells = [cell(argument, args.final_eval) for argument in args.cells]
+    text = paired_report(cells) if args.final_eval else report(cells)
     print(text, end="")
     if args.out:
-        command = "python benchmarks/compare.py " + " ".join(f'"{c}"' for c in args.cells)
+        command = "python benchmarks/compare.py " + " ".join(f'"{c}"' for c in args.cells) + \
+                  (" --final-eval" if args.final_eval else "")
         args.out.write_text(f"Command: `{command}`\n\n{text}")
 
 

@@ -1016,18 +1016,25 @@ def paired(x: dict, y: dict) -> str:
     return f"{difference.mean():.1f} [{low:.1f}, {high:.1f}] | {wins} | {'yes' if low > 0 or high < 0 else 'no'}"
 
 
+def final_eval_rows(runs: list[dict]) -> dict:
+    """Control Suite runs' final_eval as {row label: {column or "<column> prior": {seed: return}}}, the rows labelled
+    as table_rows labels them."""
+    rows: dict = {}
+    for run in runs:
+        final, label = run["summary"].get("final_eval") or {}, f"{run['env']} ({run['regime']})"
+        for name, suffix in (("return", ""), ("prior_return", " prior")):
+            if final.get(name) is not None and (not suffix or COLUMNS[run["column"]].prior):
+                rows.setdefault(label, {}).setdefault(run["column"] + suffix, {})[run["seed"]] = final[name]
+    return rows
+
+
 def final_eval_section(runs: list[dict], headers: list[str]) -> list[str]:
     """table.md's section on the runs' final_eval (--final-eval-episodes): every run's final policy and prior from the
     same start states, each cell's mean over seeds, and the ordered pairs paired seed for seed."""
     evaluated = [run for run in runs if run["summary"].get("final_eval")]
     if not evaluated:
         return []
-    rows: dict = {}  # row label -> header -> {seed: return}
-    for run in evaluated:
-        final, label = run["summary"]["final_eval"], f"{run['env']} ({run['regime']})"
-        for name, suffix in (("return", ""), ("prior_return", " prior")):
-            if final.get(name) is not None and (not suffix or COLUMNS[run["column"]].prior):
-                rows.setdefault(label, {}).setdefault(run["column"] + suffix, {})[run["seed"]] = final[name]
+    rows = final_eval_rows(evaluated)
     episodes = sorted({run["summary"]["final_eval"]["episodes"] for run in evaluated})
     first = sorted({run["summary"]["final_eval"]["first_start_seed"] for run in evaluated})
     shown_headers = [h for h in headers if any(h in row for row in rows.values())]

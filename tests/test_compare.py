@@ -14,13 +14,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import compare  # noqa: E402  (it imports reproduce.py's statistics; Ray is imported only when a grid runs)
 
 
-def publish(folder, column, seed, policy, prior, regime="all 80"):
+def publish(folder, column, seed, policy, prior, regime="all 80", final=None):
     run = folder / "runs" / f"{regime}-{column}-seed{seed}".replace(" ", "")
     run.mkdir(parents=True)
     run.joinpath("job.json").write_text(json.dumps({"env": "cheetah", "task": "all", "regime": regime,
                                                     "regime_episodes": None, "column": column, "seed": seed}))
     numbers = {"return": policy, "prior_return": prior, "best_episode_return_in_dataset": 300.0}
-    run.joinpath("summary.json").write_text(json.dumps({"per_task": {"run": numbers}}))
+    shared = {"final_eval": {"episodes": 50, "first_start_seed": 1000, "return": final[0], "prior_return": final[1]}} \
+        if final else {}
+    run.joinpath("summary.json").write_text(json.dumps({"per_task": {"run": numbers}, **shared}))
 
 
 @pytest.fixture
@@ -73,3 +75,22 @@ def test_the_command_line_writes_the_command_with_the_table(folders, tmp_path):
     alone = subprocess.run([sys.executable, "benchmarks/compare.py", f"{a}:BM+MPO"], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
     assert alone.returncode == 2 and "give at least two cells" in alone.stderr
+
+
+def test_final_eval_cells_pair_seed_for_seed(tmp_path):
+    """--final-eval: the runs' final_eval, each pair over the seeds both cells have (seed 3 only in the first)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for seed, final in enumerate([(50.0, 30.0), (60.0, 41.0), (70.0, 32.0), (80.0, 80.0)]):
+        publish(a, "ABM+MPO", seed, 1.0, 1.0, final=final)
+    for seed, final in enumerate([(40.0, 20.0), (62.0, 30.0), (55.0, 30.0)]):
+        publish(b, "BM+MPO", seed, 1.0, 1.0, final=final)
+    first, second = compare.cell(f"{a}:ABM+MPO prior", final_eval=True), compare.cell(f"{b}:BM+MPO prior", True)
+    assert first[1] == {0: 30.0, 1: 41.0, 2: 32.0, 3: 80.0} and second[1] == {0: 20.0, 1: 30.0, 2: 30.0}
+    text = compare.paired_report([first, second])
+    # prior differences on seeds 0-2: 10, 11, 2; the bootstrap's means lie within [2, 11]
+    assert "| 7.7 [" in text and "| 3 of 3 | yes |" in text
+    policies = compare.paired_report([compare.cell(f"{a}:ABM+MPO", True), compare.cell(f"{b}:BM+MPO", True)])
+    assert "| 7.7 [" in policies and "| 2 of 3 |" in policies  # 10, -2, 15
+    publish(tmp_path / "plain", "BM+MPO", 0, 1.0, 1.0)
+    with pytest.raises(SystemExit, match="have no final_eval .*without --final-eval"):
+        compare.cell(f"{tmp_path / 'plain'}:BM+MPO", final_eval=True)
