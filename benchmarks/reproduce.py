@@ -1283,17 +1283,17 @@ def write_manifest(preset: Preset, out: Path, jobs: list[Job], outcome: dict, st
 
 
 def manifest_entry(job: Job, outcome: dict, before: Optional[dict], out: Path) -> dict:
-    """A job's line in manifest.json: this session's outcome, or the earlier one for a job found done; a run this
-    session only evaluated (its job.json has final_eval_seconds) keeps its training's seconds beside those."""
+    """A job's line in manifest.json: this session's outcome, or the earlier one for a job found done; for a run this
+    session only evaluated, the training's seconds and the evaluation's, as its published job.json has them."""
     status = outcome.get(job.name, {}).get("status")
     if status == "done before" and before:
         return before
     entry = {"kind": job.kind, "command": shlex.join(job.command), "log": shown(job.log),
              **outcome.get(job.name, {"status": "not run"})}
     published = out / "runs" / job.name / "job.json"
-    if status == "done" and before and published.exists() and \
-            "final_eval_seconds" in json.loads(published.read_text()):
-        entry = {**entry, "seconds": before.get("seconds"), "final_eval_seconds": entry.get("seconds")}
+    record = json.loads(published.read_text()) if status == "done" and published.exists() else {}
+    if "final_eval_seconds" in record:
+        entry = {**entry, "seconds": record.get("seconds"), "final_eval_seconds": record["final_eval_seconds"]}
     return entry
 
 
