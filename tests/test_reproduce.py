@@ -237,7 +237,7 @@ def test_the_quadruped_preset_varies_only_the_snippet_length_between_its_abm_col
     N = 100 column beside ABM+MPO and tests the paper's orderings of the priors with it."""
     jobs = [job for job in reproduce.build_grid(reproduce.PRESETS["cpu-quadruped"], Path("/tmp/grid"))
             if job.kind == "train"]
-    assert len(jobs) == 3 * 4 and {job.labels["env"] for job in jobs} == {"quadruped"}
+    assert len(jobs) == 3 * 8 and {job.labels["env"] for job in jobs} == {"quadruped"}
     short = [job for job in jobs if job.labels["column"] == "ABM+MPO"]
     long = [job for job in jobs if job.labels["column"] == "ABM+MPO N=100"]
     for a, b in zip(short, long):
