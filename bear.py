@@ -1072,7 +1072,8 @@ def dataset_env(args) -> str:
 
 # --- shared block: flags ---
 NUMBER_MAY_BE_ZERO = {"seed", "final_eval_episodes", "shared_layers", "discount", "double_q_lambda", "vae_kl_weight",
-                      "perturbation_scale", "mmd_threshold", "warmup_steps", "noise", "epsilon", "epsilon_mean", "epsilon_stddev"}
+                      "perturbation_scale", "mmd_threshold", "warmup_steps", "noise", "epsilon", "epsilon_mean",
+                      "epsilon_stddev"}
 FLAG_RULES = [  # (rule on a flag's name and value, what the flag must be), checked for every flag in this order
     (lambda key, v: not isinstance(v, float) or math.isfinite(v), "a finite number"),
     (lambda key, v: type(v) not in (int, float) or v >= 0, "zero or more"),
@@ -1094,8 +1095,7 @@ def check_flags(args) -> None:
 
 # --- shared block: run ---
 RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "final_eval_episodes",
-                     "checkpoint_every",
-                     "device", "compile", "cuda_graph", "track", "wandb_project", "capture_video"}
+                     "checkpoint_every", "device", "compile", "cuda_graph", "track", "wandb_project", "capture_video"}
 RUN_FILES = r"config\.json|metrics\.(csv|tmp)|checkpoint\.(pt|tmp)|summary\.json|policy(\.tmp)?\.pt2|" \
             r"events\.out\.tfevents\..*|videos|wandb"  # what a run writes into its directory
 

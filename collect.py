@@ -136,7 +136,8 @@ def main(train_fn: Callable, args) -> None:
 
 # --- shared block: flags ---
 NUMBER_MAY_BE_ZERO = {"seed", "final_eval_episodes", "shared_layers", "discount", "double_q_lambda", "vae_kl_weight",
-                      "perturbation_scale", "mmd_threshold", "warmup_steps", "noise", "epsilon", "epsilon_mean", "epsilon_stddev"}
+                      "perturbation_scale", "mmd_threshold", "warmup_steps", "noise", "epsilon", "epsilon_mean",
+                      "epsilon_stddev"}
 FLAG_RULES = [  # (rule on a flag's name and value, what the flag must be), checked for every flag in this order
     (lambda key, v: not isinstance(v, float) or math.isfinite(v), "a finite number"),
     (lambda key, v: type(v) not in (int, float) or v >= 0, "zero or more"),

@@ -56,30 +56,22 @@ def cell(argument: str, final_eval: bool = False) -> tuple[str, list[float]]:
     return f"{folder}: {column} ({label})", rows[label][column]
 
 
-def paired_report(cells: list[tuple[str, dict]]) -> str:
-    """--final-eval: each cell's mean over its seeds, then every pair seed for seed over the seeds both have."""
-    lines = ["| cell | final_eval return, mean over seeds [95% CI] (seeds) |", "|---|---|"]
-    lines += [f"| {label} | {mean_std(list(values.values()))} |" for label, values in cells]
-    lines += ["", "| first | second | paired difference [95% CI] | first higher | interval excludes 0 |",
+def report(cells: list, final_eval: bool = False) -> str:
+    """Each cell's mean over its seeds, then every pair: the difference of means and P(first > second), each with
+    its interval; with `final_eval` ({seed: return} cells), the paired difference over the seeds both cells have."""
+    measure = "final_eval return" if final_eval else "final return"
+    lines = [f"| cell | {measure}, mean over seeds [95% CI] (seeds) |", "|---|---|"]
+    lines += [f"| {label} | {mean_std(list(values.values()) if final_eval else values)} |" for label, values in cells]
+    lines += ["", "| first | second | paired difference [95% CI] | first higher | interval excludes 0 |" if final_eval
+              else "| first | second | difference of means [95% CI] | interval excludes 0 | P(first > second) [95% CI] |",
               "|---|---|---|---|---|"]
     for i, (first, x) in enumerate(cells):
         for second, y in cells[i + 1:]:
-            common = set(x) & set(y)
-            lines.append(f"| {first} | {second} | " + (paired(x, y) if common else "(no common seed) | - | -") + " |")
-    return "\n".join(lines) + "\n"
-
-
-def report(cells: list[tuple[str, list[float]]]) -> str:
-    lines = ["| cell | final return, mean over seeds [95% CI] (seeds) |", "|---|---|"]
-    lines += [f"| {label} | {mean_std(values)} |" for label, values in cells]
-    lines += ["", "| first | second | difference of means [95% CI] | interval excludes 0 | P(first > second) [95% CI] |",
-              "|---|---|---|---|---|"]
-    for i, (first, x) in enumerate(cells):
-        for second, y in cells[i + 1:]:
-            if len(x) < 2 or len(y) < 2:
-                lines.append(f"| {first} | {second} | (needs 2 seeds in each) | - | - |")
-                continue
-            lines.append(f"| {first} | {second} | {difference_cells(x, y)} |")
+            if final_eval:
+                pair = paired(x, y) if set(x) & set(y) else "(no common seed) | - | -"
+            else:
+                pair = difference_cells(x, y) if len(x) >= 2 and len(y) >= 2 else "(needs 2 seeds in each) | - | -"
+            lines.append(f"| {first} | {second} | {pair} |")
     return "\n".join(lines) + "\n"
 
 
@@ -93,7 +85,7 @@ def main() -> None:
     if len(args.cells) < 2:
         parser.error("give at least two cells to compare")
     cells = [cell(argument, args.final_eval) for argument in args.cells]
-    text = paired_report(cells) if args.final_eval else report(cells)
+    text = report(cells, args.final_eval)
     print(text, end="")
     if args.out:
         command = "python benchmarks/compare.py " + " ".join(f'"{c}"' for c in args.cells) + \

@@ -13,6 +13,10 @@ start from reset(seed=--seed + i) for every run, so every run meets the same sta
 in their seed form a cell. It prints each cell's mean over seeds with a 95% bootstrap interval, and for every pair
 of cells the mean of the per-seed differences over their common seeds (paired: the same seed and the same start
 states), with its 95% interval (seeds resampled) and the number of seeds where the first is higher.
+
+Every learning script now does the same at the end of a run with --final-eval-episodes K (from reset(seed=1000 + i),
+this tool's default --seed), into summary.json, and reproduce.py's presets ask for it with final_eval_episodes; this
+tool stays for runs made without it whose resume is not wanted, and keeps every episode's return in --json.
 """
 
 import argparse

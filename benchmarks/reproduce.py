@@ -808,6 +808,8 @@ def follow(jobs: list[Job], preset: Preset, ray, deadline: float = 0.0, out: Opt
                     result = {"returncode": None, "seconds": 0.0, "error": str(error).splitlines()[0]}
                 code = result["returncode"]
                 status = {0: "done", SKIPPED: "skipped", STOPPED: "stopped"}.get(code, "failed")
+                if status == "stopped" and job.kind == "train" and is_done(job):  # it finished as the stop came
+                    status = "done"
                 outcome[name] = {"status": status, "seconds": result["seconds"], "returncode": code,
                                  "command": shlex.join(command), "log": shown(job.log)}
                 if status == "done" and job.kind == "train" and out is not None:

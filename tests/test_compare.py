@@ -86,10 +86,10 @@ def test_final_eval_cells_pair_seed_for_seed(tmp_path):
         publish(b, "BM+MPO", seed, 1.0, 1.0, final=final)
     first, second = compare.cell(f"{a}:ABM+MPO prior", final_eval=True), compare.cell(f"{b}:BM+MPO prior", True)
     assert first[1] == {0: 30.0, 1: 41.0, 2: 32.0, 3: 80.0} and second[1] == {0: 20.0, 1: 30.0, 2: 30.0}
-    text = compare.paired_report([first, second])
+    text = compare.report([first, second], final_eval=True)
     # prior differences on seeds 0-2: 10, 11, 2; the bootstrap's means lie within [2, 11]
     assert "| 7.7 [" in text and "| 3 of 3 | yes |" in text
-    policies = compare.paired_report([compare.cell(f"{a}:ABM+MPO", True), compare.cell(f"{b}:BM+MPO", True)])
+    policies = compare.report([compare.cell(f"{a}:ABM+MPO", True), compare.cell(f"{b}:BM+MPO", True)], True)
     assert "| 7.7 [" in policies and "| 2 of 3 |" in policies  # 10, -2, 15
     publish(tmp_path / "plain", "BM+MPO", 0, 1.0, 1.0)
     with pytest.raises(SystemExit, match="have no final_eval .*without --final-eval"):

@@ -462,7 +462,9 @@ def test_a_time_budget_stops_a_run_and_the_rerun_resumes_it(tmp_path):
     """--time-budget: the run still going at the deadline is stopped, its evaluations so far are kept apart in
     <out>/unfinished (never in the table); the rerun resumes it from its checkpoint, publishes it and drops the
     partial copy, which would otherwise sit beside the finished run."""
-    preset, _ = published_elsewhere(tmp_path, 4, length=50, updates=1000, eval_every=25, sawyer_tasks=())
+    # 2,500 updates, so the run is still going at the 8 s deadline (at 1,000, on a loaded machine, it once finished
+    # just as the stop came, which counts as done: the next test)
+    preset, _ = published_elsewhere(tmp_path, 4, length=50, updates=2500, eval_every=25, sawyer_tasks=())
     work, out = tmp_path / "work", tmp_path / "results"
     grid = reproduce.build_grid(preset, work)
     job = next(job for job in grid if job.kind == "train")
@@ -476,9 +478,9 @@ def test_a_time_budget_stops_a_run_and_the_rerun_resumes_it(tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         reproduce.reproduce(preset, out, work, num_cpus=1, jobs=jobs, local=True)
     assert f"--resume {reproduce.shown(job.run_dir)}" in job.log.read_text()
-    assert json.loads((out / "runs" / job.name / "summary.json").read_text())["evaluations"] == 1000 // 25
+    assert json.loads((out / "runs" / job.name / "summary.json").read_text())["evaluations"] == 2500 // 25
     with open(out / "runs" / job.name / "metrics.csv") as handle:
-        assert int(list(csv.DictReader(handle))[-1]["step"]) == 1000
+        assert int(list(csv.DictReader(handle))[-1]["step"]) == 2500
     assert not partial.exists()
 
 
@@ -557,3 +559,20 @@ def test_a_preset_that_gains_a_final_evaluation_resumes_its_finished_runs_to_giv
     with contextlib.redirect_stdout(printed):
         reproduce.reproduce(again, out, work, num_cpus=1, jobs=jobs, local=True)
     assert "0 to run" in printed.getvalue() and "1 finished run(s) lack the preset's final evaluation" in printed.getvalue()
+
+
+def test_a_run_that_finished_as_the_time_budget_stopped_it_counts_as_done(tmp_path):
+    """The deadline's SIGTERM can reach a run after it wrote summary.json: it is published as done, with no partial
+    copy under <out>/unfinished beside it."""
+    run_dir, out = tmp_path / "work" / "runs" / "finished", tmp_path / "results"
+    code = (f"import json, pathlib, time; d = pathlib.Path({str(run_dir)!r}); d.mkdir(parents=True); "
+            "[(d / n).write_text('{}') for n in ('summary.json', 'metrics.csv', 'config.json')]; time.sleep(60)")
+    job = reproduce.Job("finished", "train", ["python", "-c", code], tmp_path / "work" / "logs" / "finished.log",
+                        run_dir=run_dir, labels={"env": "cartpole-balance", "task": "all", "regime": "full",
+                                                 "regime_episodes": None, "column": "ABM+MPO", "seed": 0})
+    with contextlib.redirect_stdout(io.StringIO()):
+        outcome = reproduce.run_grid([job], SMOKE, num_cpus=1, local=True, deadline=time.time() + 3, out=out)
+        reproduce.publish_runs([job], outcome, out)
+    assert "stopped by --time-budget" in job.log.read_text()  # the stop did reach it
+    assert outcome["finished"]["status"] == "done"
+    assert (out / "runs" / "finished" / "summary.json").exists() and not (out / "unfinished" / "finished").exists()
