@@ -554,6 +554,17 @@ def is_done(job: Job) -> bool:
     return any(not lacks_final_eval(job, path) for path in found) or not (job.run_dir / "checkpoint.pt").exists()
 
 
+def job_state(job: Job, preset: Preset, out: Path) -> str:
+    """--dry-run's word for a job: done, evaluate (finished, its final evaluation to add), published (a dataset in
+    <out>/datasets) or todo."""
+    if is_done(job):
+        return "done"
+    if job.kind == "train" and any((folder / "summary.json").exists() for folder in (job.run_dir, job.published)
+                                   if folder is not None):
+        return "evaluate"
+    return "published" if job.dataset and (published_data(preset, out) / job.dataset.name).exists() else "todo"
+
+
 def lacks_final_eval(job: Job, summary: Path) -> bool:
     """Whether the finished run's summary.json lacks the final evaluation the job's command asks for."""
     if "--final-eval-episodes" not in job.command:
@@ -1401,9 +1412,7 @@ def main() -> None:
     if args.dry_run:
         for job in build_grid(preset, work):
             job.published = out / "runs" / job.name if job.kind == "train" else None
-            published = job.dataset and (published_data(preset, out) / job.dataset.name).exists()
-            print(f"{'done' if is_done(job) else 'published' if published else 'todo'}  {job.name}: "
-                  f"{shlex.join(job.command)}")
+            print(f"{job_state(job, preset, out)}  {job.name}: {shlex.join(job.command)}")
         return
     if args.report:
         published = len(load_published(out))

@@ -531,6 +531,7 @@ def test_a_preset_that_gains_a_final_evaluation_resumes_its_finished_runs_to_giv
     grid = reproduce.build_grid(evaluated, work)
     job = next(job for job in grid if job.kind == "train")
     assert job.command[job.command.index("--final-eval-episodes") + 1] == "2" and not reproduce.is_done(job)
+    assert reproduce.job_state(job, evaluated, out) == "evaluate"
     jobs = [j for j in grid if j.kind != "train"] + [job]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -551,6 +552,7 @@ def test_a_preset_that_gains_a_final_evaluation_resumes_its_finished_runs_to_giv
     with contextlib.redirect_stdout(printed):
         reproduce.reproduce(evaluated, out, work, num_cpus=1, jobs=jobs, local=True)
     assert "0 to run" in printed.getvalue() and "lack the preset's final evaluation" not in printed.getvalue()
+    assert reproduce.job_state(job, evaluated, out) == "done"
     again = dataclasses.replace(preset, final_eval_episodes=3)
     (job.run_dir / "checkpoint.pt").unlink()
     grid = reproduce.build_grid(again, work)
