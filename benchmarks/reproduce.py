@@ -253,6 +253,9 @@ PRESETS["cpu-critic"] = dataclasses.replace(
     # every 20): Q 1.3 at 400 updates, 9.4 at 2,400; accepted fraction 0.84 -> 0.60.
     control_columns=("ABM+MPO", "BM+MPO"), extra_train_flags=("--target-update-period", "20"),
     datasets_from="results/cpu/datasets",
+    # Added after its 20 runs had finished (their checkpoints still here): its grid left the priors' ordering to one
+    # seed on all 80 episodes; 50 episodes from shared start states each, as cpu-long's.
+    final_eval_episodes=50,
     differences=("the cpu preset's settings and data (results/cpu/datasets/cheetah.npz), and:",
                  "target networks copied every 20 updates (paper and cpu preset: 200)",
                  "columns ABM+MPO and BM+MPO (with their priors) only"),
