@@ -16,6 +16,7 @@ from tests.helpers import ROOT, SMOKE_ENV, TEST_COMPILE, TEST_DEVICE, write_rand
 from tests.test_end_to_end import quiet, read_metrics
 
 sys.path.insert(0, str(ROOT / "benchmarks"))  # final_eval.py
+pytestmark = pytest.mark.slow  # each test trains (a few updates, about 2 s a run)
 SCRIPTS = ["abm_mpo", "bm_mpo", "abm_svg", "bcq", "bear"]
 
 
