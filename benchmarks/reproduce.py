@@ -551,11 +551,16 @@ def is_done(job: Job) -> bool:
     lacks it is resumed, which only evaluates (a preset that gained final_eval_episodes after its runs finished)."""
     if job.kind != "train":
         return dataset_episodes(job.dataset) >= job.episodes
-    found = [folder / "summary.json" for folder in (job.run_dir, job.published)
-             if folder is not None and (folder / "summary.json").exists()]
+    found = finished_summaries(job)
     if not found:
         return False
     return any(not lacks_final_eval(job, path) for path in found) or not (job.run_dir / "checkpoint.pt").exists()
+
+
+def finished_summaries(job: Job) -> list[Path]:
+    """A train job's summary.json files that exist: in its run directory, and published under <out>/runs."""
+    return [folder / "summary.json" for folder in (job.run_dir, job.published)
+            if folder is not None and (folder / "summary.json").exists()]
 
 
 def job_state(job: Job, preset: Preset, out: Path) -> str:
@@ -563,8 +568,7 @@ def job_state(job: Job, preset: Preset, out: Path) -> str:
     <out>/datasets) or todo."""
     if is_done(job):
         return "done"
-    if job.kind == "train" and any((folder / "summary.json").exists() for folder in (job.run_dir, job.published)
-                                   if folder is not None):
+    if job.kind == "train" and finished_summaries(job):
         return "evaluate"
     return "published" if job.dataset and (published_data(preset, out) / job.dataset.name).exists() else "todo"
 
@@ -762,9 +766,8 @@ def follow(jobs: list[Job], preset: Preset, ray, deadline: float = 0.0, out: Opt
             todo.append(job)
     print(f"{len(jobs)} jobs: {len(outcome)} already done, {len(todo)} to run, {slots} at a time "
           f"(Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs)", flush=True)
-    unevaluated = [job.name for job in jobs if job.name in outcome and job.kind == "train" and all(
-        lacks_final_eval(job, folder / "summary.json") for folder in (job.run_dir, job.published)
-        if folder is not None and (folder / "summary.json").exists())]
+    unevaluated = [job.name for job in jobs if job.name in outcome and job.kind == "train" and
+                   all(lacks_final_eval(job, path) for path in finished_summaries(job))]
     if unevaluated:
         print(f"{len(unevaluated)} finished run(s) lack the preset's final evaluation and their checkpoints are not "
               f"here to give it (e.g. {unevaluated[0]}): table.md's shared-start section leaves them out", flush=True)
