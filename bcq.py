@@ -620,7 +620,7 @@ def main(train_fn: Callable, args) -> None:
         status, line = 130, f"{name}: stopped" + (f" at update {RUN.get('step', 0):,}" if RUN.get("run_dir") else "")
         if RUN.get("checkpoint"):
             line += (f"; {RUN['run_dir'] / 'checkpoint.pt'} holds update {RUN['checkpoint']:,}: continue with "
-                     f"python {name} --resume {RUN['run_dir']}")
+                     f"python {name} --resume {RUN['run_dir']}" + "".join(RUN.get("resumed_with", [])))
     finally:
         run_dir, new, saved = RUN.get("run_dir"), RUN.get("new"), RUN.get("checkpoint")
         RUN.clear()
@@ -1080,6 +1080,9 @@ def load_saved_config(args, script: str) -> None:
             setattr(args, key, tuple(old) if isinstance(value, tuple) else old)
         elif key not in RESUME_MAY_CHANGE:
             changed.append(f"--{key.replace('_', '-')} was {old!r}")
+        else:  # kept for this resume only (config.json keeps the first values): main()'s stop line repeats it
+            flag = f"{'' if value or not isinstance(value, bool) else 'no-'}{key.replace('_', '-')}"
+            RUN.setdefault("resumed_with", []).append(f" --{flag}" + ("" if isinstance(value, bool) else f" {value}"))
     if changed:
         raise UserError(f"cannot resume {run_dir} with a different configuration: {', '.join(changed)}")
 
