@@ -1022,8 +1022,9 @@ def load_saved_config(args, script: str) -> None:
         elif key not in RESUME_MAY_CHANGE:
             changed.append(f"--{key.replace('_', '-')} was {old!r}")
         else:  # kept for this resume only (config.json keeps the first values): main()'s stop line repeats it
-            flag = f"{'' if value or not isinstance(value, bool) else 'no-'}{key.replace('_', '-')}"
-            RUN.setdefault("resumed_with", []).append(f" --{flag}" + ("" if isinstance(value, bool) else f" {value}"))
+            name = key.replace("_", "-")
+            RUN.setdefault("resumed_with", []).append(
+                (f" --{name}" if value else f" --no-{name}") if isinstance(value, bool) else f" --{name} {value}")
     if changed:
         raise UserError(f"cannot resume {run_dir} with a different configuration: {', '.join(changed)}")
 

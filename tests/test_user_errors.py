@@ -308,10 +308,10 @@ def test_a_stopped_resume_says_how_to_continue_it_with_the_flags_it_changed(tmp_
     assert status == 0, stderr
     monkeypatch.setattr(abm_mpo.Logger, "record", ctrl_c_at(abm_mpo, 8))
     status, stderr = run_main(abm_mpo, "--resume", run_dir, "--total-steps", "10", "--final-eval-episodes", "1",
-                              "--eval-every", "2", "--no-track")  # the last two as saved: not repeated
+                              "--no-cuda-graph", "--eval-every", "2", "--no-track")  # the last two as saved
     line = one_sentence(status, stderr, "abm_mpo.py: stopped at update 7")
     assert line.endswith(f"holds update 6: continue with python abm_mpo.py --resume {run_dir} --total-steps 10 "
-                         "--final-eval-episodes 1"), line
+                         "--final-eval-episodes 1 --no-cuda-graph"), line
     monkeypatch.undo()
     status, stderr = run_main(abm_mpo, *line.split("continue with python abm_mpo.py ")[1].split())
     assert status == 0, stderr
