@@ -335,6 +335,24 @@ PRESETS["cpu-svg"] = dataclasses.replace(
                  "columns ABM+SVG (with its prior, which Table 6 does not list) and SVG only; BM+SVG left out; "
                  "compare with cpu-long's ABM+MPO and BM+MPO (the same seeds and budgets)"),
     run_here="on this project's 2-core CPU (results/cpu-svg)")
+# Plain offline MPO at cpu-long's budgets: the cpu grid stopped it at 4,000 updates (1.8 on all 80), where the
+# README read "plain offline MPO fails, as in the paper"; plain SVG (cpu-svg) was as flat at 2,000 updates and then
+# climbed to 58.5-178.0 by 40,000. Does plain MPO also learn late, or does it stay where the paper's MPO column
+# (cheetah: 496.2 against ABM+MPO's 907.4) puts it, far below the prior-regularised columns?
+PRESETS["cpu-mpo"] = dataclasses.replace(
+    PRESETS["cpu-long"], name="cpu-mpo",
+    purpose="plain offline MPO (--prior none) at cpu-long's budgets and data, 5 seeds, to pair with cpu-long's "
+            "ABM+MPO and BM+MPO and cpu-svg's SVG; about 75 minutes of the 2 cores (a run about 25 minutes of one "
+            "core)",
+    # Timing (this 2-core AMD EPYC, one thread each, the two side by side, 600 updates at batch 128, M = 20): MPO
+    # 39.7 updates/s, BM+MPO 38.7 (cpu-long's BM+MPO runs took 1,552 s for 40,000 updates with evaluations).
+    # Column and budgets set before any run of this preset.
+    control_columns=("MPO",),
+    differences=("the cpu preset's data (results/cpu/datasets/cheetah.npz), batch and M, and:",
+                 "40,000 updates (paper: 1M; cpu preset: 4,000), 5 evaluation episodes every 2,000; final return = "
+                 "mean of the last 2 evaluations (10 episodes)",
+                 "column MPO only; compare with cpu-long's ABM+MPO and BM+MPO (the same seeds and budgets)"),
+    run_here="on this project's 2-core CPU (results/cpu-mpo)")
 # The second task for both findings: the paper's other task where the ABM prior beats the BM prior most (Table 6
 # quadruped: 733.4 against 398.8), and the question cpu-snippets left: is N = 100 better than 10 off cheetah too?
 PRESETS["cpu-quadruped"] = Preset(
