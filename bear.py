@@ -71,6 +71,7 @@ import math
 import os
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -681,7 +682,7 @@ def main(train_fn: Callable, args) -> None:
         status, line = 130, f"{name}: stopped" + (f" at update {RUN.get('step', 0):,}" if RUN.get("run_dir") else "")
         if RUN.get("checkpoint"):
             line += (f"; {RUN['run_dir'] / 'checkpoint.pt'} holds update {RUN['checkpoint']:,}: continue with "
-                     f"python {name} --resume {RUN['run_dir']}" + "".join(RUN.get("resumed_with", [])))
+                     + shlex.join(["python", name, "--resume", str(RUN["run_dir"]), *RUN.get("resumed_with", [])]))
     finally:
         run_dir, new, saved = RUN.get("run_dir"), RUN.get("new"), RUN.get("checkpoint")
         RUN.clear()
@@ -1143,8 +1144,8 @@ def load_saved_config(args, script: str) -> None:
             changed.append(f"--{key.replace('_', '-')} was {old!r}")
         else:  # kept for this resume only (config.json keeps the first values): main()'s stop line repeats it
             name = key.replace("_", "-")
-            RUN.setdefault("resumed_with", []).append(
-                (f" --{name}" if value else f" --no-{name}") if isinstance(value, bool) else f" --{name} {value}")
+            RUN.setdefault("resumed_with", []).extend(  # shell words
+                [f"--{'' if value else 'no-'}{name}"] if isinstance(value, bool) else [f"--{name}", str(value)])
     if changed:
         raise UserError(f"cannot resume {run_dir} with a different configuration: {', '.join(changed)}")
 

@@ -26,6 +26,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -104,7 +105,7 @@ def main(train_fn: Callable, args) -> None:
         status, line = 130, f"{name}: stopped" + (f" at update {RUN.get('step', 0):,}" if RUN.get("run_dir") else "")
         if RUN.get("checkpoint"):
             line += (f"; {RUN['run_dir'] / 'checkpoint.pt'} holds update {RUN['checkpoint']:,}: continue with "
-                     f"python {name} --resume {RUN['run_dir']}" + "".join(RUN.get("resumed_with", [])))
+                     + shlex.join(["python", name, "--resume", str(RUN["run_dir"]), *RUN.get("resumed_with", [])]))
     finally:
         run_dir, new, saved = RUN.get("run_dir"), RUN.get("new"), RUN.get("checkpoint")
         RUN.clear()

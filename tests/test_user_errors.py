@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import shlex
 import shutil
 import signal
 import subprocess
@@ -301,19 +302,21 @@ def test_a_run_stopped_before_its_first_checkpoint_keeps_its_evaluations(tmp_pat
 
 def test_a_stopped_resume_says_how_to_continue_it_with_the_flags_it_changed(tmp_path, monkeypatch):
     """config.json keeps a run's first flags, so when a resume that changed some (a longer run, a final evaluation)
-    is stopped, its line repeats them: the command it gives continues that resume, not the first run."""
-    dataset, run_dir = write_random_dataset(tmp_path / "data.npz"), tmp_path / "run"
+    is stopped, its line repeats them: the command it gives continues that resume, not the first run, and it is
+    quoted for a shell (a run directory and a flag value with spaces)."""
+    dataset, run_dir = write_random_dataset(tmp_path / "data.npz"), tmp_path / "my runs" / "run 1"
     status, stderr = run_main(abm_mpo, "--env", SMOKE_ENV, "--dataset", dataset, "--run-dir", run_dir,
                               "--total-steps", "4", "--eval-every", "2", "--checkpoint-every", "2", *tiny(abm_mpo))
     assert status == 0, stderr
     monkeypatch.setattr(abm_mpo.Logger, "record", ctrl_c_at(abm_mpo, 8))
     status, stderr = run_main(abm_mpo, "--resume", run_dir, "--total-steps", "10", "--final-eval-episodes", "1",
-                              "--no-cuda-graph", "--eval-every", "2", "--no-track")  # the last two as saved
+                              "--no-cuda-graph", "--wandb-project", "ABM runs", "--eval-every", "2",
+                              "--no-track")  # the last two as saved
     line = one_sentence(status, stderr, "abm_mpo.py: stopped at update 7")
-    assert line.endswith(f"holds update 6: continue with python abm_mpo.py --resume {run_dir} --total-steps 10 "
-                         "--final-eval-episodes 1 --no-cuda-graph"), line
+    assert line.endswith(f"holds update 6: continue with python abm_mpo.py --resume '{run_dir}' --total-steps 10 "
+                         "--final-eval-episodes 1 --no-cuda-graph --wandb-project 'ABM runs'"), line
     monkeypatch.undo()
-    status, stderr = run_main(abm_mpo, *line.split("continue with python abm_mpo.py ")[1].split())
+    status, stderr = run_main(abm_mpo, *shlex.split(line.split("continue with python abm_mpo.py ")[1]))
     assert status == 0, stderr
     assert [row["step"] for row in csv.DictReader((run_dir / "metrics.csv").open())] == ["2", "4", "6", "8", "10"]
     assert json.loads((run_dir / "summary.json").read_text())["final_eval"]["episodes"] == 1
