@@ -261,6 +261,10 @@ PRESETS["cpu-critic"] = dataclasses.replace(
                  "target networks copied every 20 updates (paper and cpu preset: 200)",
                  "columns ABM+MPO and BM+MPO (with their priors) only"),
     run_here="on this project's 2-core CPU (results/cpu-critic)")
+# The first lines of the differences of the presets that change one thing of cpu-long's.
+LONG_DATA = "the cpu preset's data (results/cpu/datasets/cheetah.npz), batch and M, and:"
+LONG_BUDGETS = ("40,000 updates (paper: 1M), 5 evaluation episodes every 2,000; final return = mean of the last 2 "
+                "evaluations (10 episodes)")
 PRESETS["cpu-long"] = dataclasses.replace(
     PRESETS["cpu"], name="cpu-long",
     purpose="the other test of the cpu grid's tie between the ABM and BM priors: the paper's target copies every 200 "
@@ -272,7 +276,7 @@ PRESETS["cpu-long"] = dataclasses.replace(
     # Added after its runs (and those of cpu-filtered and cpu-snippets, which inherit it) had finished, their
     # checkpoints still here: the 50 shared start states of final_eval.py's cheetah evaluation, now in each table.md.
     final_eval_episodes=50,
-    differences=("the cpu preset's data (results/cpu/datasets/cheetah.npz), batch and M, and:",
+    differences=(LONG_DATA,
                  "40,000 updates (paper: 1M; cpu preset: 4,000), 5 evaluation episodes every 2,000; final return = "
                  "mean of the last 2 evaluations (10 episodes)",
                  "all 80 episodes only; columns ABM+MPO and BM+MPO (with their priors) only"),
@@ -289,11 +293,10 @@ PRESETS["cpu-filtered"] = dataclasses.replace(
     # filters too softly; if not, the data leaves no room for the ABM prior at this budget. It did beat it, by 49.8
     # [21.9, 76.5] (README "A control: what a filter that knows the returns gains").
     control_columns=("BM+MPO",), best_episodes=16,
-    differences=("the cpu preset's data (results/cpu/datasets/cheetah.npz), batch and M, and:",
+    differences=(LONG_DATA,
                  "only its best 16 episodes by return (204.6 to 322.5; all 80: mean 127.2), chosen with "
                  "benchmarks/best_episodes.py: not in the paper",
-                 "40,000 updates (paper: 1M), 5 evaluation episodes every 2,000; final return = mean of the last 2 "
-                 "evaluations (10 episodes)",
+                 LONG_BUDGETS,
                  "column BM+MPO (with its prior) only"),
     run_here="on this project's 2-core CPU (results/cpu-filtered)")
 # Does Eq. 4 filter softly because its snippets are short? The paper gives no N for its ABM columns (only |tau| = 2
@@ -311,11 +314,10 @@ PRESETS["cpu-snippets"] = dataclasses.replace(
     # horizon, the one N tried. Result: the ABM prior beat cpu-long's BM prior by 39.5 [15.1, 63.4] (README "Longer
     # snippets").
     control_columns=("ABM+MPO",), extra_train_flags=("--snippet-length", "100"),
-    differences=("the cpu preset's data (results/cpu/datasets/cheetah.npz), batch and M, and:",
+    differences=(LONG_DATA,
                  "Eq. 4's snippets 100 steps long (these scripts' default and cpu-long: 10; the paper states none but "
                  "2 for ABM eps=0)",
-                 "40,000 updates (paper: 1M), 5 evaluation episodes every 2,000; final return = mean of the last 2 "
-                 "evaluations (10 episodes)",
+                 LONG_BUDGETS,
                  "column ABM+MPO (with its prior) only; compare with cpu-long's BM+MPO (the same seeds and budgets)"),
     run_here="on this project's 2-core CPU (results/cpu-snippets)")
 # The SVG columns, never run on a CPU before: does ABM+SVG beat plain (trust-region) SVG as in Table 6 (cheetah: 920.7
@@ -329,9 +331,8 @@ PRESETS["cpu-svg"] = dataclasses.replace(
     # Timing (this 2-core AMD EPYC, one thread each, the two side by side, 600 updates at batch 128, M = 20): ABM+SVG
     # 18.3 updates/s, SVG 29.2; cpu-long's ABM+MPO about 20. Columns and budgets set before any run of this preset.
     control_columns=("ABM+SVG", "SVG"),
-    differences=("the cpu preset's data (results/cpu/datasets/cheetah.npz), batch and M, and:",
-                 "40,000 updates (paper: 1M), 5 evaluation episodes every 2,000; final return = mean of the last 2 "
-                 "evaluations (10 episodes)",
+    differences=(LONG_DATA,
+                 LONG_BUDGETS,
                  "columns ABM+SVG (with its prior, which Table 6 does not list) and SVG only; BM+SVG left out; "
                  "compare with cpu-long's ABM+MPO and BM+MPO (the same seeds and budgets)"),
     run_here="on this project's 2-core CPU (results/cpu-svg)")
@@ -348,9 +349,8 @@ PRESETS["cpu-mpo"] = dataclasses.replace(
     # 39.7 updates/s, BM+MPO 38.7 (cpu-long's BM+MPO runs took 1,552 s for 40,000 updates with evaluations).
     # Column and budgets set before any run of this preset.
     control_columns=("MPO",),
-    differences=("the cpu preset's data (results/cpu/datasets/cheetah.npz), batch and M, and:",
-                 "40,000 updates (paper: 1M; cpu preset: 4,000), 5 evaluation episodes every 2,000; final return = "
-                 "mean of the last 2 evaluations (10 episodes)",
+    differences=(LONG_DATA,
+                 LONG_BUDGETS,
                  "column MPO only; compare with cpu-long's ABM+MPO and BM+MPO (the same seeds and budgets)"),
     run_here="on this project's 2-core CPU (results/cpu-mpo)")
 # The second task for both findings: the paper's other task where the ABM prior beats the BM prior most (Table 6
