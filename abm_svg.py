@@ -1038,6 +1038,12 @@ def check_args(args, script: str) -> None:
         if any(not re.fullmatch(RUN_FILES, name) for name in files):  # make_run_dir deletes a run's files only
             raise UserError(f"--overwrite deletes runs only, and {run_dir} also holds "
                             f"{[name for name in files if not re.fullmatch(RUN_FILES, name)][:4]}")
+    place = Path(args.resume or args.run_dir or "runs").absolute()  # now, not after a default dataset's collection
+    while not place.exists():
+        place = place.parent
+    if not place.is_dir() or not os.access(place, os.W_OK):
+        raise UserError(f"run directory {args.resume or args.run_dir or 'runs/...'} is not writable "
+                        f"({f'{place} is a file' if not place.is_dir() else f'no write permission in {place}'})")
     check_flags(args)
 
 

@@ -249,6 +249,18 @@ def test_a_new_run_never_overwrites_a_run_directory(name, finished_run, tmp_path
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_run_directory_that_cannot_be_made_is_refused_before_any_data(name, tmp_path, monkeypatch):
+    """Checked with the flags: without --dataset the data would be a default collection of many minutes first."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    monkeypatch.setattr(SCRIPTS[name], "load_data", lambda *a: pytest.fail("the data was read before the check"))
+    for run_dir in (blocker, blocker / "run"):
+        one_sentence(*run_main(SCRIPTS[name], "--env", SMOKE_ENV, "--run-dir", run_dir, *tiny(SCRIPTS[name])),
+                     f"run directory {run_dir} is not writable ({blocker} is a file)", name)
+    assert blocker.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [blocker]
+
+
 def test_overwrite_replaces_a_run_and_nothing_else(tmp_path):
     dataset = write_random_dataset(tmp_path / "data.npz")
     common = ["--env", SMOKE_ENV, "--dataset", dataset, "--run-dir", tmp_path / "run", *tiny(abm_mpo)]
