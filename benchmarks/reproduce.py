@@ -1464,7 +1464,8 @@ def main() -> None:
                              f"({shown(out)}/runs/*/summary.json): run the preset first, or give the --out it wrote to")
         manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
         write_curves(out)
-        table = write_table(preset, out, {"this_run_minutes": 0.0,
+        last = (manifest.get("sessions") or [{}])[-1].get("wall_seconds", 0.0)  # the table the last grid wrote, again
+        table = write_table(preset, out, {"this_run_minutes": last / 60,
                                           "total_minutes": manifest.get("total_wall_seconds", 0.0) / 60})
         return print(f"Table: {shown(table)} (from {published} published runs)")
     reproduce(preset, out, work, args.address, args.num_cpus, local=args.local, time_budget=60 * args.time_budget)

@@ -11,6 +11,7 @@ import importlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,6 +163,19 @@ def test_table_numbers_equal_the_run_summaries(smoke):
     assert table["cartpole-balance (full)"]["ABM+MPO"].endswith("(3)")  # seeds 0, 1 and the resumed seed 2
     assert "BCQ prior" not in table["cartpole-balance (full)"]  # only ABM and BM priors are Table 6 columns
     assert "Budgets:" in (out / "table.md").read_text()
+
+
+@pytest.mark.slow  # the smoke grid on Ray: ~40 s on 2 idle cores
+def test_report_rewrites_the_table_the_grid_wrote(smoke, tmp_path):
+    """--report (no runs) writes table.md again from the published runs and manifest.json: the same bytes, wall
+    times included (it used to say "0.0 min this run of the command")."""
+    copy = tmp_path / "results"
+    shutil.copytree(smoke["out"], copy)
+    (copy / "table.md").unlink()
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reproduce.py"), "--preset", "smoke", "--report",
+                    "--out", str(copy)], check=True, capture_output=True, cwd=ROOT)
+    assert (copy / "table.md").read_text() == (smoke["out"] / "table.md").read_text()
+    assert smoke["manifest"]["sessions"][-1]["wall_seconds"] > 3  # so the old "0.0 min" would differ
 
 
 @pytest.mark.slow  # the smoke grid on Ray: ~40 s on 2 idle cores
