@@ -3,8 +3,8 @@
     python benchmarks/plot.py runs/abm_mpo__walker__0__* runs/bcq__walker__* --out walker.png
 
 One panel per task (env, task and `--dataset-episodes`), two rows: the return of the policy
-(`eval/return` in metrics.csv) and the return of the prior run on its own (`eval/prior_return`),
-against gradient updates. Runs whose config.json differs only in the seed are one curve: the
+(`eval/return` in metrics.csv) and the return of the prior run on its own (`eval/prior_return`;
+no such row when no run has a prior), against gradient updates. Runs whose config.json differs only in the seed are one curve: the
 mean over seeds, shaded +- one standard deviation (at the updates every seed has reached). The
 best episode return in the run's dataset is a dashed horizontal line. A multi-task run (Sawyer
 `--task all`) gives one panel per task from `eval/return/<task>`. Curves are labelled by the
@@ -111,7 +111,7 @@ def seed_band(curves: list[Curve], which: str) -> Optional[tuple[np.ndarray, np.
 
 def plot_panels(panels: dict[str, dict[str, list[Curve]]], out: Path, title: str = "",
                 order: Optional[Callable[[str], object]] = None) -> Path:
-    """Draw the panels (columns) x {policy, prior} (rows) figure to `out` (PNG)."""
+    """Draw the panels (columns) x {policy, prior} (rows) figure to `out` (PNG); no prior row when no run has one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,9 +120,13 @@ def plot_panels(panels: dict[str, dict[str, list[Curve]]], out: Path, title: str
     names = sorted(panels, key=order) if order else list(panels)
     labels = list(dict.fromkeys(label for name in names for label in panels[name]))
     colours = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}
-    figure, axes = plt.subplots(2, len(names), figsize=(4.2 * len(names), 6.4), squeeze=False, sharex="col")
+    rows = [("policy", "return of the policy")]  # and a row for the priors, where a run has one
+    rows += [("prior", "return of the prior")] * any(c.prior is not None for p in panels.values() for cs in p.values()
+                                                     for c in cs)
+    figure, axes = plt.subplots(len(rows), len(names), figsize=(4.2 * len(names), 0.4 + 3 * len(rows)), squeeze=False,
+                                sharex="col")
     for column, name in enumerate(names):
-        for row, (which, ylabel) in enumerate((("policy", "return of the policy"), ("prior", "return of the prior"))):
+        for row, (which, ylabel) in enumerate(rows):
             axis = axes[row][column]
             for label, curves in panels[name].items():
                 band = seed_band(curves, which)
@@ -136,7 +140,7 @@ def plot_panels(panels: dict[str, dict[str, list[Curve]]], out: Path, title: str
                 axis.axhline(max(best), color="black", linestyle="--", linewidth=1, label="best episode in the data")
             if row == 0:
                 axis.set_title(name, fontsize=9)
-            if row == 1:
+            if row == len(rows) - 1:
                 axis.set_xlabel("gradient updates")
             if column == 0:
                 axis.set_ylabel(ylabel)
@@ -149,7 +153,8 @@ def plot_panels(panels: dict[str, dict[str, list[Curve]]], out: Path, title: str
                   title="(n) = seeds; shaded: mean +- std over seeds", title_fontsize=8)
     if title:
         figure.suptitle(title, fontsize=10)
-    figure.tight_layout(rect=(0, 0.06 + 0.03 * ((len(handles) - 1) // columns), 1, 0.97 if title else 1))
+    legend_inches = 0.4 + 0.2 * ((len(handles) - 1) // columns)  # below the panels, whatever the figure's height
+    figure.tight_layout(rect=(0, legend_inches / figure.get_figheight(), 1, 0.97 if title else 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110, bbox_inches="tight")  # the legend may be wider than the panels
     plt.close(figure)

@@ -165,6 +165,17 @@ def test_table_numbers_equal_the_run_summaries(smoke):
     assert "Budgets:" in (out / "table.md").read_text()
 
 
+def test_curves_have_a_prior_row_only_where_a_run_has_a_prior(tmp_path):
+    """The published cheetah runs: cpu-long's (ABM+MPO and BM+MPO, with priors) and cpu-mpo's (plain MPO, none),
+    whose figure once had an empty row for priors."""
+    heights = {}
+    for preset in ("cpu-long", "cpu-mpo"):
+        folders = sorted((ROOT / "results" / preset / "runs").iterdir())[:2]
+        figure = plot.plot_panels(plot.collect_panels(folders), tmp_path / f"{preset}.png")
+        heights[preset] = int.from_bytes(figure.read_bytes()[20:24], "big")  # the PNG's IHDR height
+    assert heights["cpu-mpo"] < 0.7 * heights["cpu-long"], heights
+
+
 @pytest.mark.slow  # the smoke grid on Ray: ~40 s on 2 idle cores
 def test_report_rewrites_the_table_the_grid_wrote(smoke, tmp_path):
     """--report (no runs) writes table.md again from the published runs and manifest.json: the same bytes, wall
