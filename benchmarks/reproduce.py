@@ -353,6 +353,21 @@ PRESETS["cpu-mpo"] = dataclasses.replace(
                  LONG_BUDGETS,
                  "column MPO only; compare with cpu-long's ABM+MPO and BM+MPO (the same seeds and budgets)"),
     run_here="on this project's 2-core CPU (results/cpu-mpo)")
+# The paper's simplest variant at cpu-long's budgets: ABM with epsilon = 0 (no policy improvement: the policy is the
+# ABM prior, the critic learns the prior's Q) and snippets of 2 steps. Appendix: it "roughly recovers the performance
+# of the ABM prior when trained together with MPO" (Table 6 cheetah: 884.3 against the ABM+MPO prior's 888.7). The
+# cpu grid ran it at 4,000 updates only (76.2 on all 80, where the ABM+MPO prior had 73.7).
+PRESETS["cpu-eps0"] = dataclasses.replace(
+    PRESETS["cpu-long"], name="cpu-eps0",
+    purpose="ABM with epsilon = 0 and snippets of 2 (the paper's 'ABM (eps = 0, |tau| = 2)') at cpu-long's budgets "
+            "and data, 5 seeds, to pair with cpu-long's ABM+MPO prior; about 70 minutes of the 2 cores, three runs "
+            "at a time (a run about 26 minutes of one core)",
+    # Timing (this 2-core AMD EPYC, one thread, nothing beside it, 600 updates at batch 128, M = 20): 28.6 updates/s.
+    # Column and budgets set before any run of this preset.
+    control_columns=("ABM eps=0",),
+    differences=(LONG_DATA, LONG_BUDGETS,
+                 "column ABM eps=0 only; compare with cpu-long's ABM+MPO prior (the same seeds and budgets)"),
+    run_here="on this project's 2-core CPU (results/cpu-eps0)")
 # The second task for both findings: the paper's other task where the ABM prior beats the BM prior most (Table 6
 # quadruped: 733.4 against 398.8), and the question cpu-snippets left: is N = 100 better than 10 off cheetah too?
 PRESETS["cpu-quadruped"] = Preset(
