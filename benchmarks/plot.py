@@ -4,9 +4,10 @@
 
 One panel per task (env, task and `--dataset-episodes`), two rows: the return of the policy
 (`eval/return` in metrics.csv) and the return of the prior run on its own (`eval/prior_return`;
-no such row when no run has a prior), against gradient updates. Runs whose config.json differs only in the seed are one curve: the
-mean over seeds, shaded +- one standard deviation (at the updates every seed has reached). The
-best episode return in the run's dataset is a dashed horizontal line. A multi-task run (Sawyer
+no such row when no run has a prior), against gradient updates. Runs whose config.json differs
+only in the seed are one curve: the mean over seeds, shaded +- one standard deviation (at the
+updates every seed has reached). The best episode return in the run's dataset is a dashed
+horizontal line. A multi-task run (Sawyer
 `--task all`) gives one panel per task from `eval/return/<task>`. Curves are labelled by the
 script and the flags that differ between the runs given; benchmarks/reproduce.py passes its own
 column names instead.

@@ -347,7 +347,9 @@ PRESETS["cpu-mpo"] = dataclasses.replace(
             "core)",
     # Timing (this 2-core AMD EPYC, one thread each, the two side by side, 600 updates at batch 128, M = 20): MPO
     # 39.7 updates/s, BM+MPO 38.7 (cpu-long's BM+MPO runs took 1,552 s for 40,000 updates with evaluations).
-    # Column and budgets set before any run of this preset.
+    # Column and budgets set before any run of this preset. Result: it learns, late (0-3 at 4,000 updates, 55-202 at
+    # 40,000), below ABM+MPO (148.9 [78.8, 193.5] from the shared start states) and BM+MPO (README "Plain MPO at
+    # 40,000 updates").
     control_columns=("MPO",),
     differences=(LONG_DATA,
                  LONG_BUDGETS,
