@@ -365,7 +365,8 @@ PRESETS["cpu-eps0"] = dataclasses.replace(
             "and data, 5 seeds, to pair with cpu-long's ABM+MPO prior; about 70 minutes of the 2 cores, three runs "
             "at a time (a run about 26 minutes of one core)",
     # Timing (this 2-core AMD EPYC, one thread, nothing beside it, 600 updates at batch 128, M = 20): 28.6 updates/s.
-    # Column and budgets set before any run of this preset.
+    # Column and budgets set before any run of this preset. Result: level with the ABM+MPO prior from the shared start
+    # states (24.2 [-24.9, 69.5]), below ABM+MPO (-59.2 [-89.9, -22.7]) (README "ABM with epsilon = 0").
     control_columns=("ABM eps=0",),
     differences=(LONG_DATA, LONG_BUDGETS,
                  "column ABM eps=0 only; compare with cpu-long's ABM+MPO prior (the same seeds and budgets)"),
