@@ -7,10 +7,9 @@ One panel per task (env, task and `--dataset-episodes`), two rows: the return of
 no such row when no run has a prior), against gradient updates. Runs whose config.json differs
 only in the seed are one curve: the mean over seeds, shaded +- one standard deviation (at the
 updates every seed has reached). The best episode return in the run's dataset is a dashed
-horizontal line. A multi-task run (Sawyer
-`--task all`) gives one panel per task from `eval/return/<task>`. Curves are labelled by the
-script and the flags that differ between the runs given; benchmarks/reproduce.py passes its own
-column names instead.
+horizontal line. A multi-task run (Sawyer `--task all`) gives one panel per task from
+`eval/return/<task>`. Curves are labelled by the script and the flags that differ between the
+runs given; benchmarks/reproduce.py passes its own column names instead.
 """
 
 import argparse
@@ -121,9 +120,9 @@ def plot_panels(panels: dict[str, dict[str, list[Curve]]], out: Path, title: str
     names = sorted(panels, key=order) if order else list(panels)
     labels = list(dict.fromkeys(label for name in names for label in panels[name]))
     colours = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}
-    rows = [("policy", "return of the policy")]  # and a row for the priors, where a run has one
-    rows += [("prior", "return of the prior")] * any(c.prior is not None for p in panels.values() for cs in p.values()
-                                                     for c in cs)
+    rows = [("policy", "return of the policy")]
+    if any(c.prior is not None for by_label in panels.values() for curves in by_label.values() for c in curves):
+        rows.append(("prior", "return of the prior"))
     figure, axes = plt.subplots(len(rows), len(names), figsize=(4.2 * len(names), 0.4 + 3 * len(rows)), squeeze=False,
                                 sharex="col")
     for column, name in enumerate(names):
