@@ -57,6 +57,7 @@ import copy
 import csv
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import math
@@ -548,7 +549,7 @@ def train(args: Args) -> dict:
     losses = compile_losses(update_losses, args, device)  # --compile
     logger, envs = Logger(args, run_dir), make_eval_envs(args, run_dir, tasks)
     modules = {"agent": agent, "optimizer": optimizer, "logger": logger}
-    start = load_checkpoint(run_dir, modules, generator) if args.resume else 0
+    start = load_checkpoint(run_dir, modules, generator, args.total_steps) if args.resume else 0
 
     def train_step() -> dict:  # one update of Algorithm 1: a batch of snippets, the losses, the gradient steps
         batch = sample_batch(data, args.batch_size, args.snippet_length, args.discount, generator)
@@ -565,8 +566,8 @@ def train(args: Args) -> dict:
             logger.write(step, evaluate_policies(policies, envs, tasks, args))
         if step % args.checkpoint_every == 0 or step == args.total_steps:
             logger.check_finite()
+            export_policy(policies["return"], spec, run_dir)  # first: a checkpoint is never ahead of policy.pt2
             save_checkpoint(run_dir, modules, generator, step, spec)
-            export_policy(policies["return"], spec, run_dir)
     return write_summary(run_dir, logger.close(), spec, final_evaluation(policies, envs, tasks, args))
 
 
@@ -579,6 +580,10 @@ def train(args: Args) -> dict:
 # --- shared block: utilities ---
 class UserError(Exception):
     """A problem with the user's input (arguments, files): reported in one sentence, exit status 1."""
+
+
+class WriteError(UserError):
+    """A file of the run could not be written (a full disk, a quota): one sentence, and how to continue the run."""
 
 
 RUN = {}  # this process's run, for main()'s last line: run_dir, new, step, checkpoint; the flags given; compiling
@@ -594,18 +599,21 @@ def main(train_fn: Callable, args) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop: the same as Ctrl-C
     RUN.clear()  # the flags typed: --resume honours or refuses each, even one equal to its default
     RUN["given"] = {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in sys.argv if a[:2] == "--"}
-    name, status, line = Path(sys.argv[0]).name, 0, None
+    name, status, line, stopped = Path(sys.argv[0]).name, 0, None, False
     try:
         train_fn(args)
     except UserError as error:
-        status, line = 1, f"{name}: error: {error}"
+        status, line, stopped = 1, f"{name}: error: {error}", isinstance(error, WriteError)
     except KeyboardInterrupt:
         status, line = 130, f"{name}: stopped" + (f" at update {RUN.get('step', 0):,}" if RUN.get("run_dir") else "")
-        if RUN.get("checkpoint"):
-            line += (f"; {RUN['run_dir'] / 'checkpoint.pt'} holds update {RUN['checkpoint']:,}: continue with "
-                     + shlex.join(["python", name, "--resume", str(RUN["run_dir"]), *RUN.get("resumed_with", [])]))
+        stopped = True
     finally:
         run_dir, new, saved = RUN.get("run_dir"), RUN.get("new"), RUN.get("checkpoint")
+        if stopped and saved:
+            line += (f"; {run_dir / 'checkpoint.pt'} holds update {saved:,}: continue with "
+                     + shlex.join(["python", name, "--resume", str(run_dir), *RUN.get("resumed_with", [])]))
+        if RUN.get("lock"):  # lock_run_dir's hold on the run directory
+            os.close(RUN["lock"][1])
         RUN.clear()
     if status and run_dir is not None and new and not saved and run_dir.exists():  # nothing in it can be resumed
         if (run_dir / "metrics.csv").exists():
@@ -1018,8 +1026,8 @@ def check_flags(args) -> None:
 # --- shared block: run ---
 RESUME_MAY_CHANGE = {"total_steps", "eval_every", "eval_episodes", "eval_max_steps", "final_eval_episodes",
                      "checkpoint_every", "device", "compile", "cuda_graph", "track", "wandb_project", "capture_video"}
-RUN_FILES = r"config\.json|metrics\.(csv|tmp)|checkpoint\.(pt|tmp)|summary\.json|policy(\.tmp)?\.pt2|" \
-            r"events\.out\.tfevents\..*|videos|wandb"  # what a run writes into its directory
+RUN_FILES = r"(config|summary|metrics|checkpoint|policy)\.tmp|config\.json|summary\.json|metrics\.csv|" \
+            r"checkpoint\.pt|policy(\.tmp)?\.pt2|events\.out\.tfevents\..*|videos|wandb"  # what a run writes
 
 
 def check_args(args, script: str) -> None:
@@ -1027,14 +1035,18 @@ def check_args(args, script: str) -> None:
     on the command line is honoured or refused); a new run: a --run-dir that holds a run is refused (--overwrite)."""
     if args.resume and args.overwrite:
         raise UserError("--overwrite starts a new run and --resume continues one: give one of them")
+    if (args.resume or args.run_dir) and Path(args.resume or args.run_dir).is_dir():
+        lock_run_dir(Path(args.resume or args.run_dir), hold=False)  # before the data: refused in seconds
     if args.resume:
         load_saved_config(args, script)
     elif args.run_dir and Path(args.run_dir).is_dir() and any(Path(args.run_dir).iterdir()):
         run_dir, files = Path(args.run_dir), sorted(p.name for p in Path(args.run_dir).iterdir())
         if not args.overwrite:
+            resume = f"continue its run with --resume {run_dir}" if (run_dir / "checkpoint.pt").exists() else \
+                "it has no checkpoint to resume (its run ended before the first)"
             raise UserError(f"run directory {run_dir} is not empty ({', '.join(files[:4])}"
-                            f"{', ...' * (len(files) > 4)}); continue its run with --resume {run_dir}, choose a new "
-                            f"--run-dir, or replace it with --overwrite")
+                            f"{', ...' * (len(files) > 4)}); {resume}, choose a new --run-dir, or replace it with "
+                            f"--overwrite")
         if any(not re.fullmatch(RUN_FILES, name) for name in files):  # make_run_dir deletes a run's files only
             raise UserError(f"--overwrite deletes runs only, and {run_dir} also holds "
                             f"{[name for name in files if not re.fullmatch(RUN_FILES, name)][:4]}")
@@ -1077,6 +1089,49 @@ def load_saved_config(args, script: str) -> None:
         raise UserError(f"cannot resume {run_dir} with a different configuration: {', '.join(changed)}")
 
 
+def lock_run_dir(run_dir: Path, hold: bool = True) -> None:
+    """Holds the run directory from make_run_dir on (flock on the folder, released however this process ends): a
+    second process on the same run (another --resume, an --overwrite) is refused instead of writing over its files.
+    check_args only tries it (hold=False): a run it refuses leaves nothing held in this process."""
+    if os.name != "posix" or RUN.get("lock", (None,))[0] == run_dir.resolve():
+        return
+    import fcntl
+
+    release_run_dir()  # an earlier run of this process (the tests run several in one)
+    RUN["lock"] = (run_dir.resolve(), os.open(run_dir, os.O_RDONLY))
+    try:
+        fcntl.flock(RUN["lock"][1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        release_run_dir()
+        raise UserError(f"run directory {run_dir} is in use by another process (a run or --resume of it that has not "
+                        "ended): wait for it or stop it first") from None
+    except OSError:  # a file system without locks: the run goes on unguarded
+        pass
+    if not hold:
+        release_run_dir()
+
+
+def release_run_dir() -> None:
+    if RUN.get("lock"):
+        os.close(RUN.pop("lock")[1])
+
+
+def write_atomically(path: Path, data) -> None:
+    """`data` (bytes or str) into path.tmp, then renamed onto `path`, so a crash keeps the previous file whole; a
+    failed write (a full disk, a quota) removes path.tmp and stops the run in one sentence (WriteError). torch.save
+    and torch.export.save write into memory first: on a full disk torch.export.save aborts the process."""
+    temporary = path.with_suffix(".tmp")
+    try:
+        temporary.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(temporary, path)
+    except BaseException as error:  # Ctrl-C too: no temporary file is left behind
+        temporary.unlink(missing_ok=True)
+        if not isinstance(error, OSError):
+            raise
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise WriteError(f"cannot write {path}: {error.strerror} ({free:,.1f} MiB free on its disk)") from None
+
+
 def make_run_dir(args, script: str, spec: dict) -> Path:
     """The run directory, checked writable, with config.json (every argument, the dataset's checksum, versions); on
     --resume the dataset is checked against the checksum config.json recorded."""
@@ -1085,14 +1140,15 @@ def make_run_dir(args, script: str, spec: dict) -> Path:
     run_dir = Path(args.resume or args.run_dir or f"runs/{script}__{args.env.replace(':', '_')}__{args.seed}__{int(time.time())}")
     RUN.update(run_dir=run_dir, new=not args.resume and (args.overwrite or not run_dir.exists()), checkpoint=0,
                compiling=False)
-    for name in os.listdir(run_dir) if args.overwrite and run_dir.is_dir() else []:  # checked by check_args
-        shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / ".write_test").write_text("")
         (run_dir / ".write_test").unlink()
     except OSError as error:
         raise UserError(f"run directory {run_dir} is not writable ({error.strerror})") from None
+    lock_run_dir(run_dir)
+    for name in os.listdir(run_dir) if args.overwrite else []:  # checked by check_args
+        shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
     dataset, digest = Path(spec["dataset"]), hashlib.sha256()
     for file in sorted(dataset.glob("*")) if dataset.is_dir() else [dataset]:
         with open(file, "rb") as handle:
@@ -1105,7 +1161,7 @@ def make_run_dir(args, script: str, spec: dict) -> Path:
     versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
                 "gymnasium": gym.__version__, "mujoco": mujoco.__version__}
     config = {"script": script, "args": asdict(args), "dataset": str(dataset), "dataset_sha256": digest.hexdigest()}
-    (run_dir / "config.json").write_text(json.dumps({**config, "versions": versions, "spec": spec}, indent=2))
+    write_atomically(run_dir / "config.json", json.dumps({**config, "versions": versions, "spec": spec}, indent=2))
     return run_dir
 
 
@@ -1114,12 +1170,14 @@ def save_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator, st
     (sizes, tasks, action bounds); written to a temporary file, then renamed, so a crash keeps the previous one."""
     state = {name: module.state_dict() for name, module in modules.items()}
     rng = {"torch": torch.get_rng_state(), "sampling": generator.get_state()}
-    torch.save({**state, "rng": rng, "step": step, "spec": spec}, run_dir / "checkpoint.tmp")
-    os.replace(run_dir / "checkpoint.tmp", run_dir / "checkpoint.pt")
+    buffer = io.BytesIO()
+    torch.save({**state, "rng": rng, "step": step, "spec": spec}, buffer)
+    write_atomically(run_dir / "checkpoint.pt", buffer.getvalue())
     RUN["checkpoint"] = step
 
 
-def load_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator) -> int:
+def load_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator, total_steps: int) -> int:
+    """--resume: the state of checkpoint.pt into `modules` and `generator`; returns its update."""
     path = run_dir / "checkpoint.pt"
     try:
         state = torch.load(path, map_location=generator.device, weights_only=True)
@@ -1131,7 +1189,12 @@ def load_checkpoint(run_dir: Path, modules: dict, generator: torch.Generator) ->
         raise UserError(f"{path} cannot be resumed: it is damaged or was written by another version of this "
                         f"script ({type(error).__name__}: {str(error).strip().splitlines()[0][:120]}); start a "
                         f"fresh --run-dir") from None
-    print(f"Resuming {run_dir} from update {state['step']}.", flush=True)
+    if state["step"] > total_steps:
+        raise UserError(f"{run_dir} has done {state['step']:,} updates, more than --total-steps {total_steps:,}: a run "
+                        f"cannot be shortened; give a larger --total-steps to train it further")
+    print(f"Resuming {run_dir} from update {state['step']}." if state["step"] < total_steps else
+          f"{run_dir} has done all its {total_steps:,} updates: nothing to train, only its final evaluation and "
+          f"summary.json are made again (a larger --total-steps trains it further).", flush=True)
     RUN["checkpoint"] = RUN["step"] = state["step"]
     return state["step"]
 
@@ -1215,11 +1278,11 @@ class Logger:
         row = {"step": step, **{key: value / self.count for key, value in zip(self.keys, self.sums.tolist())},
                "charts/updates_per_second": self.count / (time.time() - self.clock), **evaluation}
         self.rows.append(row)
-        with open(self.path.with_suffix(".tmp"), "w", newline="") as handle:  # then renamed: never half a file
-            writer = csv.DictWriter(handle, list(self.rows[0]), restval="", extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(self.path.with_suffix(".tmp"), self.path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, list(self.rows[0]), restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_atomically(self.path, text.getvalue())
         if self.writer is None:  # purge_step: TensorBoard drops what an interrupted process wrote after the checkpoint
             from torch.utils.tensorboard import SummaryWriter
 
@@ -1266,8 +1329,10 @@ def write_summary(run_dir: Path, evaluations: list[dict], spec: dict, final: Opt
     if not evaluations or None in summary.values() or None in summary.get("final_eval", {}).values():
         summary["note"] = "no evaluation ran, so there is no final return" if not evaluations else \
             "a null final return: an evaluation returned a value that is not a finite number (metrics.csv has them)"
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
-    print((run_dir / "summary.json").read_text())
+    text = json.dumps(summary, indent=2, allow_nan=False)
+    write_atomically(run_dir / "summary.json", text)
+    print(text)
+    release_run_dir()  # the run is complete
     return summary
 
 
@@ -1345,8 +1410,9 @@ def export_policy(policy: nn.Module, spec: dict, run_dir: Path) -> None:
                 "action_low": spec["env_action_low"], "action_high": spec["env_action_high"],
                 "inputs": "observation [B, obs_dim] float32 raw, task_index [B] int64 (into tasks)",
                 "output": "action [B, act_dim] float32 in [action_low, action_high]"}
-    torch.export.save(program, run_dir / "policy.tmp.pt2", extra_files={"policy.json": json.dumps(metadata)})
-    os.replace(run_dir / "policy.tmp.pt2", run_dir / "policy.pt2")
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={"policy.json": json.dumps(metadata)})
+    write_atomically(run_dir / "policy.pt2", buffer.getvalue())
 # --- end shared block ---
 
 

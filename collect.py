@@ -29,11 +29,14 @@ the paper used 10,000 episodes and 5 seeds (`--episodes 10000 --seeds 0 1 2 3 4`
 online MPO duals use Acme's learning rate 1e-2 so the temperature adapts within a short run.
 """
 
+import contextlib
 import copy
+import io
 import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -270,9 +273,9 @@ def save_checkpoint(path: Path, modules: dict, rng: np.random.Generator, generat
     """State dicts only (loadable with weights_only=True): modules, optimisers, random states, `extra`; written
     atomically (a temporary file, then rename), so a crash leaves the previous checkpoint intact."""
     rng_state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "sampling": generator.get_state()}
-    torch.save({**{name: module.state_dict() for name, module in modules.items()}, "rng": rng_state, **extra},
-               path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+    buffer = io.BytesIO()  # torch.save into memory: its own writer on a full disk is a C++ error, not an OSError
+    torch.save({**{name: module.state_dict() for name, module in modules.items()}, "rng": rng_state, **extra}, buffer)
+    write_atomically(path, lambda handle: handle.write(buffer.getvalue()))
 
 
 def load_checkpoint(path: Path, device: torch.device, modules: dict, rng: np.random.Generator,
@@ -523,11 +526,19 @@ def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict, args: Ar
     return metrics
 
 
-def write_atomically(path: Path, arrays: dict) -> None:
+def write_atomically(path: Path, write: Callable) -> None:
+    """write(handle) into path.tmp, then renamed onto `path`, so a crash keeps the previous file whole; a failed write
+    (a full disk, a quota) removes path.tmp and is one sentence: what was finished is kept, and a rerun continues."""
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        np.savez(handle, **arrays)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {error.strerror} ({shutil.disk_usage(path.parent).free / 2**20:,.1f} "
+                        "MiB free on its disk); what was finished is kept: make room and rerun the command to "
+                        "continue") from None
 
 
 def episode_files(parts: Path, seed: Optional[int] = None) -> list[Path]:
@@ -602,7 +613,8 @@ def collect_seed(args: Args, seed: int, parts: Path, device: torch.device) -> No
                 updates += 1
                 if updates % args.target_update_period == 0:
                     agent.update_targets()
-        write_atomically(parts / f"run{seed:03d}_episode{index:06d}.npz", {**episode, "run_id": np.int64(seed)})
+        arrays = {**episode, "run_id": np.int64(seed)}
+        write_atomically(parts / f"run{seed:03d}_episode{index:06d}.npz", lambda handle: np.savez(handle, **arrays))
         save_checkpoint(learner_file, {"agent": agent, "optimizer": optimizer}, rng, generator,
                         updates=updates, env_steps=env_steps, episodes=index + 1)
         progress.set_postfix(episode_return=f"{episode['reward'].sum():.1f}", updates=updates)
@@ -646,7 +658,7 @@ def consolidate(parts: Path, output: Path, args: Args, task: str) -> dict:
         "episode_returns": {task: [float(e["reward"].sum()) for e in episodes]},
     }
     arrays["metadata"] = np.array(json.dumps(metadata))
-    write_atomically(output, arrays)
+    write_atomically(output, lambda handle: np.savez(handle, **arrays))
     return metadata
 
 
@@ -696,8 +708,9 @@ def collect_sawyer(args: Args, seed: int, parts: Path) -> None:
                 if len(archive["episode_length"]) >= count:
                     progress.update(count)
                     continue
-        arrays = collect_sawyer_block(seed, block, count, args.noise)
-        write_atomically(file, {**arrays, "run_id": np.int64(seed), "noise": np.float64(args.noise)})
+        arrays = {**collect_sawyer_block(seed, block, count, args.noise), "run_id": np.int64(seed),
+                  "noise": np.float64(args.noise)}
+        write_atomically(file, lambda handle: np.savez(handle, **arrays))
         progress.update(count)
         if progress.disable:  # no terminal: a line per block of episodes instead of the bar
             print(f"collect sawyer seed {seed}: {min((block + 1) * period, args.episodes)} of {args.episodes} "
@@ -755,7 +768,7 @@ def consolidate_sawyer(parts: Path, output: Path, args: Args) -> dict:
         "success_rates": success_rates(episode_task, success, starts, lengths, tasks),
     }
     arrays["metadata"] = np.array(json.dumps(metadata))
-    write_atomically(output, arrays)
+    write_atomically(output, lambda handle: np.savez(handle, **arrays))
     return metadata
 
 
@@ -770,6 +783,35 @@ def train(args: Args) -> Path:
         parts.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"cannot create {parts} ({error.strerror})") from None
+    with one_writer(parts):
+        return collect_all(args, output, parts, device)
+
+
+@contextlib.contextmanager
+def one_writer(parts: Path):
+    """One collect.py at a time writes a dataset (flock on its episode folder): another one, such as the default
+    data of five seeds of a learning script started at once, waits, then continues from what the first wrote, so
+    nothing is collected twice and no file is written by two processes."""
+    handle = os.open(parts, os.O_RDONLY)
+    try:
+        if os.name == "posix":
+            import fcntl
+
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"Another collect.py is writing {parts}: waiting for it to end, then continuing from what it "
+                      "wrote.", flush=True)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            except OSError:  # a file system without locks: unguarded
+                pass
+        yield
+    finally:
+        os.close(handle)
+
+
+def collect_all(args: Args, output: Path, parts: Path, device: torch.device) -> Path:
+    """Every seed's episodes (continuing from those already in `parts`), then the consolidated dataset."""
     start = time.time()
     if args.env == "sawyer":
         try:

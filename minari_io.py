@@ -83,6 +83,10 @@ class UserError(Exception):
     """A problem with the user's input (arguments, files): reported in one sentence, exit status 1."""
 
 
+class WriteError(UserError):
+    """A file of the run could not be written (a full disk, a quota): one sentence, and how to continue the run."""
+
+
 RUN = {}  # this process's run, for main()'s last line: run_dir, new, step, checkpoint; the flags given; compiling
 
 
@@ -96,18 +100,21 @@ def main(train_fn: Callable, args) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop: the same as Ctrl-C
     RUN.clear()  # the flags typed: --resume honours or refuses each, even one equal to its default
     RUN["given"] = {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in sys.argv if a[:2] == "--"}
-    name, status, line = Path(sys.argv[0]).name, 0, None
+    name, status, line, stopped = Path(sys.argv[0]).name, 0, None, False
     try:
         train_fn(args)
     except UserError as error:
-        status, line = 1, f"{name}: error: {error}"
+        status, line, stopped = 1, f"{name}: error: {error}", isinstance(error, WriteError)
     except KeyboardInterrupt:
         status, line = 130, f"{name}: stopped" + (f" at update {RUN.get('step', 0):,}" if RUN.get("run_dir") else "")
-        if RUN.get("checkpoint"):
-            line += (f"; {RUN['run_dir'] / 'checkpoint.pt'} holds update {RUN['checkpoint']:,}: continue with "
-                     + shlex.join(["python", name, "--resume", str(RUN["run_dir"]), *RUN.get("resumed_with", [])]))
+        stopped = True
     finally:
         run_dir, new, saved = RUN.get("run_dir"), RUN.get("new"), RUN.get("checkpoint")
+        if stopped and saved:
+            line += (f"; {run_dir / 'checkpoint.pt'} holds update {saved:,}: continue with "
+                     + shlex.join(["python", name, "--resume", str(run_dir), *RUN.get("resumed_with", [])]))
+        if RUN.get("lock"):  # lock_run_dir's hold on the run directory
+            os.close(RUN["lock"][1])
         RUN.clear()
     if status and run_dir is not None and new and not saved and run_dir.exists():  # nothing in it can be resumed
         if (run_dir / "metrics.csv").exists():

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,18 +164,18 @@ def test_an_interrupted_run_keeps_its_last_policy(random_dataset, tmp_path, monk
     run_dir = tmp_path / "run"
     train(tiny(random_dataset, run_dir, total_steps=4))
     last = (run_dir / "policy.pt2").read_bytes()
-    save = torch.export.save
+    write_bytes = Path.write_bytes
 
-    def interrupted_save(program, path, **kwargs):  # Ctrl-C while the step-6 export is being written
-        save(program, path, **kwargs)
-        with open(path, "r+b") as handle:
-            handle.truncate(100)
+    def interrupted_write(self, data):  # Ctrl-C while the step-6 export is being written
+        if self.name != "policy.tmp":
+            return write_bytes(self, data)
+        write_bytes(self, data[:100])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch.export, "save", interrupted_save)
+    monkeypatch.setattr(Path, "write_bytes", interrupted_write)
     with pytest.raises(KeyboardInterrupt):
         train(tiny(random_dataset, None, total_steps=8, resume=str(run_dir)))
-    assert (run_dir / "policy.pt2").read_bytes() == last
+    assert (run_dir / "policy.pt2").read_bytes() == last and not (run_dir / "policy.tmp").exists()
     extra = {"policy.json": ""}
     exported = torch.export.load(str(run_dir / "policy.pt2"), extra_files=extra).module()
     assert exported(torch.zeros(1, 5), torch.zeros(1, dtype=torch.int64)).shape == (1, 1)

@@ -561,7 +561,7 @@ def test_a_preset_that_gains_a_final_evaluation_resumes_its_finished_runs_to_giv
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         reproduce.reproduce(evaluated, out, work, num_cpus=1, jobs=jobs, local=True)
-    assert "1 to run" in printed.getvalue() and "from update 40." in job.log.read_text()
+    assert "1 to run" in printed.getvalue() and "has done all its 40 updates: nothing to train" in job.log.read_text()
     final = json.loads((published / "summary.json").read_text())["final_eval"]
     assert final["episodes"] == 2 and final["first_start_seed"] == 1000
     assert (published / "metrics.csv").read_bytes() == metrics

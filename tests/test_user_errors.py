@@ -40,15 +40,15 @@ def tiny(module) -> list:
     return [*TINY, *layers, *(["--warmup-steps", "2"] if module is bear else [])]
 
 
-def run_main(module, *argv) -> tuple[int, str]:
-    """`python <script>.py ARGV` in this process: (exit status, stderr). The signal handlers main() installs are
-    put back afterwards."""
+def run_main(module, *argv, stdout=None) -> tuple[int, str]:
+    """`python <script>.py ARGV` in this process: (exit status, stderr); what it prints goes to `stdout` (a StringIO)
+    if given. The signal handlers main() installs are put back afterwards."""
     argv = [str(a) for a in argv]
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     old_argv, sys.argv = sys.argv, [f"{module.__name__}.py", *argv]
     stderr, status = io.StringIO(), 0
     try:
-        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout or io.StringIO()):
             try:
                 module.main(module.train, tyro.cli(module.Args, args=argv))
             except SystemExit as exit_:
@@ -259,6 +259,91 @@ def test_a_run_directory_that_cannot_be_made_is_refused_before_any_data(name, tm
         one_sentence(*run_main(SCRIPTS[name], "--env", SMOKE_ENV, "--run-dir", run_dir, *tiny(SCRIPTS[name])),
                      f"run directory {run_dir} is not writable ({blocker} is a file)", name)
     assert blocker.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [blocker]
+
+
+def test_a_folder_without_a_checkpoint_is_not_offered_to_resume(finished_run, tmp_path):
+    """A run killed before its first checkpoint (SIGKILL, the out-of-memory killer) leaves config.json alone: the
+    sentence must not send the user to a --resume that cannot work."""
+    run_dir, dataset = finished_run
+    (tmp_path / "run").mkdir()
+    shutil.copy(run_dir / "config.json", tmp_path / "run")
+    line = one_sentence(*run_main(bm_mpo, "--env", SMOKE_ENV, "--dataset", dataset, "--run-dir", tmp_path / "run",
+                                  *tiny(bm_mpo)), "it has no checkpoint to resume", "bm_mpo")
+    assert "--resume" not in line and "--overwrite" in line
+    assert run_main(bm_mpo, "--resume", tmp_path / "run")[1].count("no config.json and checkpoint.pt") == 1
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_run_directory_in_use_is_refused_before_any_data_and_left_alone(name, finished_run, tmp_path, monkeypatch):
+    """Another process holds the run (a run, or a --resume of it, that has not ended): a second --resume, an
+    --overwrite or a new run into it would write over its files. Each is one sentence, before the data is read; once
+    the holder has ended, the run resumes."""
+    run_dir, dataset = finished_run
+    shutil.copytree(run_dir, tmp_path / "run")
+    before = snapshot(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; handle = os.open(sys.argv[1], "
+                               "os.O_RDONLY); fcntl.flock(handle, fcntl.LOCK_EX); print('held', flush=True); "
+                               "time.sleep(120)", tmp_path / "run"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        monkeypatch.setattr(SCRIPTS[name], "load_data", lambda *a: pytest.fail("the data was read before the check"))
+        for flags in (["--resume", tmp_path / "run"], ["--run-dir", tmp_path / "run", "--overwrite"],
+                      ["--run-dir", tmp_path / "run"]):
+            one_sentence(*run_main(SCRIPTS[name], *flags, "--env", SMOKE_ENV, "--dataset", dataset,
+                                   *tiny(SCRIPTS[name])), f"run directory {tmp_path / 'run'} is in use by another "
+                         "process", name)
+        assert snapshot(tmp_path / "run") == before
+    finally:
+        holder.kill()
+        holder.wait()
+    if name == "bm_mpo":  # finished_run's script
+        monkeypatch.undo()
+        status, stderr = run_main(bm_mpo, "--resume", tmp_path / "run", "--total-steps", "6")
+        assert status == 0, stderr
+
+
+def test_a_resume_cannot_shorten_a_run_and_says_when_nothing_is_left_to_train(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    before = snapshot(run_dir)
+    line = one_sentence(*run_main(bm_mpo, "--resume", run_dir, "--total-steps", "2"),
+                        f"{run_dir} has done 4 updates, more than --total-steps 2: a run cannot be shortened", "bm_mpo")
+    assert snapshot(run_dir) == before
+    shutil.copytree(run_dir, tmp_path / "run")
+    printed = io.StringIO()
+    status, stderr = run_main(bm_mpo, "--resume", tmp_path / "run", "--final-eval-episodes", "1", stdout=printed)
+    assert status == 0, stderr
+    assert f"{tmp_path / 'run'} has done all its 4 updates: nothing to train" in printed.getvalue()
+    assert "Resuming" not in printed.getvalue()
+    after = snapshot(tmp_path / "run")
+    for name in ("checkpoint.pt", "metrics.csv", "policy.pt2"):  # trained nothing, wrote no row
+        assert after[Path(name)] == before[Path(name)], name
+    assert json.loads(after[Path("summary.json")])["final_eval"]["episodes"] == 1
+
+
+@pytest.mark.parametrize("temporary,written", [("metrics.tmp", "metrics.csv"), ("policy.tmp", "policy.pt2"),
+                                               ("checkpoint.tmp", "checkpoint.pt")])
+def test_a_full_disk_stops_the_run_in_one_sentence_and_loses_nothing(temporary, written, finished_run, tmp_path):
+    """Each file a run rewrites goes to a temporary file first; here that file is /dev/full, which fails every write
+    as a full disk does (ENOSPC). The run stops in one sentence that says how to continue it, the temporary file is
+    gone, the last checkpoint and the policy it exported are whole, and the printed command finishes the run."""
+    run_dir, _ = finished_run
+    shutil.copytree(run_dir, tmp_path / "run")
+    before = snapshot(tmp_path / "run")
+    (tmp_path / "run" / temporary).symlink_to("/dev/full")
+    line = one_sentence(*run_main(bm_mpo, "--resume", tmp_path / "run", "--total-steps", "6"),
+                        f"cannot write {tmp_path / 'run' / written}: ", "bm_mpo")
+    assert "MiB free on its disk" in line, line
+    assert line.endswith(f"holds update 4: continue with python bm_mpo.py --resume {tmp_path / 'run'} "
+                         "--total-steps 6"), line
+    assert not (tmp_path / "run" / temporary).is_symlink()
+    after = snapshot(tmp_path / "run")
+    assert after[Path("checkpoint.pt")] == before[Path("checkpoint.pt")]
+    if written != "checkpoint.pt":  # policy.pt2 is exported before the checkpoint: never behind it
+        assert after[Path("policy.pt2")] == before[Path("policy.pt2")]
+    status, stderr = run_main(bm_mpo, *shlex.split(line.split("continue with python bm_mpo.py ")[1]))
+    assert status == 0, stderr
+    assert [row["step"] for row in csv.DictReader((tmp_path / "run" / "metrics.csv").open())] == ["2", "4", "6"]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 6
 
 
 def test_overwrite_replaces_a_run_and_nothing_else(tmp_path):
@@ -500,6 +585,7 @@ def test_a_stopped_run_says_how_to_continue_and_resumes_with_every_row_once(stop
         if rows >= 6 and (run_dir / "checkpoint.pt").exists():
             break
         time.sleep(0.05)
+    one_sentence(*run_main(bm_mpo, "--resume", run_dir), f"run directory {run_dir} is in use", "bm_mpo")  # it runs
     process.send_signal(stop)
     _, stderr = process.communicate(timeout=60)
     if stop != signal.SIGKILL:  # one line besides the run's time estimate, exit 130
@@ -561,6 +647,54 @@ def test_collect_py_says_one_sentence_for_a_bad_flag_and_writes_nothing(flags, p
     status, stderr = run_main(collect, "--output", output, "--env", SMOKE_ENV, *flags)
     one_sentence(status, stderr, phrase, "collect.py")
     assert not output.exists() and not output.with_suffix(".episodes").exists()
+
+
+def test_collect_py_on_a_full_disk_says_one_sentence_and_its_rerun_continues(tmp_path):
+    """The second episode's file goes to /dev/full, which fails writes as a full disk does: one sentence, the first
+    episode and the learner's checkpoint kept, no temporary file left, and the same command then finishes."""
+    import collect
+
+    output = tmp_path / "data.npz"
+    parts = output.with_suffix(".episodes")
+    parts.mkdir()
+    (parts / "run000_episode000001.npz.tmp").symlink_to("/dev/full")
+    flags = ["--output", output, "--env", SMOKE_ENV, "--episodes", "2", "--warmup-steps", "500", "--steps-per-update",
+             "100", "--batch-size", "16", "--policy-layers", "16", "16", "--critic-layers", "16", "16"]
+    line = one_sentence(*run_main(collect, *flags), f"cannot write {parts / 'run000_episode000001.npz'}: No space "
+                        "left on device", "collect.py")
+    assert line.endswith("what was finished is kept: make room and rerun the command to continue"), line
+    assert sorted(p.name for p in parts.iterdir()) == ["run000_episode000000.npz", "run000_learner.pt"]
+    status, stderr = run_main(collect, *flags)
+    assert status == 0, stderr
+    with np.load(output) as data:
+        assert np.unique(data["episode_id"]).tolist() == [0, 1]
+
+
+def test_a_second_collect_py_on_the_same_dataset_waits_then_continues(tmp_path):
+    """Five seeds of a learning script started at once, none with --dataset, each start collect.py for the same
+    default data: while one writes it (here a process holding its folder's lock), another says so and waits,
+    writing nothing; when the first ends, it continues from what is there."""
+    output = tmp_path / "data.npz"
+    parts = output.with_suffix(".episodes")
+    parts.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; handle = os.open(sys.argv[1], "
+                               "os.O_RDONLY); fcntl.flock(handle, fcntl.LOCK_EX); print('held', flush=True); "
+                               "sys.stdin.read()", parts], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    waiting = subprocess.Popen([sys.executable, str(ROOT / "collect.py"), "--output", str(output), "--env", SMOKE_ENV,
+                                "--episodes", "1", "--warmup-steps", "500", "--policy-layers", "16", "16",
+                                "--critic-layers", "16", "16"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert waiting.stdout.readline().startswith(f"Another collect.py is writing {parts}: waiting for it")
+        time.sleep(1)
+        assert waiting.poll() is None and list(parts.iterdir()) == []
+    finally:
+        holder.communicate("")  # the holder ends: its lock goes with it
+    stdout, stderr = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, stderr
+    with np.load(output) as data:
+        assert np.unique(data["episode_id"]).tolist() == [0]
 
 
 def test_minari_io_stops_in_one_line_on_ctrl_c(monkeypatch):
