@@ -1395,6 +1395,25 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+HELD: list = []  # the folders this process's grid holds (flock), released when reproduce() returns
+
+
+def hold(folders) -> None:
+    """One grid at a time per --out and --work: a second reproduce.py on them (the command run again in another
+    terminal) would start every job a second time, and each job's run would refuse the other's directory."""
+    import fcntl
+
+    for folder in folders:
+        HELD.append(os.open(folder, os.O_RDONLY))
+        try:
+            fcntl.flock(HELD[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"reproduce.py: error: another reproduce.py is running on {shown(folder)}: wait for it "
+                             f"to end or stop it (a rerun resumes its runs), or give other --out and --work") from None
+        except OSError:  # a file system without locks: unguarded
+            pass
+
+
 def reproduce(preset: Preset, out: Path, work: Path, address: Optional[str] = None, num_cpus: Optional[int] = None,
               jobs: Optional[list] = None, local: bool = False, time_budget: float = 0.0) -> Path:
     """The whole pipeline; returns the path of table.md. `jobs` replaces the preset's grid (tests); `local`:
@@ -1409,6 +1428,8 @@ def reproduce(preset: Preset, out: Path, work: Path, address: Optional[str] = No
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        while HELD:
+            os.close(HELD.pop())
 
 
 def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], num_cpus: Optional[int],
@@ -1422,6 +1443,7 @@ def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], nu
         except OSError as error:
             raise SystemExit(f"reproduce.py: error: cannot write to {folder} ({error.strerror}); "
                              f"choose another --out or --work") from None
+    hold((out, work))
     print(f"Preset {preset.name}: {preset.purpose}.\nBudgets: {budgets_text(preset)}", flush=True)
     for job in jobs:
         if job.kind == "train":

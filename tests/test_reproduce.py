@@ -367,6 +367,28 @@ def test_bad_grid_settings_are_one_sentence_before_anything_runs(flags, words, t
     assert not list((tmp_path / "w").glob("runs/*"))  # nothing started
 
 
+def test_a_second_grid_on_the_same_folders_is_one_sentence_and_starts_nothing(tmp_path):
+    """The same command run again in another terminal while the first runs: every job would start twice, and each
+    run would refuse the other's directory (seen: 6 failed jobs in each of two smoke grids). Here a process holds
+    --work as a running grid does; once it ends, the grid runs."""
+    work, out = tmp_path / "w", tmp_path / "o"
+    work.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; handle = os.open(sys.argv[1], "
+                               "os.O_RDONLY); fcntl.flock(handle, fcntl.LOCK_EX); print('held', flush=True); "
+                               "sys.stdin.read()", work], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit, match=f"another reproduce.py is running on {work}: wait for it"):
+            with contextlib.redirect_stdout(io.StringIO()):
+                reproduce.reproduce(reproduce.PRESETS["smoke"], out, work, jobs=[], local=True)
+        assert not (work / "runs").exists() and not reproduce.HELD
+    finally:
+        holder.communicate("")
+    with contextlib.redirect_stdout(io.StringIO()):
+        reproduce.reproduce(reproduce.PRESETS["smoke"], out, work, jobs=[], local=True)
+    assert (out / "table.md").exists() and not reproduce.HELD
+
+
 def test_a_grid_never_mixes_two_datasets_of_one_env(tmp_path):
     """collect.py is not bit-reproducible across machines: a fresh checkout that collected again would continue a
     published grid on other data. Before anything runs: one sentence, for a missing and for a different file."""
