@@ -1,8 +1,10 @@
 """Helpers the tests import (`from tests.helpers import ...`): the repository root, the smoke env and a
 writer of small random datasets. conftest.py holds only pytest's fixtures and session settings."""
 
+import contextlib
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -165,3 +167,17 @@ def replay_ops(ops: list) -> None:
             for old, new in zip(tree_flatten(output)[0], tree_flatten(result)[0]):
                 if isinstance(old, torch.Tensor) and old is not new:
                     old.copy_(new)
+
+
+@contextlib.contextmanager
+def held_by_another_process(folder: Path):
+    """Inside the block another process holds `folder`'s lock (flock), as a running run, collection or grid holds
+    its folder; it lets go when the block ends."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; handle = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(handle, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+                               str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield
+    finally:
+        holder.communicate("")

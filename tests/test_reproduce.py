@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import held_by_another_process
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 pytest.importorskip("ray")
@@ -373,17 +375,11 @@ def test_a_second_grid_on_the_same_folders_is_one_sentence_and_starts_nothing(tm
     --work as a running grid does; once it ends, the grid runs."""
     work, out = tmp_path / "w", tmp_path / "o"
     work.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; handle = os.open(sys.argv[1], "
-                               "os.O_RDONLY); fcntl.flock(handle, fcntl.LOCK_EX); print('held', flush=True); "
-                               "sys.stdin.read()", work], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with held_by_another_process(work):
         with pytest.raises(SystemExit, match=f"another reproduce.py is running on {work}: wait for it"):
             with contextlib.redirect_stdout(io.StringIO()):
                 reproduce.reproduce(reproduce.PRESETS["smoke"], out, work, jobs=[], local=True)
         assert not (work / "runs").exists() and not reproduce.HELD
-    finally:
-        holder.communicate("")
     with contextlib.redirect_stdout(io.StringIO()):
         reproduce.reproduce(reproduce.PRESETS["smoke"], out, work, jobs=[], local=True)
     assert (out / "table.md").exists() and not reproduce.HELD

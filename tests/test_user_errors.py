@@ -27,7 +27,7 @@ import abm_svg
 import bcq
 import bear
 import bm_mpo
-from tests.helpers import ROOT, SMOKE_ENV, write_random_dataset
+from tests.helpers import ROOT, SMOKE_ENV, held_by_another_process, write_random_dataset
 
 SCRIPTS = {"abm_mpo": abm_mpo, "abm_svg": abm_svg, "bm_mpo": bm_mpo, "bcq": bcq, "bear": bear}
 TINY = ["--batch-size", "16", "--num-action-samples", "4", "--critic-layers", "32", "32", "--eval-episodes", "1",
@@ -281,21 +281,14 @@ def test_a_run_directory_in_use_is_refused_before_any_data_and_left_alone(name, 
     run_dir, dataset = finished_run
     shutil.copytree(run_dir, tmp_path / "run")
     before = snapshot(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; handle = os.open(sys.argv[1], "
-                               "os.O_RDONLY); fcntl.flock(handle, fcntl.LOCK_EX); print('held', flush=True); "
-                               "time.sleep(120)", tmp_path / "run"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        monkeypatch.setattr(SCRIPTS[name], "load_data", lambda *a: pytest.fail("the data was read before the check"))
+    monkeypatch.setattr(SCRIPTS[name], "load_data", lambda *a: pytest.fail("the data was read before the check"))
+    with held_by_another_process(tmp_path / "run"):
         for flags in (["--resume", tmp_path / "run"], ["--run-dir", tmp_path / "run", "--overwrite"],
                       ["--run-dir", tmp_path / "run"]):
             one_sentence(*run_main(SCRIPTS[name], *flags, "--env", SMOKE_ENV, "--dataset", dataset,
                                    *tiny(SCRIPTS[name])), f"run directory {tmp_path / 'run'} is in use by another "
                          "process", name)
-        assert snapshot(tmp_path / "run") == before
-    finally:
-        holder.kill()
-        holder.wait()
+    assert snapshot(tmp_path / "run") == before
     if name == "bm_mpo":  # finished_run's script
         monkeypatch.undo()
         status, stderr = run_main(bm_mpo, "--resume", tmp_path / "run", "--total-steps", "6")
@@ -677,20 +670,14 @@ def test_a_second_collect_py_on_the_same_dataset_waits_then_continues(tmp_path):
     output = tmp_path / "data.npz"
     parts = output.with_suffix(".episodes")
     parts.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; handle = os.open(sys.argv[1], "
-                               "os.O_RDONLY); fcntl.flock(handle, fcntl.LOCK_EX); print('held', flush=True); "
-                               "sys.stdin.read()", parts], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline() == "held\n"
-    waiting = subprocess.Popen([sys.executable, str(ROOT / "collect.py"), "--output", str(output), "--env", SMOKE_ENV,
-                                "--episodes", "1", "--warmup-steps", "500", "--policy-layers", "16", "16",
-                                "--critic-layers", "16", "16"], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
+    with held_by_another_process(parts):
+        waiting = subprocess.Popen([sys.executable, str(ROOT / "collect.py"), "--output", str(output), "--env",
+                                    SMOKE_ENV, "--episodes", "1", "--warmup-steps", "500", "--policy-layers", "16",
+                                    "16", "--critic-layers", "16", "16"], cwd=ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert waiting.stdout.readline().startswith(f"Another collect.py is writing {parts}: waiting for it")
         time.sleep(1)
         assert waiting.poll() is None and list(parts.iterdir()) == []
-    finally:
-        holder.communicate("")  # the holder ends: its lock goes with it
     stdout, stderr = waiting.communicate(timeout=300)
     assert waiting.returncode == 0, stderr
     with np.load(output) as data:
