@@ -300,7 +300,7 @@ def test_a_resume_cannot_shorten_a_run_and_says_when_nothing_is_left_to_train(fi
     before = snapshot(run_dir)
     line = one_sentence(*run_main(bm_mpo, "--resume", run_dir, "--total-steps", "2"),
                         f"{run_dir} has done 4 updates, more than --total-steps 2: a run cannot be shortened", "bm_mpo")
-    assert snapshot(run_dir) == before
+    assert "give a larger --total-steps" in line and snapshot(run_dir) == before
     shutil.copytree(run_dir, tmp_path / "run")
     printed = io.StringIO()
     status, stderr = run_main(bm_mpo, "--resume", tmp_path / "run", "--final-eval-episodes", "1", stdout=printed)
