@@ -382,7 +382,9 @@ PRESETS["cpu-bmsvg"] = dataclasses.replace(
             "minutes of one core)",
     # Timing (this 2-core AMD EPYC, one thread each, the two side by side, 600 updates at batch 128, M = 20): BM+SVG
     # 19.5 updates/s, ABM+SVG 12.3 (cpu-svg's ABM+SVG runs took 2,310 s for 40,000 updates with evaluations, on an
-    # earlier machine). Column and budgets set before any run of this preset.
+    # earlier machine). Column and budgets set before any run of this preset. Result: ahead of BM+MPO on the same,
+    # bit-identical BM prior (27.8 [23.1, 32.4] from the shared start states), behind ABM+SVG (67.0 [40.4, 98.6]),
+    # where Table 6 has the SVG columns level (README "BM+SVG").
     control_columns=("BM+SVG",),
     differences=(LONG_DATA, LONG_BUDGETS,
                  "column BM+SVG only; compare with cpu-svg's ABM+SVG and SVG and cpu-long's BM+MPO (the same seeds and "
