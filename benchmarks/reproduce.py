@@ -1403,9 +1403,11 @@ HELD: list = []  # the folders this process's grid holds (flock), released when 
 def hold(folders) -> None:
     """One grid at a time per --out and --work: a second reproduce.py on them (the command run again in another
     terminal) would start every job a second time, and each job's run would refuse the other's directory."""
+    if os.name != "posix":
+        return
     import fcntl
 
-    for folder in folders:
+    for folder in dict.fromkeys(Path(folder).resolve() for folder in folders):  # --out and --work may be one folder
         HELD.append(os.open(folder, os.O_RDONLY))
         try:
             fcntl.flock(HELD[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
