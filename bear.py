@@ -668,6 +668,12 @@ class WriteError(UserError):
 RUN = {}  # this process's run, for main()'s last line: run_dir, new, step, checkpoint; the flags given; compiling
 
 
+def release_run_dir() -> None:
+    """Lets go of the run directory lock_run_dir holds (RUN["lock"]: its path and descriptor), if any."""
+    if RUN.get("lock"):
+        os.close(RUN.pop("lock")[1])
+
+
 def main(train_fn: Callable, args) -> None:
     """`train_fn(args)`: a UserError is one sentence (exit 1); Ctrl-C or SIGTERM one line saying where the run stopped
     and how to continue it (exit 130). A new run that ends with neither a checkpoint nor an evaluation leaves no
@@ -691,8 +697,7 @@ def main(train_fn: Callable, args) -> None:
         if stopped and saved:
             line += (f"; {run_dir / 'checkpoint.pt'} holds update {saved:,}: continue with "
                      + shlex.join(["python", name, "--resume", str(run_dir), *RUN.get("resumed_with", [])]))
-        if RUN.get("lock"):  # lock_run_dir's hold on the run directory
-            os.close(RUN["lock"][1])
+        release_run_dir()
         RUN.clear()
     if status and run_dir is not None and new and not saved and run_dir.exists():  # nothing in it can be resumed
         if (run_dir / "metrics.csv").exists():
@@ -1114,8 +1119,8 @@ def check_args(args, script: str) -> None:
     on the command line is honoured or refused); a new run: a --run-dir that holds a run is refused (--overwrite)."""
     if args.resume and args.overwrite:
         raise UserError("--overwrite starts a new run and --resume continues one: give one of them")
-    if (args.resume or args.run_dir) and Path(args.resume or args.run_dir).is_dir():
-        lock_run_dir(Path(args.resume or args.run_dir), hold=False)  # before the data: refused in seconds
+    if args.resume or args.run_dir:  # before the data: a run in use is refused in seconds
+        lock_run_dir(Path(args.resume or args.run_dir), hold=False)
     if args.resume:
         load_saved_config(args, script)
     elif args.run_dir and Path(args.run_dir).is_dir() and any(Path(args.run_dir).iterdir()):
@@ -1171,8 +1176,9 @@ def load_saved_config(args, script: str) -> None:
 def lock_run_dir(run_dir: Path, hold: bool = True) -> None:
     """Holds the run directory from make_run_dir on (flock on the folder, released however this process ends): a
     second process on the same run (another --resume, an --overwrite) is refused instead of writing over its files.
-    check_args only tries it (hold=False): a run it refuses leaves nothing held in this process."""
-    if os.name != "posix" or RUN.get("lock", (None,))[0] == run_dir.resolve():
+    check_args only tries it (hold=False): a run it refuses leaves nothing held in this process. A folder that does
+    not exist yet holds no run."""
+    if os.name != "posix" or not run_dir.is_dir() or RUN.get("lock", (None,))[0] == run_dir.resolve():
         return
     import fcntl
 
@@ -1188,11 +1194,6 @@ def lock_run_dir(run_dir: Path, hold: bool = True) -> None:
         pass
     if not hold:
         release_run_dir()
-
-
-def release_run_dir() -> None:
-    if RUN.get("lock"):
-        os.close(RUN.pop("lock")[1])
 
 
 def write_atomically(path: Path, data) -> None:

@@ -90,6 +90,12 @@ class WriteError(UserError):
 RUN = {}  # this process's run, for main()'s last line: run_dir, new, step, checkpoint; the flags given; compiling
 
 
+def release_run_dir() -> None:
+    """Lets go of the run directory lock_run_dir holds (RUN["lock"]: its path and descriptor), if any."""
+    if RUN.get("lock"):
+        os.close(RUN.pop("lock")[1])
+
+
 def main(train_fn: Callable, args) -> None:
     """`train_fn(args)`: a UserError is one sentence (exit 1); Ctrl-C or SIGTERM one line saying where the run stopped
     and how to continue it (exit 130). A new run that ends with neither a checkpoint nor an evaluation leaves no
@@ -113,8 +119,7 @@ def main(train_fn: Callable, args) -> None:
         if stopped and saved:
             line += (f"; {run_dir / 'checkpoint.pt'} holds update {saved:,}: continue with "
                      + shlex.join(["python", name, "--resume", str(run_dir), *RUN.get("resumed_with", [])]))
-        if RUN.get("lock"):  # lock_run_dir's hold on the run directory
-            os.close(RUN["lock"][1])
+        release_run_dir()
         RUN.clear()
     if status and run_dir is not None and new and not saved and run_dir.exists():  # nothing in it can be resumed
         if (run_dir / "metrics.csv").exists():
