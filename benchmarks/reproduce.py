@@ -320,6 +320,27 @@ PRESETS["cpu-snippets"] = dataclasses.replace(
                  LONG_BUDGETS,
                  "column ABM+MPO (with its prior) only; compare with cpu-long's BM+MPO (the same seeds and budgets)"),
     run_here="on this project's 2-core CPU (results/cpu-snippets)")
+# What made cpu-eps0's prior good: eps = 0 or N = 2? "ABM eps=0" (snippets of 2, no policy improvement) was level
+# with cpu-long's ABM+MPO prior (snippets of 10) from the shared start states, 24.2 [-24.9, 69.5], and ahead in the
+# grid, 51.0 [11.8, 89.5]; the two columns differ in both. ABM+MPO at N = 2 differs from ABM eps=0 in eps alone, and
+# from cpu-long's (N = 10) and cpu-snippets' (N = 100) ABM+MPO in N alone: the third N on one curve.
+PRESETS["cpu-snippets2"] = dataclasses.replace(
+    PRESETS["cpu-snippets"], name="cpu-snippets2",
+    purpose="ABM+MPO at cpu-long's budgets with Eq. 4's snippets 2 steps long, to separate cpu-eps0's two changes "
+            "(eps = 0 and N = 2) and to give Eq. 4's snippet length a third point (2, 10, 100); 5 seeds, about 115 "
+            "minutes of the 2 cores, three runs at a time",
+    # Timing (this 2-core AMD EPYC with AVX-512 and bf16, one thread each, the two side by side, 600 updates at batch
+    # 128, M = 20): ABM+MPO 18.3 updates/s at N = 2, 18.4 at N = 10. Set before any run of this preset. Prediction
+    # from abm_filter.py on cpu-long's critics (results/cpu-long/abm_filter_snippets.md): at N = 1 the test is nearly
+    # a coin flip (0.42 of the worst fifth accepted, 0.55 of the best), so a prior near the BM prior, unless eps = 0
+    # was what lifted cpu-eps0's.
+    extra_train_flags=("--snippet-length", "2"),
+    differences=(LONG_DATA,
+                 "Eq. 4's snippets 2 steps long (cpu-long: 10, cpu-snippets: 100; cpu-eps0's ABM eps=0: 2)",
+                 LONG_BUDGETS,
+                 "column ABM+MPO (with its prior) only; compare with cpu-eps0's ABM eps=0, cpu-long's ABM+MPO and BM+MPO "
+                 "and cpu-snippets' ABM+MPO (the same seeds and budgets)"),
+    run_here="on this project's 2-core CPU (results/cpu-snippets2)")
 # The SVG columns, never run on a CPU before: does ABM+SVG beat plain (trust-region) SVG as in Table 6 (cheetah: 920.7
 # against 726.1), and does the SVG step learn what the MPO step learns from the same prior (cpu-long's seeds, data and
 # budgets, so compare.py --final-eval pairs ABM+SVG with cpu-long's ABM+MPO seed for seed)?

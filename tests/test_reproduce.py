@@ -246,17 +246,18 @@ def test_grids_cover_the_paper_columns_and_order_seed_zero_first():
 
 
 
-def test_the_snippet_preset_changes_only_eq4s_snippet_length():
-    """cpu-snippets is cpu-long's ABM+MPO column with snippets of 100: the same data, seeds and budgets, so its runs
-    compare with cpu-long's BM+MPO seed for seed."""
+@pytest.mark.parametrize("preset, length", [("cpu-snippets", "100"), ("cpu-snippets2", "2")])
+def test_the_snippet_presets_change_only_eq4s_snippet_length(preset, length):
+    """cpu-snippets and cpu-snippets2 are cpu-long's ABM+MPO column with snippets of 100 and 2: the same data, seeds
+    and budgets, so their runs compare with cpu-long's (and cpu-eps0's) seed for seed."""
     def runs(name):
         return [job for job in reproduce.build_grid(reproduce.PRESETS[name], Path("/tmp/grid")) if job.kind == "train"]
 
-    snippets, long = runs("cpu-snippets"), [job for job in runs("cpu-long") if job.labels["column"] == "ABM+MPO"]
+    snippets, long = runs(preset), [job for job in runs("cpu-long") if job.labels["column"] == "ABM+MPO"]
     assert [job.labels for job in snippets] == [job.labels for job in long] and len(snippets) == 5
     for new, old in zip(snippets, long):
-        added = [flag.replace("cpu-snippets", "cpu-long") for flag in new.command]
-        assert added == [*old.command[:-2], "--snippet-length", "100", *old.command[-2:]]
+        added = [flag.replace(preset, "cpu-long") for flag in new.command]
+        assert added == [*old.command[:-2], "--snippet-length", length, *old.command[-2:]]
 
 
 def test_the_quadruped_preset_varies_only_the_snippet_length_between_its_abm_columns():
