@@ -692,6 +692,10 @@ def main(train_fn: Callable, args) -> None:
     except KeyboardInterrupt:
         status, line = 130, f"{name}: stopped" + (f" at update {RUN.get('step', 0):,}" if RUN.get("run_dir") else "")
         stopped = True
+    except RuntimeError as error:  # torch.OutOfMemoryError (CUDA), or a CPU allocation the system refused
+        if not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)):
+            raise
+        status, line, stopped = 1, f"{name}: error: {out_of_memory(error, args)}", True
     finally:
         run_dir, new, saved = RUN.get("run_dir"), RUN.get("new"), RUN.get("checkpoint")
         if stopped and saved:
@@ -708,6 +712,19 @@ def main(train_fn: Callable, args) -> None:
     if line:
         print(line, file=sys.stderr)
         sys.exit(status)
+
+
+def out_of_memory(error: RuntimeError, args) -> str:
+    """The sentence for an allocation torch could not make. The kernel's OOM killer, which ends a process whose
+    allocations each fitted but not together, leaves nothing to catch: the shell's "Killed"."""
+    size = re.search(r"tried to allocate (\d+) bytes|Tried to allocate ([\d.]+ \w+)", str(error))
+    size = f"{int(size[1]) / 2**30:,.1f} GiB" if size and size[1] else size[2] if size else "more than was free"
+    where = "GPU memory" if isinstance(error, torch.OutOfMemoryError) else "memory"
+    line = f"out of {where} after {RUN.get('step', 0):,} updates (an allocation of {size} was refused)"
+    if hasattr(args, "batch_size"):
+        line += (f": --batch-size {args.batch_size} and --num-action-samples {args.num_action_samples} set the size "
+                 "of an update (a new run with smaller ones), or run fewer runs beside this one")
+    return line
 
 
 def stop_with_parent() -> None:

@@ -27,7 +27,8 @@ only itself; every line of their output goes to the terminal and to `<out>/sessi
    e. compiled and recorded in TF32 and bf16 (the first speed stage to go when time is short).
 3. tests and results, side by side (neither is timed, so they share the machine):
    - the GPU tests with ABM_TEST_DEVICE=cuda and ABM_TEST_COMPILE=off: end to end, resume, export,
-     mechanism, compiled-vs-eager, CPU-vs-CUDA and real CUDA graphs (ABM+MPO compiled inside one);
+     mechanism, compiled-vs-eager, CPU-vs-CUDA, real CUDA graphs (ABM+MPO compiled inside one) and CUDA's
+     out-of-memory error as one sentence;
      pass/fail counts in the summary, junit XML in the archive;
    - benchmarks/reproduce.py --preset gpu --local: the Table 6 columns on the cpu preset's cheetah data
      (carried) and Sawyer --task all, each run `--compile off` (`--results-compile`: 20 processes compiling
@@ -350,6 +351,7 @@ def main() -> None:
     xdist = subprocess.run([python, "-c", "import xdist"], cwd=ROOT, env=session.env, capture_output=True).returncode == 0
     test_files = ["tests/test_gpu_path.py", "-k", "sampler"] if options.rehearsal else [
         "tests/test_cuda_graph.py", "tests/test_gpu_path.py", "tests/test_end_to_end.py", "tests/test_mechanism.py",
+        "tests/test_user_errors.py::test_a_batch_too_big_for_memory_is_one_sentence_and_leaves_no_directory",
         "-k", "not compiled_losses_equal"]  # that one compiles on the CPU only: minutes, nothing about the GPU
     test_command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *test_files,
                     *(["-n", "4"] if xdist and not options.rehearsal else []),

@@ -27,7 +27,7 @@ import abm_svg
 import bcq
 import bear
 import bm_mpo
-from tests.helpers import ROOT, SMOKE_ENV, held_by_another_process, write_random_dataset
+from tests.helpers import ROOT, SMOKE_ENV, TEST_DEVICE, held_by_another_process, write_random_dataset
 
 SCRIPTS = {"abm_mpo": abm_mpo, "abm_svg": abm_svg, "bm_mpo": bm_mpo, "bcq": bcq, "bear": bear}
 TINY = ["--batch-size", "16", "--num-action-samples", "4", "--critic-layers", "32", "32", "--eval-episodes", "1",
@@ -337,6 +337,41 @@ def test_a_full_disk_stops_the_run_in_one_sentence_and_loses_nothing(temporary, 
     assert status == 0, stderr
     assert [row["step"] for row in csv.DictReader((tmp_path / "run" / "metrics.csv").open())] == ["2", "4", "6"]
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 6
+
+
+HUGE = str(2**50)  # a batch whose first tensor (its 2**50 sample indices) no memory or address space holds
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_batch_too_big_for_memory_is_one_sentence_and_leaves_no_directory(name, tmp_path, random_dataset):
+    """torch's refusal (the CPU allocator's ENOMEM, CUDA's OutOfMemoryError) becomes one sentence that names the
+    allocation and the flags that size an update; the new run's directory, with nothing in it, is removed."""
+    module = SCRIPTS[name]
+    line = one_sentence(*run_main(module, "--env", SMOKE_ENV, "--dataset", random_dataset, "--run-dir",
+                                  tmp_path / "run", *tiny(module), "--device", TEST_DEVICE, "--batch-size", HUGE),
+                        "out of GPU memory after 0 updates" if TEST_DEVICE == "cuda" else "out of memory after 0 updates",
+                        name)
+    assert "(an allocation of 8,388,608.0 GiB was refused)" in line or TEST_DEVICE == "cuda", line
+    assert f"--batch-size {HUGE} and --num-action-samples 4 set the size of an update" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_running_out_of_memory_keeps_the_checkpoint_and_says_how_to_continue(finished_run, tmp_path, monkeypatch):
+    """Memory taken mid-run (other runs on the machine): the checkpoint is kept and the line says how to continue."""
+    run_dir, _ = finished_run
+    shutil.copytree(run_dir, tmp_path / "run")
+    before = snapshot(tmp_path / "run")
+    monkeypatch.setattr(bm_mpo, "sample_transitions", lambda *_: torch.empty(2**60, dtype=torch.uint8))  # 1 EiB
+    line = one_sentence(*run_main(bm_mpo, "--resume", tmp_path / "run", "--total-steps", "6"),
+                        "out of memory after 4 updates (an allocation of 1,073,741,824.0 GiB was refused)", "bm_mpo")
+    assert line.endswith(f"holds update 4: continue with python bm_mpo.py --resume {tmp_path / 'run'} "
+                         "--total-steps 6"), line
+    assert snapshot(tmp_path / "run") == before
+    # CUDA's message, as torch words it, gives the size in its own units
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 745.06 GiB. GPU 0 has a total capacity of "
+                                   "139.81 GiB of which 138.20 GiB is free.")
+    assert bm_mpo.out_of_memory(error, bm_mpo.Args()).startswith(
+        "out of GPU memory after 0 updates (an allocation of 745.06 GiB was refused): --batch-size 512 ")
 
 
 def test_overwrite_replaces_a_run_and_nothing_else(tmp_path):
