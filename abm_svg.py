@@ -900,6 +900,9 @@ def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
     if episodes_per_run is not None:  # an episode's rank within its collecting run
         run = np.asarray(arrays["run_id"])[starts] if "run_id" in arrays else np.zeros(len(starts), int)
         rank = np.array([np.sum(run[:i] == run[i]) for i in range(len(starts))])
+        if episodes_per_run > rank.max() + 1:  # a regime this data does not have: not silently all of it
+            raise UserError(f"--dataset-episodes {episodes_per_run} asks for more episodes than {path} has in any "
+                            f"collecting run (at most {rank.max() + 1}): give at most that, or leave it out for all")
         keep &= np.repeat(rank < episodes_per_run, np.diff(np.r_[starts, size]))
     if not keep.all():
         arrays = {key: np.asarray(value)[keep] for key, value in arrays.items()}

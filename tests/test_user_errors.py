@@ -205,6 +205,18 @@ def test_a_bad_dataset_is_one_sentence(name, change, phrase, tmp_path):
     assert "dataset" in line and not (tmp_path / "run").exists()
 
 
+def test_more_dataset_episodes_than_the_data_has_is_one_sentence(tmp_path, random_dataset):
+    """--dataset-episodes K keeps the first K episodes of each collecting run; a K above every run's count would
+    silently learn from all of them under another regime's name (random_dataset: two runs of 3 episodes)."""
+    assert len(abm_mpo.load_dataset(random_dataset, 3)["observation"]) == 6 * 40  # all of each run: allowed
+    assert len(abm_mpo.load_dataset(random_dataset, 2)["observation"]) == 4 * 40
+    line = one_sentence(*run_main(bcq, "--env", SMOKE_ENV, "--dataset", random_dataset, "--dataset-episodes", "4",
+                                  "--run-dir", tmp_path / "run", *tiny(bcq)),
+                        f"--dataset-episodes 4 asks for more episodes than {random_dataset} has in any collecting run "
+                        "(at most 3)", "bcq")
+    assert "give at most that" in line and not (tmp_path / "run").exists()
+
+
 def test_unreadable_files_say_what_they_are(tmp_path):
     random_bytes = tmp_path / "random.npz"
     random_bytes.write_bytes(np.random.default_rng(0).bytes(1000))
