@@ -18,6 +18,12 @@ independently in each cell, as they are independent runs.
 from start states shared by every run) and pairs the cells seed for seed, as table.md's section on it does: the mean
 over the seeds both cells have of first - second [95% interval, seeds resampled], and how many seeds the first wins.
 Seed s of two presets on the same data starts from the same weights and meets the same start states.
+
+    python benchmarks/compare.py "results/cpu-long:ABM+MPO" "results/cpu-long:BM+MPO" "results/cpu-mpo:MPO" \
+        --final-eval --against-first
+
+--against-first pairs the first cell with each of the others only (n - 1 rows instead of every pair): one column
+against the rest, as a table of many columns is read.
 """
 
 import argparse
@@ -56,16 +62,17 @@ def cell(argument: str, final_eval: bool = False) -> tuple[str, list[float]]:
     return f"{folder}: {column} ({label})", rows[label][column]
 
 
-def report(cells: list, final_eval: bool = False) -> str:
-    """Each cell's mean over its seeds, then every pair: the difference of means and P(first > second), each with
-    its interval; with `final_eval` ({seed: return} cells), the paired difference over the seeds both cells have."""
+def report(cells: list, final_eval: bool = False, against_first: bool = False) -> str:
+    """Each cell's mean over its seeds, then every pair (`against_first`: the first cell with each other): the
+    difference of means and P(first > second), each with its interval; with `final_eval` ({seed: return} cells),
+    the paired difference over the seeds both cells have."""
     measure = "final_eval return" if final_eval else "final return"
     lines = [f"| cell | {measure}, mean over seeds [95% CI] (seeds) |", "|---|---|"]
     lines += [f"| {label} | {mean_std(list(values.values()) if final_eval else values)} |" for label, values in cells]
     lines += ["", "| first | second | paired difference [95% CI] | first higher | interval excludes 0 |" if final_eval
               else "| first | second | difference of means [95% CI] | interval excludes 0 | P(first > second) [95% CI] |",
               "|---|---|---|---|---|"]
-    for i, (first, x) in enumerate(cells):
+    for i, (first, x) in enumerate(cells[:1] if against_first else cells):
         for second, y in cells[i + 1:]:
             if final_eval:
                 pair = paired(x, y) if set(x) & set(y) else "(no common seed) | - | -"
@@ -81,15 +88,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown to this file, with the command")
     parser.add_argument("--final-eval", action="store_true",
                         help="compare the runs' final_eval (shared start states), paired seed for seed")
+    parser.add_argument("--against-first", action="store_true",
+                        help="pair the first cell with each of the others only, not every pair")
     args = parser.parse_args()
     if len(args.cells) < 2:
         parser.error("give at least two cells to compare")
     cells = [cell(argument, args.final_eval) for argument in args.cells]
-    text = report(cells, args.final_eval)
+    text = report(cells, args.final_eval, args.against_first)
     print(text, end="")
     if args.out:
         command = "python benchmarks/compare.py " + " ".join(f'"{c}"' for c in args.cells) + \
-                  (" --final-eval" if args.final_eval else "")
+                  (" --final-eval" if args.final_eval else "") + (" --against-first" if args.against_first else "")
         args.out.write_text(f"Command: `{command}`\n\n{text}")
 
 

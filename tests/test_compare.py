@@ -94,3 +94,16 @@ def test_final_eval_cells_pair_seed_for_seed(tmp_path):
     publish(tmp_path / "plain", "BM+MPO", 0, 1.0, 1.0)
     with pytest.raises(SystemExit, match="have no final_eval .*without --final-eval"):
         compare.cell(f"{tmp_path / 'plain'}:BM+MPO", final_eval=True)
+
+
+def test_against_first_pairs_the_first_cell_with_each_other_only(folders, tmp_path):
+    a, b = folders
+    cells = [compare.cell(f"{a}:BM+MPO"), compare.cell(f"{a}:BM+MPO prior"),
+             compare.cell(f"{b}:ABM+MPO@cheetah (all 80)")]
+    rows = [line for line in compare.report(cells, against_first=True).splitlines() if line.count("|") == 6]
+    pairs = [tuple(part.strip() for part in line.split("|")[1:3]) for line in rows[2:]]
+    assert pairs == [(f"{a}: BM+MPO (cheetah (all 80))", f"{a}: BM+MPO prior (cheetah (all 80))"),
+                     (f"{a}: BM+MPO (cheetah (all 80))", f"{b}: ABM+MPO (cheetah (all 80))")]
+    assert "| 108.0 [" in rows[2] and "| 118.0 [" in rows[3]  # 120 - 12 and 120 - 2
+    every = [line for line in compare.report(cells).splitlines() if line.count("|") == 6]
+    assert len(every) == 2 + 3  # without it, all three pairs
