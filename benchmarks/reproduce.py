@@ -333,7 +333,9 @@ PRESETS["cpu-snippets2"] = dataclasses.replace(
     # 128, M = 20): ABM+MPO 18.3 updates/s at N = 2, 18.4 at N = 10. Set before any run of this preset. Prediction
     # from abm_filter.py on cpu-long's critics (results/cpu-long/abm_filter_snippets.md): at N = 1 the test is nearly
     # a coin flip (0.42 of the worst fifth accepted, 0.55 of the best), so a prior near the BM prior, unless eps = 0
-    # was what lifted cpu-eps0's.
+    # was what lifted cpu-eps0's. Result: the prior level with the BM prior (7.6 [-28.9, 48.4]) and with ABM eps=0
+    # (-20.5 [-64.9, 9.7]) from the shared start states; the policy ahead of BM+MPO (87.0 [47.4, 119.8]) and ABM
+    # eps=0 (77.2 [27.1, 109.7]) (README "Snippets of 2 with policy improvement").
     extra_train_flags=("--snippet-length", "2"),
     differences=(LONG_DATA,
                  "Eq. 4's snippets 2 steps long (cpu-long: 10, cpu-snippets: 100; cpu-eps0's ABM eps=0: 2)",
