@@ -638,8 +638,8 @@ def main(train_fn: Callable, args) -> None:
 def out_of_memory(error: RuntimeError, args) -> str:
     """The sentence for an allocation torch could not make. The kernel's OOM killer, which ends a process whose
     allocations each fitted but not together, leaves nothing to catch: the shell's "Killed"."""
-    size = re.search(r"tried to allocate (\d+) bytes|Tried to allocate ([\d.]+ \w+)", str(error))
-    size = f"{int(size[1]) / 2**30:,.1f} GiB" if size and size[1] else size[2] if size else "more than was free"
+    match = re.search(r"tried to allocate (\d+) bytes|Tried to allocate ([\d.]+ \w+)", str(error))  # CPU | CUDA
+    size = f"{int(match[1]) / 2**30:,.1f} GiB" if match and match[1] else match[2] if match else "more than was free"
     where = "GPU memory" if isinstance(error, torch.OutOfMemoryError) else "memory"
     line = f"out of {where} after {RUN.get('step', 0):,} updates (an allocation of {size} was refused)"
     if hasattr(args, "batch_size"):
@@ -900,9 +900,10 @@ def load_dataset(path: Path, episodes_per_run: Optional[int] = None) -> dict:
     if episodes_per_run is not None:  # an episode's rank within its collecting run
         run = np.asarray(arrays["run_id"])[starts] if "run_id" in arrays else np.zeros(len(starts), int)
         rank = np.array([np.sum(run[:i] == run[i]) for i in range(len(starts))])
-        if episodes_per_run > rank.max() + 1:  # a regime this data does not have: not silently all of it
+        most = rank.max() + 1  # episodes of the longest collecting run
+        if episodes_per_run > most:  # a regime this data does not have: not silently all of it
             raise UserError(f"--dataset-episodes {episodes_per_run} asks for more episodes than {path} has in any "
-                            f"collecting run (at most {rank.max() + 1}): give at most that, or leave it out for all")
+                            f"collecting run (at most {most}): give at most that, or leave it out for all")
         keep &= np.repeat(rank < episodes_per_run, np.diff(np.r_[starts, size]))
     if not keep.all():
         arrays = {key: np.asarray(value)[keep] for key, value in arrays.items()}

@@ -93,14 +93,14 @@ def plumbing_lines(script: str) -> int:
     return len(text[text.rindex("\n", 0, banner) + 1:].splitlines())
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21's plumbing budget is not met yet: 867 lines in every script > 350")
+@pytest.mark.xfail(strict=True, reason="issue 21's plumbing budget is not met yet: 868 lines in every script > 350")
 @pytest.mark.parametrize("script", LEARNING_SCRIPTS)
 def test_plumbing_is_at_most_350_lines(script):
     assert plumbing_lines(script) <= PLUMBING_BUDGET, f"{plumbing_lines(script)} lines of plumbing"
 
 
-# Not met (2026-12-07, after the out-of-memory sentence and the --dataset-episodes check): bm_mpo.py 1400 lines, abm_mpo.py 1481 (issue 21 ended blocked).
-@pytest.mark.xfail(strict=True, reason="issue 21's budgets are not met yet: bm_mpo.py 1400 > 750, abm_mpo.py 1481 > 850")
+# Not met (2026-12-07, after the out-of-memory sentence and the --dataset-episodes check): bm_mpo.py 1401 lines, abm_mpo.py 1482 (issue 21 ended blocked).
+@pytest.mark.xfail(strict=True, reason="issue 21's budgets are not met yet: bm_mpo.py 1401 > 750, abm_mpo.py 1482 > 850")
 @pytest.mark.parametrize("script", sorted(TOTAL_BUDGETS))
 def test_mpo_scripts_are_within_their_line_budgets(script):
     lines = len((ROOT / script).read_text().splitlines())
