@@ -9,7 +9,10 @@ Crash safety: each finished episode is written at once, atomically, to
 `<output>.episodes/run<seed>_episode<n>.npz`, together with the learner's checkpoint. A
 crash or Ctrl-C loses at most the episode in progress; rerunning the same command resumes
 every seed where it stopped (learner, replay and random state), and new seeds or more
-episodes append to the dataset. The consolidated `<output>` is rewritten at the end.
+episodes append to the dataset. The consolidated `<output>` is rewritten at the end. A rerun
+with other flags than those the collection started with (`<output>.episodes/collection.json`)
+is refused, and an `<output>` holding episodes that its episode folder does not is replaced
+only with `--overwrite`: nothing collected is mixed up or lost.
 
 `--env sawyer` (Section 5.2): multi-task data on the simulated Sawyer of sawyer_env.py. Each
 episode runs the scripted behaviour policy of a task drawn at random (of the seven), with
@@ -40,6 +43,7 @@ import shutil
 import signal
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -63,6 +67,9 @@ class Args:
     of sawyer_env.py, multi-task, Section 5.2), or a gymnasium id"""
     output: Optional[str] = None
     """dataset file to write; default `datasets/<env>.npz`"""
+    overwrite: bool = False
+    """replace an --output file that holds episodes its episode folder does not (another dataset, or one whose
+    `<output>.episodes` was deleted): refused without this flag"""
     seeds: tuple[int, ...] = (0,)
     """one collecting run per seed (an online MPO run; for sawyer a scripted-policy run)"""
     episodes: Optional[int] = None
@@ -779,12 +786,81 @@ def train(args: Args) -> Path:
     make_env(args.env)  # validates --env before anything is written
     output = Path(args.output) if args.output else default_dataset(args.env)
     parts = output.with_suffix(".episodes")
+    new = not parts.exists()
     try:
         parts.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"cannot create {parts} ({error.strerror})") from None
     with one_writer(parts):
+        try:
+            check_rerun(args, output, parts)
+        except UserError:
+            if new and not any(parts.iterdir()):
+                parts.rmdir()  # refused before anything was written: leave no folder behind
+            raise
         return collect_all(args, output, parts, device)
+
+
+# Flags a rerun may change: more episodes or seeds append; the device runs the same updates elsewhere. A Sawyer
+# collection has no learner: only its env and noise shape its data (a Control Suite one: every other flag but noise).
+RERUN_MAY_CHANGE = {"output", "overwrite", "seeds", "episodes", "device"}
+SAWYER_DATA_FLAGS = {"env", "noise"}
+
+
+def check_rerun(args: Args, output: Path, parts: Path) -> None:
+    """A rerun continues the collection in `parts`, then rewrites `output` from it. Refused in one sentence: other
+    flags than those the collection started with (`parts/collection.json`; for a folder from before it, the flags in
+    the dataset's metadata), which would mix two collections under the last one's name; and an existing `output`
+    holding more episodes than `parts` (another dataset, or one whose episode folder was deleted), which the rewrite
+    would lose, unless --overwrite. Records the flags of a new collection."""
+    flags = {key: value for key, value in json.loads(json.dumps(asdict(args))).items()
+             if (key in SAWYER_DATA_FLAGS if args.env == "sawyer" else key not in RERUN_MAY_CHANGE | {"noise"})}
+    record = parts / "collection.json"
+    held, metadata = dataset_episodes(output)
+    finished = finished_episodes(parts)
+    if finished and record.exists():
+        started = json.loads(record.read_text())
+    elif finished:
+        started = metadata.get("collection", {}).get("args", {})
+    else:
+        started = {}  # nothing collected yet: a new collection, whatever an earlier start recorded
+    changed = [key for key in flags if key in started and started[key] != flags[key]]
+    if changed:
+        was = ", ".join(f"--{key.replace('_', '-')} {shown_flag(started[key])}" for key in changed)
+        raise UserError(f"{parts} holds a collection made with {was}; rerun with the flags it started with to continue "
+                        f"it (only --episodes, --seeds and --device may change), or write to another --output")
+    if held is not None and (held < 0 or held > finished) and not args.overwrite:
+        what = (f"holds {held} episodes and {parts} only {finished}: rewriting it from them would lose {held - finished}"
+                if held >= 0 else "exists and is not a dataset of this project: this collection would replace it")
+        raise UserError(f"{output} {what}; write to another --output, or pass --overwrite to replace it")
+    if not finished:
+        write_atomically(record, lambda handle: handle.write(json.dumps(flags, indent=1).encode()))
+
+
+def shown_flag(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def dataset_episodes(output: Path) -> tuple[Optional[int], dict]:
+    """The episode count and metadata ({} without one) of the dataset file at `output`: None when there is none, -1
+    when the file is not a dataset of this project."""
+    if not output.exists():
+        return None, {}
+    try:
+        with np.load(output, allow_pickle=False) as archive:
+            metadata = json.loads(str(archive["metadata"])) if "metadata" in archive.files else {}
+            return len(np.unique(archive["episode_id"])), metadata
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return -1, {}
+
+
+def finished_episodes(parts: Path) -> int:
+    """Episodes written to `parts` so far: one per episode file, those of every Sawyer block."""
+    blocks = 0
+    for file in sawyer_block_files(parts):
+        with np.load(file, allow_pickle=False) as archive:
+            blocks += len(archive["episode_length"])
+    return len(episode_files(parts)) + blocks
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ stay), episodes stay in their stored order (Eq. 4's snippets), `infos` `episode_
 kept. The metadata says what a learning script needs: `env` (our alias for a dataset this file exported, else the
 gymnasium id of the stored eval/env spec, with `env_spec`, its JSON, so evaluation uses the stored kwargs and time
 limit), `reference_scores` [ref_min_score, ref_max_score] where the dataset has them, `action_low`/`action_high`,
-and `source`, the data files' sizes and modification times: an output made from an unchanged source is kept.
+and `source`, the data files' sizes and modification times: an output made from an unchanged source is kept, one made
+from another source is made again, and any other file at --output (a dataset of the user's own) only with --overwrite.
 
 `export`: a dataset of ours (collect.py's Control Suite or Sawyer data) -> a Minari dataset in the Minari root, every
 array kept (`import` gives it back identically) and the .npz metadata whole as the entry `abm_metadata`. Minari
@@ -57,6 +58,8 @@ class Import:
     """the .npz to write; default datasets/minari/<id>.npz; kept when it was made from the unchanged source"""
     env: Optional[str] = None
     """check that this env (a learning script's --env) fits the dataset's observation and action spaces"""
+    overwrite: bool = False
+    """replace an --output file that is not a conversion of a Minari dataset (refused without this flag)"""
 
 
 @dataclass
@@ -657,10 +660,14 @@ def import_dataset(args: Import) -> Path:
         try:
             with np.load(output, allow_pickle=False) as archive:
                 metadata = json.loads(str(archive["metadata"]))
-            if metadata["minari"]["source"] != source_signature(data_dir):
-                metadata = None
-        except Exception:  # an output that cannot be read, or of another source: made again
-            metadata = None
+            converted = "source" in metadata["minari"]
+        except Exception:  # not a conversion of ours: perhaps data of the user's own, which nothing could make again
+            converted = False
+        if not converted and not args.overwrite:
+            raise UserError(f"{output} exists and is not a conversion of a Minari dataset: writing to another --output "
+                            "keeps it, --overwrite replaces it")
+        if not converted or metadata["minari"]["source"] != source_signature(data_dir):
+            metadata = None  # made again: from another source, or a source that changed since
     if metadata is None:
         print(f"Converting Minari dataset {args.source} to {output} (once; kept while the source is unchanged).",
               flush=True)

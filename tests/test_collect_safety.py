@@ -4,6 +4,7 @@ of what was finished; a Sawyer crash loses at most the block in progress, redone
 Only the command line, collect.train(collect.Args(...)) and the files written are used."""
 
 import contextlib
+import dataclasses
 import io
 import os
 import shutil
@@ -18,6 +19,7 @@ import pytest
 import collect
 import sawyer_env
 from tests.conftest import ROOT, SMOKE_ENV
+from tests.helpers import write_random_dataset
 
 ARRAYS = ("observation", "action", "reward", "discount", "next_observation", "episode_id", "step")
 LEARNER = ["--warmup-steps", "500", "--steps-per-update", "100", "--batch-size", "32",
@@ -170,3 +172,71 @@ def test_sigint_stops_a_collection_started_with_sigint_ignored(tmp_path):
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=300)
     assert process.returncode == 130 and output.exists()
+
+
+# A rerun continues the collection in <output>.episodes and rewrites <output> from it: what it must not lose or mix.
+
+def files_of(output):
+    """Every file of the dataset and its episode folder, with its bytes."""
+    paths = [output, *sorted(output.with_suffix(".episodes").glob("*"))] if output.exists() else []
+    return {path.name: path.read_bytes() for path in paths}
+
+
+def test_a_dataset_its_episode_folder_did_not_write_is_kept_unless_overwrite(tmp_path, small_sawyer_blocks):
+    """Seen by hand: `collect.py --output` naming a published dataset (80 episodes, no episode folder) replaced it
+    with the new collection's one episode."""
+    output = write_random_dataset(tmp_path / "theirs.npz", episodes=6)
+    before = output.read_bytes()
+    with pytest.raises(collect.UserError, match=r"theirs.npz holds 6 episodes and .*theirs.episodes only 0: "
+                                                r"rewriting it from them would lose 6; .*--overwrite"):
+        quiet(collect.train, sawyer_args(output, episodes=2))
+    assert output.read_bytes() == before
+    assert not output.with_suffix(".episodes").exists()  # refused before anything was written
+    text = tmp_path / "notes.npz"
+    text.write_text("not a dataset")
+    with pytest.raises(collect.UserError, match="notes.npz exists and is not a dataset of this project"):
+        quiet(collect.train, sawyer_args(text, episodes=2))
+    assert text.read_text() == "not a dataset"
+    quiet(collect.train, dataclasses.replace(sawyer_args(output, episodes=2), overwrite=True))
+    with np.load(output) as archive:
+        assert len(np.unique(archive["episode_id"])) == 2
+
+
+def test_a_rerun_with_other_data_flags_is_refused_and_changes_nothing(tmp_path, small_sawyer_blocks):
+    """Seen by hand: a rerun with another --env into a cheetah collection's output replaced its dataset with the
+    new env's (Sawyer) or died in a traceback (walker's learner shapes); other learner flags would have continued
+    the collection with them, under the metadata of the last run only."""
+    output = tmp_path / "data.npz"
+    quiet(collect.train, sawyer_args(output, episodes=2))
+    before = files_of(output)
+    assert "collection.json" in before
+    with pytest.raises(collect.UserError, match=r"data.episodes holds a collection made with --noise 0.3; rerun "
+                                                r"with the flags it started with"):
+        quiet(collect.train, dataclasses.replace(sawyer_args(output, episodes=4), noise=0.1))
+    with pytest.raises(collect.UserError, match="made with --env sawyer"):
+        quiet(collect.train, collect.Args(env=SMOKE_ENV, output=str(output), episodes=3))
+    assert files_of(output) == before
+    # a folder from before collection.json: the flags in the dataset's metadata decide
+    output.with_suffix(".episodes").joinpath("collection.json").unlink()
+    with pytest.raises(collect.UserError, match="made with --noise 0.3"):
+        quiet(collect.train, dataclasses.replace(sawyer_args(output, episodes=4), noise=0.1))
+    # what a rerun may change: more episodes (and a learner flag, which a Sawyer collection does not use)
+    quiet(collect.train, dataclasses.replace(sawyer_args(output, episodes=4), batch_size=8))
+    with np.load(output) as archive:
+        assert len(np.unique(archive["episode_id"])) == 4
+
+
+@pytest.mark.slow
+def test_a_rerun_of_a_control_suite_collection_with_another_learner_flag_is_one_sentence(tmp_path):
+    output = tmp_path / "data.npz"
+    assert subprocess.run(command(output, 1), cwd=ROOT, env=environment(), capture_output=True,
+                          timeout=600).returncode == 0
+    before = files_of(output)
+    changed = [*command(output, 2), "--discount", "0.9"]
+    rerun = subprocess.run(changed, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 1
+    assert rerun.stderr.strip().splitlines()[-1] == (
+        f"collect.py: error: {output.with_suffix('.episodes')} holds a collection made with --discount 0.99; rerun "
+        "with the flags it started with to continue it (only --episodes, --seeds and --device may change), or write "
+        "to another --output")
+    assert files_of(output) == before

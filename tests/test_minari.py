@@ -15,7 +15,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, write_random_dataset
 
 import abm_mpo  # noqa: E402  (tests.helpers puts the repository on sys.path)
 import abm_svg
@@ -220,3 +220,23 @@ def test_command_line_error_and_no_minari_import_in_the_scripts(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert result.stdout.strip() == "False", result.stderr
     assert "import minari" not in "".join((ROOT / f"{name}.py").read_text() for name in SCRIPTS)
+
+
+def test_a_file_at_output_that_is_no_conversion_is_kept_unless_overwrite(pendulum, tmp_path, capsys):
+    """Seen by hand in collect.py, the same here: an --output naming a dataset of the user's own was replaced by the
+    conversion (anything that was not a conversion of this source was "made again")."""
+    theirs = write_random_dataset(tmp_path / "theirs.npz")
+    before = theirs.read_bytes()
+    with pytest.raises(minari_io.UserError, match=r"theirs.npz exists and is not a conversion of a Minari dataset: "
+                                                  r"writing to another --output keeps it, --overwrite replaces it$"):
+        minari_io.import_dataset(minari_io.Import(pendulum, output=str(theirs)))
+    assert theirs.read_bytes() == before
+    minari_io.import_dataset(minari_io.Import(pendulum, output=str(theirs), overwrite=True))
+    assert "Converting" in capsys.readouterr().out
+    with np.load(theirs) as archive:
+        assert "source" in json.loads(str(archive["metadata"]))["minari"]
+    # a conversion of another Minari dataset is only a copy: made again without --overwrite
+    other = minari_io.minari_data_dir(pendulum) / "main_data.hdf5"
+    os.utime(other, ns=(other.stat().st_atime_ns, other.stat().st_mtime_ns + 10**9))
+    minari_io.import_dataset(minari_io.Import(pendulum, output=str(theirs)))
+    assert "Converting" in capsys.readouterr().out
