@@ -589,6 +589,67 @@ def published_datasets(out: Path) -> dict:
     return found
 
 
+# Flags of a run's command that may differ from a finished run's config.json: where its files live, what a resume
+# may add (the final evaluation, checkpoints), and where the updates run.
+SETTINGS_MAY_DIFFER = {"run_dir", "dataset", "resume", "final_eval_episodes", "checkpoint_every", "device", "compile"}
+
+
+def command_flags(command: list) -> dict:
+    """{flag name: its words} of a learning script's command: `--total-steps 40000` -> {"total_steps": ["40000"]}."""
+    flags, name = {}, None
+    for word in command[2:]:
+        if word.startswith("--"):
+            name = word[2:].replace("-", "_")
+            flags[name] = []
+        elif name:
+            flags[name].append(word)
+    return flags
+
+
+def same_value(words: list, value) -> bool:
+    values = value if isinstance(value, list) else [value]
+    if len(words) != len(values):
+        return False
+    for word, value in zip(words, values):
+        try:
+            if not (float(word) == float(value) if isinstance(value, (int, float)) else word == str(value)):
+                return False
+        except ValueError:
+            return False
+    return True
+
+
+def settings_differ(job: Job, folder: Path) -> list[str]:
+    """How the finished run in `folder` was made otherwise than `job`'s command asks: its config.json's first values
+    of every flag the command gives (but SETTINGS_MAY_DIFFER), and its last update (metrics.csv: a resume may have
+    taken it further), as '--flag 4000 (this grid: 8000)'."""
+    try:
+        made = json.loads((folder / "config.json").read_text())["args"]
+        with open(folder / "metrics.csv") as handle:
+            steps = [line.split(",", 1)[0] for line in handle.readlines()[1:]]
+        made["total_steps"] = int(steps[-1]) if steps else made["total_steps"]
+    except (OSError, ValueError, KeyError):
+        return []  # nothing recorded to compare (check_datasets and the table read what there is)
+    return [f"--{name.replace('_', '-')} {' '.join(map(str, made[name])) if isinstance(made[name], list) else made[name]}"
+            f" (this grid: {' '.join(words)})" for name, words in command_flags(job.command).items()
+            if name not in SETTINGS_MAY_DIFFER and name in made and not same_value(words, made[name])]
+
+
+def check_settings(jobs: list, out: Path) -> None:
+    """SystemExit, in one sentence, when a finished run of the grid (in <out>/runs or its run directory) was made with
+    other settings than its job asks for now (`--set updates=8000`, an edited preset): it would count as done and
+    the table would state budgets its runs did not have, or a new run would replace it."""
+    differ = [(job, changes) for job in jobs if job.kind == "train"
+              for folder in (job.published, job.run_dir) if folder and (folder / "summary.json").exists()
+              if (changes := settings_differ(job, folder))]
+    if differ:
+        job, changes = differ[0]
+        runs = len({job.name for job, _ in differ})
+        raise SystemExit(f"reproduce.py: error: {runs} finished run(s) of this grid were made with other settings "
+                         f"(first: {job.name}: {', '.join(changes)}) in {shown(out)} or {shown(job.run_dir.parent)}; "
+                         f"give this grid its own --out and --work, or move those runs away")
+
+
 def check_datasets(jobs: list, out: Path, collected: bool) -> None:
     """One dataset per env for a grid's runs: SystemExit, in one sentence, when a run would learn from data other
     than the runs already published in <out>/runs did. collect.py is not bit-reproducible across machines and
@@ -677,8 +738,10 @@ def finished_summaries(job: Job) -> list[Path]:
 
 
 def job_state(job: Job, preset: Preset, out: Path) -> str:
-    """--dry-run's word for a job: done, evaluate (finished, its final evaluation to add), published (a dataset in
-    <out>/datasets) or todo."""
+    """--dry-run's word for a job: differs (finished with other settings: the grid would refuse to start), done,
+    evaluate (finished, its final evaluation to add), published (a dataset in <out>/datasets) or todo."""
+    if job.kind == "train" and any(settings_differ(job, summary.parent) for summary in finished_summaries(job)):
+        return "differs"
     if is_done(job):
         return "done"
     if job.kind == "train" and finished_summaries(job):
@@ -1492,6 +1555,7 @@ def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], nu
     for job in jobs:
         if job.kind == "train":
             job.published = out / "runs" / job.name
+    check_settings(jobs, out)
     published = published_data(preset, out)
     for job in jobs:  # a published dataset (<out>/datasets/<env>.npz or datasets_from's) is the one the grid uses
         committed = published / job.dataset.name if job.dataset else None
@@ -1559,6 +1623,10 @@ def main() -> None:
             print(f"{job_state(job, preset, out)}  {job.name}: {shlex.join(job.command)}")
         return
     if args.report:
+        jobs = build_grid(preset, work)
+        for job in jobs:
+            job.published = out / "runs" / job.name if job.kind == "train" else None
+        check_settings(jobs, out)  # the table would state budgets its runs did not have
         published = len(load_published(out))
         if not published:
             raise SystemExit(f"reproduce.py: error: --report: {shown(out)} holds no finished runs "

@@ -622,3 +622,46 @@ def test_a_run_that_finished_as_the_time_budget_stopped_it_counts_as_done(tmp_pa
     assert "stopped by --time-budget" in job.log.read_text()  # the stop did reach it
     assert outcome["finished"]["status"] == "done"
     assert (out / "runs" / "finished" / "summary.json").exists() and not (out / "unfinished" / "finished").exists()
+
+
+def test_a_grid_with_other_settings_than_its_finished_runs_is_one_sentence_and_starts_nothing(tmp_path):
+    """Seen by hand: `--preset cpu --set updates=8000` counted the 60 published 4,000-update runs as done, and the
+    table it wrote said 8000 updates; a run started anew would have replaced a published one."""
+    import tyro
+
+    import abm_mpo
+
+    work, out = tmp_path / "work", tmp_path / "results"
+    job = next(job for job in reproduce.build_grid(SMOKE, work) if job.kind == "train" and job.labels["column"] == "ABM+MPO")
+    args = tyro.cli(abm_mpo.Args, args=job.command[2:])
+    published = out / "runs" / job.name
+    published.mkdir(parents=True)
+    (published / "config.json").write_text(json.dumps({"args": json.loads(json.dumps(dataclasses.asdict(args)))}))
+    (published / "metrics.csv").write_text(f"step,eval/return\n{args.eval_every},1.0\n{args.total_steps},2.0\n")
+    (published / "summary.json").write_text("{}")
+
+    def refusal(preset):
+        jobs = [j for j in reproduce.build_grid(preset, work) if j.name == job.name]
+        jobs[0].published = published
+        try:
+            reproduce.check_settings(jobs, out)
+        except SystemExit as error:
+            return str(error), reproduce.job_state(jobs[0], preset, out)
+        return None, reproduce.job_state(jobs[0], preset, out)
+
+    assert refusal(SMOKE) == (None, "done")  # the settings it was made with
+    message, state = refusal(reproduce.override(SMOKE, ["batch=7"]))
+    assert state == "differs" and message == (
+        f"reproduce.py: error: 1 finished run(s) of this grid were made with other settings (first: {job.name}: "
+        f"--batch-size {args.batch_size} (this grid: 7)) in {reproduce.shown(out)} or {reproduce.shown(work / 'runs')}; "
+        "give this grid its own --out and --work, or move those runs away")
+    more = reproduce.override(SMOKE, [f"updates={2 * args.total_steps}", f"eval_every={args.eval_every}"])
+    assert f"--total-steps {args.total_steps} (this grid: {2 * args.total_steps})" in refusal(more)[0]
+    # a run a resume took to the new total (config.json keeps its first values): its last update counts
+    (published / "metrics.csv").write_text(f"step,eval/return\n{args.total_steps},1.0\n{2 * args.total_steps},2.0\n")
+    assert refusal(more) == (None, "done")
+    with pytest.raises(SystemExit, match="made with other settings"), contextlib.redirect_stdout(io.StringIO()):
+        reproduce.reproduce(reproduce.override(SMOKE, ["batch=7"]), out, work, jobs=[
+            j for j in reproduce.build_grid(reproduce.override(SMOKE, ["batch=7"]), work) if j.name == job.name],
+            local=True)
+    assert not (work / "logs" / f"{job.name}.log").exists()  # nothing ran
