@@ -12,10 +12,15 @@ The ABM prior (Eq. 4) imitates a logged action a_t when the advantage of its sni
 run directory given, this loads checkpoint.pt (the target critic and target policy, as its last update used them)
 and the run's own data, scores every transition of it with M samples from the run's M and snippet length, and
 prints the fraction accepted overall and in each fifth of the episodes ranked by return (lowest first), the mean
-V(s_t) beside the mean discounted return-to-go of the data, and the rank correlation between an episode's return
-and its accepted fraction. Any abm_mpo.py run works (`--prior bm` and `none` too: what ABM would keep under that
+V(s_t) beside the mean discounted return-to-go of the data, the rank correlation between an episode's return
+and its accepted fraction, and the share of the accept/reject decisions' variance that lies between episodes
+(1: Eq. 4 keeps or drops whole episodes, as a return filter does; 0: every episode keeps the same fraction, so
+what it filters are actions inside episodes). Any abm_mpo.py run works (`--prior bm` and `none` too: what ABM would keep under that
 run's critic). Several runs are also summarised as mean +- std over runs. `--snippet-lengths` scores the same
-checkpoints with other N: how sharply Eq. 4 filters depends on how much of the logged rewards it reads.
+checkpoints with other N: how sharply Eq. 4 filters depends on how much of the logged rewards it reads. Last, how
+far the runs agree on which transitions to keep (phi of their decisions, per pair of runs on the same data), beside
+the first run's critic scored again with other action samples for V: whether the filter picks the same actions
+from run to run, or flips coins.
 """
 
 import argparse
@@ -127,30 +132,36 @@ def returns_to_go(reward: np.ndarray, discount: np.ndarray, episode_last: np.nda
     return result
 
 
-def analyse(run_dir: Path, snippet_length: Optional[int] = None, loaded: Optional[tuple] = None) -> dict:
+def analyse(run_dir: Path, snippet_length: Optional[int] = None, loaded: Optional[tuple] = None,
+            seed: int = 0) -> dict:
     """One run's numbers; `snippet_length`: score Eq. 4 with this N instead of the run's own (same critic, policy);
-    `loaded`: load_run(run_dir) already done, for scoring one run with several N."""
+    `loaded`: load_run(run_dir) already done, for scoring one run with several N; `seed`: of the M action samples
+    V(s) is averaged over. Under "decisions", Eq. 4's accept/reject of every transition (for agreement())."""
     args, data, tasks, spec, agent, step = loaded or load_run(run_dir)
     args = copy.copy(args)  # the loaded run's own N stays for the next call
     args.snippet_length = snippet_length or args.snippet_length
-    scores = score(args, data, spec, agent)
+    scores = score(args, data, spec, agent, seed)
     reward = data["reward"].numpy().astype(np.float64)
     last = data["episode_last"].numpy()
     to_go = returns_to_go(reward, data["discount"].numpy(), last, args.discount)
     episodes, episode_of = np.unique(last, return_inverse=True)  # one id per episode (its last index)
     result = {"run": str(run_dir), "update": step, "prior": args.prior, "snippet_length": args.snippet_length,
-              "transitions": len(reward),
+              "transitions": len(reward), "dataset": args.dataset, "decisions": scores["weight"],
               "episodes": len(episodes), "args": dataclasses.asdict(args), "tasks": {}}
     for k, task in enumerate(tasks):
         episode_return = np.bincount(episode_of, reward[:, k])
         kept = np.bincount(episode_of, scores["weight"][:, k])  # accepted transitions per episode
         accepted = kept / np.bincount(episode_of)
+        weight = scores["weight"][:, k].astype(np.float64)
+        spread = ((weight - weight.mean()) ** 2).sum()  # [total variance] = [between episodes] + [within them]
+        between = (np.bincount(episode_of) * (accepted - weight.mean()) ** 2).sum()
         fifths = np.array_split(np.argsort(episode_return, kind="stable"), FIFTHS)  # episodes, lowest return first
         result["tasks"][task] = {
             "accepted": float(scores["weight"][:, k].mean()),
             "mean_value": float(scores["value"][:, k].mean()),
             "mean_return_to_go": float(to_go[:, k].mean()),
             "rank_correlation": spearman(episode_return, accepted),
+            "between_episodes": float(between / spread) if spread > 0 else float("nan"),
             # kept_share: the fifth's part of everything accepted, the mix the ABM prior imitates (a BM prior's
             # is each fifth's share of the transitions, 0.2 for equal episodes; filtered BC's is 1 for the kept)
             "fifths": [{"episode_return": float(episode_return[f].mean()), "accepted": float(accepted[f].mean()),
@@ -168,7 +179,7 @@ def report(results: list[dict]) -> str:
     accepted = ["Accepted fraction of Eq. 4 (ABM) per fifth of the episodes ranked by return (fifth 1: lowest; "
                 "the fifth's mean episode return in brackets).", "",
                 "| run | update | accepted | " + " | ".join(f"fifth {i + 1}" for i in range(FIFTHS)) +
-                " | rank corr. | mean V(s) | mean return-to-go |", "|" + "---|" * (FIFTHS + 6)]
+                " | rank corr. | between episodes | mean V(s) | mean return-to-go |", "|" + "---|" * (FIFTHS + 7)]
     shares = ["Share of everything accepted that each fifth holds: the mix of episodes the ABM prior imitates (a BM "
               "prior's is each fifth's share of the transitions: 0.20 when the episodes are equally long).", "",
               "| run | " + " | ".join(f"fifth {i + 1}" for i in range(FIFTHS)) + " |", "|" + "---|" * (FIFTHS + 1)]
@@ -178,7 +189,8 @@ def report(results: list[dict]) -> str:
                     f"{by_length(result.get('snippet_length'))}")
             cells = [f"{f['accepted']:.2f} ({f['episode_return']:.0f})" for f in t["fifths"]]
             accepted.append(f"| {name} | {result['update']:,} | {t['accepted']:.2f} | " + " | ".join(cells) +
-                            f" | {t['rank_correlation']:.2f} | {t['mean_value']:.1f} | {t['mean_return_to_go']:.1f} |")
+                            f" | {t['rank_correlation']:.2f} | {t.get('between_episodes', np.nan):.2f} | "
+                            f"{t['mean_value']:.1f} | {t['mean_return_to_go']:.1f} |")
             shares.append(f"| {name} | " + " | ".join(f"{f['kept_share']:.2f}" for f in t["fifths"]) + " |")
     pm = lambda values: f"{np.mean(values):.2f} ± {np.std(values):.2f}"  # noqa: E731
     for length in lengths:
@@ -189,12 +201,40 @@ def report(results: list[dict]) -> str:
             cells = [pm([row["fifths"][i]["accepted"] for row in rows]) for i in range(FIFTHS)]
             accepted.append(f"| mean ± std over {len(rows)} runs{suffix} | | {pm([row['accepted'] for row in rows])} | "
                             + " | ".join(cells) + f" | {pm([row['rank_correlation'] for row in rows])} | "
+                            f"{pm([row.get('between_episodes', np.nan) for row in rows])} | "
                             f"{np.mean([row['mean_value'] for row in rows]):.1f} | "
                             f"{np.mean([row['mean_return_to_go'] for row in rows]):.1f} |")
             shares.append(f"| mean over {len(rows)} runs{suffix} | " +
                           " | ".join(f"{np.mean([row['fifths'][i]['kept_share'] for row in rows]):.2f}"
                                      for i in range(FIFTHS)) + " |")
     return "\n".join(accepted + [""] + shares) + "\n"
+
+
+def phi(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson's correlation of two runs' accept (1) / reject (0) decisions on the same transitions: 1 when they keep
+    the same actions, 0 when they agree no more than two coin flips of their acceptance rates would."""
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+
+
+def agreement(results: list[dict], again: dict) -> str:
+    """A markdown table: for each N, how far the runs' critics agree on which transitions Eq. 4 keeps (phi over every
+    pair of runs on the same data, per task), beside the same critic scored twice with other action samples for V
+    (`again`: {N: (result of the first run, that run rescored with another sample seed)}), the noise floor of the
+    measure. Agreement near the floor: the runs keep the same actions; near 0: their filters are coin flips."""
+    lines = ["Agreement of Eq. 4's decisions (phi: correlation of accept/reject per transition; 1 = the same "
+             "transitions kept, 0 = no more alike than coin flips).", "",
+             "| N | task | between runs: mean [min, max] over pairs | the first run's critic, other samples for V |",
+             "|---|---|---|---|"]
+    for length, (first, repeat) in again.items():
+        group = [r for r in results if r["snippet_length"] == length and r["dataset"] == first["dataset"]]
+        for k, task in enumerate(first["tasks"]):
+            pairs = [phi(a["decisions"][:, k], b["decisions"][:, k])
+                     for i, a in enumerate(group) for b in group[i + 1:]]
+            across = f"{np.mean(pairs):.2f} [{np.min(pairs):.2f}, {np.max(pairs):.2f}] ({len(pairs)} pairs)" \
+                if pairs else "one run"
+            lines.append(f"| {length} | {task} | {across} | "
+                         f"{phi(first['decisions'][:, k], repeat['decisions'][:, k]):.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -211,12 +251,16 @@ def main() -> None:
     loaded = {run_dir: load_run(run_dir) for run_dir in args.run_dirs}  # once per run, whatever the number of N
     results = [analyse(run_dir, length, loaded[run_dir])
                for length in args.snippet_lengths for run_dir in args.run_dirs]
-    table = report(results)
+    first = args.run_dirs[0]  # the noise floor of the agreement: its critic again, with other samples for V
+    again = {result["snippet_length"]: (result, analyse(first, result["snippet_length"], loaded[first], seed=1))
+             for result in results if result["run"] == str(first)}
+    table = report(results) + "\n" + agreement(results, again)
     print(table, end="")
     if args.out:
         args.out.write_text(table)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        kept = [{key: value for key, value in result.items() if key != "decisions"} for result in results]
+        args.json.write_text(json.dumps(kept, indent=2) + "\n")
 
 
 if __name__ == "__main__":

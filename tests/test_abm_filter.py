@@ -46,6 +46,18 @@ def constant_critic(agent, value: float) -> None:
         [bias for name, bias in parameters if name.endswith("bias")][-1].fill_(value)
 
 
+def load_with_constant_critic(monkeypatch, reward: float) -> None:
+    """abm_filter.load_run gives every run a critic of Q = reward / (1 - gamma) everywhere (constant_critic)."""
+    real = abm_filter.load_run
+
+    def with_constant_critic(path):
+        loaded = real(path)
+        constant_critic(loaded[4], reward / (1 - loaded[0].discount))
+        return loaded
+
+    monkeypatch.setattr(abm_filter, "load_run", with_constant_critic)
+
+
 def test_the_filter_keeps_the_episodes_whose_reward_beats_the_critic(run_dir):
     args, data, tasks, spec, agent, step = abm_filter.load_run(run_dir)
     assert (step, tasks, args.snippet_length) == (3, ["balance"], 4)
@@ -60,14 +72,7 @@ def test_the_filter_keeps_the_episodes_whose_reward_beats_the_critic(run_dir):
 
 
 def test_fifths_and_rank_correlation_of_a_real_run(run_dir, monkeypatch):
-    real = abm_filter.load_run
-
-    def with_constant_critic(path):
-        loaded = real(path)
-        constant_critic(loaded[4], 0.35 / (1 - loaded[0].discount))
-        return loaded
-
-    monkeypatch.setattr(abm_filter, "load_run", with_constant_critic)
+    load_with_constant_critic(monkeypatch, 0.35)
     result = abm_filter.analyse(run_dir)
     task = result["tasks"]["balance"]
     assert (result["episodes"], result["transitions"], result["prior"]) == (6, 180, "abm")
@@ -80,9 +85,10 @@ def test_fifths_and_rank_correlation_of_a_real_run(run_dir, monkeypatch):
     # ranks of the returns 0..5 against the accepted fractions' tied ranks (1, 1, 1, 4, 4, 4)
     assert task["rank_correlation"] == pytest.approx(np.corrcoef(np.arange(6), [1, 1, 1, 4, 4, 4])[0, 1])
     assert task["mean_value"] == pytest.approx(35.0, rel=1e-5)
+    assert task["between_episodes"] == pytest.approx(1.0)  # whole episodes kept or dropped: no variance inside one
     table = abm_filter.report([result, result])
     assert re.search(r"\| 0\.00 \([45]\) \| 0\.00 \(9\) \| 1\.00 \(12\) \| 1\.00 \(15\) \| 1\.00 \(18\) \| 0\.88 \|", table)
-    assert "| mean ± std over 2 runs | | 0.50 ± 0.00 |" in table
+    assert "| mean ± std over 2 runs | | 0.50 ± 0.00 |" in table and "| 0.88 ± 0.00 | 1.00 ± 0.00 |" in table
     assert "| mean over 2 runs | 0.00 | 0.00 | 0.33 | 0.33 | 0.33 |" in table
 
 
@@ -124,6 +130,7 @@ def test_snippet_length_decides_how_much_of_the_logged_rewards_the_filter_reads(
     short, long = abm_filter.analyse(run_dir, 1), abm_filter.analyse(run_dir, 30)
     assert (short["snippet_length"], long["snippet_length"]) == (1, 30)
     assert short["tasks"]["balance"]["accepted"] == pytest.approx(1 / 30)
+    assert short["tasks"]["balance"]["between_episodes"] == pytest.approx(0.0, abs=1e-12)  # 1 of 30 in every episode
     assert long["tasks"]["balance"]["accepted"] == 1.0
     assert abm_filter.analyse(run_dir)["snippet_length"] == 4  # the run's own N
     table = abm_filter.report([short, short, long, long])
@@ -173,3 +180,26 @@ def test_a_run_loaded_once_is_scored_with_each_n_and_keeps_its_own(run_dir):
     assert abm_filter.analyse(run_dir, 30, loaded)["snippet_length"] == 30
     assert abm_filter.analyse(run_dir, None, loaded)["snippet_length"] == 4
     assert loaded[0].snippet_length == 4
+
+
+def test_agreement_is_one_for_the_same_decisions_and_near_zero_for_coin_flips():
+    rng = np.random.default_rng(0)
+    flips = (rng.random((2, 20000)) < 0.4).astype(np.float32)
+    assert abm_filter.phi(flips[0], flips[0]) == pytest.approx(1.0)
+    assert abs(abm_filter.phi(flips[0], flips[1])) < 0.03  # two independent filters of the same rate
+    assert np.isnan(abm_filter.phi(np.ones(5), flips[0, :5]))  # one that keeps everything decides nothing
+    runs = [{"snippet_length": 2, "dataset": "d.npz", "tasks": {"run": {}}, "decisions": d[:, None]}
+            for d in (flips[0], flips[0], flips[1])]
+    table = abm_filter.agreement(runs, {2: (runs[0], runs[1])})
+    pairs = [1.0, abm_filter.phi(flips[0], flips[1]), abm_filter.phi(flips[0], flips[1])]
+    assert f"| 2 | run | {np.mean(pairs):.2f} [{min(pairs):.2f}, 1.00] (3 pairs) | 1.00 |" in table
+
+
+def test_main_reports_the_agreement_of_the_runs_and_its_noise_floor(run_dir, monkeypatch, capsys, tmp_path):
+    """With a critic that scores every action alike, V does not depend on the action samples: the same run scored
+    twice, and two copies of one run, keep exactly the same transitions."""
+    load_with_constant_critic(monkeypatch, 0.35)
+    monkeypatch.setattr(sys, "argv", ["abm_filter.py", str(run_dir), str(run_dir), "--json", str(tmp_path / "f.json")])
+    abm_filter.main()
+    assert "| 4 | balance | 1.00 [1.00, 1.00] (1 pairs) | 1.00 |" in capsys.readouterr().out
+    assert "decisions" not in json.loads((tmp_path / "f.json").read_text())[0]  # arrays stay out of the JSON
