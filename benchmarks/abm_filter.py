@@ -97,26 +97,29 @@ def load_run(run_dir: Path):
 
 
 @torch.no_grad()
-def score(args, data: dict, spec: dict, agent, seed: int = 0) -> dict:
-    """Per transition and task: the Eq. 4 weight and V(s_t), as the run's last update computed them
+def score(args, data: dict, spec: dict, agent, seed: int = 0, rows: Optional[np.ndarray] = None) -> dict:
+    """Per transition (every one, or those of `rows`) and task: the Eq. 4 weight and advantage, V(s_t), and the
+    critic's own advantage of the logged action Q(s_t, a_t) - V(s_t), as the run's last update computed them
     (target networks, M samples, snippets of args.snippet_length), [N, K] arrays."""
     generator = torch.Generator().manual_seed(seed)
     low, high = torch.tensor(spec["action_low"]), torch.tensor(spec["action_high"])
     size, num_tasks = data["reward"].shape
-    weights, values = [], []
-    for start in range(0, size, CHUNK):
-        index = torch.arange(start, min(start + CHUNK, size)).expand(num_tasks, -1)  # [K, B]
+    parts = {"weight": [], "advantage": [], "value": [], "critic_advantage": []}
+    for chunk in (torch.arange(size) if rows is None else torch.as_tensor(rows)).split(CHUNK):
+        index = chunk.expand(num_tasks, -1)  # [K, B]
         batch = abm_mpo.sample_batch(data, index.shape[1], args.snippet_length, args.discount, generator, index)
         states = torch.cat([batch["observation"], batch["bootstrap_observation"]], dim=1)  # [K, 2B, obs]
         mean, std = agent.target_policy(states)
         noise = torch.randn((args.num_action_samples, *mean.shape), generator=generator)
         value, bootstrap_value = abm_mpo.q_values(agent.target_critic, states, mean + std * noise, low, high) \
             .mean(0).split(index.shape[1], dim=1)
-        weights.append(abm_mpo.advantage_weights(batch["snippet_return"], batch["bootstrap_discount"],
-                                                 bootstrap_value, value).T)
-        values.append(value.T)
-    return {name: torch.cat(parts).numpy() for name, parts in
-            (("weight", weights), ("value", values))}
+        parts["weight"].append(abm_mpo.advantage_weights(batch["snippet_return"], batch["bootstrap_discount"],
+                                                         bootstrap_value, value).T)
+        parts["advantage"].append((batch["snippet_return"] + batch["bootstrap_discount"] * bootstrap_value - value).T)
+        parts["value"].append(value.T)
+        logged = abm_mpo.q_values(agent.target_critic, batch["observation"], batch["action"][None], low, high)[0]
+        parts["critic_advantage"].append((logged - value).T)
+    return {name: torch.cat(chunks).numpy() for name, chunks in parts.items()}
 
 
 def returns_to_go(reward: np.ndarray, discount: np.ndarray, episode_last: np.ndarray, gamma: float) -> np.ndarray:
