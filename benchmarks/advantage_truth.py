@@ -13,7 +13,8 @@ abm_mpo.py run given, with the policy Eq. 4's last update used (the target polic
 
     Q(s, a) = r(s, a) + sum_{k=1}^{H-1} gamma^k r_k     the rollout after a acts with the policy's mean,
     V(s)    = mean of Q(s, a_j) over `--samples` actions a_j ~ pi(.|s),
-    the logged action did better when Q(s, a_t) - V(s) >= 0   (the test Eq. 4 approximates, with pi's own values).
+    the logged action did better when Q(s, a_t) - V(s) >= 0   (the test Eq. 4 approximates, with pi's own values),
+and as a yardstick of how much one action matters there, the same for the policy's own mean action.
 
 Beside that truth, each N's Eq. 4 decision (the same critic and policy, abm_filter.score) and the critic's own
 advantage Q(s_t, a_t) - V(s_t) (no logged rewards: N = 0). The report gives, per N, the fraction kept, the share of
@@ -83,18 +84,21 @@ def measure(run_dir: Path, loaded: tuple, rows: np.ndarray, lengths: list, horiz
     if task not in RESTORABLE or len(tasks) != 1:
         raise SystemExit(f"advantage_truth.py: error: {run_dir} learned on {args.env}; only {', '.join(RESTORABLE)} "
                          "sets its simulator from an observation")
-    envs = [abm_mpo.make_env(args.env) for _ in range(samples + 1)]
+    envs = [abm_mpo.make_env(args.env) for _ in range(samples + 2)]
     generator = torch.Generator().manual_seed(seed)
     observation, action = data["observation"].numpy(), data["action"].numpy()
-    truth, started = [], time.time()
+    truth, own, spread, started = [], [], [], time.time()
     for row in rows:
         mean, std = agent.target_policy(torch.as_tensor(observation[row])[None, None])
         drawn = (mean + std * torch.randn((samples, *mean.shape[2:]), generator=generator))[0].numpy()
         returns = rollout_returns(envs, agent.target_policy, observation[row],
-                                  np.concatenate([action[row][None], drawn]), horizon, args.discount)
-        truth.append(returns[0] - returns[1:].mean())
+                                  np.concatenate([action[row][None], mean[0].numpy(), drawn]), horizon, args.discount)
+        truth.append(returns[0] - returns[2:].mean())
+        own.append(returns[1] - returns[2:].mean())  # the policy's mean action: how much one first action matters
+        spread.append(returns[2:].std())
     result = {"run": str(run_dir), "update": step, "snippet_length": args.snippet_length, "rows": rows.tolist(),
-              "truth": np.array(truth), "seconds": time.time() - started, "filters": {}}
+              "truth": np.array(truth), "mean_action": np.array(own), "spread": np.array(spread),
+              "seconds": time.time() - started, "filters": {}}
     for length in lengths:
         args.snippet_length = length
         scores = score(args, data, spec, agent, seed, rows)
@@ -124,7 +128,12 @@ def report(results: list[dict], horizon: int, samples: int, again: np.ndarray) -
              f"{np.mean([(r['truth'] >= 0).mean() for r in results]):.2f} (what a BM prior, keeping all, imitates). "
              f"The truth's own noise: measured again with other sampled first actions, the first run's signs agree "
              f"on {((first >= 0) == (again >= 0)).mean():.2f} of the transitions (phi "
-             f"{phi((first >= 0).astype(float), (again >= 0).astype(float)):.2f}), the best any filter can reach.",
+             f"{phi((first >= 0).astype(float), (again >= 0).astype(float)):.2f}), the best any filter can reach. "
+             f"How much one first action matters: the policy's own mean action beats V in "
+             f"{np.mean([(r['mean_action'] >= 0).mean() for r in results]):.2f} of the states (mean advantage "
+             f"{np.mean([r['mean_action'].mean() for r in results]):.2f}; the logged action's "
+             f"{np.mean([r['truth'].mean() for r in results]):.2f}), against a spread (std) of "
+             f"{np.mean([r['spread'].mean() for r in results]):.2f} in Q over the sampled first actions.",
              "", "| filter | kept | truly better among kept | among dropped | accuracy | phi | rank corr. of advantages |",
              "|---|---|---|---|---|---|---|"]
     for name in names:
@@ -167,7 +176,7 @@ def main() -> None:
     if args.out:
         args.out.write_text(table)
     if args.json:
-        args.json.write_text(json.dumps([{**r, "truth": r["truth"].tolist(),
+        args.json.write_text(json.dumps([{**r, **{key: r[key].tolist() for key in ("truth", "mean_action", "spread")},
                                           "filters": {k: v.tolist() for k, v in r["filters"].items()}}
                                          for r in results], indent=1) + "\n")
 

@@ -82,7 +82,8 @@ def test_main_writes_the_table_and_every_number(tmp_path, monkeypatch, capsys):
     assert [line.split(" |")[0] for line in table.splitlines() if line.startswith("| critic") or
             line.startswith("| N =")] == ["| critic alone (N = 0)", "| N = 2", "| N = 10"]
     saved = json.loads((tmp_path / "t.json").read_text())[0]
-    assert len(saved["truth"]) == len(saved["rows"]) == 6 and set(saved["filters"]) == {
+    assert "the policy's own mean action beats V in" in table
+    assert len(saved["truth"]) == len(saved["mean_action"]) == len(saved["rows"]) == 6 and set(saved["filters"]) == {
         "critic alone (N = 0)", "N = 2", "N = 10"}
     kept = np.mean(np.array(saved["filters"]["N = 2"]) >= 0)
     assert f"| N = 2 | {kept:.2f} ± 0.00 |" in table
