@@ -703,7 +703,8 @@ def test_collect_py_on_a_full_disk_says_one_sentence_and_its_rerun_continues(tmp
     line = one_sentence(*run_main(collect, *flags), f"cannot write {parts / 'run000_episode000001.npz'}: No space "
                         "left on device", "collect.py")
     assert line.endswith("what was finished is kept: make room and rerun the command to continue"), line
-    assert sorted(p.name for p in parts.iterdir()) == ["run000_episode000000.npz", "run000_learner.pt"]
+    assert sorted(p.name for p in parts.iterdir()) == ["collection.json", "run000_episode000000.npz",
+                                                       "run000_learner.pt"]  # the flags it started with: kept too
     status, stderr = run_main(collect, *flags)
     assert status == 0, stderr
     with np.load(output) as data:
