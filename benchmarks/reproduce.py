@@ -595,7 +595,8 @@ SETTINGS_MAY_DIFFER = {"run_dir", "dataset", "resume", "final_eval_episodes", "c
 
 
 def command_flags(command: list) -> dict:
-    """{flag name: its words} of a learning script's command: `--total-steps 40000` -> {"total_steps": ["40000"]}."""
+    """{flag name: its words} of a learning script's command: `--total-steps 40000` -> {"total_steps": ["40000"]};
+    a switch (tyro's `--x` / `--no-x`) -> {"x": ["True"]} / {"x": ["False"]}."""
     flags, name = {}, None
     for word in command[2:]:
         if word.startswith("--"):
@@ -603,20 +604,28 @@ def command_flags(command: list) -> dict:
             flags[name] = []
         elif name:
             flags[name].append(word)
-    return flags
+    switches = {name[3:] if name.startswith("no_") else name: [str(not name.startswith("no_"))]
+                for name, words in flags.items() if not words}
+    return {**{name: words for name, words in flags.items() if words}, **switches}
 
 
 def same_value(words: list, value) -> bool:
+    """Whether a command's words give config.json's value (numbers compared as numbers: 2e-4 is 0.0002)."""
     values = value if isinstance(value, list) else [value]
     if len(words) != len(values):
         return False
     for word, value in zip(words, values):
         try:
-            if not (float(word) == float(value) if isinstance(value, (int, float)) else word == str(value)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (float(word) == float(value) if number else word == str(value)):
                 return False
         except ValueError:
             return False
     return True
+
+
+def shown_value(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def settings_differ(job: Job, folder: Path) -> list[str]:
@@ -630,8 +639,8 @@ def settings_differ(job: Job, folder: Path) -> list[str]:
         made["total_steps"] = int(steps[-1]) if steps else made["total_steps"]
     except (OSError, ValueError, KeyError):
         return []  # nothing recorded to compare (check_datasets and the table read what there is)
-    return [f"--{name.replace('_', '-')} {' '.join(map(str, made[name])) if isinstance(made[name], list) else made[name]}"
-            f" (this grid: {' '.join(words)})" for name, words in command_flags(job.command).items()
+    return [f"--{name.replace('_', '-')} {shown_value(made[name])} (this grid: {' '.join(words)})"
+            for name, words in command_flags(job.command).items()
             if name not in SETTINGS_MAY_DIFFER and name in made and not same_value(words, made[name])]
 
 

@@ -665,3 +665,8 @@ def test_a_grid_with_other_settings_than_its_finished_runs_is_one_sentence_and_s
             j for j in reproduce.build_grid(reproduce.override(SMOKE, ["batch=7"]), work) if j.name == job.name],
             local=True)
     assert not (work / "logs" / f"{job.name}.log").exists()  # nothing ran
+    # switches read as config.json's booleans, numbers as numbers
+    assert reproduce.command_flags(["python", "x.py", "--no-cuda-graph", "--normalize-observations", "--lr", "2e-4"]) \
+        == {"lr": ["2e-4"], "cuda_graph": ["False"], "normalize_observations": ["True"]}
+    assert reproduce.same_value(["False"], False) and reproduce.same_value(["2e-4"], 0.0002)
+    assert not reproduce.same_value(["1"], True) and not reproduce.same_value(["256", "256"], [256])
