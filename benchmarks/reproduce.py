@@ -424,7 +424,8 @@ PRESETS["cpu-bcq"] = dataclasses.replace(
     # Timing (this 2-core AMD EPYC, one thread each, the two side by side, 600 updates at batch 128): BCQ 28.4
     # updates/s, BEAR (M = 20) 12.5, so a BEAR column at these budgets would take about 2.5 hours of the 2 cores: left
     # out. Column and budgets set before any run of this preset. Prediction, written before the runs: level with
-    # ABM+MPO from the shared start states (the paired interval holds 0), as in Table 6.
+    # ABM+MPO from the shared start states (the paired interval holds 0), as in Table 6. Result: level (3.6 [-45.7,
+    # 55.0]), ahead of BM+MPO (72.6 [35.1, 108.3], 5 of 5 seeds) (README "BCQ at 40,000 updates").
     control_columns=("BCQ",),
     differences=(LONG_DATA, LONG_BUDGETS,
                  "column BCQ only (its policy and its VAE's actions as the prior); compare with cpu-long's ABM+MPO and "
