@@ -25,6 +25,7 @@ mean after the first action (not samples) and stop after H steps (gamma^H of the
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -99,9 +100,8 @@ def measure(run_dir: Path, loaded: tuple, rows: np.ndarray, lengths: list, horiz
     result = {"run": str(run_dir), "update": step, "snippet_length": args.snippet_length, "rows": rows.tolist(),
               "truth": np.array(truth), "mean_action": np.array(own), "spread": np.array(spread),
               "seconds": time.time() - started, "filters": {}}
-    for length in lengths:
-        args.snippet_length = length
-        scores = score(args, data, spec, agent, seed, rows)
+    for length in lengths:  # the loaded run's own N stays
+        scores = score(dataclasses.replace(args, snippet_length=length), data, spec, agent, seed, rows)
         result["filters"] = {"critic alone (N = 0)": scores["critic_advantage"][:, 0], **result["filters"],
                              f"N = {length}": scores["advantage"][:, 0]}
     return result
