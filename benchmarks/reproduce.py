@@ -645,6 +645,14 @@ def settings_differ(job: Job, folder: Path) -> list[str]:
             if name not in SETTINGS_MAY_DIFFER and name in made and not same_value(words, made[name])]
 
 
+def published_under(jobs: list, out: Path) -> list:
+    """`jobs`, each learning run's `published` set to <out>/runs/<job>, where its finished files are kept."""
+    for job in jobs:
+        if job.kind == "train":
+            job.published = out / "runs" / job.name
+    return jobs
+
+
 def check_settings(jobs: list, out: Path) -> None:
     """SystemExit, in one sentence, when a finished run of the grid (in <out>/runs or its run directory) was made with
     other settings than its job asks for now (`--set updates=8000`, an edited preset): it would count as done and
@@ -1562,9 +1570,7 @@ def _reproduce(preset: Preset, out: Path, work: Path, address: Optional[str], nu
                              f"choose another --out or --work") from None
     hold((out, work))
     print(f"Preset {preset.name}: {preset.purpose}.\nBudgets: {budgets_text(preset)}", flush=True)
-    for job in jobs:
-        if job.kind == "train":
-            job.published = out / "runs" / job.name
+    published_under(jobs, out)
     check_settings(jobs, out)
     published = published_data(preset, out)
     for job in jobs:  # a published dataset (<out>/datasets/<env>.npz or datasets_from's) is the one the grid uses
@@ -1628,15 +1634,12 @@ def main() -> None:
     out = args.out or ROOT / "results" / preset.name
     work = args.work or ROOT / "runs" / "reproduce" / preset.name
     if args.dry_run:
-        for job in build_grid(preset, work):
-            job.published = out / "runs" / job.name if job.kind == "train" else None
+        for job in published_under(build_grid(preset, work), out):
             print(f"{job_state(job, preset, out)}  {job.name}: {shlex.join(job.command)}")
         return
     if args.report:
-        jobs = build_grid(preset, work)
-        for job in jobs:
-            job.published = out / "runs" / job.name if job.kind == "train" else None
-        check_settings(jobs, out)  # the table would state budgets its runs did not have
+        # runs made with other settings: the table would state budgets they did not have
+        check_settings(published_under(build_grid(preset, work), out), out)
         published = len(load_published(out))
         if not published:
             raise SystemExit(f"reproduce.py: error: --report: {shown(out)} holds no finished runs "
