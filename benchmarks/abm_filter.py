@@ -15,8 +15,8 @@ prints the fraction accepted overall and in each fifth of the episodes ranked by
 V(s_t) beside the mean discounted return-to-go of the data, the rank correlation between an episode's return
 and its accepted fraction, and the share of the accept/reject decisions' variance that lies between episodes
 (1: Eq. 4 keeps or drops whole episodes, as a return filter does; 0: every episode keeps the same fraction, so
-what it filters are actions inside episodes). Any abm_mpo.py run works (`--prior bm` and `none` too: what ABM would keep under that
-run's critic). Several runs are also summarised as mean +- std over runs. `--snippet-lengths` scores the same
+what it filters are actions inside episodes). Any abm_mpo.py run works (`--prior bm` and `none` too: what ABM
+would keep under that run's critic). Several runs are also summarised as mean +- std over runs. `--snippet-lengths` scores the same
 checkpoints with other N: how sharply Eq. 4 filters depends on how much of the logged rewards it reads. Last, how
 far the runs agree on which transitions to keep (phi of their decisions, per pair of runs on the same data), beside
 the first run's critic scored again with other action samples for V: whether the filter picks the same actions

@@ -134,8 +134,8 @@ def report(results: list[dict], horizon: int, samples: int, again: np.ndarray) -
              f"{np.mean([r['mean_action'].mean() for r in results]):.2f}; the logged action's "
              f"{np.mean([r['truth'].mean() for r in results]):.2f}), against a spread (std) of "
              f"{np.mean([r['spread'].mean() for r in results]):.2f} in Q over the sampled first actions.",
-             "", "| filter | kept | truly better among kept | among dropped | accuracy | phi | rank corr. of advantages |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| filter | kept | truly better among kept | among dropped | accuracy | phi | "
+                 "rank corr. of advantages |", "|---|---|---|---|---|---|---|"]
     for name in names:
         per_run = [rates(r["truth"], r["filters"][name]) for r in results]
         with warnings.catch_warnings():  # a rate no run defines (nothing kept, say) stays nan
@@ -161,16 +161,15 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.transitions, args.horizon, args.samples, *args.snippet_lengths) < 1:
         parser.error("--transitions, --horizon, --samples and --snippet-lengths must be positive")
-    results = []
+    results, first = [], None
     for run_dir in args.run_dirs:
         loaded = load_run(run_dir)
+        first = first or (run_dir, loaded)  # measured again below: the truth's own noise
         size = len(loaded[1]["observation"])
         rows = np.sort(np.random.default_rng(args.seed).choice(size, min(args.transitions, size), replace=False))
         results.append(measure(run_dir, loaded, rows, args.snippet_lengths, args.horizon, args.samples, args.seed))
         print(f"{run_dir}: {results[-1]['seconds']:.0f} s of rollouts", flush=True)
-    first = args.run_dirs[0]
-    again = measure(first, load_run(first), np.array(results[0]["rows"]), [], args.horizon, args.samples,
-                    args.seed + 1)["truth"]
+    again = measure(*first, np.array(results[0]["rows"]), [], args.horizon, args.samples, args.seed + 1)["truth"]
     table = report(results, args.horizon, args.samples, again)
     print(table, end="")
     if args.out:
