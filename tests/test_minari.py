@@ -235,7 +235,7 @@ def test_a_file_at_output_that_is_no_conversion_is_kept_unless_overwrite(pendulu
     assert "Converting" in capsys.readouterr().out
     with np.load(theirs) as archive:
         assert "source" in json.loads(str(archive["metadata"]))["minari"]
-    # a conversion of another Minari dataset is only a copy: made again without --overwrite
+    # a conversion is only a copy: once its source changes, it is made again without --overwrite
     other = minari_io.minari_data_dir(pendulum) / "main_data.hdf5"
     os.utime(other, ns=(other.stat().st_atime_ns, other.stat().st_mtime_ns + 10**9))
     minari_io.import_dataset(minari_io.Import(pendulum, output=str(theirs)))
